@@ -1,0 +1,529 @@
+"""gpt2.py at the model level: HF parity, checkpoints, downloads, cache, sampling, data, schedule."""
+import argparse
+import http.server
+import json
+import math
+import threading
+
+import numpy as np
+import pytest
+import requests
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+import transformers
+
+import gpt2
+
+transformers.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+
+# (n_layer, n_head, n_embd, vocab_size, n_positions, layer_norm_epsilon, activation_function)
+HF_CONFIGS = [
+    (1, 2, 32, 1000, 32, 1e-5, "gelu_new"),          # vocab not a multiple of 64
+    (2, 4, 64, 512, 64, 1e-6, "gelu_pytorch_tanh"),  # vocab a multiple of 64
+    (3, 3, 48, 333, 48, 1e-3, "gelu_new"),           # odd sizes, a large epsilon
+]
+
+
+def make_hf(n_layer, n_head, n_embd, vocab, n_pos, eps=1e-5, act="gelu_new", seed=0, scale=1.0):
+    """A random HF GPT-2 in eval mode, every weight random (biases and LayerNorms too, not just the init)."""
+    cfg = transformers.GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab, n_positions=n_pos,
+                                  layer_norm_epsilon=eps, activation_function=act, bos_token_id=None,
+                                  eos_token_id=None)
+    torch.manual_seed(seed)
+    hf = transformers.GPT2LMHeadModel(cfg)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.05 * scale)
+            elif ".ln_" in name:
+                p.normal_(1.0, 0.1)
+            else:
+                p.mul_(scale)
+    return hf.eval()
+
+
+def hf_logits(hf, idx):
+    with torch.no_grad():
+        return hf(idx).logits
+
+
+def max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+def ids(vocab, B, T, seed=1):
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread, and more so on a shared, loaded machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    """[(config, hf model, save_pretrained dir)] for HF_CONFIGS."""
+    out = []
+    for i, c in enumerate(HF_CONFIGS):
+        hf = make_hf(*c, seed=i)
+        d = tmp_path_factory.mktemp(f"hf{i}")
+        hf.save_pretrained(d)
+        out.append((c, hf, d))
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_hf():
+    """A 2-layer HF model with weights large enough that greedy decoding does not collapse to one token."""
+    return make_hf(2, 4, 64, 300, 48, seed=7, scale=8.0)
+
+
+def tiny_gpt(seed=0, vocab=300, block=32, n_layer=2, n_head=4, n_embd=64):
+    """A random gpt2.GPT in eval mode, its weights larger than the init's so that greedy decoding wanders
+    (at init it repeats one token) and the top two logits are far apart (no argmax near-ties)."""
+    torch.manual_seed(seed)
+    model = gpt2.GPT(gpt2.Config(vocab_size=vocab, block_size=block, n_layer=n_layer, n_head=n_head, n_embd=n_embd))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".ln_" not in name:
+                p.normal_(0.0, 0.1 if "wte" in name else 0.2)
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------ HF parity
+
+@pytest.mark.parametrize("i", range(len(HF_CONFIGS)))
+def test_logits_match_hf(hf_dirs, i):
+    (n_layer, n_head, n_embd, vocab, n_pos, eps, act), hf, d = hf_dirs[i]
+    model = gpt2.from_pretrained(str(d))
+    assert not model.training
+    cfg = model.config
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.vocab_size, cfg.block_size, cfg.layer_norm_epsilon) == \
+           (n_layer, n_head, n_embd, vocab, n_pos, eps)
+    idx = ids(vocab, 2, n_pos)
+    with torch.no_grad():
+        logits, loss = model(idx)
+    assert loss is None and logits.shape == (2, n_pos, vocab)
+    assert max_diff(logits, hf_logits(hf, idx)) < 1e-4
+    # the padding rows of the embedding are zeros, the real rows are HF's
+    wte = model.transformer.wte.weight
+    assert wte.shape[0] == cfg.padded_vocab_size
+    assert torch.equal(wte[:vocab], hf.transformer.wte.weight)
+    assert not wte[vocab:].any()
+
+
+def test_sharded_checkpoint(hf_dirs, tmp_path):
+    (*_, vocab, n_pos, _, _), hf, _ = hf_dirs[1]
+    hf.save_pretrained(tmp_path, max_shard_size="60KB")
+    shards = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
+    assert len(shards) >= 3 and (tmp_path / "model.safetensors.index.json").exists()
+    assert not (tmp_path / "model.safetensors").exists()
+    idx = ids(vocab, 2, n_pos)
+    with torch.no_grad():
+        logits = gpt2.from_pretrained(str(tmp_path))(idx)[0]
+    assert max_diff(logits, hf_logits(hf, idx)) < 1e-4
+
+
+def test_bf16_checkpoint(tmp_path):
+    hf = make_hf(2, 4, 64, 500, 32, seed=3)
+    hf.to(torch.bfloat16).save_pretrained(tmp_path)
+    hf.to(torch.float32)  # now holds the bf16-rounded weights in float32
+    stored = gpt2.read_safetensors(tmp_path / "model.safetensors")
+    assert stored["transformer.wte.weight"].dtype == torch.bfloat16
+    idx = ids(500, 2, 32)
+    model = gpt2.from_pretrained(str(tmp_path))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    with torch.no_grad():
+        assert max_diff(model(idx)[0], hf_logits(hf, idx)) < 1e-4
+    model16 = gpt2.from_pretrained(str(tmp_path), dtype=torch.bfloat16)
+    assert {p.dtype for p in model16.parameters()} == {torch.bfloat16}
+    assert torch.equal(model16.transformer.wte.weight[:500], stored["transformer.wte.weight"])
+    assert torch.equal(model16.transformer.h[0].mlp.c_fc.weight, stored["transformer.h.0.mlp.c_fc.weight"].t())
+    assert model16.lm_head.weight is model16.transformer.wte.weight
+
+
+def test_greedy_generation_matches_hf(small_hf, tmp_path):
+    small_hf.save_pretrained(tmp_path)
+    model = gpt2.from_pretrained(str(tmp_path))
+    idx = ids(300, 2, 8, seed=5)
+    with torch.no_grad():
+        ref = small_hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=20, do_sample=False,
+                                pad_token_id=0)
+    assert ref.shape == (2, 28)
+    assert len(set(ref[:, 8:].flatten().tolist())) > 5  # a real test: not one token repeated
+    for use_cache in (True, False):
+        assert torch.equal(model.generate(idx, 20, temperature=0.0, use_cache=use_cache), ref)
+
+
+# ------------------------------------------------------------------------------------- KV cache
+
+@pytest.mark.parametrize("prompt_len, new_tokens", [(5, 12), (8, 40)])  # the second slides past block_size 32
+def test_cached_generation_equals_uncached(prompt_len, new_tokens):
+    model = tiny_gpt(seed=1)
+    idx = ids(300, 2, prompt_len, seed=2)
+    cached = model.generate(idx, new_tokens, temperature=0.0, use_cache=True)
+    uncached = model.generate(idx, new_tokens, temperature=0.0, use_cache=False)
+    assert cached.shape == (2, prompt_len + new_tokens)
+    assert torch.equal(cached[:, :prompt_len], idx)
+    assert torch.equal(cached, uncached)
+    assert len(set(cached[:, prompt_len:].flatten().tolist())) > 5
+    # sampling with the same seed also gives the same tokens, cache or not
+    outs = []
+    for use_cache in (True, False):
+        torch.manual_seed(11)
+        outs.append(model.generate(idx, new_tokens, temperature=1.0, top_k=50, use_cache=use_cache))
+    assert torch.equal(*outs)
+
+
+def test_cached_forward_matches_full_forward():
+    model = tiny_gpt(seed=3)
+    idx = ids(300, 2, 32, seed=4)
+    cache = [[] for _ in model.transformer.h]
+    with torch.no_grad():
+        full = model(idx)[0]
+        chunks = [(0, 10), (10, 11), (11, 12), (12, 17), (17, 18), (18, 32)]  # single tokens and chunks at pos > 0
+        for a, b in chunks:
+            part = model(idx[:, a:b], cache=cache, pos=a)[0]
+            assert part.shape == (2, b - a, 300)
+            assert max_diff(part, full[:, a:b]) < 1e-5, (a, b)
+        with pytest.raises(ValueError):
+            model(idx[:, :1], cache=cache, pos=32)  # past block_size
+
+
+@pytest.mark.parametrize("t", [1, 7, 20, 31])
+def test_causality(t):
+    model = tiny_gpt(seed=5)
+    idx = ids(300, 2, 32, seed=6)
+    changed = idx.clone()
+    changed[:, t:] = (idx[:, t:] + 1 + ids(298, 2, 32 - t, seed=t)) % 300  # every future token differs
+    with torch.no_grad():
+        a, b = model(idx)[0], model(changed)[0]
+    assert max_diff(a[:, :t], b[:, :t]) <= 1e-6
+    assert max_diff(a[:, t:], b[:, t:]) > 1e-2  # the change is visible where it may be
+
+
+# --------------------------------------------------------------------------- training, padding, init
+
+def test_overfit_one_batch():
+    torch.manual_seed(0)
+    model = gpt2.GPT(gpt2.Config(vocab_size=100, block_size=32, n_layer=2, n_head=2, n_embd=32)).train()
+    x = torch.randint(0, 100, (4, 33))
+    x, y = x[:, :-1], x[:, 1:]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(100):
+        _, loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert abs(losses[0] - math.log(100)) < 0.1  # starts at chance
+    assert losses[-1] < 0.1 * losses[0]  # about 0.02 of it in practice
+
+
+def test_vocab_padding():
+    assert gpt2.Config(vocab_size=1000).padded_vocab_size == 1024
+    assert gpt2.Config(vocab_size=50257).padded_vocab_size == 50304
+    assert gpt2.Config(vocab_size=64).padded_vocab_size == 64
+    torch.manual_seed(0)
+    model = gpt2.GPT(gpt2.Config(vocab_size=1000, block_size=16, n_layer=1, n_head=2, n_embd=32))
+    assert model.transformer.wte.weight.shape == (1024, 32)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    x, y = ids(1000, 3, 16, seed=1), ids(1000, 3, 16, seed=2)
+    y[0, 3] = -1  # ignored
+    logits, loss = model(x, y)
+    assert logits.shape == (3, 16, 1000)
+    ref = F.cross_entropy(logits.reshape(-1, 1000), y.reshape(-1), ignore_index=-1)
+    assert abs(loss.item() - ref.item()) < 1e-5
+    loss.backward()  # no gradient reaches the padding rows
+    grad = model.transformer.wte.weight.grad
+    assert not grad[1000:].any() and grad[:1000].abs().sum() > 0
+
+
+def test_init_statistics():
+    torch.manual_seed(0)
+    n_layer = 4
+    model = gpt2.GPT(gpt2.Config(vocab_size=512, block_size=64, n_layer=n_layer, n_head=4, n_embd=256))
+    residual = 0.02 / math.sqrt(2 * n_layer)
+    for i in range(n_layer):
+        blk = model.transformer.h[i]
+        for w, std in ((blk.mlp.c_fc.weight, 0.02), (blk.attn.c_attn.weight, 0.02),
+                       (blk.mlp.c_proj.weight, residual), (blk.attn.c_proj.weight, residual)):
+            assert w.std().item() == pytest.approx(std, rel=0.05)
+            assert abs(w.mean().item()) < 0.1 * std
+        for lin in (blk.mlp.c_fc, blk.mlp.c_proj, blk.attn.c_attn, blk.attn.c_proj):
+            assert not lin.bias.any()
+    assert model.transformer.wte.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.transformer.wpe.weight.std().item() == pytest.approx(0.02, rel=0.05)
+
+
+# -------------------------------------------------------------------------------------- sampling
+
+def test_sample_next_greedy_limits():
+    torch.manual_seed(0)
+    logits = torch.randn(64, 500) * 3
+    best = logits.argmax(-1, keepdim=True)
+    assert torch.equal(gpt2.sample_next(logits, temperature=0.0), best)
+    assert torch.equal(gpt2.sample_next(logits, temperature=100.0, top_k=1), best)
+    assert torch.equal(gpt2.sample_next(logits, temperature=100.0, top_p=1e-6), best)
+    assert not torch.equal(gpt2.sample_next(logits, temperature=100.0), best)  # plain sampling is not argmax
+
+
+@pytest.mark.parametrize("kwargs", [dict(top_k=2), dict(top_p=0.6), dict(top_k=3, top_p=0.6)])
+def test_sample_next_restricts_support(kwargs):
+    probs = torch.tensor([0.05, 0.5, 0.15, 0.3, 0.0])  # top-2 and the 0.6 nucleus are both {1, 3}
+    logits = probs.clamp_min(1e-12).log().expand(20000, 5)
+    torch.manual_seed(0)
+    out = gpt2.sample_next(logits, **kwargs)
+    assert out.shape == (20000, 1)
+    counts = torch.bincount(out.flatten(), minlength=5).tolist()
+    assert counts[0] == counts[2] == counts[4] == 0 and counts[1] > 0 and counts[3] > 0
+    assert counts[1] / 20000 == pytest.approx(0.5 / 0.8, abs=0.02)  # renormalised within the kept set
+
+
+# ---------------------------------------------------------------------------- safetensors reader
+
+def test_read_safetensors_matches_package(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "f32": torch.randn(3, 5, generator=g),
+        "f16": torch.randn(7, generator=g).half(),
+        "bf16": torch.randn(2, 3, 4, generator=g).bfloat16(),
+        "f64": torch.randn(3, generator=g).double(),
+        "i64": torch.randint(-2**40, 2**40, (4, 2), generator=g),
+        "i32": torch.randint(-2**30, 2**30, (5,), generator=g, dtype=torch.int32),
+        "i16": torch.randint(-2**15, 2**15, (3,), generator=g, dtype=torch.int16),
+        "i8": torch.randint(-128, 128, (9,), generator=g, dtype=torch.int8),
+        "u8": torch.randint(0, 256, (2, 2, 2), generator=g, dtype=torch.uint8),
+        "bool": torch.rand(6, generator=g) > 0.5,
+        "scalar": torch.tensor(3.25),
+        "empty": torch.zeros(0, 4),
+    }
+    path = tmp_path / "t.safetensors"
+    safetensors.torch.save_file(tensors, str(path), metadata={"format": "pt"})
+    got = gpt2.read_safetensors(path)
+    assert set(got) == set(tensors)
+    for name, t in tensors.items():
+        assert got[name].dtype == t.dtype and got[name].shape == t.shape, name
+        assert torch.equal(got[name], t), name
+
+
+# ------------------------------------------------------------------------------ from_pretrained errors
+
+@pytest.mark.parametrize("change", [dict(model_type="llama"), dict(activation_function="relu"), dict(n_inner=100),
+                                    None])
+def test_from_pretrained_bad_dirs(hf_dirs, tmp_path, change):
+    _, _, d = hf_dirs[0]
+    (tmp_path / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes())
+    if change is not None:  # None: no config.json at all
+        config = json.loads((d / "config.json").read_text())
+        (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(gpt2.InputError):
+        gpt2.from_pretrained(str(tmp_path))
+
+
+def test_from_pretrained_bad_weights(hf_dirs, tmp_path):
+    _, _, d = hf_dirs[0]
+    (tmp_path / "config.json").write_text((d / "config.json").read_text())
+    with pytest.raises(gpt2.InputError):  # no weights
+        gpt2.from_pretrained(str(tmp_path))
+    safetensors.torch.save_file({"transformer.wte.weight": torch.zeros(1000, 32)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(gpt2.InputError):  # missing tensors
+        gpt2.from_pretrained(str(tmp_path))
+    with pytest.raises(gpt2.InputError):  # a file, not a directory
+        gpt2.from_pretrained(str(tmp_path / "config.json"))
+
+
+# ------------------------------------------------------------------------------------- downloads
+
+class Server:
+    """Files under root at http://127.0.0.1:port/<path>, with `Range: bytes=N-`; cut_once: paths whose next
+    response is cut short (half the body, then the connection closes)."""
+
+    def __init__(self, root):
+        self.root, self.ranges, self.cut_once, self.requests = root, [], set(), []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                rel = self.path.lstrip("/")
+                server.requests.append(rel)
+                f = server.root / rel
+                if ".." in rel or not f.is_file():
+                    self.send_error(404)
+                    return
+                data = f.read_bytes()
+                start, rng = 0, self.headers.get("Range")
+                if rng:
+                    server.ranges.append((rel, rng))
+                    start = int(rng.removeprefix("bytes=").rstrip("-"))
+                    if start >= len(data):
+                        self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{len(data)}")
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                self.send_response(206 if rng else 200)
+                if rng:
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                self.send_header("Content-Length", str(len(data) - start))
+                self.end_headers()
+                body = data[start:]
+                if rel in server.cut_once:
+                    server.cut_once.discard(rel)
+                    body = body[:len(body) // 2]
+                    self.close_connection = True
+                self.wfile.write(body)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join()
+
+
+@pytest.fixture
+def server(tmp_path, monkeypatch):
+    for k in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_TOKEN"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    (tmp_path / "srv").mkdir()
+    s = Server(tmp_path / "srv")
+    monkeypatch.setattr(gpt2, "HF_ENDPOINT", s.url)
+    monkeypatch.setattr(gpt2, "CACHE_DIR", tmp_path / "cache")
+    yield s
+    s.close()
+
+
+def test_download(server, tmp_path):
+    payload = np.random.default_rng(0).integers(0, 256, 100_000, dtype=np.uint8).tobytes()
+    (server.root / "f.bin").write_bytes(payload)
+    dest = tmp_path / "out" / "f.bin"
+    assert gpt2.download(f"{server.url}/f.bin", dest) == dest
+    assert dest.read_bytes() == payload and not server.ranges
+    assert not dest.with_name("f.bin.part").exists()
+    with pytest.raises(requests.HTTPError):
+        gpt2.download(f"{server.url}/missing.bin", tmp_path / "out" / "missing.bin")
+    assert not (tmp_path / "out" / "missing.bin").exists()
+
+
+def test_download_resumes(server, tmp_path):
+    payload = np.random.default_rng(1).integers(0, 256, 3_000_000, dtype=np.uint8).tobytes()  # > one 1 MB chunk
+    (server.root / "big.bin").write_bytes(payload)
+    server.cut_once.add("big.bin")
+    dest = tmp_path / "big.bin"
+    part = tmp_path / "big.bin.part"
+    with pytest.raises(requests.RequestException):
+        gpt2.download(f"{server.url}/big.bin", dest)
+    assert not dest.exists()
+    have = part.read_bytes()
+    assert 0 < len(have) < len(payload) and payload.startswith(have)
+    gpt2.download(f"{server.url}/big.bin", dest)
+    assert server.ranges == [("big.bin", f"bytes={len(have)}-")]
+    assert dest.read_bytes() == payload and not part.exists()
+    # a .part that is already whole: the server answers 416 and the file is just renamed
+    dest.rename(part)
+    gpt2.download(f"{server.url}/big.bin", dest)
+    assert dest.read_bytes() == payload and server.ranges[-1] == ("big.bin", f"bytes={len(payload)}-")
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_from_pretrained_hub(server, hf_dirs, sharded):
+    (*_, vocab, n_pos, _, _), hf, _ = hf_dirs[1]
+    repo = server.root / "someorg" / "tiny-gpt2" / "resolve" / "main"
+    hf.save_pretrained(repo, max_shard_size="60KB" if sharded else "50GB")
+    assert (repo / "model.safetensors.index.json").exists() == sharded
+    model = gpt2.from_pretrained("someorg/tiny-gpt2")
+    idx = ids(vocab, 2, n_pos)
+    with torch.no_grad():
+        assert max_diff(model(idx)[0], hf_logits(hf, idx)) < 1e-4
+    cached = gpt2.CACHE_DIR / "someorg" / "tiny-gpt2"
+    assert (cached / "config.json").exists() and not list(cached.glob("*.part"))
+    if sharded:
+        assert "someorg/tiny-gpt2/resolve/main/model.safetensors" in server.requests  # tried first: a 404
+        assert len(list(cached.glob("model-*.safetensors"))) >= 3
+    n = len(server.requests)
+    gpt2.from_pretrained("someorg/tiny-gpt2")  # all cached: nothing is fetched again (a 404 may be asked again)
+    assert set(server.requests[n:]) <= ({"someorg/tiny-gpt2/resolve/main/model.safetensors"} if sharded else set())
+
+
+def test_from_pretrained_unknown_hub_id(server):
+    with pytest.raises(gpt2.InputError):
+        gpt2.from_pretrained("someorg/nothing-here")
+
+
+# ------------------------------------------------------------------------------------------- data
+
+def test_prepare_data_and_get_batch(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(gpt2, "HERE", tmp_path)
+    text = "".join(f"line {i}: naïve café — ünïcödé {i * i}\n" for i in range(200))
+    src = tmp_path / "tiny.txt"
+    src.write_text(text, encoding="utf-8")
+
+    def load(d):
+        meta = json.loads((d / "meta.json").read_text())
+        train, val = (np.fromfile(d / f"{s}.bin", dtype=np.uint16) for s in ("train", "val"))
+        return meta, train, val
+
+    d = gpt2.prepare_data(str(src), gpt2.get_tokenizer("bytes"))
+    assert d == tmp_path / "data" / "tiny"
+    meta, train, val = load(d)
+    n = len(text.encode("utf-8"))
+    assert meta["tokenizer"] == "bytes" and meta["vocab_size"] == 256
+    assert (len(train), len(val)) == (meta["train_tokens"], meta["val_tokens"]) == (int(0.9 * n), n - int(0.9 * n))
+    assert bytes(np.concatenate([train, val]).astype(np.uint8)) == text.encode("utf-8")
+    assert "tokenized" in capsys.readouterr().out
+    gpt2.prepare_data(str(src), gpt2.get_tokenizer("bytes"))  # cached: not tokenized again
+    assert "tokenized" not in capsys.readouterr().out
+
+    torch.manual_seed(0)
+    x, y = gpt2.get_batch(d, "train", 8, 16, torch.device("cpu"))
+    assert x.shape == y.shape == (8, 16) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    windows = np.lib.stride_tricks.sliding_window_view(train, 17)
+    for row in torch.cat([x, y[:, -1:]], 1).numpy():
+        assert (windows == row).all(1).any()
+
+    try:
+        tok = gpt2.get_tokenizer("gpt2")
+    except Exception:
+        pytest.skip("tiktoken's gpt2 files are not available")
+    d2 = gpt2.prepare_data(str(src), tok)
+    meta, train, val = load(d2)
+    assert d2 == d and meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257
+    assert np.concatenate([train, val]).tolist() == tok[1](text)
+    assert tok[2](np.concatenate([train, val]).tolist()) == text
+    assert len(train) == int(0.9 * (len(train) + len(val)))
+    meta, train, val = load(gpt2.prepare_data(str(src), gpt2.get_tokenizer("bytes")))  # and back again
+    assert meta["tokenizer"] == "bytes" and bytes(np.concatenate([train, val]).astype(np.uint8)) == text.encode()
+
+
+# ---------------------------------------------------------------------------------------- schedule
+
+def test_lr_schedule():
+    args = argparse.Namespace(lr=1.0, min_lr=0.1, warmup_iters=10, lr_decay_iters=None, max_iters=110)
+    assert gpt2.lr_at(0, args) == pytest.approx(0.1)
+    assert gpt2.lr_at(4, args) == pytest.approx(0.5)
+    assert gpt2.lr_at(9, args) == pytest.approx(1.0)
+    assert gpt2.lr_at(10, args) == pytest.approx(1.0)
+    assert gpt2.lr_at(60, args) == pytest.approx(0.55)
+    assert gpt2.lr_at(35, args) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 4)))
+    assert gpt2.lr_at(110, args) == pytest.approx(0.1) and gpt2.lr_at(500, args) == pytest.approx(0.1)
+    lrs = [gpt2.lr_at(i, args) for i in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # decays monotonically
+    args.lr_decay_iters = 60
+    assert gpt2.lr_at(35, args) == pytest.approx(0.55) and gpt2.lr_at(60, args) == pytest.approx(0.1)

@@ -1,0 +1,203 @@
+"""What every script shares (CONVENTIONS.md sections 4 to 7), run over each script present at the root.
+
+The end-to-end tests copy one script alone into a temporary folder and run it there as a reader would,
+in a subprocess, with no network. The bad-input tests call `main(argv)` in-process, which is fast.
+"""
+import importlib
+import json
+
+import pytest
+import torch
+
+from conftest import ROOT, SCRIPTS, SHAKESPEARE, copy_script, offline_env, run_script
+
+# A model small enough that a few iterations take seconds; every script accepts these flags.
+TINY = ["--device", "cpu", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "32",
+        "--batch_size", "4", "--eval_iters", "2", "--log_interval", "2", "--max_new_tokens", "16"]
+
+pytestmark = pytest.mark.skipif(not SHAKESPEARE.exists(), reason="needs ../shared/data/tinyshakespeare.txt")
+
+
+def read_metrics(out_dir):
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def state(ckpt_path):
+    return torch.load(ckpt_path, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_end_to_end(script, tmp_path):
+    work = copy_script(script, tmp_path / "work")
+    r = run_script(work, [f"{script}.py", *TINY, "--max_iters", "6", "--eval_interval", "3"], offline_env(tmp_path))
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    first = out.splitlines()[0]
+    for word in ("cpu", "float32", "compile off", "params", "tokens/step", "data shakespeare", "tokenizer gpt2"):
+        assert word in first, first
+    assert "iter 2 | loss " in out and " tok/s" in out and "mfu" not in out  # no MFU on CPU
+    assert f"eval 3 | train " in out and f"saved out/{script}/ckpt.pt" in out
+    assert "--- sample ---" in out and out.rstrip().splitlines()[-1].startswith("done | 6 iters | best val ")
+    out_dir = work / "out" / script
+    assert (out_dir / "ckpt.pt").exists() and (out_dir / "best.pt").exists()
+    records = read_metrics(out_dir)
+    assert [r["iter"] for r in records if "loss" in r] == [2, 4, 6]
+    assert [r["iter"] for r in records if "val" in r] == [3, 6]
+    meta = json.loads((work / "data" / "shakespeare" / "meta.json").read_text())
+    assert meta["tokenizer"] == "gpt2" and abs(meta["train_tokens"] - 9 * meta["val_tokens"]) < 10  # 90/10 split
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_resume_is_exact(script, tmp_path):
+    """20 iterations straight equal 10, then --init_from resume, then 10 more: same weights, same losses."""
+    env = offline_env(tmp_path)
+    common = [*TINY, "--dropout", "0.1", "--eval_interval", "5", "--lr_decay_iters", "20", "--warmup_iters", "4"]
+    straight, split = copy_script(script, tmp_path / "straight"), copy_script(script, tmp_path / "split")
+    runs = [(straight, ["--max_iters", "20"]), (split, ["--max_iters", "10"]), (split, ["--init_from", "resume", "--max_iters", "20"])]
+    for work, extra in runs:
+        r = run_script(work, [f"{script}.py", *common, *extra], env)
+        assert r.returncode == 0, r.stderr
+    assert "iter 12 | loss" in r.stdout and "iter 2 | loss" not in r.stdout  # the resumed run went on from 10
+    a, b = state(straight / "out" / script / "ckpt.pt"), state(split / "out" / script / "ckpt.pt")
+    assert a["iter_num"] == b["iter_num"] == 20
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert read_metrics(straight / "out" / script) == [
+        {**m, "ms": m2["ms"], "tok_s": m2["tok_s"]} if "ms" in m else m
+        for m, m2 in zip(read_metrics(split / "out" / script), read_metrics(straight / "out" / script))]
+
+    # --sample_only from the checkpoint: no training, a greedy sample, the checkpoint untouched
+    before = (split / "out" / script / "ckpt.pt").read_bytes()
+    r = run_script(split, [f"{script}.py", "--init_from", "resume", "--sample_only", "--temperature", "0",
+                           "--max_new_tokens", "8"], env)
+    assert r.returncode == 0, r.stderr
+    assert "--- sample from resume ---" in r.stdout and "iter " not in r.stdout
+    assert (split / "out" / script / "ckpt.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_offline_fallback(script, tmp_path):
+    """No network, no tiktoken files: it says so and trains on the stdlib's source, with byte tokens."""
+    work = copy_script(script, tmp_path / "work", shakespeare=False)
+    r = run_script(work, [f"{script}.py", *TINY, "--max_iters", "2", "--eval_interval", "2"],
+                   offline_env(tmp_path, tiktoken=False))
+    assert r.returncode == 0, r.stderr
+    assert "offline: tiktoken" in r.stdout and "offline: cannot download tiny-shakespeare" in r.stdout
+    assert "tokenizer bytes" in r.stdout and "--- sample ---" in r.stdout
+    meta = json.loads((work / "data" / "python_stdlib" / "meta.json").read_text())
+    assert meta["tokenizer"] == "bytes" and meta["vocab_size"] == 256
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_ddp_two_processes(script, tmp_path):
+    """torchrun --nproc_per_node 2 on CPU (gloo): both ranks train, only rank 0 logs and saves."""
+    work = copy_script(script, tmp_path / "work")
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    r = run_script(work, [f"{script}.py", *TINY, "--max_iters", "4", "--eval_interval", "4"], offline_env(tmp_path),
+                   launcher=launcher)
+    assert r.returncode == 0, r.stderr
+    assert "DDP x2" in r.stdout and r.stdout.count("done | 4 iters") == 1 and r.stdout.count("eval 4 |") == 1
+    assert f"{2 * 4 * 32:,} tokens/step" in r.stdout  # world size x batch x block
+    assert (work / "out" / script / "ckpt.pt").exists()
+
+
+# ------------------------------------------------------------------------------- bad input, in-process
+
+@pytest.fixture
+def script_env(request, tmp_path, monkeypatch, offline):
+    """The script's module, with its data/ and out/ under tmp_path and no network."""
+    module = importlib.import_module(request.param)
+    monkeypatch.setattr(module, "HERE", tmp_path)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "shakespeare").mkdir(parents=True)
+    (tmp_path / "data" / "shakespeare" / "input.txt").write_text(SHAKESPEARE.read_text())
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "short.txt").write_text("To be, or not to be: that is the question.\n")
+    (tmp_path / "binary.bin").write_bytes(bytes(range(256)) * 64)
+    (tmp_path / "adir").mkdir()
+    return module, tmp_path
+
+
+def expect_exit(module, argv, capsys, code=2):
+    """Run main(argv); it must exit with `code` and, for bad input, say why in one line on stderr."""
+    with pytest.raises(SystemExit) as e:
+        module.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == code, err
+    lines = err.strip().splitlines()
+    if code == 2:
+        assert len(lines) == 1 and "error" in lines[0] and "Traceback" not in err, err
+    return err
+
+
+BAD_INPUTS = [
+    (["--data", "missing.txt"], "no such file"),
+    (["--data", "wikitext103"], "not a dataset name"),
+    (["--data", "adir"], "is a directory"),
+    (["--data", "empty.txt"], "is empty"),
+    (["--data", "binary.bin"], "not UTF-8"),
+    (["--data", "short.txt"], "too short"),
+    (["--n_embd", "30", "--n_head", "4"], "multiple of n_head"),
+    (["--n_layer", "0"], "n_layer must be positive"),
+    (["--n_head", "-2"], "n_head must be positive"),
+    (["--block_size", "0"], "--block_size must be positive"),
+    (["--batch_size", "0"], "--batch_size must be positive"),
+    (["--max_iters", "-5"], "--max_iters must be positive"),
+    (["--grad_accum", "0"], "--grad_accum must be positive"),
+    (["--lr", "-1"], "--lr must not be negative"),
+    (["--dropout", "1.5"], "dropout must be in [0, 1)"),
+    (["--top_p", "2"], "--top_p must be in (0, 1]"),
+    (["--temperature", "-1"], "--temperature must not be negative"),
+    (["--init_from", "resume"], "no checkpoint"),
+    (["--init_from", "nosuchorg/nosuchmodel"], "cannot fetch"),
+    (["--init_from", "./no_such_dir"], "not a checkpoint directory"),
+    (["--sample_only"], "--sample_only needs"),
+]
+
+
+@pytest.mark.parametrize("script_env", SCRIPTS, indirect=True)
+@pytest.mark.parametrize("argv, message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input(script_env, argv, message, capsys):
+    module, _ = script_env
+    assert message in expect_exit(module, [*TINY, "--max_iters", "1", *argv], capsys)
+
+
+@pytest.mark.parametrize("script_env", SCRIPTS, indirect=True)
+def test_no_cuda_is_bad_input(script_env, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    module, _ = script_env
+    assert "no CUDA device" in expect_exit(module, ["--device", "cuda", "--max_iters", "1"], capsys)
+
+
+@pytest.mark.parametrize("script_env", SCRIPTS, indirect=True)
+def test_bad_checkpoints_are_refused_and_kept(script_env, capsys):
+    """A corrupt checkpoint, one whose shape differs from the flags, and a diverging run: each stops with a
+    message and leaves the checkpoint on disk exactly as it was."""
+    module, tmp = script_env
+    name = module.__name__
+    ckpt = tmp / "out" / name / "ckpt.pt"
+    module.main([*TINY, "--max_iters", "2", "--eval_interval", "2", "--max_new_tokens", "2"])
+    capsys.readouterr()
+    good = ckpt.read_bytes()
+
+    assert "does not match" in expect_exit(module, ["--init_from", "resume", "--n_layer", "3"], capsys)
+    assert "does not match" in expect_exit(module, ["--init_from", "resume", "--n_embd", "64"], capsys)
+    # a NaN/inf loss stops the run (exit 1) and keeps the last good checkpoint
+    err = expect_exit(module, ["--init_from", "resume", "--max_iters", "6", "--lr", "1e30", "--min_lr", "1e30",
+                               "--grad_clip", "0"], capsys, code=1)
+    assert "diverged" in err
+    assert ckpt.read_bytes() == good
+
+    ckpt.write_bytes(good[: len(good) // 2])  # as if cut off mid-write by something other than our save
+    assert "not a readable checkpoint" in expect_exit(module, ["--init_from", "resume"], capsys)
+    ckpt.write_bytes(b"not a checkpoint")
+    assert "not a readable checkpoint" in expect_exit(module, ["--init_from", "resume"], capsys)
+    assert ckpt.read_bytes() == b"not a checkpoint"  # refused, not overwritten
+
+
+def test_readme_test_command_is_what_ci_runs():
+    """.ci/run runs exactly the README's test command."""
+    readme = (ROOT / "README.md").read_text()
+    command = next(l.strip() for l in readme.splitlines() if l.strip().startswith("pip install -r tests/requirements.txt"))
+    assert command in (ROOT / ".ci" / "run").read_text()
