@@ -99,9 +99,10 @@ class CausalSelfAttention(nn.Module):
                 cache += [k.new_zeros(B, self.n_head, self.block_size, C // self.n_head) for _ in range(2)]
             cache[0][:, :, pos:pos + T], cache[1][:, :, pos:pos + T] = k, v
             k, v = cache[0][:, :, :pos + T], cache[1][:, :, :pos + T]
-        # Query i sits at position pos + i and sees keys 0..pos + i. From pos 0 that is the usual causal mask;
-        # after a cache it is shifted (SDPA's is_causal would align the mask top-left, which is wrong there).
-        mask = None if pos == 0 else torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(pos)
+        # Query i sits at position pos + i and sees keys 0..pos + i. From pos 0 that is the usual causal mask; one
+        # new token sees the whole cache, no mask; a chunk after a cache needs the mask shifted by pos (SDPA's
+        # is_causal would align it top-left, which is wrong there).
+        mask = None if pos == 0 or T == 1 else torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(pos)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=pos == 0,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again
@@ -164,8 +165,8 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def forward(self, idx, targets=None, cache=None, pos=0):
-        """idx (B, T) token ids at positions pos..pos+T-1 -> logits (B, T, vocab_size), loss or None."""
+    def hidden(self, idx, cache=None, pos=0):
+        """idx (B, T) token ids at positions pos..pos+T-1 -> final hidden states (B, T, C)."""
         B, T = idx.shape
         if pos + T > self.config.block_size:
             raise ValueError(f"positions up to {pos + T} but block_size is {self.config.block_size}")
@@ -173,10 +174,15 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
             x = block(x, None if cache is None else cache[i], pos)
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, padded_vocab_size)
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, targets=None, cache=None, pos=0):
+        """idx (B, T) token ids at positions pos..pos+T-1 -> logits (B, T, vocab_size), loss or None."""
+        B, T = idx.shape
         V = self.config.vocab_size
-        if logits.size(-1) > V:
-            logits[..., V:] = float("-inf")  # padding rows are no tokens: probability exactly 0, in loss and sampling
+        pad = torch.zeros(self.config.padded_vocab_size, device=idx.device, dtype=self.lm_head.weight.dtype)
+        pad[V:] = float("-inf")  # the padding rows are no tokens: a bias of -inf gives them probability exactly 0
+        logits = F.linear(self.hidden(idx, cache, pos), self.lm_head.weight, pad)  # (B, T, padded_vocab_size)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-1)
@@ -194,12 +200,13 @@ class GPT(nn.Module):
         cache, pos = [[] for _ in self.transformer.h] if use_cache else None, 0
         for _ in range(max_new_tokens):
             if cache is not None and idx.size(1) <= self.config.block_size:
-                logits, _ = self(idx[:, pos:], cache=cache, pos=pos)
+                x = self.hidden(idx[:, pos:], cache, pos)
                 pos = idx.size(1)
             else:
                 cache = None
-                logits, _ = self(idx[:, -self.config.block_size:])
-            idx = torch.cat([idx, sample_next(logits[:, -1].float(), temperature, top_k, top_p)], dim=1)
+                x = self.hidden(idx[:, -self.config.block_size:])
+            logits = self.lm_head(x[:, -1])[:, :self.config.vocab_size]  # only the last position is sampled
+            idx = torch.cat([idx, sample_next(logits.float(), temperature, top_k, top_p)], dim=1)
         return idx
 
 
@@ -299,6 +306,7 @@ def from_pretrained(name_or_path, device="cpu", dtype=torch.float32, dropout=0.0
     """A GPT from a Hugging Face GPT-2 checkpoint: a hub id ("gpt2", "gpt2-medium", "gpt2-large",
     "gpt2-xl", ...) or a local directory with config.json and model.safetensors (or shards + index).
     Returns the model in eval mode; dropout applies once it is put in train mode."""
+    name_or_path = str(name_or_path)
     path = Path(name_or_path)
     if not path.is_dir():
         if path.exists() or name_or_path.startswith((".", "/", "~")):
@@ -310,10 +318,11 @@ def from_pretrained(name_or_path, device="cpu", dtype=torch.float32, dropout=0.0
         raise InputError(f"cannot read {path / 'config.json'}: {e}") from None
     if hf.get("model_type", "gpt2") != "gpt2":
         raise InputError(f"{path} holds a '{hf.get('model_type')}' model, not GPT-2")
-    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh") or \
-            hf.get("n_inner") not in (None, 4 * hf["n_embd"]) or hf.get("scale_attn_by_inverse_layer_idx"):
-        raise InputError(f"{path}: a GPT-2 variant this file does not implement (activation, n_inner, "
-                         "or scale_attn_by_inverse_layer_idx differ from GPT-2's)")
+    gpt2_choices = dict(activation_function=("gelu_new", "gelu_pytorch_tanh"), n_inner=(None, 4 * hf["n_embd"]),
+                        scale_attn_weights=(True,), scale_attn_by_inverse_layer_idx=(False,), tie_word_embeddings=(True,))
+    for key, allowed in gpt2_choices.items():  # a variant this file does not implement must not load as GPT-2
+        if hf.get(key, allowed[0]) not in allowed:
+            raise InputError(f"{path}: {key} = {hf[key]} is a GPT-2 variant this file does not implement")
     cfg = Config(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
                  n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=dropout,
                  layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5))
@@ -387,7 +396,7 @@ def stdlib_text(max_chars=1_500_000):
 def read_text(data):
     """(cache name, text, fingerprint) for --data: 'shakespeare' or a path to a UTF-8 text file."""
     if data == "shakespeare":
-        path = HERE / "data" / "shakespeare" / "input.txt"
+        name, path = "shakespeare", HERE / "data" / "shakespeare" / "input.txt"
         if not path.exists():
             try:
                 r = requests.get(SHAKESPEARE_URL, timeout=10)
@@ -401,7 +410,7 @@ def read_text(data):
                 text = stdlib_text()
                 return "python_stdlib", text, {"source": "python stdlib", "chars": len(text)}
     else:
-        path = Path(data)
+        name, path = Path(data).stem, Path(data)
         if not path.exists():
             raise InputError(f"--data '{data}': no such file, and not a dataset name (known: shakespeare)")
         if path.is_dir():
@@ -416,8 +425,7 @@ def read_text(data):
     except UnicodeError:
         raise InputError(f"--data '{data}': {path} is not UTF-8 text (a binary file?)") from None
     st = path.stat()
-    return path.stem if data != "shakespeare" else "shakespeare", text, \
-        {"source": str(path.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return name, text, {"source": str(path.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def prepare_data(data, tokenizer):
@@ -530,12 +538,13 @@ def step_seed(seed, iter_num, rank):
 
 # ------------------------------------------------------------------------------------------- main
 
-# Defaults sized so that a bare run takes about three minutes: tiny on a CPU, small on a GPU.
+# Defaults sized so that a bare run takes about three minutes: tiny on a CPU (where GPT-2's 50K-token output
+# layer costs more than the whole model, about 700 tokens/s on two cores), small on a GPU.
 PRESETS = {
-    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16, max_iters=1200, eval_interval=200,
-                lr=2e-3, min_lr=2e-4, warmup_iters=50, dropout=0.0),
+    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=8, max_iters=200, eval_interval=100,
+                eval_iters=10, log_interval=25, lr=3e-3, min_lr=3e-4, warmup_iters=20, dropout=0.0),
     "cuda": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, max_iters=2000, eval_interval=250,
-                 lr=1e-3, min_lr=1e-4, warmup_iters=100, dropout=0.2),
+                 eval_iters=50, log_interval=50, lr=1e-3, min_lr=1e-4, warmup_iters=100, dropout=0.2),
 }
 MODEL_FLAGS = ("n_layer", "n_head", "n_embd")     # fixed by a checkpoint
 RUN_FLAGS = ("device", "dtype", "compile", "init_from", "sample_only", "out_dir", "tensorboard",
@@ -559,8 +568,8 @@ def parse_args(argv):
     p.add_argument("--init_from", default="scratch", help="'scratch', 'resume' (out_dir/ckpt.pt), or a hub id / HF directory")
     p.add_argument("--max_iters", type=int, help=preset("max_iters"))
     p.add_argument("--eval_interval", type=int, help=preset("eval_interval"))
-    p.add_argument("--eval_iters", type=int, default=20, help="batches per split at each eval")
-    p.add_argument("--log_interval", type=int, default=50)
+    p.add_argument("--eval_iters", type=int, help=preset("eval_iters") + " (batches per split at each eval)")
+    p.add_argument("--log_interval", type=int, help=preset("log_interval"))
     p.add_argument("--batch_size", type=int, help=preset("batch_size") + " (per process, per micro-step)")
     p.add_argument("--block_size", type=int, help=preset("block_size") + " (context length in training)")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-steps per optimizer step")
@@ -753,6 +762,10 @@ def run(args, given):
                 if k != "iter" and v is not None:
                     writer.add_scalar(k, v, record["iter"])
 
+    def diverged(line):  # the NaN guard: stop before anything bad is saved
+        print(f"{line}: training diverged; stopping. The last good checkpoint (if any) is {ckpt_path}", file=sys.stderr)
+        sys.exit(1)
+
     peak = peak_flops(device, dtype)
     flops_per_token = 6 * model.num_params() + 12 * cfg.n_layer * cfg.n_embd * args.block_size  # PaLM, app. B
     loss_sum, loss_count = torch.zeros((), device=device), 0
@@ -786,22 +799,18 @@ def run(args, given):
             tok_s = tokens_per_step / dt
             mfu = flops_per_token * tok_s / (peak * world) if peak else None
             if not math.isfinite(train_loss):
-                print(f"iter {iter_num} | loss {train_loss}: training diverged; stopping. The last good "
-                      f"checkpoint (if any) is {ckpt_path}", file=sys.stderr)
-                sys.exit(1)
+                diverged(f"iter {iter_num} | loss {train_loss}")
             print(f"iter {iter_num} | loss {train_loss:.4f} | lr {lr:.2e} | {dt * 1000:.1f} ms | {tok_s:,.0f} tok/s"
                   + (f" | mfu {100 * mfu:.1f}%" if mfu else ""))
             log(dict(iter=iter_num, loss=train_loss, lr=lr, ms=dt * 1000, tok_s=tok_s, mfu=mfu))
             loss_sum, loss_count, t_log, iters_logged = torch.zeros((), device=device), 0, time.perf_counter(), iter_num
 
         if iter_num % args.eval_interval == 0 or iter_num == args.max_iters:
-            stop = torch.zeros((), device=device)
+            t_eval, stop = time.perf_counter(), torch.zeros((), device=device)
             if master:
                 losses = estimate_loss(eval_model, data_dir, args, device, ctx)
                 if not all(map(math.isfinite, losses.values())):
-                    print(f"eval {iter_num} | loss {losses}: training diverged; stopping. The last good "
-                          f"checkpoint (if any) is {ckpt_path}", file=sys.stderr)
-                    sys.exit(1)
+                    diverged(f"eval {iter_num} | train {losses['train']} | val {losses['val']}")
                 improved = losses["val"] < best_val
                 best_val, evals_since_best = (losses["val"], 0) if improved else (best_val, evals_since_best + 1)
                 save_checkpoint(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
@@ -826,7 +835,7 @@ def run(args, given):
                 dist.broadcast(stop, src=0)
             if stop.item():
                 break
-            t_log = time.perf_counter()  # eval time is not training time
+            t_log += time.perf_counter() - t_eval  # eval time is not training time
 
     if master:
         sample("sample")

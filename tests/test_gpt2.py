@@ -71,7 +71,7 @@ def hf_dirs(tmp_path_factory):
     """[(config, hf model, save_pretrained dir)] for HF_CONFIGS."""
     out = []
     for i, c in enumerate(HF_CONFIGS):
-        hf = make_hf(*c, seed=i)
+        hf = make_hf(*c, seed=i, scale=4.0)  # logits of order 1, not 0.1
         d = tmp_path_factory.mktemp(f"hf{i}")
         hf.save_pretrained(d)
         out.append((c, hf, d))
@@ -131,7 +131,7 @@ def test_sharded_checkpoint(hf_dirs, tmp_path):
 
 
 def test_bf16_checkpoint(tmp_path):
-    hf = make_hf(2, 4, 64, 500, 32, seed=3)
+    hf = make_hf(2, 4, 64, 500, 32, seed=3, scale=4.0)
     hf.to(torch.bfloat16).save_pretrained(tmp_path)
     hf.to(torch.float32)  # now holds the bf16-rounded weights in float32
     stored = gpt2.read_safetensors(tmp_path / "model.safetensors")
@@ -146,6 +146,10 @@ def test_bf16_checkpoint(tmp_path):
     assert torch.equal(model16.transformer.wte.weight[:500], stored["transformer.wte.weight"])
     assert torch.equal(model16.transformer.h[0].mlp.c_fc.weight, stored["transformer.h.0.mlp.c_fc.weight"].t())
     assert model16.lm_head.weight is model16.transformer.wte.weight
+    with torch.no_grad():  # a bf16 model runs in bf16 without autocast, and stays close to the fp32 logits
+        logits16, loss16 = model16(idx, idx)
+        assert logits16.dtype == torch.bfloat16 and torch.isfinite(loss16)
+        assert max_diff(logits16.float(), hf_logits(hf, idx)) < 0.1 * hf_logits(hf, idx).abs().max().item()
 
 
 def test_greedy_generation_matches_hf(small_hf, tmp_path):
@@ -275,16 +279,28 @@ def test_sample_next_greedy_limits():
     assert not torch.equal(gpt2.sample_next(logits, temperature=100.0), best)  # plain sampling is not argmax
 
 
-@pytest.mark.parametrize("kwargs", [dict(top_k=2), dict(top_p=0.6), dict(top_k=3, top_p=0.6)])
-def test_sample_next_restricts_support(kwargs):
-    probs = torch.tensor([0.05, 0.5, 0.15, 0.3, 0.0])  # top-2 and the 0.6 nucleus are both {1, 3}
-    logits = probs.clamp_min(1e-12).log().expand(20000, 5)
+PROBS = torch.tensor([0.05, 0.5, 0.15, 0.3, 0.0])  # top-2 and the 0.6 nucleus are both {1, 3}
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    (dict(), PROBS),
+    (dict(top_k=2), PROBS * torch.tensor([0, 1, 0, 1, 0])),
+    (dict(top_p=0.6), PROBS * torch.tensor([0, 1, 0, 1, 0])),
+    (dict(top_k=3, top_p=0.6), PROBS * torch.tensor([0, 1, 0, 1, 0])),
+    (dict(temperature=0.5), PROBS ** 2),
+    (dict(temperature=0.5, top_k=3), PROBS ** 2 * torch.tensor([0, 1, 1, 1, 0])),
+])
+def test_sample_next_distribution(kwargs, expected):
+    """Sampled frequencies follow softmax(logits / T) renormalised over the kept tokens; others never appear."""
+    n = 20000
+    logits = PROBS.clamp_min(1e-12).log().expand(n, 5)
     torch.manual_seed(0)
     out = gpt2.sample_next(logits, **kwargs)
-    assert out.shape == (20000, 1)
-    counts = torch.bincount(out.flatten(), minlength=5).tolist()
-    assert counts[0] == counts[2] == counts[4] == 0 and counts[1] > 0 and counts[3] > 0
-    assert counts[1] / 20000 == pytest.approx(0.5 / 0.8, abs=0.02)  # renormalised within the kept set
+    assert out.shape == (n, 1)
+    freq = torch.bincount(out.flatten(), minlength=5) / n
+    expected = expected / expected.sum()
+    assert torch.equal(freq > 0, expected > 0)
+    assert max_diff(freq, expected) < 0.015
 
 
 # ---------------------------------------------------------------------------- safetensors reader
@@ -326,6 +342,28 @@ def test_from_pretrained_bad_dirs(hf_dirs, tmp_path, change):
         (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
     with pytest.raises(gpt2.InputError):
         gpt2.from_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize("variant", [
+    dict(reorder_and_upcast_attn=True),  # numerics only: loads and matches
+    dict(n_inner=256),                   # 4 * n_embd spelled out: loads and matches
+    dict(tie_word_embeddings=False),     # an untied head: refused
+    dict(scale_attn_weights=False),      # unscaled attention: refused
+])
+def test_from_pretrained_variant_loads_exactly_or_is_refused(tmp_path, variant):
+    """A GPT2Config variant either gives HF's logits or raises InputError; never silently different logits."""
+    cfg = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=300, n_positions=32, bos_token_id=None,
+                                  eos_token_id=None, **variant)
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    hf.save_pretrained(tmp_path)
+    try:
+        model = gpt2.from_pretrained(str(tmp_path))
+    except gpt2.InputError:
+        return
+    idx = ids(300, 2, 32)
+    with torch.no_grad():
+        assert max_diff(model(idx)[0], hf_logits(hf, idx)) < 1e-4
 
 
 def test_from_pretrained_bad_weights(hf_dirs, tmp_path):
