@@ -60,11 +60,17 @@ def test_resume_is_exact(script, tmp_path):
     assert "iter 12 | loss" in r.stdout and "iter 2 | loss" not in r.stdout  # the resumed run went on from 10
     a, b = state(straight / "out" / script / "ckpt.pt"), state(split / "out" / script / "ckpt.pt")
     assert a["iter_num"] == b["iter_num"] == 20
+    # Bit for bit in one process; across processes MKL may round a matmul differently with memory alignment,
+    # so equal here means within 1e-6. A resume that got one batch, dropout mask or Adam moment wrong is off
+    # by about the learning rate (1e-3) or more.
     for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    assert read_metrics(straight / "out" / script) == [
-        {**m, "ms": m2["ms"], "tok_s": m2["tok_s"]} if "ms" in m else m
-        for m, m2 in zip(read_metrics(split / "out" / script), read_metrics(straight / "out" / script))]
+        assert torch.allclose(a["model"][k], b["model"][k], rtol=0, atol=1e-6), k
+    ma, mb = read_metrics(straight / "out" / script), read_metrics(split / "out" / script)
+    assert [(m["iter"], sorted(m)) for m in ma] == [(m["iter"], sorted(m)) for m in mb]
+    for x, y in zip(ma, mb):
+        for key in ("loss", "train", "val", "lr"):
+            if key in x:
+                assert x[key] == pytest.approx(y[key], rel=0, abs=1e-5), (x, y)
 
     # --sample_only from the checkpoint: no training, a greedy sample, the checkpoint untouched
     before = (split / "out" / script / "ckpt.pt").read_bytes()
