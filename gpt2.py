@@ -103,6 +103,7 @@ class CausalSelfAttention(nn.Module):
         # new token sees the whole cache, no mask; a chunk after a cache needs the mask shifted by pos (SDPA's
         # is_causal would align it top-left, which is wrong there).
         mask = None if pos == 0 or T == 1 else torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(pos)
+        # softmax(q k^T / sqrt(head_dim)) v, per head (Vaswani et al. 2017, eq. 1); flash attention on CUDA
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=pos == 0,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again
@@ -178,14 +179,13 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, cache=None, pos=0):
         """idx (B, T) token ids at positions pos..pos+T-1 -> logits (B, T, vocab_size), loss or None."""
-        B, T = idx.shape
         V = self.config.vocab_size
         pad = torch.zeros(self.config.padded_vocab_size, device=idx.device, dtype=self.lm_head.weight.dtype)
         pad[V:] = float("-inf")  # the padding rows are no tokens: a bias of -inf gives them probability exactly 0
         logits = F.linear(self.hidden(idx, cache, pos), self.lm_head.weight, pad)  # (B, T, padded_vocab_size)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-1)
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
         return logits[..., :V], loss
 
     @torch.no_grad()
@@ -523,7 +523,8 @@ def load_checkpoint(path):
         raise InputError(f"--init_from resume: no checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        for key in ("model", "optimizer", "config", "args", "iter_num", "best_val", "tokenizer"):
+        for key in ("model", "optimizer", "scaler", "config", "args", "iter_num", "best_val", "evals_since_best",
+                    "tokenizer"):
             ckpt[key]
     except Exception as e:  # a truncated zip, a foreign pickle, a missing key: all mean "not our checkpoint"
         why = (str(e).strip().splitlines() or [""])[0][:120]
@@ -698,8 +699,7 @@ def run(args, given):
 
     def sample(title):
         torch.manual_seed(args.seed)
-        idx = torch.tensor([tokenizer[1](args.prompt) or [0]], device=device)
-        idx = idx[:, -cfg.block_size:]
+        idx = torch.tensor([tokenizer[1](args.prompt) or [0]], device=device)  # a long prompt: generate slides
         model.eval()
         with ctx:
             out = model.generate(idx, args.max_new_tokens, args.temperature, args.top_k or None, args.top_p)
@@ -731,8 +731,8 @@ def run(args, given):
     iter_num, best_val, evals_since_best = 0, float("inf"), 0
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt.get("scaler", {}))
-        iter_num, best_val, evals_since_best = ckpt["iter_num"], ckpt["best_val"], ckpt.get("evals_since_best", 0)
+        scaler.load_state_dict(ckpt["scaler"])
+        iter_num, best_val, evals_since_best = ckpt["iter_num"], ckpt["best_val"], ckpt["evals_since_best"]
         ckpt = None  # free it
     eval_model = train_model = torch.compile(model) if use_compile else model  # `model` stays the plain module
     if world > 1:
