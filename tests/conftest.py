@@ -1,8 +1,10 @@
 """Shared test helpers. The scripts live at the repository root; each test file imports them from there."""
+import http.server
 import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -52,3 +54,76 @@ def offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HTTP_PROXY", DEAD_PROXY)
     monkeypatch.setenv("HTTPS_PROXY", DEAD_PROXY)
     return tmp_path
+
+
+class Server:
+    """Files under root at http://127.0.0.1:port/<path>, with `Range: bytes=N-`; cut_once: paths whose next
+    response is cut short (half the body, then the connection closes)."""
+
+    def __init__(self, root):
+        self.root, self.ranges, self.cut_once, self.requests = root, [], set(), []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                rel = self.path.lstrip("/")
+                server.requests.append(rel)
+                f = server.root / rel
+                if ".." in rel or not f.is_file():
+                    self.send_error(404)
+                    return
+                data = f.read_bytes()
+                start, rng = 0, self.headers.get("Range")
+                if rng:
+                    server.ranges.append((rel, rng))
+                    start = int(rng.removeprefix("bytes=").rstrip("-"))
+                    if start >= len(data):
+                        self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{len(data)}")
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                self.send_response(206 if rng else 200)
+                if rng:
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                self.send_header("Content-Length", str(len(data) - start))
+                self.end_headers()
+                body = data[start:]
+                if rel in server.cut_once:
+                    server.cut_once.discard(rel)
+                    body = body[:len(body) // 2]
+                    self.close_connection = True
+                self.wfile.write(body)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join()
+
+
+@pytest.fixture
+def http_server(tmp_path, monkeypatch):
+    """A Server on tmp_path/srv, reached directly (no proxy, no HF_TOKEN)."""
+    for k in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_TOKEN"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    (tmp_path / "srv").mkdir()
+    s = Server(tmp_path / "srv")
+    yield s
+    s.close()
+
+
+def serve_hub(module, server, monkeypatch, cache):
+    """Point module's hub downloads at server, caching under cache."""
+    monkeypatch.setattr(module, "HF_ENDPOINT", server.url)
+    monkeypatch.setattr(module, "CACHE_DIR", cache)
+    return server

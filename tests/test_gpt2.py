@@ -1,19 +1,15 @@
-"""gpt2.py at the model level: HF parity, checkpoints, downloads, cache, sampling, data, schedule."""
-import argparse
-import http.server
+"""gpt2.py at the model level: HF parity, checkpoints, hub downloads, KV cache, causality, training, init."""
 import json
 import math
-import threading
 
-import numpy as np
 import pytest
-import requests
 import safetensors.torch
 import torch
 import torch.nn.functional as F
 import transformers
 
 import gpt2
+from conftest import serve_hub
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -267,69 +263,6 @@ def test_init_statistics():
     assert model.transformer.wpe.weight.std().item() == pytest.approx(0.02, rel=0.05)
 
 
-# -------------------------------------------------------------------------------------- sampling
-
-def test_sample_next_greedy_limits():
-    torch.manual_seed(0)
-    logits = torch.randn(64, 500) * 3
-    best = logits.argmax(-1, keepdim=True)
-    assert torch.equal(gpt2.sample_next(logits, temperature=0.0), best)
-    assert torch.equal(gpt2.sample_next(logits, temperature=100.0, top_k=1), best)
-    assert torch.equal(gpt2.sample_next(logits, temperature=100.0, top_p=1e-6), best)
-    assert not torch.equal(gpt2.sample_next(logits, temperature=100.0), best)  # plain sampling is not argmax
-
-
-PROBS = torch.tensor([0.05, 0.5, 0.15, 0.3, 0.0])  # top-2 and the 0.6 nucleus are both {1, 3}
-
-
-@pytest.mark.parametrize("kwargs, expected", [
-    (dict(), PROBS),
-    (dict(top_k=2), PROBS * torch.tensor([0, 1, 0, 1, 0])),
-    (dict(top_p=0.6), PROBS * torch.tensor([0, 1, 0, 1, 0])),
-    (dict(top_k=3, top_p=0.6), PROBS * torch.tensor([0, 1, 0, 1, 0])),
-    (dict(temperature=0.5), PROBS ** 2),
-    (dict(temperature=0.5, top_k=3), PROBS ** 2 * torch.tensor([0, 1, 1, 1, 0])),
-])
-def test_sample_next_distribution(kwargs, expected):
-    """Sampled frequencies follow softmax(logits / T) renormalised over the kept tokens; others never appear."""
-    n = 20000
-    logits = PROBS.clamp_min(1e-12).log().expand(n, 5)
-    torch.manual_seed(0)
-    out = gpt2.sample_next(logits, **kwargs)
-    assert out.shape == (n, 1)
-    freq = torch.bincount(out.flatten(), minlength=5) / n
-    expected = expected / expected.sum()
-    assert torch.equal(freq > 0, expected > 0)
-    assert max_diff(freq, expected) < 0.015
-
-
-# ---------------------------------------------------------------------------- safetensors reader
-
-def test_read_safetensors_matches_package(tmp_path):
-    g = torch.Generator().manual_seed(0)
-    tensors = {
-        "f32": torch.randn(3, 5, generator=g),
-        "f16": torch.randn(7, generator=g).half(),
-        "bf16": torch.randn(2, 3, 4, generator=g).bfloat16(),
-        "f64": torch.randn(3, generator=g).double(),
-        "i64": torch.randint(-2**40, 2**40, (4, 2), generator=g),
-        "i32": torch.randint(-2**30, 2**30, (5,), generator=g, dtype=torch.int32),
-        "i16": torch.randint(-2**15, 2**15, (3,), generator=g, dtype=torch.int16),
-        "i8": torch.randint(-128, 128, (9,), generator=g, dtype=torch.int8),
-        "u8": torch.randint(0, 256, (2, 2, 2), generator=g, dtype=torch.uint8),
-        "bool": torch.rand(6, generator=g) > 0.5,
-        "scalar": torch.tensor(3.25),
-        "empty": torch.zeros(0, 4),
-    }
-    path = tmp_path / "t.safetensors"
-    safetensors.torch.save_file(tensors, str(path), metadata={"format": "pt"})
-    got = gpt2.read_safetensors(path)
-    assert set(got) == set(tensors)
-    for name, t in tensors.items():
-        assert got[name].dtype == t.dtype and got[name].shape == t.shape, name
-        assert torch.equal(got[name], t), name
-
-
 # ------------------------------------------------------------------------------ from_pretrained errors
 
 @pytest.mark.parametrize("change", [dict(model_type="llama"), dict(activation_function="relu"), dict(n_inner=100),
@@ -380,103 +313,9 @@ def test_from_pretrained_bad_weights(hf_dirs, tmp_path):
 
 # ------------------------------------------------------------------------------------- downloads
 
-class Server:
-    """Files under root at http://127.0.0.1:port/<path>, with `Range: bytes=N-`; cut_once: paths whose next
-    response is cut short (half the body, then the connection closes)."""
-
-    def __init__(self, root):
-        self.root, self.ranges, self.cut_once, self.requests = root, [], set(), []
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                rel = self.path.lstrip("/")
-                server.requests.append(rel)
-                f = server.root / rel
-                if ".." in rel or not f.is_file():
-                    self.send_error(404)
-                    return
-                data = f.read_bytes()
-                start, rng = 0, self.headers.get("Range")
-                if rng:
-                    server.ranges.append((rel, rng))
-                    start = int(rng.removeprefix("bytes=").rstrip("-"))
-                    if start >= len(data):
-                        self.send_response(416)
-                        self.send_header("Content-Range", f"bytes */{len(data)}")
-                        self.send_header("Content-Length", "0")
-                        self.end_headers()
-                        return
-                self.send_response(206 if rng else 200)
-                if rng:
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-                self.send_header("Content-Length", str(len(data) - start))
-                self.end_headers()
-                body = data[start:]
-                if rel in server.cut_once:
-                    server.cut_once.discard(rel)
-                    body = body[:len(body) // 2]
-                    self.close_connection = True
-                self.wfile.write(body)
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join()
-
-
 @pytest.fixture
-def server(tmp_path, monkeypatch):
-    for k in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_TOKEN"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    (tmp_path / "srv").mkdir()
-    s = Server(tmp_path / "srv")
-    monkeypatch.setattr(gpt2, "HF_ENDPOINT", s.url)
-    monkeypatch.setattr(gpt2, "CACHE_DIR", tmp_path / "cache")
-    yield s
-    s.close()
-
-
-def test_download(server, tmp_path):
-    payload = np.random.default_rng(0).integers(0, 256, 100_000, dtype=np.uint8).tobytes()
-    (server.root / "f.bin").write_bytes(payload)
-    dest = tmp_path / "out" / "f.bin"
-    assert gpt2.download(f"{server.url}/f.bin", dest) == dest
-    assert dest.read_bytes() == payload and not server.ranges
-    assert not dest.with_name("f.bin.part").exists()
-    with pytest.raises(requests.HTTPError):
-        gpt2.download(f"{server.url}/missing.bin", tmp_path / "out" / "missing.bin")
-    assert not (tmp_path / "out" / "missing.bin").exists()
-
-
-def test_download_resumes(server, tmp_path):
-    payload = np.random.default_rng(1).integers(0, 256, 3_000_000, dtype=np.uint8).tobytes()  # > one 1 MB chunk
-    (server.root / "big.bin").write_bytes(payload)
-    server.cut_once.add("big.bin")
-    dest = tmp_path / "big.bin"
-    part = tmp_path / "big.bin.part"
-    with pytest.raises(requests.RequestException):
-        gpt2.download(f"{server.url}/big.bin", dest)
-    assert not dest.exists()
-    have = part.read_bytes()
-    assert 0 < len(have) < len(payload) and payload.startswith(have)
-    gpt2.download(f"{server.url}/big.bin", dest)
-    assert server.ranges == [("big.bin", f"bytes={len(have)}-")]
-    assert dest.read_bytes() == payload and not part.exists()
-    # a .part that is already whole: the server answers 416 and the file is just renamed
-    dest.rename(part)
-    gpt2.download(f"{server.url}/big.bin", dest)
-    assert dest.read_bytes() == payload and server.ranges[-1] == ("big.bin", f"bytes={len(payload)}-")
+def server(http_server, monkeypatch, tmp_path):
+    return serve_hub(gpt2, http_server, monkeypatch, tmp_path / "cache")
 
 
 @pytest.mark.parametrize("sharded", [False, True])
@@ -504,64 +343,3 @@ def test_from_pretrained_unknown_hub_id(server):
         gpt2.from_pretrained("someorg/nothing-here")
 
 
-# ------------------------------------------------------------------------------------------- data
-
-def test_prepare_data_and_get_batch(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(gpt2, "HERE", tmp_path)
-    text = "".join(f"line {i}: naïve café — ünïcödé {i * i}\n" for i in range(200))
-    src = tmp_path / "tiny.txt"
-    src.write_text(text, encoding="utf-8")
-
-    def load(d):
-        meta = json.loads((d / "meta.json").read_text())
-        train, val = (np.fromfile(d / f"{s}.bin", dtype=np.uint16) for s in ("train", "val"))
-        return meta, train, val
-
-    d = gpt2.prepare_data(str(src), gpt2.get_tokenizer("bytes"))
-    assert d == tmp_path / "data" / "tiny"
-    meta, train, val = load(d)
-    n = len(text.encode("utf-8"))
-    assert meta["tokenizer"] == "bytes" and meta["vocab_size"] == 256
-    assert (len(train), len(val)) == (meta["train_tokens"], meta["val_tokens"]) == (int(0.9 * n), n - int(0.9 * n))
-    assert bytes(np.concatenate([train, val]).astype(np.uint8)) == text.encode("utf-8")
-    assert "tokenized" in capsys.readouterr().out
-    gpt2.prepare_data(str(src), gpt2.get_tokenizer("bytes"))  # cached: not tokenized again
-    assert "tokenized" not in capsys.readouterr().out
-
-    torch.manual_seed(0)
-    x, y = gpt2.get_batch(d, "train", 8, 16, torch.device("cpu"))
-    assert x.shape == y.shape == (8, 16) and x.dtype == torch.int64
-    assert torch.equal(x[:, 1:], y[:, :-1])
-    windows = np.lib.stride_tricks.sliding_window_view(train, 17)
-    for row in torch.cat([x, y[:, -1:]], 1).numpy():
-        assert (windows == row).all(1).any()
-
-    try:
-        tok = gpt2.get_tokenizer("gpt2")
-    except Exception:
-        pytest.skip("tiktoken's gpt2 files are not available")
-    d2 = gpt2.prepare_data(str(src), tok)
-    meta, train, val = load(d2)
-    assert d2 == d and meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257
-    assert np.concatenate([train, val]).tolist() == tok[1](text)
-    assert tok[2](np.concatenate([train, val]).tolist()) == text
-    assert len(train) == int(0.9 * (len(train) + len(val)))
-    meta, train, val = load(gpt2.prepare_data(str(src), gpt2.get_tokenizer("bytes")))  # and back again
-    assert meta["tokenizer"] == "bytes" and bytes(np.concatenate([train, val]).astype(np.uint8)) == text.encode()
-
-
-# ---------------------------------------------------------------------------------------- schedule
-
-def test_lr_schedule():
-    args = argparse.Namespace(lr=1.0, min_lr=0.1, warmup_iters=10, lr_decay_iters=None, max_iters=110)
-    assert gpt2.lr_at(0, args) == pytest.approx(0.1)
-    assert gpt2.lr_at(4, args) == pytest.approx(0.5)
-    assert gpt2.lr_at(9, args) == pytest.approx(1.0)
-    assert gpt2.lr_at(10, args) == pytest.approx(1.0)
-    assert gpt2.lr_at(60, args) == pytest.approx(0.55)
-    assert gpt2.lr_at(35, args) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 4)))
-    assert gpt2.lr_at(110, args) == pytest.approx(0.1) and gpt2.lr_at(500, args) == pytest.approx(0.1)
-    lrs = [gpt2.lr_at(i, args) for i in range(10, 111)]
-    assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # decays monotonically
-    args.lr_decay_iters = 60
-    assert gpt2.lr_at(35, args) == pytest.approx(0.55) and gpt2.lr_at(60, args) == pytest.approx(0.1)

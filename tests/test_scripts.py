@@ -36,7 +36,7 @@ def test_end_to_end(script, tmp_path):
     for word in ("cpu", "float32", "compile off", "params", "tokens/step", "data shakespeare", "tokenizer gpt2"):
         assert word in first, first
     assert "iter 2 | loss " in out and " tok/s" in out and "mfu" not in out  # no MFU on CPU
-    assert f"eval 3 | train " in out and f"saved out/{script}/ckpt.pt" in out
+    assert "eval 3 | train " in out and f"saved out/{script}/ckpt.pt" in out
     assert "--- sample ---" in out and out.rstrip().splitlines()[-1].startswith("done | 6 iters | best val ")
     out_dir = work / "out" / script
     assert (out_dir / "ckpt.pt").exists() and (out_dir / "best.pt").exists()
@@ -60,17 +60,19 @@ def test_resume_is_exact(script, tmp_path):
     assert "iter 12 | loss" in r.stdout and "iter 2 | loss" not in r.stdout  # the resumed run went on from 10
     a, b = state(straight / "out" / script / "ckpt.pt"), state(split / "out" / script / "ckpt.pt")
     assert a["iter_num"] == b["iter_num"] == 20
-    # Bit for bit in one process; across processes MKL may round a matmul differently with memory alignment,
-    # so equal here means within 1e-6. A resume that got one batch, dropout mask or Adam moment wrong is off
-    # by about the learning rate (1e-3) or more.
+    # Bit for bit in one process, and in most runs across processes too; but now and then (about 1 run in 10
+    # on a loaded 2-core machine) the weights drift apart by a little more than 1e-6 across processes, a rounding
+    # difference we have not pinned down (MKL's kernels may round differently with memory alignment). A real resume bug is far larger: not restoring the optimizer moves every
+    # tensor by 2e-3 or more, and one wrong batch at one step moves the weights by 4e-3.
     for k in a["model"]:
-        assert torch.allclose(a["model"][k], b["model"][k], rtol=0, atol=1e-6), k
+        diff = (a["model"][k] - b["model"][k]).abs().max().item()
+        assert diff <= 1e-4, (k, diff)
     ma, mb = read_metrics(straight / "out" / script), read_metrics(split / "out" / script)
     assert [(m["iter"], sorted(m)) for m in ma] == [(m["iter"], sorted(m)) for m in mb]
     for x, y in zip(ma, mb):
         for key in ("loss", "train", "val", "lr"):
             if key in x:
-                assert x[key] == pytest.approx(y[key], rel=0, abs=1e-5), (x, y)
+                assert x[key] == pytest.approx(y[key], rel=0, abs=1e-4), (x, y)
 
     # --sample_only from the checkpoint: no training, a greedy sample, the checkpoint untouched
     before = (split / "out" / script / "ckpt.pt").read_bytes()
