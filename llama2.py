@@ -193,16 +193,14 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # positions enter here, and only here
         if cache is not None:
             k, v = cache.update(k, v, pos)
-        # Each key/value head serves n_head / n_kv_head consecutive query heads: query head h reads kv head
-        # h // (n_head / n_kv_head), the grouping of Hugging Face's repeat_kv.
-        k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, n_head, S, hd)
-        v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         # Query i sits at position pos + i and sees keys 0..pos + i: the causal mask from pos 0, no mask for one
         # new token, and for a chunk after a cache the mask shifted by pos (SDPA's is_causal aligns it top-left).
         mask = None if pos == 0 or T == 1 else torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(pos)
-        # softmax(q k^T / sqrt(head_dim)) v (Vaswani et al. 2017, eq. 1); flash attention on CUDA
+        # softmax(q k^T / sqrt(head_dim)) v (Vaswani et al. 2017, eq. 1), flash attention on CUDA. enable_gqa: each
+        # key/value head serves n_head / n_kv_head consecutive query heads (query head h reads kv head
+        # h // (n_head / n_kv_head), as Hugging Face's repeat_kv), read in place rather than copied n_head times.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=pos == 0,
-                                           dropout_p=self.dropout if self.training else 0.0)
+                                           dropout_p=self.dropout if self.training else 0.0, enable_gqa=True)
         return self.resid_dropout(self.o_proj(y.transpose(1, 2).reshape(B, T, -1)))
 
 

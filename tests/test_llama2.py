@@ -470,3 +470,27 @@ def test_large_vocabularies_are_stored_as_uint32(tmp_path, monkeypatch):
     torch.manual_seed(0)
     x, y = llama2.get_batch(d, "train", 4, 8, torch.device("cpu"), llama2.token_dtype(128256))
     assert x.min() >= 70000 + ord("a") and x.max() <= 70000 + ord("j") and torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_cli_architecture_flags(tmp_path, monkeypatch, offline, capsys):
+    """--n_kv_head, --tie_embeddings, --rope_theta and --intermediate_size reach the model and its checkpoint,
+    and a resume that contradicts them is refused."""
+    if not SHAKESPEARE.exists():
+        pytest.skip("needs ../shared/data/tinyshakespeare.txt")
+    monkeypatch.setattr(llama2, "HERE", tmp_path)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "shakespeare").mkdir(parents=True)
+    (tmp_path / "data" / "shakespeare" / "input.txt").write_text(SHAKESPEARE.read_text())
+    llama2.main(["--device", "cpu", "--n_layer", "1", "--n_head", "4", "--n_kv_head", "1", "--n_embd", "32",
+                 "--intermediate_size", "48", "--tie_embeddings", "--rope_theta", "500000", "--block_size", "16",
+                 "--batch_size", "2", "--max_iters", "2", "--eval_interval", "2", "--eval_iters", "1",
+                 "--max_new_tokens", "2"])
+    assert "kv cache: 64 bytes/token" in capsys.readouterr().out  # 2 x 1 layer x 1 kv head x 8 x 4 bytes
+    ckpt = torch.load(tmp_path / "out" / "llama2" / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert {k: ckpt["config"][k] for k in ("n_kv_head", "intermediate_size", "tie_embeddings", "rope_theta")} == \
+           dict(n_kv_head=1, intermediate_size=48, tie_embeddings=True, rope_theta=500000.0)
+    assert "lm_head.weight" in ckpt["model"] and ckpt["model"]["model.layers.0.self_attn.k_proj.weight"].shape == (8, 32)
+    for flag in (["--no-tie_embeddings"], ["--n_kv_head", "2"], ["--rope_theta", "10000"]):
+        with pytest.raises(SystemExit) as e:
+            llama2.main(["--init_from", "resume", *flag])
+        assert e.value.code == 2 and "does not match" in capsys.readouterr().err
