@@ -1,5 +1,6 @@
 """Shared test helpers. The scripts live at the repository root; each test file imports them from there."""
 import http.server
+import math
 import os
 import shutil
 import subprocess
@@ -8,6 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
@@ -53,6 +55,68 @@ def offline(monkeypatch, tmp_path):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("HTTP_PROXY", DEAD_PROXY)
     monkeypatch.setenv("HTTPS_PROXY", DEAD_PROXY)
+    return tmp_path
+
+
+# ----------------------------------------------------------------------------- helpers for model tests
+
+def max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+def ids(vocab, B, T, seed=1):
+    """(B, T) random token ids, seeded."""
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_logits(hf, idx):
+    with torch.no_grad():
+        return hf(idx).logits
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run faster on one thread, and more so on a shared, loaded machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def check_overfits(model, vocab, steps=100):
+    """AdamW on one batch of random tokens: the loss starts at chance, ln(vocab), and falls below a tenth of it
+    (to about 0.02 of it in practice)."""
+    x = ids(vocab, 4, 33, seed=0)
+    x, y = x[:, :-1], x[:, 1:]
+    opt = torch.optim.AdamW(model.train().parameters(), lr=3e-3)
+    losses = []
+    for _ in range(steps):
+        _, loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert abs(losses[0] - math.log(vocab)) < 0.1
+    assert losses[-1] < 0.1 * losses[0]
+
+
+def check_causal(model, vocab, t, T=32):
+    """Changing every token from position t on changes no logit before t, and does change those after."""
+    idx = ids(vocab, 2, T, seed=6)
+    changed = idx.clone()
+    changed[:, t:] = (idx[:, t:] + 1 + ids(vocab - 2, 2, T - t, seed=t)) % vocab  # every future token differs
+    with torch.no_grad():
+        a, b = model(idx)[0], model(changed)[0]
+    assert max_diff(a[:, :t], b[:, :t]) <= 1e-6
+    assert max_diff(a[:, t:], b[:, t:]) > 1e-2
+
+
+def script_home(module, tmp_path, monkeypatch):
+    """Run module's main() as if the script lived in tmp_path: its data/ (tiny-shakespeare seeded) and out/ there."""
+    monkeypatch.setattr(module, "HERE", tmp_path)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "shakespeare").mkdir(parents=True)
+    (tmp_path / "data" / "shakespeare" / "input.txt").write_text(SHAKESPEARE.read_text())
     return tmp_path
 
 

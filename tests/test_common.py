@@ -11,16 +11,12 @@ import requests
 import safetensors.torch
 import torch
 
-from conftest import SCRIPTS
+from conftest import SCRIPTS, max_diff
 
 
 @pytest.fixture(params=SCRIPTS)
 def m(request):
     return importlib.import_module(request.param)
-
-
-def max_diff(a, b):
-    return (a - b).abs().max().item()
 
 
 @pytest.fixture

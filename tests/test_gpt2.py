@@ -9,10 +9,11 @@ import torch.nn.functional as F
 import transformers
 
 import gpt2
-from conftest import serve_hub
+from conftest import check_causal, check_overfits, hf_logits, ids, max_diff, serve_hub
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # (n_layer, n_head, n_embd, vocab_size, n_positions, layer_norm_epsilon, activation_function)
 HF_CONFIGS = [
@@ -38,28 +39,6 @@ def make_hf(n_layer, n_head, n_embd, vocab, n_pos, eps=1e-5, act="gelu_new", see
             else:
                 p.mul_(scale)
     return hf.eval()
-
-
-def hf_logits(hf, idx):
-    with torch.no_grad():
-        return hf(idx).logits
-
-
-def max_diff(a, b):
-    return (a - b).abs().max().item()
-
-
-def ids(vocab, B, T, seed=1):
-    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and more so on a shared, loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -199,32 +178,15 @@ def test_cached_forward_matches_full_forward():
 @pytest.mark.parametrize("t", [1, 7, 20, 31])
 def test_causality(t):
     model = tiny_gpt(seed=5)
-    idx = ids(300, 2, 32, seed=6)
-    changed = idx.clone()
-    changed[:, t:] = (idx[:, t:] + 1 + ids(298, 2, 32 - t, seed=t)) % 300  # every future token differs
-    with torch.no_grad():
-        a, b = model(idx)[0], model(changed)[0]
-    assert max_diff(a[:, :t], b[:, :t]) <= 1e-6
-    assert max_diff(a[:, t:], b[:, t:]) > 1e-2  # the change is visible where it may be
+    check_causal(model, 300, t)
 
 
 # --------------------------------------------------------------------------- training, padding, init
 
 def test_overfit_one_batch():
     torch.manual_seed(0)
-    model = gpt2.GPT(gpt2.Config(vocab_size=100, block_size=32, n_layer=2, n_head=2, n_embd=32)).train()
-    x = torch.randint(0, 100, (4, 33))
-    x, y = x[:, :-1], x[:, 1:]
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(100):
-        _, loss = model(x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert abs(losses[0] - math.log(100)) < 0.1  # starts at chance
-    assert losses[-1] < 0.1 * losses[0]  # about 0.02 of it in practice
+    model = gpt2.GPT(gpt2.Config(vocab_size=100, block_size=32, n_layer=2, n_head=2, n_embd=32))
+    check_overfits(model, 100)
 
 
 def test_vocab_padding():

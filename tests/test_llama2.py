@@ -11,10 +11,11 @@ import transformers
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 import llama2
-from conftest import SHAKESPEARE, serve_hub
+from conftest import check_causal, check_overfits, SHAKESPEARE, hf_logits, ids, max_diff, script_home, serve_hub
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 LLAMA3_SCALING = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                       original_max_position_embeddings=64)
@@ -42,28 +43,6 @@ def make_hf(seed=0, scale=3.0, **kw):
         for name, p in hf.named_parameters():
             p.copy_(torch.randn_like(p) * 0.1 + 1.0) if name.endswith("norm.weight") else p.mul_(scale)
     return hf.eval()
-
-
-def hf_logits(hf, idx):
-    with torch.no_grad():
-        return hf(idx).logits
-
-
-def max_diff(a, b):
-    return (a - b).abs().max().item()
-
-
-def ids(vocab, B, T, seed=1):
-    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and more so on a shared, loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_llama(seed=0, vocab=300, block=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, **kw):
@@ -304,30 +283,13 @@ def test_rotary_is_relative_and_equals_the_complex_form():
 @pytest.mark.parametrize("t", [1, 7, 20, 31])
 def test_causality(t):
     model = tiny_llama(seed=5)
-    idx = ids(300, 2, 32, seed=6)
-    changed = idx.clone()
-    changed[:, t:] = (idx[:, t:] + 1 + ids(298, 2, 32 - t, seed=t)) % 300  # every future token differs
-    with torch.no_grad():
-        a, b = model(idx)[0], model(changed)[0]
-    assert max_diff(a[:, :t], b[:, :t]) <= 1e-6
-    assert max_diff(a[:, t:], b[:, t:]) > 1e-2
+    check_causal(model, 300, t)
 
 
 def test_overfit_one_batch():
     torch.manual_seed(0)
-    model = llama2.Llama(llama2.Config(vocab_size=100, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)).train()
-    x = torch.randint(0, 100, (4, 33))
-    x, y = x[:, :-1], x[:, 1:]
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(100):
-        _, loss = model(x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert abs(losses[0] - math.log(100)) < 0.1  # starts at chance
-    assert losses[-1] < 0.1 * losses[0]
+    model = llama2.Llama(llama2.Config(vocab_size=100, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32))
+    check_overfits(model, 100)
 
 
 def test_config_and_init():
@@ -416,10 +378,7 @@ def pretrained(tmp_path, monkeypatch, offline):
     """A Llama checkpoint with a tokenizer.json of 600 tokens, and the script's data/ and out/ under tmp_path."""
     if not SHAKESPEARE.exists():
         pytest.skip("needs ../shared/data/tinyshakespeare.txt")
-    monkeypatch.setattr(llama2, "HERE", tmp_path)
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "data" / "shakespeare").mkdir(parents=True)
-    (tmp_path / "data" / "shakespeare" / "input.txt").write_text(SHAKESPEARE.read_text())
+    script_home(llama2, tmp_path, monkeypatch)
     ckpt = tmp_path / "tiny-llama3"
     make_hf(seed=9, scale=1.0, vocab_size=600, bos_token_id=0, rope_theta=500000.0, num_key_value_heads=2).save_pretrained(ckpt)
     train_tokenizer(ckpt / "tokenizer.json")
@@ -477,10 +436,7 @@ def test_cli_architecture_flags(tmp_path, monkeypatch, offline, capsys):
     and a resume that contradicts them is refused."""
     if not SHAKESPEARE.exists():
         pytest.skip("needs ../shared/data/tinyshakespeare.txt")
-    monkeypatch.setattr(llama2, "HERE", tmp_path)
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "data" / "shakespeare").mkdir(parents=True)
-    (tmp_path / "data" / "shakespeare" / "input.txt").write_text(SHAKESPEARE.read_text())
+    script_home(llama2, tmp_path, monkeypatch)
     llama2.main(["--device", "cpu", "--n_layer", "1", "--n_head", "4", "--n_kv_head", "1", "--n_embd", "32",
                  "--intermediate_size", "48", "--tie_embeddings", "--rope_theta", "500000", "--block_size", "16",
                  "--batch_size", "2", "--max_iters", "2", "--eval_interval", "2", "--eval_iters", "1",

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from conftest import ROOT, SCRIPTS, SHAKESPEARE, copy_script, offline_env, run_script
+from conftest import ROOT, SCRIPTS, SHAKESPEARE, copy_script, offline_env, run_script, script_home
 
 # A model small enough that a few iterations take seconds; every script accepts these flags.
 TINY = ["--device", "cpu", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "32",
@@ -27,37 +27,35 @@ def state(ckpt_path):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_end_to_end(script, tmp_path):
-    work = copy_script(script, tmp_path / "work")
-    r = run_script(work, [f"{script}.py", *TINY, "--max_iters", "6", "--eval_interval", "3"], offline_env(tmp_path))
-    assert r.returncode == 0, r.stderr
-    out = r.stdout
-    first = out.splitlines()[0]
-    for word in ("cpu", "float32", "compile off", "params", "tokens/step", "data shakespeare", "tokenizer gpt2"):
-        assert word in first, first
-    assert "iter 2 | loss " in out and " tok/s" in out and "mfu" not in out  # no MFU on CPU
-    assert "eval 3 | train " in out and f"saved out/{script}/ckpt.pt" in out
-    assert "--- sample ---" in out and out.rstrip().splitlines()[-1].startswith("done | 6 iters | best val ")
-    out_dir = work / "out" / script
-    assert (out_dir / "ckpt.pt").exists() and (out_dir / "best.pt").exists()
-    records = read_metrics(out_dir)
-    assert [r["iter"] for r in records if "loss" in r] == [2, 4, 6]
-    assert [r["iter"] for r in records if "val" in r] == [3, 6]
-    meta = json.loads((work / "data" / "shakespeare" / "meta.json").read_text())
-    assert meta["tokenizer"] == "gpt2" and abs(meta["train_tokens"] - 9 * meta["val_tokens"]) < 10  # 90/10 split
-
-
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_resume_is_exact(script, tmp_path):
-    """20 iterations straight equal 10, then --init_from resume, then 10 more: same weights, same losses."""
+def test_end_to_end_and_exact_resume(script, tmp_path):
+    """The command line end to end (a run of 20 iterations: its lines, files and metrics); then the same 20
+    iterations as 10, --init_from resume, 10 more: same weights, same losses; then --sample_only."""
     env = offline_env(tmp_path)
     common = [*TINY, "--dropout", "0.1", "--eval_interval", "5", "--lr_decay_iters", "20", "--warmup_iters", "4"]
     straight, split = copy_script(script, tmp_path / "straight"), copy_script(script, tmp_path / "split")
     runs = [(straight, ["--max_iters", "20"]), (split, ["--max_iters", "10"]), (split, ["--init_from", "resume", "--max_iters", "20"])]
+    outs = []
     for work, extra in runs:
         r = run_script(work, [f"{script}.py", *common, *extra], env)
         assert r.returncode == 0, r.stderr
-    assert "iter 12 | loss" in r.stdout and "iter 2 | loss" not in r.stdout  # the resumed run went on from 10
+        outs.append(r.stdout)
+
+    out = outs[0]  # the straight run, end to end
+    first = out.splitlines()[0]
+    for word in (script, "cpu", "float32", "compile off", "params", "tokens/step", "data shakespeare", "tokenizer gpt2"):
+        assert word in first, first
+    assert "iter 2 | loss " in out and " tok/s" in out and "mfu" not in out  # no MFU on CPU
+    assert "eval 5 | train " in out and f"saved out/{script}/ckpt.pt" in out
+    assert "--- sample ---" in out and out.rstrip().splitlines()[-1].startswith("done | 20 iters | best val ")
+    out_dir = straight / "out" / script
+    assert (out_dir / "ckpt.pt").exists() and (out_dir / "best.pt").exists()
+    records = read_metrics(out_dir)
+    assert [r["iter"] for r in records if "loss" in r] == list(range(2, 21, 2))
+    assert [r["iter"] for r in records if "val" in r] == [5, 10, 15, 20]
+    meta = json.loads((straight / "data" / "shakespeare" / "meta.json").read_text())
+    assert meta["tokenizer"] == "gpt2" and abs(meta["train_tokens"] - 9 * meta["val_tokens"]) < 10  # 90/10 split
+
+    assert "iter 12 | loss" in outs[2] and "iter 2 | loss" not in outs[2]  # the resumed run went on from 10
     a, b = state(straight / "out" / script / "ckpt.pt"), state(split / "out" / script / "ckpt.pt")
     assert a["iter_num"] == b["iter_num"] == 20
     # Bit for bit in one process, and in most runs across processes too; but now and then (about 1 run in 10
@@ -115,10 +113,7 @@ def test_ddp_two_processes(script, tmp_path):
 def script_env(request, tmp_path, monkeypatch, offline):
     """The script's module, with its data/ and out/ under tmp_path and no network."""
     module = importlib.import_module(request.param)
-    monkeypatch.setattr(module, "HERE", tmp_path)
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "data" / "shakespeare").mkdir(parents=True)
-    (tmp_path / "data" / "shakespeare" / "input.txt").write_text(SHAKESPEARE.read_text())
+    script_home(module, tmp_path, monkeypatch)
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "short.txt").write_text("To be, or not to be: that is the question.\n")
     (tmp_path / "binary.bin").write_bytes(bytes(range(256)) * 64)
