@@ -148,7 +148,8 @@ def apply_rotary(x, cos, sin):
     that, with adjacent pairs. Hugging Face checkpoints pair dimension i with i + d/2 instead ("rotate half"):
     their conversion script permuted the rows of W_q and W_k so that the two layouts give the same scores.
     We use the half layout, so Hugging Face weights load unchanged:
-        x_i' = x_i cos(m theta_i) - x_{i+d/2} sin(m theta_i),  x_{i+d/2}' = x_{i+d/2} cos(m theta_i) + x_i sin(m theta_i)
+        x_i'       = x_i cos(m theta_i) - x_{i+d/2} sin(m theta_i)
+        x_{i+d/2}' = x_{i+d/2} cos(m theta_i) + x_i sin(m theta_i)
     """
     x1, x2 = x.chunk(2, dim=-1)
     return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).type_as(x)
@@ -252,8 +253,8 @@ class Llama(nn.Module):
         # and llama2.c do.
         for name, p in self.named_parameters():
             if p.dim() == 2:
-                std = 0.02 / math.sqrt(2 * cfg.n_layer) if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
-                nn.init.normal_(p, mean=0.0, std=std)
+                residual = name.endswith(("o_proj.weight", "down_proj.weight"))
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer) if residual else 0.02)
 
     def num_params(self, non_embedding=True):
         """Parameters, a tied embedding/head counted once; an untied input embedding (a lookup, no FLOPs)
@@ -435,12 +436,12 @@ def from_pretrained(name_or_path, device="cpu", dtype=torch.float32, dropout=0.0
     # transformers 4 writes rope_theta and rope_scaling; transformers 5 writes both into rope_parameters
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     rope_type = rope.pop("rope_type", rope.pop("type", "default"))
-    eos = hf.get("eos_token_id")
     cfg = Config(vocab_size=hf["vocab_size"], block_size=hf.get("max_position_embeddings", 2048),
                  n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
                  n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"], n_embd=hf["hidden_size"],
                  head_dim=hf.get("head_dim") or 0, intermediate_size=hf["intermediate_size"],
-                 norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=rope.pop("rope_theta", hf.get("rope_theta", 10000.0)),
+                 norm_eps=hf.get("rms_norm_eps", 1e-6),
+                 rope_theta=rope.pop("rope_theta", hf.get("rope_theta", 10000.0)),
                  rope_scaling=None if rope_type == "default" else dict(rope, rope_type=rope_type),
                  tie_embeddings=hf.get("tie_word_embeddings", False), bos_token_id=hf.get("bos_token_id"),
                  dropout=dropout)
@@ -494,8 +495,9 @@ def hf_tokenizer(path):
     or None when the file is something tiktoken cannot run (SentencePiece, as Llama 2's, or a normalizer).
 
     tiktoken merges the adjacent pair whose result has the lowest rank; tokenizer.json lists merges in
-    priority order. The two agree when a token's id is its rank and ids grow with the merge list, which is
-    checked here."""
+    priority order. The two agree when a token's id is its rank and ids grow along the merge list (checked
+    here): so for Llama 3, whose tokenizer.json was converted from tiktoken's own file, and, as the tests
+    show, for byte-level BPEs trained with the `tokenizers` package."""
     try:
         tok = json.loads(Path(path).read_text())
         model, pre = tok["model"], tok.get("pre_tokenizer") or {}
@@ -728,7 +730,8 @@ PRESETS = {
     "cuda": dict(n_layer=6, n_head=6, n_kv_head=2, n_embd=384, block_size=256, batch_size=64, max_iters=2000,
                  eval_interval=250, eval_iters=50, log_interval=50, lr=1e-3, min_lr=1e-4, warmup_iters=100, dropout=0.2),
 }
-MODEL_FLAGS = ("n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size", "rope_theta", "tie_embeddings")  # fixed by a checkpoint
+MODEL_FLAGS = ("n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size", "rope_theta",
+               "tie_embeddings")  # fixed by a checkpoint
 RUN_FLAGS = ("device", "dtype", "compile", "init_from", "sample_only", "out_dir", "tensorboard",
              "prompt", "max_new_tokens", "temperature", "top_k", "top_p")  # never taken from a checkpoint
 
@@ -868,6 +871,8 @@ def run(args, given):
         if tokenizer is None and not args.sample_only:
             raise InputError(f"{path} has no tokenizer.json that tiktoken can read (Llama 2 and TinyLlama use "
                              "SentencePiece), so it cannot be trained on text; --sample_only shows token ids")
+        if tokenizer is not None and tokenizer[3] > cfg.vocab_size:
+            raise InputError(f"{path}: the tokenizer has {tokenizer[3]:,} tokens, the model only {cfg.vocab_size:,}")
     else:
         tokenizer = load_tokenizer()
         cfg = Config(vocab_size=tokenizer[3], block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
@@ -887,7 +892,8 @@ def run(args, given):
     if master:
         print(f"llama2 | {device} | {str(dtype).removeprefix('torch.')} | compile {'on' if use_compile else 'off'} | "
               f"{model.num_params() / 1e6:.2f}M params | {tokens_per_step:,} tokens/step | "
-              f"data {args.data} | tokenizer {tokenizer[0] if tokenizer else 'none (token ids)'} | init {args.init_from}" + (f" | DDP x{world}" if world > 1 else ""))
+              f"data {args.data} | tokenizer {tokenizer[0] if tokenizer else 'none (token ids)'} | "
+              f"init {args.init_from}" + (f" | DDP x{world}" if world > 1 else ""))
 
     def sample(title):
         torch.manual_seed(args.seed)
