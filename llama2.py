@@ -118,7 +118,8 @@ class RMSNorm(nn.Module):
 
 
 def rope_frequencies(cfg, device=None):
-    """theta_i = rope_theta^(-2i/d), i = 0..d/2-1 (RoFormer eq. 15), rescaled for long context if asked.
+    """theta_i = rope_theta^(-2i/d), i = 0..d/2-1 (RoFormer section 3.2.2, after eq. 15; the paper's base is
+    10000), rescaled for long context if asked.
 
     llama3 (Llama 3.1; Meta's released code, the paper does not spell it out): wavelengths 2 pi / theta_i longer than
     original_max_position_embeddings / low_freq_factor are stretched by `factor`, those shorter than
@@ -143,10 +144,11 @@ def rope_frequencies(cfg, device=None):
 def apply_rotary(x, cos, sin):
     """Rotate x (B, heads, T, head_dim) by its positions' angles; cos and sin are (T, head_dim), float32.
 
-    RoFormer (eq. 34) writes a query as d/2 complex numbers q_i = x_{2i} + j x_{2i+1} and multiplies each by
-    e^{j m theta_i} at position m, so q_m . k_n depends only on m - n. Meta's released code does exactly
-    that, with adjacent pairs. Hugging Face checkpoints pair dimension i with i + d/2 instead ("rotate half"):
-    their conversion script permuted the rows of W_q and W_k so that the two layouts give the same scores.
+    RoFormer (section 3.2) reads a query as d/2 complex numbers q_i = x_{2i} + j x_{2i+1} and multiplies each by
+    e^{j m theta_i} at position m, so q_m . k_n depends only on m - n; eq. 34 is the same rotation written with
+    cos and sin on adjacent pairs. Meta's released code does exactly that. Hugging Face checkpoints pair
+    dimension i with i + d/2 instead ("rotate half"): their conversion script permuted the rows of W_q and W_k
+    so that the two layouts give the same scores.
     We use the half layout, so Hugging Face weights load unchanged:
         x_i'       = x_i cos(m theta_i) - x_{i+d/2} sin(m theta_i)
         x_{i+d/2}' = x_{i+d/2} cos(m theta_i) + x_i sin(m theta_i)
@@ -248,9 +250,9 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        # Initialisation: Llama's papers do not give one; this is the released reference's (normal, std 0.02),
-        # with the two projections that write into the residual stream scaled by 1/sqrt(2 n_layer), as GPT-2
-        # and llama2.c do.
+        # Initialisation: Llama's papers do not give one. Normal with std 0.02 (Hugging Face's initializer_range),
+        # the two projections that write into the residual stream scaled by 1/sqrt(2 n_layer), as GPT-2 and
+        # llama2.c do.
         for name, p in self.named_parameters():
             if p.dim() == 2:
                 residual = name.endswith(("o_proj.weight", "down_proj.weight"))
@@ -502,19 +504,20 @@ def hf_tokenizer(path):
         tok = json.loads(Path(path).read_text())
         model, pre = tok["model"], tok.get("pre_tokenizer") or {}
         steps = pre.get("pretokenizers", [pre])
-        if [s.get("type") for s in steps] == ["ByteLevel"] and steps[0].get("use_regex", True):
+        kinds = [s.get("type") for s in steps]
+        if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
             pattern = GPT2_SPLIT  # GPT-2 style: the byte-level step splits with GPT-2's regex
-        elif [s.get("type") for s in steps] == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True) \
+        elif kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True) \
                 and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert"):
             pattern = steps[0]["pattern"]["Regex"]  # Llama 3 style: a regex split, then bytes to characters
         else:
             return None
         if model.get("type") != "BPE" or tok.get("normalizer") or steps[-1].get("add_prefix_space"):
             return None
-        to_byte = byte_decoder()
+        to_byte, vocab = byte_decoder(), model["vocab"]
         specials = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
-        ranks = {bytes(to_byte[c] for c in s): i for s, i in model["vocab"].items() if s not in specials}
-        vocab, last = model["vocab"], -1
+        ranks = {bytes(to_byte[c] for c in s): i for s, i in vocab.items() if s not in specials}
+        last = -1
         for merge in model["merges"]:
             a, b = merge.split(" ") if isinstance(merge, str) else merge
             if vocab[a + b] < last:
@@ -611,7 +614,8 @@ def token_dtype(vocab_size):
 
 
 def prepare_data(data, tokenizer):
-    """Tokenize --data once into data/<name>/{train,val}.bin (uint16, 90/10 split) + meta.json; return the dir.
+    """Tokenize --data once into data/<name>/{train,val}.bin (90/10 split, uint16 or uint32 as token_dtype says)
+    + meta.json; return the dir.
 
     meta.json names the source and the tokenizer: a cache made another way is rebuilt, never misread."""
     name, text, fingerprint = read_text(data)
@@ -979,7 +983,8 @@ def run(args, given):
         sys.exit(1)
 
     peak = peak_flops(device, dtype)
-    flops_per_token = 6 * model.num_params() + 12 * cfg.n_layer * cfg.n_embd * args.block_size  # PaLM, app. B
+    attn_width = cfg.n_head * cfg.head_dim
+    flops_per_token = 6 * model.num_params() + 12 * cfg.n_layer * attn_width * args.block_size  # PaLM, app. B
     loss_sum, loss_count = torch.zeros((), device=device), 0
     t_log, iters_logged, t_start = time.perf_counter(), iter_num, time.time()
     train_model.train()
