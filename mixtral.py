@@ -155,20 +155,19 @@ class KVCache:
 
     def update(self, k, v, pos):
         """Store k, v (B, n_kv_head, T, hd) of positions pos..pos+T-1; return the keys and values the T new
-        queries attend to. Slots 0..n-1 are positions 0..n-1 except for a single new token once the buffer
-        has wrapped; then every slot is one of the last W positions, all visible."""
+        queries attend to, and the positions of those keys."""
         B, H, T, D = k.shape
         if self.k is None:
             self.k, self.v = k.new_zeros(B, H, self.size, D), v.new_zeros(B, H, self.size, D)
         if pos + T <= self.size or T == 1:  # write, then read: nothing these queries need is overwritten
             slots = torch.arange(pos, pos + T, device=k.device) % self.size
             self.k[:, :, slots], self.v[:, :, slots] = k, v
-            n = min(pos + T, self.size)
-            return self.k[:, :, :n], self.v[:, :, :n]
-        if pos == 0:  # a prompt longer than the buffer attends to itself; its last W positions are kept
+            n, last = min(pos + T, self.size), pos + T - 1
+            return self.k[:, :, :n], self.v[:, :, :n], last - (last - torch.arange(n, device=k.device)) % self.size
+        if pos == 0:  # a prompt longer than the buffer attends to itself; its last `size` positions are kept
             slots = torch.arange(T - self.size, T, device=k.device) % self.size
             self.k[:, :, slots], self.v[:, :, slots] = k[:, :, -self.size:], v[:, :, -self.size:]
-            return k, v
+            return k, v, torch.arange(T, device=k.device)
         raise ValueError(f"{T} tokens at position {pos} overflow a rolling cache of {self.size}: feed them one by one")
 
 
@@ -192,16 +191,15 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        k_pos = torch.arange(T, device=x.device)  # the keys' positions
         if cache is not None:
-            k, v = cache.update(k, v, pos)
-        # One new token sees every key the cache returns; from position 0 without a window, the plain causal mask
-        # (flash attention on CUDA); otherwise a mask from the positions: query pos + i, key j (see KVCache).
-        mask = None
-        if T > 1 and (pos > 0 or self.window is not None):
-            i = torch.arange(pos, pos + T, device=x.device)[:, None]
-            j = torch.arange(k.size(2), device=x.device)[None]
-            mask = (j <= i) & (j > i - self.window) if self.window is not None else j <= i
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=T > 1 and mask is None,
+            k, v, k_pos = cache.update(k, v, pos)
+        q_pos = torch.arange(pos, pos + T, device=x.device)[:, None]
+        visible = k_pos <= q_pos                                # (T, keys): causal
+        if self.window is not None:
+            visible &= k_pos > q_pos - self.window              # and within the window (Mistral, figure 1)
+        plain = pos == 0 and self.window is None                # then SDPA's own causal mask: flash attention
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if plain else visible, is_causal=plain and T > 1,
                                            dropout_p=self.dropout if self.training else 0.0, enable_gqa=True)
         return self.resid_dropout(self.o_proj(y.transpose(1, 2).reshape(B, T, -1)))
 
@@ -285,7 +283,7 @@ class SparseMoE(nn.Module):
 
         balance: E sum_i f_i P_i (Switch eq. 4-6), f_i the fraction of tokens sent to expert i (counting all k
         choices, as Hugging Face does; the f_i sum to k), P_i the mean router probability of expert i. It is
-        k when the load is even and E k at worst; only P carries a gradient. z: mean of logsumexp(logits)^2
+        k when the load is even, up to E when the router has collapsed; only P carries a gradient. z: mean of logsumexp(logits)^2
         (ST-MoE eq. 5), keeping the router's logits small. load: each expert's share of the pairs."""
         N = logits.size(0)
         f = count.float() / N
@@ -388,7 +386,7 @@ class Mixtral(nn.Module):
         cache no longer holds and each token re-reads the whole window (as without a cache).
         """
         window, block = self.config.sliding_window, self.config.block_size
-        size = window if window is not None else min(idx.size(1) + max_new_tokens, block)
+        size = min(idx.size(1) + max_new_tokens, window or block)
         cache, pos = [KVCache(size) for _ in self.model.layers] if use_cache else None, 0
         for _ in range(max_new_tokens):
             if cache is not None and (window is not None or idx.size(1) <= block):
@@ -472,9 +470,9 @@ def download(url, dest):
     return dest
 
 
-def checkpoint_dir(name_or_path):
-    """A local checkpoint directory for --init_from: the path itself, or a hub repo's config.json, weights
-    (one file or sharded) downloaded into CACHE_DIR/<repo>."""
+def checkpoint_dir(name_or_path, weights=True):
+    """A local checkpoint directory for --init_from: the path itself, or a hub repo's config.json and weights
+    (one file or sharded; weights=False: config.json only) downloaded into CACHE_DIR/<repo>."""
     name_or_path = str(name_or_path)
     path = Path(name_or_path)
     if path.is_dir():
@@ -493,7 +491,7 @@ def checkpoint_dir(name_or_path):
 
     try:
         get("config.json")
-        if get("model.safetensors", optional=True) is None:
+        if weights and get("model.safetensors", optional=True) is None:
             index = json.loads(get("model.safetensors.index.json").read_text())
             for shard in sorted(set(index["weight_map"].values())):
                 get(shard)
@@ -924,10 +922,11 @@ def run(args, given):
         model = Mixtral(cfg)
         model.load_state_dict(ckpt["model"])
     elif args.init_from != "scratch":  # sampling keeps the weights in the run's dtype (bf16 on CUDA)
+        path = checkpoint_dir(args.init_from, weights=args.sample_only)  # no weights fetched only to be refused
         if not args.sample_only:
             raise InputError("the released Mixtral checkpoints use a SentencePiece tokenizer, which this file does "
                              "not have, so they cannot be trained on text here; --sample_only shows token ids")
-        model, tokenizer = from_pretrained(args.init_from, device, dtype), None
+        model, tokenizer = from_pretrained(path, device, dtype), None
         cfg = model.config
     else:
         tokenizer = load_tokenizer()

@@ -103,13 +103,15 @@ def greedy(model, prompt, use_cache=True):
     return lambda n: model.eval().generate(prompt, n, temperature=0.0, use_cache=use_cache)
 
 
-def lm_rows(ours, hf, c, rounds, seed, vocab, kv_target):
+def lm_rows(ours, hf, c, rounds, seed, vocab, kv_target, train_refs=()):
     """The rows of a causal LM against its HF twin holding the same weights, c giving batch, seq, prompt, decode
     and kv_tokens:
       train     forward + backward, train mode, same batch and targets, no optimizer step
       decode    greedy, batch 1, both with their KV cache
       kv_cache  ours with its cache vs ours recomputing the prefix at every token (target kv_target)
-    Returns rows, checks (train losses, tokens identical) and the outputs of round 1."""
+    train_refs: (key, reference label, HF model) of more HF models (the same weights run another way) whose train
+    step is timed against ours too, a row each after train. Returns rows, checks (train losses, tokens identical)
+    and the outputs of round 1."""
     x = torch.randint(0, vocab, (c["batch"], c["seq"] + 1), generator=torch.Generator().manual_seed(seed))
     idx = x[:, :-1].contiguous()
     targets = x[:, 1:].clone()
@@ -136,6 +138,7 @@ def lm_rows(ours, hf, c, rounds, seed, vocab, kv_target):
 
     cases = {  # key: (new tokens, ours, reference)
         "train": (0, train(ours, False), train(hf, True)),
+        **{key: (0, train(ours, False), train(ref, True)) for key, _, ref in train_refs},
         "decode": (c["decode"], greedy(ours, prompt), gen_hf),
         "kv_cache": (c["kv_tokens"], greedy(ours, prompt), greedy(ours, prompt, use_cache=False)),
     }
@@ -144,9 +147,11 @@ def lm_rows(ours, hf, c, rounds, seed, vocab, kv_target):
         "train_loss_ours": outputs["train"][0], "train_loss_ref": outputs["train"][1],
         "decode_tokens_identical": torch.equal(*outputs["decode"]),
         "kv_cache_tokens_identical": torch.equal(*outputs["kv_cache"]),
+        **{f"{key}_loss_ref": outputs[key][1] for key, _, _ in train_refs},
     }
     specs = [  # key, label, reference label, target
         ("train", f"train step (fwd+bwd, no optim), {c['batch']}x{c['seq']} tok", "HF", 1.0),
+        *((key, f"train step, {c['batch']}x{c['seq']} tok", ref_label, 1.0) for key, ref_label, _ in train_refs),
         ("decode", f"greedy decode {c['decode']} tok, KV cache", "HF", 1.0),
         ("kv_cache", f"ours KV cache vs recompute, {c['kv_tokens']} tok", "ours, no cache", kv_target),
     ]
@@ -179,18 +184,19 @@ def print_legend(quick):
           + ("\n--quick: a smoke test, its sizes are too small for the targets to mean anything" if quick else ""))
 
 
-def train_throughput(model, batch_size, steps=30, warmup=5, device="cuda"):
+def train_throughput(model, batch_size, steps=30, warmup=5, device="cuda", compile=True, flops_per_token=None):
     """Training throughput of a model with model(idx, targets) -> (logits, loss), num_params() and
-    config.block_size / vocab_size / n_layer / n_embd (gpt2.GPT, llama2.Llama): bf16 autocast, torch.compile,
-    fused AdamW, one micro-step per step, warmup steps not timed. (device exists only to smoke-test this on a CPU
-    with a tiny model.)"""
+    config.block_size / vocab_size / n_layer / n_embd (gpt2.GPT, llama2.Llama): bf16 autocast, torch.compile
+    (unless compile=False), fused AdamW, one micro-step per step, warmup steps not timed. flops_per_token(model):
+    the FLOPs of training on one token, for MFU (default: PaLM's, from all of num_params()). (device exists only
+    to smoke-test this on a CPU with a tiny model.)"""
     device = torch.device(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     cfg = model.config
     model = model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
-    compiled = torch.compile(model)
+    compiled = torch.compile(model) if compile else model
     T = cfg.block_size
     x = torch.randint(0, cfg.vocab_size, (batch_size, T + 1), device=device)
     idx, targets = x[:, :-1].contiguous(), x[:, 1:].contiguous()
@@ -215,20 +221,22 @@ def train_throughput(model, batch_size, steps=30, warmup=5, device="cuda"):
     peak = next((f for key, f in PEAK_BF16 if key in name), None)
     tok_s = batch_size * T / dt
     # PaLM appendix B; the attention term takes n_head * head_dim = n_embd
-    flops_per_token = 6 * model.num_params() + 12 * cfg.n_layer * cfg.n_embd * T
-    return dict(device=name, batch_size=batch_size, seq=T, steps=steps, warmup=warmup, step_ms=dt * 1000,
-                tokens_per_s=tok_s, params=model.num_params(), params_with_embedding=model.num_params(False),
+    flops_per_token = (flops_per_token(model) if flops_per_token else
+                       6 * model.num_params() + 12 * cfg.n_layer * cfg.n_embd * T)
+    return dict(device=name, batch_size=batch_size, seq=T, steps=steps, warmup=warmup, compile=compile,
+                step_ms=dt * 1000, tokens_per_s=tok_s, params=model.num_params(), params_with_embedding=model.num_params(False),
                 flops_per_token=flops_per_token, peak_flops=peak,
                 mfu=flops_per_token * tok_s / peak if peak else None, warmup_loss=loss.item())
 
 
-def train_throughputs(builds, batch_size, device="cuda", steps=30, warmup=5):
-    """{name: train_throughput(build(), ...)} for builds {name: build}, each model seeded with 0 and compiled afresh."""
+def train_throughputs(builds, batch_size, device="cuda", steps=30, warmup=5, options=None):
+    """{name: train_throughput(build(), ...)} for builds {name: build}, each model seeded with 0 and compiled afresh;
+    options: {name: more keyword arguments of train_throughput (compile, flops_per_token)}."""
     out = {}
     for name, build in builds.items():
         torch.manual_seed(0)
         torch._dynamo.reset()  # the next model compiles afresh, not against the last one's cache limits
-        out[name] = train_throughput(build(), batch_size, steps, warmup, device)
+        out[name] = train_throughput(build(), batch_size, steps, warmup, device, **(options or {}).get(name, {}))
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
     return out
@@ -237,7 +245,8 @@ def train_throughputs(builds, batch_size, device="cuda", steps=30, warmup=5):
 def gpu_line(what, g):
     """The printed line of a train_throughput result; what names the model (and ends with a comma if more follows)."""
     mfu = f"{100 * g['mfu']:.1f}%" if g["mfu"] is not None else "n/a (peak of this GPU unknown)"
-    return (f"GPU {g['device']}: {what} train, bf16 autocast + torch.compile + fused AdamW, "
+    compiled = " + torch.compile" if g.get("compile", True) else " (no torch.compile)"
+    return (f"GPU {g['device']}: {what} train, bf16 autocast{compiled} + fused AdamW, "
             f"B={g['batch_size']} x T={g['seq']}: {g['step_ms']:.1f} ms/step | {g['tokens_per_s']:,.0f} tok/s | MFU {mfu}")
 
 

@@ -154,11 +154,14 @@ def test_from_pretrained_hub_sharded(server):
     hf = make_hf(seed=2, **HF_CASES["8x2_gqa"])
     repo = server.root / "someorg" / "tiny-mixtral" / "resolve" / "main"
     hf.save_pretrained(repo, max_shard_size="150KB")
+    cached = mixtral.CACHE_DIR / "someorg" / "tiny-mixtral"
+    with pytest.raises(SystemExit):  # training is refused (no tokenizer) before any weights are fetched
+        mixtral.main(["--init_from", "someorg/tiny-mixtral", "--device", "cpu"])
+    assert [p.name for p in cached.iterdir()] == ["config.json"]
     model = mixtral.from_pretrained("someorg/tiny-mixtral")
     idx = ids(320, 2, 32)
     with torch.no_grad():
         assert max_diff(model(idx)[0], hf_logits(hf, idx)) < 1e-4
-    cached = mixtral.CACHE_DIR / "someorg" / "tiny-mixtral"
     assert len(list(cached.glob("model-*.safetensors"))) >= 3 and not list(cached.glob("*.part"))
     with pytest.raises(mixtral.InputError, match="cannot fetch"):
         mixtral.from_pretrained("someorg/nothing-here")
@@ -324,10 +327,11 @@ def test_cached_generation_equals_uncached(window, prompt_len, new_tokens):
     assert torch.equal(*outs)
 
 
-def test_rolling_cache_matches_full_forward_and_stays_flat():
+@pytest.mark.parametrize("size", [6, 10, 64])  # the window's own size (generate's), a bigger rolling one, all
+def test_rolling_cache_matches_full_forward_and_stays_flat(size):
     model = tiny(seed=3, block=64, sliding_window=6)
     idx = ids(300, 2, 64, seed=4)
-    cache = [mixtral.KVCache(6) for _ in model.model.layers]
+    cache = [mixtral.KVCache(size) for _ in model.model.layers]
     with torch.no_grad():
         full = model(idx)[0]
         part = model(idx[:, :20], cache=cache, pos=0)[0]  # a prompt longer than the window
@@ -335,9 +339,10 @@ def test_rolling_cache_matches_full_forward_and_stays_flat():
         for t in range(20, 64):
             step = model(idx[:, t:t + 1], cache=cache, pos=t)[0]
             assert max_diff(step[:, 0], full[:, t]) < 1e-4, t  # keys in another order: rounding
-            assert cache[0].k.shape == (2, 2, 6, 16)  # six positions, however far the text has gone
-        with pytest.raises(ValueError, match="one by one"):
-            model(idx[:, :3], cache=cache, pos=64)
+            assert cache[0].k.shape == (2, 2, size, 16)  # `size` positions, however far the text has gone
+        if size < 64:
+            with pytest.raises(ValueError, match="one by one"):
+                model(idx[:, :3], cache=cache, pos=64)
     no_window = [mixtral.KVCache(64) for _ in model.model.layers]
     with torch.no_grad():  # without a window: chunks at pos > 0 work as in llama2.py
         tiny(seed=3, block=64)(idx[:, :10], cache=no_window, pos=0)
