@@ -100,6 +100,52 @@ def check_overfits(model, vocab, steps=100):
     assert losses[-1] < 0.1 * losses[0]
 
 
+def check_cached_equals_uncached(model, vocab, prompt_len, new_tokens):
+    """Greedy decoding with the model's cache gives the tokens of decoding without one (and not one token over
+    and over); sampling with the same seed too."""
+    idx = ids(vocab, 2, prompt_len, seed=2)
+    cached = model.generate(idx, new_tokens, temperature=0.0, use_cache=True)
+    uncached = model.generate(idx, new_tokens, temperature=0.0, use_cache=False)
+    assert cached.shape == (2, prompt_len + new_tokens) and torch.equal(cached[:, :prompt_len], idx)
+    assert torch.equal(cached, uncached)
+    assert len(set(cached[:, prompt_len:].flatten().tolist())) > 5
+    outs = []
+    for use_cache in (True, False):
+        torch.manual_seed(11)
+        outs.append(model.generate(idx, new_tokens, temperature=1.0, top_k=50, use_cache=use_cache))
+    assert torch.equal(*outs)
+
+
+def check_greedy_matches_hf(model, hf, vocab, new_tokens, **hf_kw):
+    """Greedy tokens of model.generate, with its cache and without, equal to hf.generate's (which wander)."""
+    idx = ids(vocab, 2, 8, seed=5)
+    with torch.no_grad():
+        ref = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=new_tokens, do_sample=False, **hf_kw)
+    assert ref.shape == (2, 8 + new_tokens)
+    assert len(set(ref[:, 8:].flatten().tolist())) > 5  # a real test: not one token repeated
+    for use_cache in (True, False):
+        assert torch.equal(model.generate(idx, new_tokens, temperature=0.0, use_cache=use_cache), ref)
+
+
+def scale_up(hf, scale):
+    """A random HF model with RMSNorm blocks, made to give logits of order 1: weights times `scale`, norm
+    gains random around 1; in eval mode."""
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.1 + 1.0) if name.endswith("norm.weight") else p.mul_(scale)
+    return hf.eval()
+
+
+def randomize(model, std=0.2):
+    """A tiny model of ours with weights of std `std` (norm gains left at 1), so that greedy decoding wanders;
+    in eval mode."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0.0, std)
+    return model.eval()
+
+
 def check_causal(model, vocab, t, T=32):
     """Changing every token from position t on changes no logit before t, and does change those after."""
     idx = ids(vocab, 2, T, seed=6)

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 import transformers
 
 import gpt2
-from conftest import check_causal, check_overfits, hf_logits, ids, max_diff, serve_hub
+from conftest import (check_cached_equals_uncached, check_causal, check_greedy_matches_hf, check_overfits, hf_logits,
+                      ids, max_diff, serve_hub)
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -129,35 +130,14 @@ def test_bf16_checkpoint(tmp_path):
 
 def test_greedy_generation_matches_hf(small_hf, tmp_path):
     small_hf.save_pretrained(tmp_path)
-    model = gpt2.from_pretrained(str(tmp_path))
-    idx = ids(300, 2, 8, seed=5)
-    with torch.no_grad():
-        ref = small_hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=20, do_sample=False,
-                                pad_token_id=0)
-    assert ref.shape == (2, 28)
-    assert len(set(ref[:, 8:].flatten().tolist())) > 5  # a real test: not one token repeated
-    for use_cache in (True, False):
-        assert torch.equal(model.generate(idx, 20, temperature=0.0, use_cache=use_cache), ref)
+    check_greedy_matches_hf(gpt2.from_pretrained(str(tmp_path)), small_hf, 300, 20, pad_token_id=0)
 
 
 # ------------------------------------------------------------------------------------- KV cache
 
 @pytest.mark.parametrize("prompt_len, new_tokens", [(5, 12), (8, 40)])  # the second slides past block_size 32
 def test_cached_generation_equals_uncached(prompt_len, new_tokens):
-    model = tiny_gpt(seed=1)
-    idx = ids(300, 2, prompt_len, seed=2)
-    cached = model.generate(idx, new_tokens, temperature=0.0, use_cache=True)
-    uncached = model.generate(idx, new_tokens, temperature=0.0, use_cache=False)
-    assert cached.shape == (2, prompt_len + new_tokens)
-    assert torch.equal(cached[:, :prompt_len], idx)
-    assert torch.equal(cached, uncached)
-    assert len(set(cached[:, prompt_len:].flatten().tolist())) > 5
-    # sampling with the same seed also gives the same tokens, cache or not
-    outs = []
-    for use_cache in (True, False):
-        torch.manual_seed(11)
-        outs.append(model.generate(idx, new_tokens, temperature=1.0, top_k=50, use_cache=use_cache))
-    assert torch.equal(*outs)
+    check_cached_equals_uncached(tiny_gpt(seed=1), 300, prompt_len, new_tokens)
 
 
 def test_cached_forward_matches_full_forward():

@@ -11,7 +11,8 @@ import transformers
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 import llama2
-from conftest import check_causal, check_overfits, SHAKESPEARE, hf_logits, ids, max_diff, script_home, serve_hub
+from conftest import (SHAKESPEARE, check_cached_equals_uncached, check_causal, check_greedy_matches_hf, check_overfits,
+                      hf_logits, ids, max_diff, randomize, scale_up, script_home, serve_hub)
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -38,23 +39,14 @@ BASE = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_lay
 def make_hf(seed=0, scale=3.0, **kw):
     """A random LlamaForCausalLM in eval mode: weights scaled up (logits of order 1), RMSNorm gains random too."""
     torch.manual_seed(seed)
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**BASE, **kw}))
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            p.copy_(torch.randn_like(p) * 0.1 + 1.0) if name.endswith("norm.weight") else p.mul_(scale)
-    return hf.eval()
+    return scale_up(transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**BASE, **kw})), scale)
 
 
 def tiny_llama(seed=0, vocab=300, block=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, **kw):
     """A random llama2.Llama in eval mode with weights large enough that greedy decoding wanders."""
     torch.manual_seed(seed)
-    model = llama2.Llama(llama2.Config(vocab_size=vocab, block_size=block, n_layer=n_layer, n_head=n_head,
-                                       n_kv_head=n_kv_head, n_embd=n_embd, **kw))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0.0, 0.2)
-    return model.eval()
+    return randomize(llama2.Llama(llama2.Config(vocab_size=vocab, block_size=block, n_layer=n_layer, n_head=n_head,
+                                                n_kv_head=n_kv_head, n_embd=n_embd, **kw)))
 
 
 # ------------------------------------------------------------------------------------ HF parity
@@ -144,14 +136,7 @@ def test_sharded_and_bf16_checkpoints(tmp_path):
 def test_greedy_generation_matches_hf(case, tmp_path):
     hf = make_hf(seed=7, scale=6.0, **HF_CASES[case])
     hf.save_pretrained(tmp_path)
-    model = llama2.from_pretrained(tmp_path)
-    idx = ids(320, 2, 8, seed=5)
-    with torch.no_grad():
-        ref = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=24, do_sample=False)
-    assert ref.shape == (2, 32)
-    assert len(set(ref[:, 8:].flatten().tolist())) > 5  # a real test: not one token repeated
-    for use_cache in (True, False):
-        assert torch.equal(model.generate(idx, 24, temperature=0.0, use_cache=use_cache), ref)
+    check_greedy_matches_hf(llama2.from_pretrained(tmp_path), hf, 320, 24)
 
 
 # ------------------------------------------------------------------------------ from_pretrained refusals
@@ -209,18 +194,7 @@ def test_from_pretrained_hub(server, sharded, tmp_path):
 @pytest.mark.parametrize("prompt_len, new_tokens", [(5, 12), (8, 40)])  # the second slides past block_size 32
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1])
 def test_cached_generation_equals_uncached(prompt_len, new_tokens, n_kv_head):
-    model = tiny_llama(seed=1, n_kv_head=n_kv_head)
-    idx = ids(300, 2, prompt_len, seed=2)
-    cached = model.generate(idx, new_tokens, temperature=0.0, use_cache=True)
-    uncached = model.generate(idx, new_tokens, temperature=0.0, use_cache=False)
-    assert cached.shape == (2, prompt_len + new_tokens) and torch.equal(cached[:, :prompt_len], idx)
-    assert torch.equal(cached, uncached)
-    assert len(set(cached[:, prompt_len:].flatten().tolist())) > 5
-    outs = []
-    for use_cache in (True, False):  # sampling with the same seed: the same tokens, cache or not
-        torch.manual_seed(11)
-        outs.append(model.generate(idx, new_tokens, temperature=1.0, top_k=50, use_cache=use_cache))
-    assert torch.equal(*outs)
+    check_cached_equals_uncached(tiny_llama(seed=1, n_kv_head=n_kv_head), 300, prompt_len, new_tokens)
 
 
 def test_cache_holds_kv_heads_only():
