@@ -14,7 +14,7 @@ jitter (Switch section 2.4), each a flag; and an optional capacity factor (GShar
 2006.16668; Switch section 2.2): each expert takes at most capacity_factor x its fair share of the tokens of a
 step, the overflow skips the layer through the residual, and every shape is static.
 
-Dispatch has no loop over tokens and, with torch >= 2.10 (F.grouped_mm; on CUDA in bf16), no host sync:
+Dispatch has no loop over tokens and, with a torch that has F.grouped_mm (on CUDA in bf16), no host sync:
 the (token, expert) pairs are laid out grouped by expert and each weight matrix of all experts is applied in
 one grouped matmul (dropless, exact: Mixtral's own way, used for sampling and parity), or in one batched
 matmul over fixed-size expert buffers (capacity mode). What is not here: expert parallelism across GPUs, the
@@ -56,7 +56,7 @@ HERE = Path(__file__).resolve().parent
 HF_ENDPOINT = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
 CACHE_DIR = Path(os.environ.get("ONEFILE_CACHE", "~/.cache/onefile")).expanduser()
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-GROUPED_MM = hasattr(F, "grouped_mm")  # torch >= 2.10: one kernel for a matmul per expert over jagged groups
+GROUPED_MM = hasattr(F, "grouped_mm")  # recent torch: one kernel for a matmul per expert over jagged groups
 ALIGN = 8  # rows of an expert's group are padded to a multiple of this: grouped GEMMs want 16-byte offsets in bf16
 
 
@@ -75,7 +75,8 @@ class Config:
     n_kv_head: int = 8                   # num_key_value_heads: n_head is MHA, 1 is MQA, in between GQA
     n_embd: int = 4096                   # hidden_size
     head_dim: int = 0                    # head_dim (0: n_embd // n_head)
-    intermediate_size: int = 14336       # intermediate_size: each expert's SwiGLU width (0: 8/3 n_embd, up to 64)
+    intermediate_size: int = 0           # intermediate_size: each expert's SwiGLU width (0: 8/3 n_embd rounded up
+                                         # to 64, as Llama and Mixtral 8x22B; Mixtral 8x7B has 14336 = 3.5 x 4096)
     n_expert: int = 8                    # num_local_experts
     top_k_experts: int = 2               # num_experts_per_tok
     sliding_window: int | None = None    # sliding_window: each token attends to the last W positions (None: all)
