@@ -205,14 +205,14 @@ class Attention(nn.Module):
         return self.resid_dropout(self.o_proj(y.transpose(1, 2).reshape(B, T, -1)))
 
 
-def expert_mlp(xs, w1, w3, w2, end):
+def expert_mlp(xs, w1, w3, w2, end, dt):
     """The SwiGLU of each expert over its own rows: xs (M, d) holds expert e's rows at end[e-1]..end[e]-1
-    (rows past end[-1] are padding) -> (M', d), M' >= end[-1]. w1, w3: (E, f, d); w2: (E, d, f), as nn.Linear.
+    (rows past end[-1] are padding) -> (M', d), M' >= end[-1]. w1, w3: (E, f, d); w2: (E, d, f), as nn.Linear;
+    dt: the dtype the model's matmuls run in (bf16 under autocast).
 
     One grouped matmul per weight (a batch of E matmuls of different heights, no host sync) where the kernel
     exists: CUDA in bf16, or eager on CPU; elsewhere a loop over the experts, which needs the group sizes on the
     host (one sync per layer)."""
-    dt = torch.get_autocast_dtype(xs.device.type) if torch.is_autocast_enabled(xs.device.type) else xs.dtype
     fits = xs.size(1) % ALIGN == 0 and w1.size(1) % ALIGN == 0  # 16-byte rows in the kernel's memory loads
     if GROUPED_MM and fits and (xs.is_cuda and dt == torch.bfloat16 or xs.device.type == "cpu"
                                 and not torch.compiler.is_compiling()):
@@ -248,10 +248,9 @@ class SparseMoE(nn.Module):
         B, T, d = x.shape
         x = x.reshape(-1, d)  # (N, d): the router sees tokens, not sequences
         N, E, k = x.size(0), self.n_expert, self.top_k
-        if self.training and self.noise:  # jitter: multiplicative noise on the router's input only (Switch, 2.4)
-            logits = self.gate(x * torch.empty_like(x).uniform_(1 - self.noise, 1 + self.noise)).float()
-        else:
-            logits = self.gate(x).float()                   # (N, E), routing decided in float32
+        jitter = self.training and self.noise  # multiplicative noise on the router's input only (Switch, 2.4)
+        logits = self.gate(x * torch.empty_like(x).uniform_(1 - self.noise, 1 + self.noise) if jitter else x)
+        dt, logits = logits.dtype, logits.float()           # (N, E); routing decided in float32
         top, expert = logits.topk(k, dim=-1)                # (N, k): the k largest logits and their experts
         weight = top.softmax(dim=-1)                        # softmax over the chosen k only (eq. 2)
 
@@ -274,7 +273,7 @@ class SparseMoE(nn.Module):
             end = size.cumsum(0)
             row = end[e] - size[e] + rank
             xs = x.new_zeros(k * N + E * (ALIGN - 1), d).index_copy(0, row, x.repeat(k, 1))  # a static bound
-            ys = expert_mlp(xs, self.w1, self.w3, self.w2, end)
+            ys = expert_mlp(xs, self.w1, self.w3, self.w2, end, dt)
             dropped = logits.new_zeros(())
         y = (ys[row] * weight.t().reshape(-1, 1)).view(k, N, d).sum(0)  # a dropped pair reads the spare row: 0
         return self.dropout(y.to(x.dtype)).view(B, T, d), self.stats(logits, count, dropped)
