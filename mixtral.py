@@ -815,7 +815,7 @@ def parse_args(argv):
     p.add_argument("--n_head", type=int, help=preset("n_head"))
     p.add_argument("--n_kv_head", type=int, help=preset("n_kv_head") + " (key/value heads: n_head is MHA, 1 is MQA)")
     p.add_argument("--n_embd", type=int, help=preset("n_embd"))
-    p.add_argument("--intermediate_size", type=int, help="each expert's SwiGLU width (default: 8/3 n_embd, up to 64)")
+    p.add_argument("--intermediate_size", type=int, help="each expert's SwiGLU width (default: 8/3 n_embd rounded up to a multiple of 64)")
     p.add_argument("--n_expert", type=int, default=8, help="experts per layer")
     p.add_argument("--top_k_experts", type=int, default=2, help="experts each token is routed to")
     p.add_argument("--sliding_window", type=int, help="attend to the last W positions only, as Mistral 7B "
