@@ -66,8 +66,8 @@ GPU_SETTINGS = {"dropless, compile": (0.0, True), "dropless, no compile": (0.0, 
 
 
 def swiglu_width(n_embd):
-    """mixtral.Config's 8/3 rule (intermediate_size=0: 8/3 n_embd rounded up to a multiple of 64), given to HF
-    explicitly; Config's own default, like MixtralConfig's, is Mixtral 8x7B's 14336."""
+    """mixtral.Config's default width (intermediate_size=0: 8/3 n_embd rounded up to a multiple of 64), given to
+    HF explicitly (MixtralConfig's own default is Mixtral 8x7B's 14336)."""
     cfg = mixtral.Config(vocab_size=1, n_layer=1, n_head=1, n_kv_head=1, n_embd=n_embd, intermediate_size=0)
     return cfg.intermediate_size
 
