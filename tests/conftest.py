@@ -48,18 +48,6 @@ def run_script(cwd, args, env, launcher=(), timeout=600):
                           timeout=timeout)
 
 
-def run_scripts(jobs, env, timeout=600):
-    """run_script for several independent (cwd, args) at once, in parallel processes; their CompletedProcess in
-    order. (Each output is a few KB, far below what would fill a pipe while another process is read first.)"""
-    procs = [subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for cwd, args in jobs]
-    done = []
-    for p in procs:
-        stdout, stderr = p.communicate(timeout=timeout)
-        done.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
-    return done
-
-
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
     """In-process tests: downloads fail at once, hub files are cached under tmp_path."""

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from conftest import ROOT, SCRIPTS, SHAKESPEARE, copy_script, offline_env, run_script, run_scripts, script_home
+from conftest import ROOT, SCRIPTS, SHAKESPEARE, copy_script, offline_env, run_script, script_home
 
 # A model small enough that a few iterations take seconds; every script accepts these flags.
 TINY = ["--device", "cpu", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "32",
@@ -33,12 +33,12 @@ def test_end_to_end_and_exact_resume(script, tmp_path):
     env = offline_env(tmp_path)
     common = [*TINY, "--dropout", "0.1", "--eval_interval", "5", "--lr_decay_iters", "20", "--warmup_iters", "4"]
     straight, split = copy_script(script, tmp_path / "straight"), copy_script(script, tmp_path / "split")
-    runs = run_scripts([(straight, [f"{script}.py", *common, "--max_iters", "20"]),  # independent: side by side
-                        (split, [f"{script}.py", *common, "--max_iters", "10"])], env)
-    runs.append(run_script(split, [f"{script}.py", *common, "--init_from", "resume", "--max_iters", "20"], env))
-    for r in runs:
+    runs = [(straight, ["--max_iters", "20"]), (split, ["--max_iters", "10"]), (split, ["--init_from", "resume", "--max_iters", "20"])]
+    outs = []
+    for work, extra in runs:
+        r = run_script(work, [f"{script}.py", *common, *extra], env)
         assert r.returncode == 0, r.stderr
-    outs = [r.stdout for r in runs]
+        outs.append(r.stdout)
 
     out = outs[0]  # the straight run, end to end
     first = out.splitlines()[0]
