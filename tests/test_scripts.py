@@ -27,9 +27,10 @@ def state(ckpt_path):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_end_to_end_and_exact_resume(script, tmp_path):
+def test_end_to_end_and_exact_resume(script, tmp_path, monkeypatch, capsys):
     """The command line end to end (a run of 20 iterations: its lines, files and metrics); then the same 20
-    iterations as 10, --init_from resume, 10 more: same weights, same losses; then --sample_only."""
+    iterations as 10, --init_from resume, 10 more: same weights, same losses; then --sample_only (in-process:
+    each subprocess costs about 5 s of imports before it does anything)."""
     env = offline_env(tmp_path)
     common = [*TINY, "--dropout", "0.1", "--eval_interval", "5", "--lr_decay_iters", "20", "--warmup_iters", "4"]
     straight, split = copy_script(script, tmp_path / "straight"), copy_script(script, tmp_path / "split")
@@ -74,34 +75,30 @@ def test_end_to_end_and_exact_resume(script, tmp_path):
 
     # --sample_only from the checkpoint: no training, a greedy sample, the checkpoint untouched
     before = (split / "out" / script / "ckpt.pt").read_bytes()
-    r = run_script(split, [f"{script}.py", "--init_from", "resume", "--sample_only", "--temperature", "0",
-                           "--max_new_tokens", "8"], env)
-    assert r.returncode == 0, r.stderr
-    assert "--- sample from resume ---" in r.stdout and "iter " not in r.stdout
+    module = importlib.import_module(script)
+    monkeypatch.setattr(module, "HERE", split)
+    monkeypatch.chdir(split)
+    capsys.readouterr()
+    module.main(["--init_from", "resume", "--sample_only", "--temperature", "0", "--max_new_tokens", "8"])
+    out = capsys.readouterr().out
+    assert "--- sample from resume ---" in out and "iter " not in out
     assert (split / "out" / script / "ckpt.pt").read_bytes() == before
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_offline_fallback(script, tmp_path):
-    """No network, no tiktoken files: it says so and trains on the stdlib's source, with byte tokens."""
+def test_ddp_two_processes_offline(script, tmp_path):
+    """torchrun --nproc_per_node 2 on CPU (gloo), with no network and no tiktoken files (one run for both, each
+    subprocess costing seconds of imports): it says so and trains on the stdlib's source with byte tokens, rank
+    0 preparing the data while rank 1 waits; both ranks train, only rank 0 logs and saves."""
     work = copy_script(script, tmp_path / "work", shakespeare=False)
-    r = run_script(work, [f"{script}.py", *TINY, "--max_iters", "2", "--eval_interval", "2"],
-                   offline_env(tmp_path, tiktoken=False))
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    r = run_script(work, [f"{script}.py", *TINY, "--max_iters", "4", "--eval_interval", "4"],
+                   offline_env(tmp_path, tiktoken=False), launcher=launcher)
     assert r.returncode == 0, r.stderr
     assert "offline: tiktoken" in r.stdout and "offline: cannot download tiny-shakespeare" in r.stdout
-    assert "tokenizer bytes" in r.stdout and "--- sample ---" in r.stdout
+    assert "tokenizer bytes" in r.stdout and r.stdout.count("--- sample ---") == 1
     meta = json.loads((work / "data" / "python_stdlib" / "meta.json").read_text())
     assert meta["tokenizer"] == "bytes" and meta["vocab_size"] == 256
-
-
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_ddp_two_processes(script, tmp_path):
-    """torchrun --nproc_per_node 2 on CPU (gloo): both ranks train, only rank 0 logs and saves."""
-    work = copy_script(script, tmp_path / "work")
-    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    r = run_script(work, [f"{script}.py", *TINY, "--max_iters", "4", "--eval_interval", "4"], offline_env(tmp_path),
-                   launcher=launcher)
-    assert r.returncode == 0, r.stderr
     assert "DDP x2" in r.stdout and r.stdout.count("done | 4 iters") == 1 and r.stdout.count("eval 4 |") == 1
     assert f"{2 * 4 * 32:,} tokens/step" in r.stdout  # world size x batch x block
     assert (work / "out" / script / "ckpt.pt").exists()
