@@ -1,34 +1,15 @@
-"""Mixtral in one file: a sparse mixture of experts on Mistral's backbone; the model, its pretrained weights,
-data, training, sampling.
+"""DeepSeek's multi-head latent attention and DeepSeekMoE in one file (work in progress: see the README).
 
-Papers: Jiang et al. 2024, "Mixtral of Experts", arXiv 2401.04088, and the model it extends, Jiang et al. 2023,
-"Mistral 7B", arXiv 2310.06825: a Llama-style decoder (RMSNorm before each sub-block, rotary positions, grouped-
-query attention, SwiGLU, no biases) in which every feed-forward is a sparse mixture of experts (Shazeer et al.
-2017, arXiv 1701.06538): a linear router picks the top 2 of 8 SwiGLU experts for each token and mixes their
-outputs with a softmax over the chosen two (Mixtral section 2.1). Mistral 7B adds sliding-window attention
-(each token sees the last W positions) and a rolling-buffer KV cache of W positions (Mistral section 2);
-Mixtral's released config turns the window off, and so does this file by default (--sliding_window W turns it
-on). For training the router: the load-balancing loss of Switch Transformer (Fedus et al. 2021, arXiv 2101.03961,
-eq. 4-6), the router z-loss of ST-MoE (Zoph et al. 2022, arXiv 2202.08906, eq. 5) and multiplicative router
-jitter (Switch section 2.4), each a flag; and an optional capacity factor (GShard, Lepikhin et al. 2020, arXiv
-2006.16668; Switch section 2.2): each expert takes at most capacity_factor x its fair share of the tokens of a
-step, the overflow skips the layer through the residual, and every shape is static.
+Papers: DeepSeek-V2 (arXiv 2405.04434), multi-head latent attention (MLA, section 2.1): keys and values
+compressed into one latent per token, with decoupled rotary keys, and at inference a cache of the latents alone,
+attended in the absorbed form; DeepSeekMoE (Dai et al. 2024, arXiv 2401.06066): fine-grained routed experts plus
+always-on shared experts; DeepSeek-V3 (arXiv 2412.19437): sigmoid gating with group-limited routing and auxiliary-
+loss-free balancing (a per-expert routing bias moved after each step), and a small sequence-wise balance loss.
+"MLA" here is DeepSeek's, not the Perceiver-style latent attention some tutorials give the name.
 
-Dispatch has no loop over tokens and, with a torch that has F.grouped_mm (on CUDA in bf16), no host sync:
-the (token, expert) pairs are laid out grouped by expert and each weight matrix of all experts is applied in
-one grouped matmul (dropless, exact: Mixtral's own way, used for sampling and parity), or in one batched
-matmul over fixed-size expert buffers (capacity mode). What is not here: expert parallelism across GPUs, the
-SentencePiece tokenizer of the released checkpoints (they sample as token ids), instruction tuning.
-
-    python mixtral.py                                      # CPU: a tiny model, about three minutes
-    python mixtral.py --device cuda                        # one GPU: bf16, torch.compile, 6 layers x 384, 8 experts
-    torchrun --standalone --nproc_per_node 8 mixtral.py    # DDP on 8 GPUs
-    python mixtral.py --init_from mistralai/Mixtral-8x7B-v0.1 --sample_only   # 93 GB of weights
-
-Offline (no download, no tiktoken files) it says so and carries on: the Python standard library's own source
-as the text, raw UTF-8 bytes as the tokens. Every step's randomness (batches, dropout, router jitter) is drawn
-from a seed made of (--seed, iteration, rank), so `--init_from resume` continues exactly as an uninterrupted run
-would.
+    python mla_moe.py                                      # CPU: a tiny model
+    python mla_moe.py --device cuda                        # one GPU: bf16, torch.compile
+    torchrun --standalone --nproc_per_node 8 mla_moe.py    # DDP on 8 GPUs
 """
 import argparse
 import json
@@ -436,7 +417,7 @@ class DeepSeek(nn.Module):
             x, s = block(x, cos, sin, None if cache is None else cache[i], pos)
             if s is not None:
                 stats.append(s)
-        self.router_stats = torch.stack(stats) if stats else None
+        self.router_stats = torch.stack(stats) if stats else x.new_zeros(0, 1 + self.config.n_routed_experts)
         return self.model.norm(x)
 
     def forward(self, idx, targets=None, cache=None, pos=0):
@@ -797,21 +778,23 @@ def estimate_loss(model, data_dir, args, device, ctx):
             x, y = get_batch(data_dir, split, args.batch_size, args.block_size, device)
             with ctx:
                 losses[k] = model(x, y)[1].float()
-            load = load + model.router_stats[:, 3:].float().cpu() / args.eval_iters
+            load = load + model.router_stats[:, 1:].float().cpu() / args.eval_iters
         out[split] = losses.mean().item()
     model.train()
     return out, load
 
 
-def load_histogram(load):
-    """The expert load (n_layer, n_expert) as text, a row of bars per layer: each expert's share of the routed
-    (token, choice) pairs, the even share 1/n_expert drawn half high. Collapse shows as a few full bars."""
+def load_histogram(load, bias):
+    """The expert load (MoE layers, n_expert) as text, a row of bars per layer: each expert's share of the routed
+    (token, choice) pairs, the even share 1/n_expert drawn half high (collapse shows as a few full bars); and the
+    range of the routing bias b_i, which drifts to push the load even."""
     n_expert = load.size(1)
     bars = " ▁▂▃▄▅▆▇█"
     lines = [f"expert load per layer (even: {100 / n_expert:.1f}% each, drawn ▄; █ is twice that or more)"]
     for i, shares in enumerate(load.tolist()):
         row = "".join(bars[min(8, round(4 * n_expert * s))] for s in shares)
-        lines.append(f"  layer {i:<3d}{row}  min {100 * min(shares):4.1f}%  max {100 * max(shares):4.1f}%")
+        lines.append(f"  moe {i:<3d}{row}  min {100 * min(shares):4.1f}%  max {100 * max(shares):4.1f}%  "
+                     f"bias {bias[i].min():+.3f}..{bias[i].max():+.3f}")
     return "\n".join(lines)
 
 
@@ -855,22 +838,23 @@ def step_seed(seed, iter_num, rank):
 # ------------------------------------------------------------------------------------------- main
 
 # Defaults sized so that a bare run takes about three minutes: tiny on a CPU (where the 50K-token output layer
-# costs more than the whole model), small on a GPU; both with 8 experts, 2 per token, and GQA with two key/value
-# heads. Mixtral trains without dropout; on a 1 MB text a small model overfits without it, hence 0.2 on the GPU.
+# costs more than the whole model), small on a GPU; both with 16 fine-grained routed experts in 4 groups, 4 per
+# token from 2 groups, one shared expert, a dense first layer, and a latent of a quarter of the width
+# heads. DeepSeek trains without dropout; on a 1 MB text a small model overfits without it, hence 0.2 on the GPU.
 PRESETS = {
-    "cpu": dict(n_layer=4, n_head=4, n_kv_head=2, n_embd=128, block_size=64, batch_size=8, max_iters=200,
+    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=8, max_iters=200,
                 eval_interval=100, eval_iters=10, log_interval=25, lr=3e-3, min_lr=3e-4, warmup_iters=20, dropout=0.0),
-    "cuda": dict(n_layer=6, n_head=6, n_kv_head=2, n_embd=384, block_size=256, batch_size=64, max_iters=2000,
+    "cuda": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, max_iters=2000,
                  eval_interval=250, eval_iters=50, log_interval=50, lr=1e-3, min_lr=1e-4, warmup_iters=100, dropout=0.2),
 }
-MODEL_FLAGS = ("n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size", "n_expert", "top_k_experts",
-               "sliding_window", "rope_theta")  # fixed by a checkpoint
+MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "n_routed_experts", "n_shared_experts", "top_k_experts", "n_group",
+               "topk_group", "first_k_dense_replace", "q_lora_rank", "kv_lora_rank", "scoring")  # fixed by a checkpoint
 RUN_FLAGS = ("device", "dtype", "compile", "init_from", "sample_only", "out_dir", "tensorboard",
              "prompt", "max_new_tokens", "temperature", "top_k", "top_p")  # never taken from a checkpoint
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Train Mixtral or sample from it (see the module docstring).")
+    p = argparse.ArgumentParser(description="Train a DeepSeek-V3-style model or sample from it (see the docstring).")
     cpu, gpu = PRESETS["cpu"], PRESETS["cuda"]
 
     def preset(name):
@@ -882,7 +866,7 @@ def parse_args(argv):
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for CUDA, off elsewhere)")
     p.add_argument("--data", default="shakespeare", help="'shakespeare' or a path to a UTF-8 text file")
-    p.add_argument("--out_dir", default=None, help="checkpoints and metrics (default out/mixtral)")
+    p.add_argument("--out_dir", default=None, help="checkpoints and metrics (default out/mla_moe)")
     p.add_argument("--init_from", default="scratch", help="'scratch', 'resume' (out_dir/ckpt.pt), or a hub id / HF directory")
     p.add_argument("--max_iters", type=int, help=preset("max_iters"))
     p.add_argument("--eval_interval", type=int, help=preset("eval_interval"))
@@ -899,21 +883,20 @@ def parse_args(argv):
     p.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
     p.add_argument("--n_layer", type=int, help=preset("n_layer"))
     p.add_argument("--n_head", type=int, help=preset("n_head"))
-    p.add_argument("--n_kv_head", type=int, help=preset("n_kv_head") + " (key/value heads: n_head is MHA, 1 is MQA)")
     p.add_argument("--n_embd", type=int, help=preset("n_embd"))
-    p.add_argument("--intermediate_size", type=int, help="each expert's SwiGLU width (default: 8/3 n_embd rounded up to a multiple of 64)")
-    p.add_argument("--n_expert", type=int, default=8, help="experts per layer")
-    p.add_argument("--top_k_experts", type=int, default=2, help="experts each token is routed to")
-    p.add_argument("--sliding_window", type=int, help="attend to the last W positions only, as Mistral 7B "
-                   "(default: off, as Mixtral); sampling then keeps a rolling cache of W positions")
-    p.add_argument("--rope_theta", type=float, default=1e6, help="rotary base (Mixtral: 1e6)")
-    p.add_argument("--capacity_factor", type=float, default=0.0,
-                   help="0: dropless routing; > 0: each expert takes at most this x its even share of a step's "
-                        "tokens, the rest skip the layer (static shapes); evaluation and sampling stay dropless")
-    p.add_argument("--aux_loss_coef", type=float, default=0.01, help="load-balancing loss weight (Switch: 0.01)")
-    p.add_argument("--z_loss_coef", type=float, default=0.001, help="router z-loss weight (ST-MoE: 0.001)")
-    p.add_argument("--router_noise", type=float, default=0.0,
-                   help="jitter: multiply the router's input by U(1 - eps, 1 + eps) in training (Switch: 0.01)")
+    p.add_argument("--n_routed_experts", type=int, default=16, help="routed experts per MoE layer")
+    p.add_argument("--n_shared_experts", type=int, default=1, help="experts every token goes through")
+    p.add_argument("--top_k_experts", type=int, default=4, help="routed experts per token")
+    p.add_argument("--n_group", type=int, default=4, help="groups of routed experts")
+    p.add_argument("--topk_group", type=int, default=2, help="groups a token's experts may come from")
+    p.add_argument("--first_k_dense_replace", type=int, default=1, help="leading layers with a dense feed-forward")
+    p.add_argument("--q_lora_rank", type=int, default=0, help="query latent size (0: queries straight from x)")
+    p.add_argument("--kv_lora_rank", type=int, help="key/value latent size (default n_embd / 4)")
+    p.add_argument("--scoring", default="sigmoid", choices=["sigmoid", "softmax"], help="V3's sigmoid or V2's softmax gate")
+    p.add_argument("--bias_update_speed", type=float, default=0.01,
+                   help="auxiliary-loss-free balancing: each step, the routing bias of an overloaded expert goes down by "
+                        "this, an underloaded one's up (V3: 0.001 over its long run; 0: off)")
+    p.add_argument("--seq_aux_loss_coef", type=float, default=0.0001, help="sequence-wise balance loss weight (V3: 0.0001)")
     p.add_argument("--dropout", type=float, help=preset("dropout"))
     p.add_argument("--patience", type=int, default=0, help="stop after this many evals without a better val loss (0: off)")
     p.add_argument("--seed", type=int, default=1337)
@@ -933,12 +916,12 @@ def parse_args(argv):
 
 def check_args(args):
     positive = ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size", "block_size", "grad_accum",
-                "lr_decay_iters", "max_new_tokens", "intermediate_size", "rope_theta", "sliding_window")
+                "lr_decay_iters", "max_new_tokens", "kv_lora_rank")
     for name in positive:
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise InputError(f"--{name} must be positive, got {getattr(args, name)}")
     for name in ("lr", "min_lr", "warmup_iters", "weight_decay", "grad_clip", "patience", "temperature", "top_k",
-                 "capacity_factor", "aux_loss_coef", "z_loss_coef"):
+                 "q_lora_rank", "first_k_dense_replace", "bias_update_speed", "seq_aux_loss_coef"):
         if getattr(args, name) < 0:
             raise InputError(f"--{name} must not be negative, got {getattr(args, name)}")
     if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
@@ -975,7 +958,7 @@ def main(argv=None):
     try:
         run(args, given)
     except InputError as e:
-        print(f"mixtral.py: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever the message
+        print(f"mla_moe.py: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever the message
         sys.exit(2)
     finally:
         if dist.is_initialized():
@@ -985,12 +968,12 @@ def main(argv=None):
 def run(args, given):
     device, dtype, use_compile, rank, world = setup_device(args)
     master = rank == 0
-    out_dir = Path(args.out_dir or "out/mixtral")
+    out_dir = Path(args.out_dir or "out/mla_moe")
     ckpt_path = out_dir / "ckpt.pt"
 
     torch.manual_seed(args.seed)  # the initial weights; each training step reseeds (see step_seed)
 
-    # --- where the weights come from: a checkpoint of ours, a pretrained Mixtral, or a fresh init
+    # --- where the weights come from: a checkpoint of ours, a pretrained DeepSeek, or a fresh init
     ckpt = load_checkpoint(ckpt_path) if args.init_from == "resume" else None
     if ckpt is not None:  # flags not typed now take the values the checkpointed run had
         for k, v in ckpt["args"].items():
@@ -1002,26 +985,33 @@ def run(args, given):
     check_args(args)
 
     if ckpt is not None:
-        cfg = Config(**{**ckpt["config"], "dropout": args.dropout, "router_noise": args.router_noise,
-                        "capacity_factor": args.capacity_factor})
+        cfg = Config(**{**ckpt["config"], "dropout": args.dropout})
         tokenizer = load_tokenizer(required=ckpt["tokenizer"])
-        model = Mixtral(cfg)
+        model = DeepSeek(cfg)
         model.load_state_dict(ckpt["model"])
     elif args.init_from != "scratch":  # sampling keeps the weights in the run's dtype (bf16 on CUDA)
         path = checkpoint_dir(args.init_from, weights=args.sample_only)  # no weights fetched only to be refused
         if not args.sample_only:
-            raise InputError("the released Mixtral checkpoints use a SentencePiece tokenizer, which this file does "
-                             "not have, so they cannot be trained on text here; --sample_only shows token ids")
+            raise InputError("this file has no reader for the DeepSeek checkpoints' tokenizer, so they cannot be "
+                             "trained on text here; --sample_only shows token ids")
         model, tokenizer = from_pretrained(path, device, dtype), None
         cfg = model.config
     else:
         tokenizer = load_tokenizer()
+        if args.n_embd % args.n_head or args.n_embd // args.n_head % 4:
+            raise InputError(f"n_embd ({args.n_embd}) must be a multiple of n_head ({args.n_head}), in heads of a "
+                             "multiple of 4 (the rotary part is half a head)")
+        hd = args.n_embd // args.n_head  # per head: hd nope, hd / 2 rotary, hd value dimensions (V3's 128 / 64 / 128)
+        dense = -(-8 * args.n_embd // 3 // 64) * 64
         cfg = Config(vocab_size=tokenizer[3], block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
-                     n_kv_head=args.n_kv_head, n_embd=args.n_embd, intermediate_size=args.intermediate_size or 0,
-                     n_expert=args.n_expert, top_k_experts=args.top_k_experts, sliding_window=args.sliding_window,
-                     rope_theta=args.rope_theta, dropout=args.dropout, router_noise=args.router_noise,
-                     capacity_factor=args.capacity_factor)
-        model = Mixtral(cfg)
+                     n_embd=args.n_embd, intermediate_size=dense, moe_intermediate_size=max(dense // 4, 8),
+                     n_routed_experts=args.n_routed_experts, n_shared_experts=args.n_shared_experts,
+                     top_k_experts=args.top_k_experts, n_group=args.n_group, topk_group=args.topk_group,
+                     first_k_dense_replace=args.first_k_dense_replace, q_lora_rank=args.q_lora_rank,
+                     kv_lora_rank=args.kv_lora_rank or max(args.n_embd // 4, 1), qk_nope_head_dim=hd,
+                     qk_rope_head_dim=hd // 2, v_head_dim=hd, routed_scaling_factor=1.0, scoring=args.scoring,
+                     dropout=args.dropout)
+        model = DeepSeek(cfg)
     for k in MODEL_FLAGS:
         if k in given and getattr(args, k) != getattr(cfg, k):
             raise InputError(f"--{k} {getattr(args, k)} does not match the model from --init_from "
@@ -1032,11 +1022,10 @@ def run(args, given):
     ctx = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     tokens_per_step = args.batch_size * args.block_size * args.grad_accum * world
     if master:
-        print(f"mixtral | {device} | {str(dtype).removeprefix('torch.')} | compile {'on' if use_compile else 'off'} | "
+        print(f"mla_moe | {device} | {str(dtype).removeprefix('torch.')} | compile {'on' if use_compile else 'off'} | "
               f"{model.num_params() / 1e6:.2f}M params ({model.num_params(active=True) / 1e6:.2f}M active) | "
-              f"{cfg.n_expert} experts, top {cfg.top_k_experts}, "
-              + (f"capacity {args.capacity_factor:g}" if args.capacity_factor else "dropless")
-              + f" | {tokens_per_step:,} tokens/step | "
+              f"{cfg.n_routed_experts} routed experts, top {cfg.top_k_experts}, {cfg.n_shared_experts} shared"
+              f" | {tokens_per_step:,} tokens/step | "
               f"data {args.data} | tokenizer {tokenizer[0] if tokenizer else 'none (token ids)'} | "
               f"init {args.init_from}" + (f" | DDP x{world}" if world > 1 else ""))
 
@@ -1050,11 +1039,10 @@ def run(args, given):
         else:
             prompt = bos + tokenizer[1](args.prompt) or [0]  # a prompt longer than block_size: generate slides
         itemsize = (dtype if dtype != torch.float32 else model.lm_head.weight.dtype).itemsize
-        per_token = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * itemsize  # K and V, n_kv_head heads
-        print(f"kv cache: {per_token:,} bytes/token (K and V x {cfg.n_layer} layers x {cfg.n_kv_head} kv heads x "
-              f"{cfg.head_dim} x {itemsize} bytes)" + ("" if cfg.sliding_window is None else
-              f", a rolling buffer of {cfg.sliding_window} positions: {per_token * cfg.sliding_window:,} bytes "
-              "however long the sample"))
+        latent, mha = model.cache_numbers_per_token()
+        print(f"latent cache: {latent * itemsize:,} bytes/token ((kv_lora_rank {cfg.kv_lora_rank} + rotary key "
+              f"{cfg.qk_rope_head_dim}) x {cfg.n_layer} layers x {itemsize} bytes); MHA with the same "
+              f"{cfg.n_head} heads would cache {mha * itemsize:,}")
         model.eval()
         with ctx:
             out = model.generate(torch.tensor([prompt], device=device), args.max_new_tokens, args.temperature,
@@ -1124,10 +1112,12 @@ def run(args, given):
         sys.exit(1)
 
     peak = peak_flops(device, dtype)
-    # MFU counts what a token computes: the active parameters (top_k of the experts), PaLM's formula (app. B)
-    attn_span = min(args.block_size, cfg.sliding_window or args.block_size)
-    flops_per_token = 6 * model.num_params(active=True) + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * attn_span
-    loss_sum, router_sum, loss_count = torch.zeros((), device=device), torch.zeros(3, device=device), 0
+    # MFU counts what a token computes: the active parameters (top_k of the routed experts), PaLM's formula (app. B)
+    qk, v = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
+    flops_per_token = 6 * model.num_params(active=True) + 6 * cfg.n_layer * cfg.n_head * (qk + v) * args.block_size
+    n_moe = len(model.moe_layers())
+    loss_sum, balance_sum, loss_count = torch.zeros((), device=device), torch.zeros((), device=device), 0
+    counts = torch.zeros(n_moe, cfg.n_routed_experts, device=device)  # pairs routed to each expert this step
     t_log, iters_logged, t_start = time.perf_counter(), iter_num, time.time()
     train_model.train()
     while iter_num < args.max_iters:
@@ -1141,11 +1131,12 @@ def run(args, given):
                 train_model.require_backward_grad_sync = micro == args.grad_accum - 1
             with ctx:
                 _, loss = train_model(x, y)
-                router = model.router_stats[:, :3].float().mean(0)  # balance, z, dropped; mean over the layers
-                total = loss + args.aux_loss_coef * router[0] + args.z_loss_coef * router[1]
+                balance = model.router_stats[:, 0].float().mean() if n_moe else loss.new_zeros(())  # V3's eq. 17
+                total = loss + args.seq_aux_loss_coef * balance
             scaler.scale(total / args.grad_accum).backward()
             loss_sum += loss.detach()
-            router_sum += router.detach()
+            balance_sum += balance.detach()
+            counts += model.router_stats[:, 1:].detach().float()
             loss_count += 1
         if args.grad_clip > 0:
             scaler.unscale_(optimizer)
@@ -1153,23 +1144,26 @@ def run(args, given):
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        if args.bias_update_speed and n_moe:  # auxiliary-loss-free balancing, from the load of the whole step
+            if world > 1:
+                dist.all_reduce(counts)
+            model.update_bias(counts, args.bias_update_speed)
+        counts.zero_()
         iter_num += 1
 
         if master and (iter_num % args.log_interval == 0 or iter_num == args.max_iters):
             train_loss = (loss_sum / loss_count).item()  # the host syncs, every log_interval steps
-            balance, z, dropped = (router_sum / loss_count).tolist()
+            balance = (balance_sum / loss_count).item()
             dt = (time.perf_counter() - t_log) / (iter_num - iters_logged)
             tok_s = tokens_per_step / dt
             mfu = flops_per_token * tok_s / (peak * world) if peak else None
             if not math.isfinite(train_loss):
                 diverged(f"iter {iter_num} | loss {train_loss}")
-            # the cross-entropy, then the router's terms before their coefficients (balance is top_k when even)
-            print(f"iter {iter_num} | loss {train_loss:.4f} | balance {balance:.3f} | z {z:.3f} | "
-                  + (f"dropped {100 * dropped:.1f}% | " if args.capacity_factor else "")
-                  + f"lr {lr:.2e} | {dt * 1000:.1f} ms | {tok_s:,.0f} tok/s" + (f" | mfu {100 * mfu:.1f}%" if mfu else ""))
-            log(dict(iter=iter_num, loss=train_loss, balance=balance, z_loss=z, dropped=dropped, lr=lr, ms=dt * 1000,
-                     tok_s=tok_s, mfu=mfu))
-            loss_sum, router_sum, loss_count = torch.zeros((), device=device), torch.zeros(3, device=device), 0
+            # the cross-entropy, then the sequence-wise balance loss before its coefficient (1 when even)
+            print(f"iter {iter_num} | loss {train_loss:.4f} | balance {balance:.3f} | lr {lr:.2e} | "
+                  f"{dt * 1000:.1f} ms | {tok_s:,.0f} tok/s" + (f" | mfu {100 * mfu:.1f}%" if mfu else ""))
+            log(dict(iter=iter_num, loss=train_loss, balance=balance, lr=lr, ms=dt * 1000, tok_s=tok_s, mfu=mfu))
+            loss_sum, balance_sum, loss_count = torch.zeros((), device=device), torch.zeros((), device=device), 0
             t_log, iters_logged = time.perf_counter(), iter_num
 
         if iter_num % args.eval_interval == 0 or iter_num == args.max_iters:
@@ -1194,8 +1188,10 @@ def run(args, given):
                     os.replace(best_tmp, out_dir / "best.pt")
                 print(f"eval {iter_num} | train {losses['train']:.4f} | val {losses['val']:.4f} | saved {ckpt_path}"
                       + (" (best)" if improved else ""))
-                print(load_histogram(load))
-                log(dict(iter=iter_num, train=losses["train"], val=losses["val"], expert_load=load.tolist()))
+                bias = torch.stack([m.gate.e_score_correction_bias for m in model.moe_layers()]).cpu()
+                print(load_histogram(load, bias))
+                log(dict(iter=iter_num, train=losses["train"], val=losses["val"], expert_load=load.tolist(),
+                         bias=bias.tolist()))
                 if args.patience and evals_since_best >= args.patience:
                     print(f"early stop: no better val loss in {args.patience} evals (best {best_val:.4f}, in best.pt)")
                     stop += 1
