@@ -889,7 +889,8 @@ def parse_args(argv):
     p.add_argument("--top_k_experts", type=int, default=4, help="routed experts per token")
     p.add_argument("--n_group", type=int, default=4, help="groups of routed experts")
     p.add_argument("--topk_group", type=int, default=2, help="groups a token's experts may come from")
-    p.add_argument("--first_k_dense_replace", type=int, default=1, help="leading layers with a dense feed-forward")
+    p.add_argument("--first_k_dense_replace", type=int,
+                   help="leading layers with a dense feed-forward (default 1; 0 for a one-layer model)")
     p.add_argument("--q_lora_rank", type=int, default=0, help="query latent size (0: queries straight from x)")
     p.add_argument("--kv_lora_rank", type=int, help="key/value latent size (default n_embd / 4)")
     p.add_argument("--scoring", default="sigmoid", choices=["sigmoid", "softmax"], help="V3's sigmoid or V2's softmax gate")
@@ -921,9 +922,11 @@ def check_args(args):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise InputError(f"--{name} must be positive, got {getattr(args, name)}")
     for name in ("lr", "min_lr", "warmup_iters", "weight_decay", "grad_clip", "patience", "temperature", "top_k",
-                 "q_lora_rank", "first_k_dense_replace", "bias_update_speed", "seq_aux_loss_coef"):
+                 "q_lora_rank", "bias_update_speed", "seq_aux_loss_coef"):
         if getattr(args, name) < 0:
             raise InputError(f"--{name} must not be negative, got {getattr(args, name)}")
+    if args.first_k_dense_replace is not None and args.first_k_dense_replace < 0:
+        raise InputError(f"--first_k_dense_replace must not be negative, got {args.first_k_dense_replace}")
     if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
         raise InputError(f"--top_p must be in (0, 1], got {args.top_p}")
 
@@ -1007,7 +1010,8 @@ def run(args, given):
                      n_embd=args.n_embd, intermediate_size=dense, moe_intermediate_size=max(dense // 4, 8),
                      n_routed_experts=args.n_routed_experts, n_shared_experts=args.n_shared_experts,
                      top_k_experts=args.top_k_experts, n_group=args.n_group, topk_group=args.topk_group,
-                     first_k_dense_replace=args.first_k_dense_replace, q_lora_rank=args.q_lora_rank,
+                     first_k_dense_replace=min(1, args.n_layer - 1) if args.first_k_dense_replace is None
+                     else args.first_k_dense_replace, q_lora_rank=args.q_lora_rank,
                      kv_lora_rank=args.kv_lora_rank or max(args.n_embd // 4, 1), qk_nope_head_dim=hd,
                      qk_rope_head_dim=hd // 2, v_head_dim=hd, routed_scaling_factor=1.0, scoring=args.scoring,
                      dropout=args.dropout)
@@ -1188,7 +1192,8 @@ def run(args, given):
                     os.replace(best_tmp, out_dir / "best.pt")
                 print(f"eval {iter_num} | train {losses['train']:.4f} | val {losses['val']:.4f} | saved {ckpt_path}"
                       + (" (best)" if improved else ""))
-                bias = torch.stack([m.gate.e_score_correction_bias for m in model.moe_layers()]).cpu()
+                bias = torch.stack([m.gate.e_score_correction_bias.cpu() for m in model.moe_layers()]) if n_moe \
+                    else torch.zeros(0, cfg.n_routed_experts)
                 print(load_histogram(load, bias))
                 log(dict(iter=iter_num, train=losses["train"], val=losses["val"], expert_load=load.tolist(),
                          bias=bias.tolist()))
