@@ -609,8 +609,8 @@ def from_pretrained(name_or_path, device="cpu", dtype=torch.float32, dropout=0.0
         for name, t in tensors.items():
             layer = re.match(r"model\.layers\.(\d+)\.", name)
             if (layer and int(layer[1]) >= cfg.n_layer) or name.endswith("rotary_emb.inv_freq") \
-                    or (name == "lm_head.weight" and cfg.tie_embeddings):
-                continue  # multi-token prediction layers; a rotary table; a tied head
+                    or (name == "lm_head.weight" and cfg.tie_embeddings) or ("shared_experts" in name and not t.numel()):
+                continue  # multi-token prediction layers; a rotary table; a tied head; an empty shared expert
             expert = re.fullmatch(r"(.*\.mlp)\.experts\.(\d+)\.(\w+_proj)\.weight", name)
             target = f"{expert[1]}.{expert[3]}" if expert else name
             if target not in wanted or (expert and int(expert[2]) >= cfg.n_routed_experts):
