@@ -1,15 +1,28 @@
-"""DeepSeek's multi-head latent attention and DeepSeekMoE in one file (work in progress: see the README).
+"""DeepSeek's multi-head latent attention and DeepSeekMoE in one file: the model, its pretrained weights, data,
+training, sampling.
 
-Papers: DeepSeek-V2 (arXiv 2405.04434), multi-head latent attention (MLA, section 2.1): keys and values
-compressed into one latent per token, with decoupled rotary keys, and at inference a cache of the latents alone,
-attended in the absorbed form; DeepSeekMoE (Dai et al. 2024, arXiv 2401.06066): fine-grained routed experts plus
-always-on shared experts; DeepSeek-V3 (arXiv 2412.19437): sigmoid gating with group-limited routing and auxiliary-
-loss-free balancing (a per-expert routing bias moved after each step), and a small sequence-wise balance loss.
-"MLA" here is DeepSeek's, not the Perceiver-style latent attention some tutorials give the name.
+Papers: DeepSeek-V2 (DeepSeek-AI 2024, arXiv 2405.04434): multi-head latent attention (MLA, section 2.1), in which
+keys and values come from one low-rank latent per token, rotary positions ride on separate decoupled dimensions,
+and inference caches only the latent and one shared rotary key per token, attending in the absorbed form;
+DeepSeekMoE (Dai et al. 2024, arXiv 2401.06066): fine-grained routed experts plus shared experts every token
+uses; DeepSeek-V3 (DeepSeek-AI 2024, arXiv 2412.19437): sigmoid affinities, group-limited top-k routing,
+auxiliary-loss-free balancing (a per-expert bias that only chooses experts, moved after each step against the
+observed load) and a small sequence-wise balance loss; YaRN rope scaling (Peng et al. 2023, arXiv 2309.00071) as
+DeepSeek's config.json gives it. "MLA" here is DeepSeek's attention, not the Perceiver-style latent attention
+some tutorials call by that name.
 
-    python mla_moe.py                                      # CPU: a tiny model
+Routed experts are dispatched as in mixtral.py: no loop over tokens, one grouped matmul per weight, no host sync.
+What is not here: multi-token prediction (V3's MTP layers are skipped on load), FP8 training, expert parallelism,
+the DeepSeek tokenizer (pretrained checkpoints sample as token ids), device-limited routing across GPUs.
+
+    python mla_moe.py                                      # CPU: a tiny model, a few minutes
     python mla_moe.py --device cuda                        # one GPU: bf16, torch.compile
     torchrun --standalone --nproc_per_node 8 mla_moe.py    # DDP on 8 GPUs
+    python mla_moe.py --init_from some/deepseek-v3-style-checkpoint --sample_only
+
+Offline (no download, no tiktoken files) it says so and carries on: the Python standard library's own source as
+the text, raw UTF-8 bytes as the tokens. Every step's randomness is drawn from (--seed, iteration, rank), so
+`--init_from resume` continues exactly as an uninterrupted run would (the routing bias is in the checkpoint).
 """
 import argparse
 import json
@@ -375,6 +388,7 @@ class DeepSeek(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.router_stats = None  # (MoE layers, 1 + n_routed_experts) from the last forward: see DeepSeekMoE.stats
+        self.grad_checkpoint = False  # training: keep only each block's input, recompute the rest in backward
         for name, p in self.named_parameters():
             if p.dim() >= 2:
                 residual = name.endswith(("o_proj.weight", "down_proj.weight", "down_proj"))
@@ -414,7 +428,10 @@ class DeepSeek(nn.Module):
         x = self.model.drop(self.model.embed_tokens(idx))
         stats = []
         for i, block in enumerate(self.model.layers):
-            x, s = block(x, cos, sin, None if cache is None else cache[i], pos)
+            if self.grad_checkpoint and self.training:  # activation checkpointing (dropout replayed identically)
+                x, s = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x, s = block(x, cos, sin, None if cache is None else cache[i], pos)
             if s is not None:
                 stats.append(s)
         self.router_stats = torch.stack(stats) if stats else x.new_zeros(0, 1 + self.config.n_routed_experts)
@@ -897,6 +914,7 @@ def parse_args(argv):
     p.add_argument("--bias_update_speed", type=float, default=0.01,
                    help="auxiliary-loss-free balancing: each step, the routing bias of an overloaded expert goes down by "
                         "this, an underloaded one's up (V3: 0.001 over its long run; 0: off)")
+    p.add_argument("--grad_checkpoint", action="store_true", help="recompute each block's activations in backward")
     p.add_argument("--seq_aux_loss_coef", type=float, default=0.0001, help="sequence-wise balance loss weight (V3: 0.0001)")
     p.add_argument("--dropout", type=float, help=preset("dropout"))
     p.add_argument("--patience", type=int, default=0, help="stop after this many evals without a better val loss (0: off)")
@@ -1023,6 +1041,7 @@ def run(args, given):
     if args.block_size > cfg.block_size:
         raise InputError(f"--block_size {args.block_size} is longer than the model's context ({cfg.block_size})")
     model.to(device)
+    model.grad_checkpoint = args.grad_checkpoint
     ctx = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     tokens_per_step = args.batch_size * args.block_size * args.grad_accum * world
     if master:

@@ -250,3 +250,19 @@ def test_cli_flags_histogram_and_bias(tmp_path, monkeypatch, offline, capsys):
     with pytest.raises(SystemExit) as e:
         mla_moe.main(["--init_from", "resume", "--n_routed_experts", "4"])
     assert e.value.code == 2 and "does not match" in capsys.readouterr().err
+
+
+def test_grad_checkpoint_gives_the_same_loss_and_gradients():
+    model = tiny(seed=6, dropout=0.1).train()
+    x = ids(300, 2, 33, seed=3)
+    grads = []
+    for on in (False, True):
+        model.grad_checkpoint = on
+        model.zero_grad()
+        torch.manual_seed(0)
+        _, loss = model(x[:, :-1], x[:, 1:])
+        (loss + model.router_stats[:, 0].mean()).backward()
+        grads.append((loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    assert grads[0][0] == grads[1][0] and len(grads[0][1]) == len(grads[1][1])
+    for a, b in zip(grads[0][1], grads[1][1]):
+        assert max_diff(a, b) < 1e-6
