@@ -236,7 +236,8 @@ class MLA(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=self.scale,
                                                dropout_p=self.dropout if self.training else 0.0)
         else:  # absorbed: scores and outputs in the latent space, the cache holds c_kv and k_rope only
-            c_kv, k_rope = cache.update(c_kv, k_rope, pos)                               # (B, L, r), (B, L, dr)
+            # the latent in the matmuls' dtype (RMSNorm's float32 weight would make it float32 under autocast)
+            c_kv, k_rope = cache.update(c_kv.to(k_rope.dtype), k_rope, pos)              # (B, L, r), (B, L, dr)
             w = self.kv_b_proj.weight.view(H, dn + dv, r)
             q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w[:, :dn])                     # q_nope W_UK: (B, H, T, r)
             scores = (q_lat @ c_kv[:, None].transpose(-2, -1) + q_rope @ k_rope[:, None].transpose(-2, -1)) * self.scale

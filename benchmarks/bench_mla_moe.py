@@ -2,38 +2,37 @@
 transformers' DeepseekV3ForCausalLM on the same weights, and its latent cache against an expanded one.
 
 A random DeepSeek-V3-shaped model (MLA with a query latent, 16 routed experts in 4 groups, top 4 from 2 groups, one
-shared expert, a dense first layer, sigmoid gating) is built with transformers (seeded), each MoE gate given a
-small random e_score_correction_bias (std 0.05: it changes the experts of some tokens, so the bias path is
-exercised), written with save_pretrained and read back with mla_moe.from_pretrained, so both sides hold identical
-fp32 weights; its logits must match HF's within 1e-4. As in bench_llama2.py the weights are drawn with std 0.1,
-not 0.02, so that greedy decoding does not fall into a loop of a few tokens and the token check means something.
-Rounds, warmup, medians and ratios are harness.py's: each round runs every measurement once per implementation,
-the order flipping each round, round 0 a warmup; ratio = reference / ours (> 1: ours faster).
+shared expert, a dense first layer, sigmoid gating) is built with transformers (seeded), each MoE gate given a small
+random e_score_correction_bias (std 0.05, enough to change some tokens' experts: the bias path is exercised), written
+with save_pretrained and read back with mla_moe.from_pretrained: identical fp32 weights; the logits must match HF's
+within 1e-4. As in bench_llama2.py the weights are drawn with std 0.1, not 0.02, so that greedy decoding does not
+fall into a loop of a few tokens and the token check means something. Rounds, warmup, medians and ratios are
+harness.py's: each round runs every measurement once per side, the order flipping each round, round 0 a warmup;
+ratio = reference / ours (> 1: ours faster).
 
   train step     forward + backward, train mode, same batch and targets, no optimizer step, against HF with the
                  experts implementation transformers picks by default (grouped_mm); losses must agree
   train, eager   the same against HF with experts_implementation="eager": its loop over the experts
-  decode         greedy, batch 1, an 8-token prompt, ours with its latent cache, HF with its own (per-head keys
-                 and values); the generated tokens must be identical
+  decode         greedy, batch 1, an 8-token prompt; ours with its latent cache, HF with its own cache of per-head
+                 keys and values; the generated tokens must be identical
   KV cache       ours with its latent cache vs ours recomputing the whole prefix at every token (reported)
-  latent cache   ours only: greedy decode after a long prompt (batch 1) with the latent cache generate makes
-                 (c_kv and k_rope per token, attention absorbed) vs an expanded cache built here (per layer
-                 k = cat(k_nope, k_rope) (B, H, L, dn + dr) and v (B, H, L, dv) from kv_b_proj, decoded with
-                 SDPA; MLA.forward and generate's LatentCache are swapped for it during the call); ratio =
-                 expanded / latent time (reported); the tokens must be identical
-  cache bytes    bytes per token each cache holds after the prefill, measured from its tensors (length prompt +
-                 new tokens, as generate allocates); the latent one must equal cache_numbers_per_token()[0] x 4
-                 bytes (fp32), the expanded one [1] x 4. The same at DeepSeek-V3's shape (mla_moe.Config()
-                 defaults on the meta device: 61 layers, 128 heads, latent 512 + rope 64, nope 128, v 128), in
-                 bf16: computed, not measured
-  GPU            only with CUDA: training throughput and MFU of a DeepSeek of GPT-2 124M's shape (12 x 768,
-                 12 heads, q latent 384, kv latent 192, nope 64, rope 32, v 64, 64 routed experts of width 256
-                 top 6 from 4 of 8 groups, 2 shared, dense first layer of width 2048, vocab 50257, T=1024), with
-                 torch.compile and without; CE loss only (no balance loss, no bias update). MFU counts what a token
-                 computes, as mla_moe.py's training loop: 6 N_active + 6 n_layer n_head (dn + dr + dv) T FLOPs
+  latent cache   ours only, greedy decode after a long prompt, batch 1: the latent cache generate makes (c_kv and
+                 k_rope per token, attention absorbed) vs an expanded cache built here (per layer k = cat(k_nope,
+                 k_rope) (B, H, L, dn + dr) and v (B, H, L, dv) from kv_b_proj, SDPA over them; generate's
+                 LatentCache and MLA.forward are swapped for it during the call); ratio = expanded / latent time
+                 (reported); the tokens must be identical
+  cache bytes    per token, measured from each cache's tensors after the prefill; they must equal
+                 cache_numbers_per_token() x 4 (fp32), [0] latent, [1] expanded. The same at DeepSeek-V3's shape
+                 (mla_moe.Config() on the meta device: 61 layers, 128 heads, latent 512 + rope 64, nope 128, v 128),
+                 in bf16: computed, not measured
+  GPU            only with CUDA: training throughput and MFU of a DeepSeek of GPT-2 124M's shape (12 x 768, 12
+                 heads, q latent 384, kv latent 192, nope 64, rope 32, v 64, 64 routed experts of width 256, top 6
+                 from 4 of 8 groups, 2 shared, a dense first layer of 2048, vocab 50257, T=1024), torch.compile on
+                 and off; cross-entropy only (no balance loss, no bias update); MFU counts what a token computes,
+                 as mla_moe.py's training loop: 6 N_active + 6 n_layer n_head (dn + dr + dv) T FLOPs per token
 
     python benchmarks/bench_mla_moe.py                  # a few minutes on 2 CPU cores
-    python benchmarks/bench_mla_moe.py --quick          # tiny model, a smoke test
+    python benchmarks/bench_mla_moe.py --quick          # tiny model, a smoke test (~25 s)
     python benchmarks/bench_mla_moe.py --json out.json  # also write the results as JSON
 """
 import time
@@ -89,16 +88,14 @@ def cpu_rows(c, rounds, seed):
     hf_eager = copy.deepcopy(hf)  # the same weights, HF's loop over the experts
     hf_eager.set_experts_implementation("eager")
     idx = torch.randint(0, VOCAB, (c["batch"], c["seq"]), generator=torch.Generator().manual_seed(seed + 2))
-    gate = ours.moe_layers()[0].gate
-    seen = []  # the first MoE gate's input in the forward below: how many tokens the bias gives other experts
-    hook = gate.register_forward_hook(lambda m, args, out: seen.append((args[0], out[1])))
+    gate, seen = ours.moe_layers()[0].gate, []  # the first MoE gate's input and choices: the tokens the bias reroutes
+    hook = gate.register_forward_hook(lambda m, args, out: seen.extend((args[0], out[1].sort(-1).values)))
     with torch.no_grad():
         logits_diff = (ours.eval()(idx)[0] - hf.eval()(idx).logits).abs().max().item()
         hook.remove()
-        bias, gate.e_score_correction_bias = gate.e_score_correction_bias, torch.zeros_like(gate.e_score_correction_bias)
-        unbiased = gate(seen[0][0])[1]
-        gate.e_score_correction_bias = bias
-    rerouted = (unbiased.sort(-1).values != seen[0][1].sort(-1).values).any(-1).float().mean().item()
+        unbiased = copy.deepcopy(gate).requires_grad_(False)
+        unbiased.e_score_correction_bias.zero_()
+    rerouted = (unbiased(seen[0])[1].sort(-1).values != seen[1]).any(-1).float().mean().item()
     rows, checks, outputs = harness.lm_rows(ours, hf, c, rounds, seed, VOCAB, kv_target=None,
                                             train_refs=[("train_eager", "HF eager experts", hf_eager)])
     checks.update(logits_max_diff=logits_diff, logits_match=logits_diff < 1e-4, bias_rerouted_fraction=rerouted,
@@ -106,13 +103,11 @@ def cpu_rows(c, rounds, seed):
                   train_loss_match=max(abs(checks["train_loss_ours"] - checks[k]) for k in
                                        ("train_loss_ref", "train_eager_loss_ref")) < 1e-4)
     rows[0]["tokens_per_s_ref"] = c["batch"] * c["seq"] / rows[0]["ref_median_s"]
-    config = dict(c, vocab_size=VOCAB, max_position_embeddings=CONTEXT, n_routed_experts=N_EXPERT,
-                  n_shared_experts=N_SHARED, top_k=TOP_K, n_group=N_GROUP, topk_group=TOPK_GROUP,
-                  first_k_dense_replace=N_DENSE, initializer_range=INIT_STD, bias_std=BIAS_STD,
-                  params=ours.num_params(), params_active=ours.num_params(active=True),
-                  params_with_embedding=ours.num_params(False), hf_attn_implementation=hf.config._attn_implementation,
+    config = dict(c, mla_moe_config=vars(ours.config), bias_std=BIAS_STD, params=ours.num_params(),
+                  params_active=ours.num_params(active=True), params_with_embedding=ours.num_params(False),
+                  hf_attn_implementation=hf.config._attn_implementation, seed=seed,
                   hf_experts_implementation=hf.config._experts_implementation,
-                  hf_eager_experts_implementation=hf_eager.config._experts_implementation, seed=seed)
+                  hf_eager_experts_implementation=hf_eager.config._experts_implementation)
     return ours, rows, checks, config
 
 
@@ -183,25 +178,23 @@ def latent_rows(model, c, rounds, seed):
     times, outputs = harness.run_rounds({"latent": (N, harness.greedy(model, prompt), expanded)}, rounds, "cache round")
     row = harness.ratio_row("latent_vs_expanded", f"greedy decode {N} tok after {P}, latent cache", "expanded cache",
                             None, *times["latent"])
-    measured = {kind: cache_bytes(kind) for kind in ("latent", "expanded")}
-    checks = {"latent_vs_expanded_tokens_identical": torch.equal(*outputs["latent"]),
-              "latent_bytes_per_token": measured["latent"], "expanded_bytes_per_token": measured["expanded"],
-              "latent_bytes_match": measured["latent"] == latent_n * 4,
-              "expanded_bytes_match": measured["expanded"] == mha_n * 4}
+    checks = {"latent_vs_expanded_tokens_identical": torch.equal(*outputs["latent"])}
+    for kind, numbers in (("latent", latent_n), ("expanded", mha_n)):
+        checks[f"{kind}_bytes_per_token"] = cache_bytes(kind)
+        checks[f"{kind}_bytes_match"] = checks[f"{kind}_bytes_per_token"] == numbers * 4
     return row, checks
 
 
 def v3_cache_numbers():
-    """DeepSeek-V3's cache per token from mla_moe.Config()'s defaults on the meta device: computed, nothing allocated."""
+    """DeepSeek-V3's cache numbers per token (latent, expanded) from mla_moe.Config()'s defaults on the meta device,
+    checked against the formula, and its parameters (all, active): computed, nothing allocated."""
     with torch.device("meta"):
         m = mla_moe.DeepSeek(mla_moe.Config())
     c = m.config
     formula = ((c.kv_lora_rank + c.qk_rope_head_dim) * c.n_layer,
                c.n_head * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim) * c.n_layer)
-    return dict(n_layer=c.n_layer, n_head=c.n_head, kv_lora_rank=c.kv_lora_rank, qk_rope_head_dim=c.qk_rope_head_dim,
-                qk_nope_head_dim=c.qk_nope_head_dim, v_head_dim=c.v_head_dim, latent=formula[0], expanded=formula[1],
-                params=m.num_params(False), params_active=m.num_params(active=True),
-                match=m.cache_numbers_per_token() == formula)
+    return dict(latent=formula[0], expanded=formula[1], params=m.num_params(False),
+                params_active=m.num_params(active=True), match=m.cache_numbers_per_token() == formula)
 
 
 def active_flops(model):
@@ -216,14 +209,15 @@ def gpu_rows(batch_size, device="cuda", cfg=None, steps=30, warmup=5):
     smoke-test this on a CPU with a tiny model.)"""
     cfg = cfg or DEEPSEEK_GPU
     settings = {"compile": True, "no compile": False}
+    options = {name: dict(compile=comp, flops_per_token=active_flops) for name, comp in settings.items()}
     out = harness.train_throughputs({name: lambda: mla_moe.DeepSeek(mla_moe.Config(**cfg)) for name in settings},
-                                    batch_size, device, steps, warmup,
-                                    {name: dict(compile=comp, flops_per_token=active_flops) for name, comp in settings.items()})
+                                    batch_size, device, steps, warmup, options)
     with torch.device("meta"):
         m = mla_moe.DeepSeek(mla_moe.Config(**cfg))
     c = m.config
     shape = (f"DeepSeek {c.n_layer}x{c.n_embd}, {c.n_routed_experts} experts top {c.top_k_experts} + "
-             f"{c.n_shared_experts} shared, {m.num_params(active=True) / 1e6:.1f}M active of {m.num_params() / 1e6:.1f}M params,")
+             f"{c.n_shared_experts} shared, {m.num_params(active=True) / 1e6:.1f}M active of "
+             f"{m.num_params() / 1e6:.1f}M params,")
     for g in out.values():
         g["params_active"] = m.num_params(active=True)
         print(harness.gpu_line(shape, g))
@@ -262,16 +256,16 @@ def main():
 
     v3 = v3_cache_numbers()
     checks["v3_cache_formula_match"] = v3["match"]
-    latent_n, mha_n = ours.cache_numbers_per_token()
-    print(f"cache per token: measured from the tensors after a prefill (this model, fp32); DeepSeek-V3 "
-          f"(mla_moe.Config(): {v3['n_layer']} layers, {v3['n_head']} heads, latent {v3['kv_lora_rank']} + rope "
-          f"{v3['qk_rope_head_dim']}, nope {v3['qk_nope_head_dim']}, v {v3['v_head_dim']}; {v3['params'] / 1e9:.1f}B "
-          f"params, {v3['params_active'] / 1e9:.1f}B active) computed, not measured, in bf16:")
+    c3 = mla_moe.Config()
+    print(f"cache per token, measured from the tensors after a prefill (this model, fp32); DeepSeek-V3 "
+          f"(mla_moe.Config(): {c3.n_layer} layers, {c3.n_head} heads, latent {c3.kv_lora_rank} + rope "
+          f"{c3.qk_rope_head_dim}, nope {c3.qk_nope_head_dim}, v {c3.v_head_dim}; {v3['params'] / 1e9:.1f}B params, "
+          f"{v3['params_active'] / 1e9:.1f}B active) computed, not measured, in bf16:")
+    bench = [checks[f"{kind}_bytes_per_token"] for kind in ("latent", "expanded")]
     harness.print_table(("model", "latent B/token", "expanded B/token", "expanded / latent", "how"), [
-        (f"bench, {c['n_layer']} x {c['n_embd']}", f"{checks['latent_bytes_per_token']:,.0f}"
-         + ("" if checks["latent_bytes_match"] else f" MISMATCH ({latent_n * 4:,})"),
-         f"{checks['expanded_bytes_per_token']:,.0f}" + ("" if checks["expanded_bytes_match"] else f" MISMATCH ({mha_n * 4:,})"),
-         f"{checks['expanded_bytes_per_token'] / checks['latent_bytes_per_token']:.1f}x", "measured, fp32"),
+        (f"bench, {c['n_layer']} x {c['n_embd']}", *(f"{b:,.0f}" + ("" if b == 4 * n else f" MISMATCH ({4 * n:,})")
+                                                      for b, n in zip(bench, ours.cache_numbers_per_token())),
+         f"{bench[1] / bench[0]:.1f}x", "measured, fp32"),
         ("DeepSeek-V3", f"{2 * v3['latent']:,}", f"{2 * v3['expanded']:,}", f"{v3['expanded'] / v3['latent']:.1f}x",
          "computed, bf16")])
 
