@@ -266,3 +266,12 @@ def test_grad_checkpoint_gives_the_same_loss_and_gradients():
     assert grads[0][0] == grads[1][0] and len(grads[0][1]) == len(grads[1][1])
     for a, b in zip(grads[0][1], grads[1][1]):
         assert max_diff(a, b) < 1e-6
+
+
+def test_latent_cache_in_the_autocast_dtype():
+    """Under bf16 autocast both cached tensors are bf16 (2 bytes a number, as the sampling line says)."""
+    model = tiny(seed=1)
+    cache = [mla_moe.LatentCache(8) for _ in model.model.layers]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(ids(300, 1, 8), cache=cache, pos=0)
+    assert cache[0].c_kv.dtype == cache[0].k_rope.dtype == torch.bfloat16
