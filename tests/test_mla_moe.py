@@ -1,0 +1,277 @@
+"""mla_moe.py at the model level: HF parity (q_lora or not, groups, a correction bias, YaRN, rotary layouts),
+the absorbed attention and its latent cache, the V3 gate and its bias update, the sequence-wise balance loss,
+causality, training; and the command line (the common command-line tests are in test_scripts.py)."""
+import json
+
+import pytest
+import safetensors.torch
+import torch
+import transformers
+
+import mla_moe
+from conftest import (SHAKESPEARE, check_cached_equals_uncached, check_causal, check_greedy_matches_hf, check_overfits,
+                      hf_logits, ids, max_diff, randomize, scale_up, script_home)
+
+transformers.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=32, beta_fast=32,
+            beta_slow=1, mscale=1.0, mscale_all_dim=1.0)
+# name: DeepseekV3Config arguments on top of BASE
+HF_CASES = {
+    "q_lora_2_groups": dict(),
+    "no_q_lora": dict(q_lora_rank=None),
+    "4_groups_top3": dict(n_group=4, topk_group=2, num_experts_per_tok=3),
+    "one_group_no_shared": dict(n_group=1, topk_group=1, n_shared_experts=0, norm_topk_prob=False),
+    "rotate_half": dict(rope_interleave=False),
+    "yarn": dict(max_position_embeddings=128, rope_parameters=YARN),  # 48 positions, past the original 32
+    "odd_vocab": dict(vocab_size=1000, first_k_dense_replace=0),
+}
+BASE = dict(vocab_size=320, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+            n_group=2, topk_group=1, first_k_dense_replace=1, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8,
+            qk_rope_head_dim=4, v_head_dim=8, max_position_embeddings=64, bos_token_id=None, eos_token_id=None,
+            pad_token_id=None)
+
+
+def make_hf(seed=0, scale=3.0, **kw):
+    """A random DeepseekV3ForCausalLM in eval mode, logits of order 1, with a random routing bias (which chooses
+    experts but does not weigh them: a test that it is used the V3 way)."""
+    torch.manual_seed(seed)
+    hf = scale_up(transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**{**BASE, **kw})), scale)
+    with torch.no_grad():
+        for name, b in hf.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn_like(b) * 0.1)
+    return hf
+
+
+def tiny(seed=0, vocab=300, block=32, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=vocab, block_size=block, n_layer=3, n_head=4, n_embd=64, intermediate_size=96,
+               moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1, top_k_experts=2, n_group=2,
+               topk_group=1, first_k_dense_replace=1, q_lora_rank=0, kv_lora_rank=16, qk_nope_head_dim=16,
+               qk_rope_head_dim=8, v_head_dim=16)
+    return randomize(mla_moe.DeepSeek(mla_moe.Config(**{**cfg, **kw})))
+
+
+# ------------------------------------------------------------------------------------ HF parity
+
+@pytest.mark.parametrize("case", HF_CASES)
+def test_logits_match_hf(case, tmp_path):
+    hf = make_hf(seed=len(case), **HF_CASES[case])
+    hf.save_pretrained(tmp_path)
+    model = mla_moe.from_pretrained(tmp_path)
+    cfg, hc = model.config, hf.config
+    assert (cfg.n_layer, cfg.n_routed_experts, cfg.top_k_experts, cfg.n_group, cfg.kv_lora_rank, cfg.q_lora_rank) == \
+           (hc.num_hidden_layers, hc.n_routed_experts, hc.num_experts_per_tok, hc.n_group, hc.kv_lora_rank,
+            hc.q_lora_rank or 0)
+    bias = model.moe_layers()[0].gate.e_score_correction_bias
+    assert bias.abs().max() > 0.01 and bias.dtype == torch.float32
+    idx = ids(cfg.vocab_size, 2, 48)
+    with torch.no_grad():
+        logits, loss = model(idx)
+    ref = hf_logits(hf, idx)
+    assert loss is None and ref.abs().max() > 1.0
+    assert max_diff(logits, ref) < 1e-4
+
+
+def test_yarn_changes_the_model():
+    """The YaRN case above is not passing by accident: its frequencies and softmax scale differ from plain rope."""
+    plain = mla_moe.Config(qk_rope_head_dim=64)
+    yarn = mla_moe.Config(qk_rope_head_dim=64, rope_scaling=dict(YARN, original_max_position_embeddings=4096,
+                                                                 factor=40.0))
+    (f0, a0), (f1, a1) = mla_moe.rope_frequencies(plain), mla_moe.rope_frequencies(yarn)
+    assert torch.equal(f0[:4], f1[:4]) and torch.allclose(f1[-4:], f0[-4:] / 40)  # high kept, low divided
+    assert a0 == a1 == 1.0  # mscale = mscale_all_dim: cos and sin unscaled, as DeepSeek-V3's config
+    assert mla_moe.yarn_mscale(40.0, 1.0) == pytest.approx(0.1 * torch.log(torch.tensor(40.0)).item() + 1)
+
+
+def test_sharded_checkpoint_and_mtp_layers_skipped(tmp_path):
+    hf = make_hf(seed=4)
+    hf.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert len(list(tmp_path.glob("model-*.safetensors"))) >= 3
+    # a multi-token-prediction layer after the last one, as DeepSeek-V3's checkpoints store it: skipped
+    safetensors.torch.save_file({"model.layers.3.eh_proj.weight": torch.zeros(64, 128)}, str(tmp_path / "mtp.safetensors"))
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.layers.3.eh_proj.weight"] = "mtp.safetensors"
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    idx = ids(320, 2, 40)
+    with torch.no_grad():
+        assert max_diff(mla_moe.from_pretrained(tmp_path)(idx)[0], hf_logits(hf, idx)) < 1e-4
+
+
+@pytest.mark.parametrize("case", ["q_lora_2_groups", "yarn"])
+def test_greedy_generation_matches_hf(case, tmp_path):
+    hf = make_hf(seed=7, scale=6.0, **HF_CASES[case])
+    hf.save_pretrained(tmp_path)
+    check_greedy_matches_hf(mla_moe.from_pretrained(tmp_path), hf, 320, 24)
+
+
+@pytest.mark.parametrize("change", [dict(model_type="deepseek_v2"), dict(hidden_act="gelu"),
+                                    dict(rope_parameters=dict(rope_type="linear", factor=2.0, rope_theta=1e4))])
+def test_variants_are_refused(tmp_path, change):
+    make_hf(seed=0).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(mla_moe.InputError):
+        mla_moe.from_pretrained(tmp_path)
+
+
+# ------------------------------------------------------------------------------------- MLA and its cache
+
+@pytest.mark.parametrize("kw", [dict(), dict(q_lora_rank=24), dict(rope_interleave=False)])
+def test_absorbed_equals_expanded(kw):
+    """With a cache, attention runs in the latent space (W_UK folded into the query, W_UV into the output):
+    the logits of a prefill and of single tokens equal the expanded forward's."""
+    model = tiny(seed=3, **kw)
+    idx = ids(300, 2, 32, seed=4)
+    cache = [mla_moe.LatentCache(32) for _ in model.model.layers]
+    with torch.no_grad():
+        full = model(idx)[0]
+        for a, b in [(0, 10), (10, 11), (11, 12), (12, 20), (20, 32)]:
+            assert max_diff(model(idx[:, a:b], cache=cache, pos=a)[0], full[:, a:b]) < 1e-4, (a, b)  # order 4
+
+
+def test_cache_holds_only_the_latent_and_the_rotary_key():
+    model = tiny(seed=1)
+    cache = [mla_moe.LatentCache(20) for _ in model.model.layers]
+    with torch.no_grad():
+        model(ids(300, 3, 20), cache=cache, pos=0)
+    cfg = model.config
+    assert cache[0].c_kv.shape == (3, 20, cfg.kv_lora_rank) and cache[0].k_rope.shape == (3, 20, cfg.qk_rope_head_dim)
+    numbers = sum(c.c_kv.numel() + c.k_rope.numel() for c in cache) / (3 * 20)
+    latent, mha = model.cache_numbers_per_token()
+    assert numbers == latent == (16 + 8) * 3 and mha == 4 * (16 + 8 + 16) * 3
+
+
+@pytest.mark.parametrize("prompt_len, new_tokens", [(5, 12), (8, 40)])  # the second slides past block_size 32
+def test_cached_generation_equals_uncached(prompt_len, new_tokens):
+    check_cached_equals_uncached(tiny(seed=1), 300, prompt_len, new_tokens)
+
+
+# ------------------------------------------------------------------------------------- the gate and balancing
+
+def test_gate_equals_the_v3_rule_written_out():
+    """For each token: the top-2 of (s + b) over the experts of the best group (groups scored by their two best
+    s + b), weights s of the chosen ones normalised, times routed_scaling_factor; b does not enter the weights."""
+    cfg = mla_moe.Config(n_embd=16, n_routed_experts=8, top_k_experts=2, n_group=4, topk_group=1,
+                         routed_scaling_factor=2.5)
+    gate = mla_moe.Gate(cfg)
+    torch.manual_seed(0)
+    torch.nn.init.normal_(gate.weight)
+    gate.e_score_correction_bias.normal_(0, 0.3)
+    x = torch.randn(20, 16)
+    weight, expert, s = gate(x)
+    b = gate.e_score_correction_bias
+    for n in range(20):
+        sc = torch.sigmoid(x[n] @ gate.weight.t())
+        biased = sc + b
+        group = max(range(4), key=lambda g: biased[2 * g:2 * g + 2].topk(2).values.sum())
+        chosen = sorted(range(2 * group, 2 * group + 2), key=lambda e: -biased[e])
+        assert sorted(expert[n].tolist()) == sorted(chosen)
+        w = {e: sc[e] / sc[chosen].sum() * 2.5 for e in chosen}
+        assert weight[n].tolist() == pytest.approx([w[e].item() for e in expert[n].tolist()], rel=1e-5)
+
+
+def test_bias_update_moves_the_load_toward_even():
+    """Auxiliary-loss-free balancing alone (no gradient): a routing bias of +1 on experts 0 and 1 sends every
+    token there (half the pairs each); moved against the load after each step, it spreads them again."""
+    model = tiny(seed=2, n_layer=2, first_k_dense_replace=1, n_group=1, topk_group=1)
+    moe = model.moe_layers()[0]
+    moe.gate.e_score_correction_bias[:2] = 1.0
+    x = ids(300, 4, 32, seed=8)
+    loads = []
+    for _ in range(40):
+        with torch.no_grad():
+            model(x)
+        load = model.router_stats[:, 1:]
+        loads.append(load.max().item())
+        model.update_bias(load, 0.05)
+    assert loads[0] == 0.5 and loads[-1] < 0.25  # even: 1/8 each
+    assert moe.gate.e_score_correction_bias[:2].max() < 0.5
+
+
+def test_sequence_balance_loss_formula():
+    """V3 eq. 17-20 without alpha: per sequence sum_i f_i P_i, f_i = E / (k T) x the sequence's tokens sent to
+    expert i, P_i the mean of s_i / sum_j s_j; averaged over the sequences."""
+    moe = tiny(seed=4, n_layer=2).moe_layers()[0]
+    x = torch.randn(3, 16, 64, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        _, stats = moe(x)
+        _, expert, s = moe.gate(x.reshape(-1, 64))
+    E, k, T = 8, 2, 16
+    total = 0.0
+    for b in range(3):
+        rows = slice(b * T, (b + 1) * T)
+        f = [E / (k * T) * (expert[rows] == i).sum().item() for i in range(E)]
+        sn = s[rows] / s[rows].sum(-1, keepdim=True)
+        total += sum(f[i] * sn[:, i].mean().item() for i in range(E))
+    assert stats[0].item() == pytest.approx(total / 3, rel=1e-5)
+    assert stats[1:].sum().item() == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------------- causality, training, CLI
+
+@pytest.mark.parametrize("t", [1, 7, 20, 31])
+def test_causality(t):
+    check_causal(tiny(seed=5), 300, t)
+
+
+def test_overfit_one_batch():
+    torch.manual_seed(0)
+    model = mla_moe.DeepSeek(mla_moe.Config(vocab_size=100, block_size=32, n_layer=2, n_head=4, n_embd=32,
+                                            intermediate_size=64, moe_intermediate_size=16, n_routed_experts=4,
+                                            top_k_experts=2, n_group=1, topk_group=1, first_k_dense_replace=1,
+                                            q_lora_rank=0, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                                            v_head_dim=8))
+    check_overfits(model, 100)
+
+
+def test_cli_flags_histogram_and_bias(tmp_path, monkeypatch, offline, capsys):
+    if not SHAKESPEARE.exists():
+        pytest.skip("needs ../shared/data/tinyshakespeare.txt")
+    script_home(mla_moe, tmp_path, monkeypatch)
+    mla_moe.main(["--device", "cpu", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--n_routed_experts", "8",
+                  "--top_k_experts", "2", "--n_group", "2", "--topk_group", "1", "--kv_lora_rank", "8",
+                  "--q_lora_rank", "16", "--block_size", "16", "--batch_size", "2", "--max_iters", "4",
+                  "--eval_interval", "4", "--eval_iters", "1", "--log_interval", "2", "--max_new_tokens", "8"])
+    out = capsys.readouterr().out
+    assert "8 routed experts, top 2, 1 shared" in out.splitlines()[0] and "iter 4 | loss" in out and "balance" in out
+    assert "latent cache: 128 bytes/token ((kv_lora_rank 8 + rotary key 8) x 2 layers x 4 bytes)" in out
+    hist = out.split("expert load per layer")[1].splitlines()
+    assert hist[1].startswith("  moe 0") and "bias" in hist[1]
+    ckpt = torch.load(tmp_path / "out" / "mla_moe" / "ckpt.pt", map_location="cpu", weights_only=True)
+    bias = ckpt["model"]["model.layers.1.mlp.gate.e_score_correction_bias"]
+    steps = bias / 0.01  # moved by the default speed, +/- once per step for 4 steps: an integer in [-4, 4]
+    assert bias.abs().max() > 0 and torch.allclose(steps, steps.round(), atol=1e-4) and steps.abs().max() <= 4
+    assert ckpt["config"]["q_lora_rank"] == 16 and ckpt["config"]["first_k_dense_replace"] == 1
+    with pytest.raises(SystemExit) as e:
+        mla_moe.main(["--init_from", "resume", "--n_routed_experts", "4"])
+    assert e.value.code == 2 and "does not match" in capsys.readouterr().err
+
+
+def test_grad_checkpoint_gives_the_same_loss_and_gradients():
+    model = tiny(seed=6, dropout=0.1).train()
+    x = ids(300, 2, 33, seed=3)
+    grads = []
+    for on in (False, True):
+        model.grad_checkpoint = on
+        model.zero_grad()
+        torch.manual_seed(0)
+        _, loss = model(x[:, :-1], x[:, 1:])
+        (loss + model.router_stats[:, 0].mean()).backward()
+        grads.append((loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    assert grads[0][0] == grads[1][0] and len(grads[0][1]) == len(grads[1][1])
+    for a, b in zip(grads[0][1], grads[1][1]):
+        assert max_diff(a, b) < 1e-6
+
+
+def test_latent_cache_in_the_autocast_dtype():
+    """Under bf16 autocast both cached tensors are bf16 (2 bytes a number, as the sampling line says)."""
+    model = tiny(seed=1)
+    cache = [mla_moe.LatentCache(8) for _ in model.model.layers]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(ids(300, 1, 8), cache=cache, pos=0)
+    assert cache[0].c_kv.dtype == cache[0].k_rope.dtype == torch.bfloat16
