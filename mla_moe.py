@@ -283,8 +283,9 @@ class Gate(nn.Module):
     """DeepSeek-V3's router (arXiv 2412.19437, section 2.1.2, eq. 15-16 and 2.1.2's auxiliary-loss-free balancing).
 
     Affinities s_i = sigmoid(u . e_i) (V2: softmax); a per-expert bias b_i, used only to choose: the top-k of
-    s_i + b_i, within the topk_group groups of experts whose two best s_i + b_i sum highest (group-limited
-    routing, V2 section 2.1.2 / V3 section 2.1.2); gating weights from s_i alone, normalised over the chosen k
+    s_i + b_i, within the topk_group groups of experts whose two best s_i + b_i sum highest (V2's device-limited
+    and V3's node-limited routing, the groups standing for devices or nodes, scored as the released V3 code
+    does); gating weights from s_i alone, normalised over the chosen k
     (V3) and times routed_scaling_factor. b_i is no parameter: the training loop moves it by bias_update_speed
     against each expert's load after every step."""
 
