@@ -134,9 +134,9 @@ class RMSNorm(nn.Module):
 
 def rope_frequencies(cfg, device=None):
     """(theta_i for the qk_rope_head_dim rotary dimensions, the factor on cos and sin). Plain: theta_i =
-    rope_theta^(-2i/d). YaRN (Peng et al. 2023, arXiv 2309.00071, section 3.2; DeepSeek-V2 appendix B, as
-    Hugging Face computes it): frequencies whose wavelength fits beta_fast times in the original context are
-    kept, those fitting fewer than beta_slow times are divided by `factor`, a linear ramp in between."""
+    rope_theta^(-2i/d). YaRN (Peng et al. 2023, arXiv 2309.00071, section 3, "NTK-by-parts" interpolation, as
+    Hugging Face computes it): frequencies that turn more than beta_fast times over the original context are
+    kept, those turning fewer than beta_slow times are divided by `factor`, a linear ramp in between."""
     d = cfg.qk_rope_head_dim
     inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)
     s = cfg.rope_scaling
@@ -144,7 +144,7 @@ def rope_frequencies(cfg, device=None):
         return inv_freq, 1.0
     factor, old_len = s["factor"], s["original_max_position_embeddings"]
 
-    def dim_of(rotations):  # the dimension whose wavelength fits `rotations` times in old_len (YaRN eq. 16-17)
+    def dim_of(rotations):  # the dimension index i whose frequency turns `rotations` times over old_len positions
         return d * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
 
     low, high = math.floor(dim_of(s.get("beta_fast") or 32)), math.ceil(dim_of(s.get("beta_slow") or 1))
@@ -159,7 +159,8 @@ def rope_frequencies(cfg, device=None):
 
 
 def yarn_mscale(factor, mscale=1.0):
-    """YaRN's attention temperature, sqrt(1/t) = 0.1 ln(s) + 1 (YaRN eq. 22), scaled by mscale as DeepSeek's config says."""
+    """YaRN's attention temperature, sqrt(1/t) = 0.1 ln(s) + 1 for a context extended s times (YaRN section 3),
+    with DeepSeek's config multiplying the 0.1 by mscale."""
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
@@ -335,7 +336,8 @@ class DeepSeekMoE(nn.Module):
         xf = x.reshape(-1, d)
         N, E, k = xf.size(0), self.n_expert, self.top_k
         weight, expert, s = self.gate(xf)
-        dt = self.gate_proj.dtype if not torch.is_autocast_enabled(x.device.type) else torch.get_autocast_dtype(x.device.type)
+        autocast = torch.is_autocast_enabled(x.device.type)  # the experts' matmul dtype: bf16 under autocast
+        dt = torch.get_autocast_dtype(x.device.type) if autocast else self.gate_proj.dtype
         e = expert.t().reshape(-1)                          # (k N,) the expert of each (token, choice) pair
         onehot = F.one_hot(e, E)                            # (k N, E)
         count = onehot.sum(0)                               # (E,) pairs per expert
@@ -368,12 +370,16 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.self_attn = MLA(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.mlp = MLP(cfg.n_embd, cfg.intermediate_size) if layer < cfg.first_k_dense_replace else DeepSeekMoE(cfg)
+        self.moe = layer >= cfg.first_k_dense_replace
+        self.mlp = DeepSeekMoE(cfg) if self.moe else MLP(cfg.n_embd, cfg.intermediate_size)
 
     def forward(self, x, cos, sin, cache=None, pos=0):
+        """-> (x, router statistics of this block, or None for a dense one)"""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, pos)
-        y = self.mlp(self.post_attention_layernorm(x))
-        return (x + y[0], y[1]) if isinstance(y, tuple) else (x + y, None)
+        if not self.moe:
+            return x + self.mlp(self.post_attention_layernorm(x)), None
+        y, stats = self.mlp(self.post_attention_layernorm(x))
+        return x + y, stats
 
 
 class DeepSeek(nn.Module):
@@ -397,7 +403,7 @@ class DeepSeek(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer) if residual else 0.02)
 
     def moe_layers(self):
-        return [b.mlp for b in self.model.layers if isinstance(b.mlp, DeepSeekMoE)]
+        return [b.mlp for b in self.model.layers if b.moe]
 
     def num_params(self, non_embedding=True, active=False):
         """Parameters (an untied input embedding left out by default); active=True counts top_k of the routed

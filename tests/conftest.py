@@ -1,5 +1,6 @@
 """Shared test helpers. The scripts live at the repository root; each test file imports them from there."""
 import http.server
+import json
 import math
 import os
 import shutil
@@ -125,6 +126,16 @@ def check_greedy_matches_hf(model, hf, vocab, new_tokens, **hf_kw):
     assert len(set(ref[:, 8:].flatten().tolist())) > 5  # a real test: not one token repeated
     for use_cache in (True, False):
         assert torch.equal(model.generate(idx, new_tokens, temperature=0.0, use_cache=use_cache), ref)
+
+
+def check_variant_refused(module, hf, tmp_path, change):
+    """A checkpoint whose config.json says `change` (a variant the script does not implement) is refused with
+    InputError, never loaded into silently different logits."""
+    hf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(module.InputError):
+        module.from_pretrained(tmp_path)
 
 
 def scale_up(hf, scale):

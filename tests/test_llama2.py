@@ -11,8 +11,9 @@ import transformers
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 import llama2
-from conftest import (SHAKESPEARE, check_cached_equals_uncached, check_causal, check_greedy_matches_hf, check_overfits,
-                      hf_logits, ids, max_diff, randomize, scale_up, script_home, serve_hub)
+from conftest import (SHAKESPEARE, check_cached_equals_uncached, check_causal, check_greedy_matches_hf,
+                      check_overfits, check_variant_refused, hf_logits, ids, max_diff, randomize, scale_up,
+                      script_home, serve_hub)
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -144,12 +145,7 @@ def test_greedy_generation_matches_hf(case, tmp_path):
 @pytest.mark.parametrize("change", [dict(model_type="mistral"), dict(hidden_act="gelu"), dict(attention_bias=True),
                                     dict(mlp_bias=True), dict(rope_parameters=dict(rope_type="yarn", factor=4.0))])
 def test_variants_are_refused(tmp_path, change):
-    """A config this file does not implement is refused, never loaded into silently different logits."""
-    make_hf(seed=0).save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
-    with pytest.raises(llama2.InputError):
-        llama2.from_pretrained(tmp_path)
+    check_variant_refused(llama2, make_hf(seed=0), tmp_path, change)
 
 
 def test_bad_weights_are_refused(tmp_path):

@@ -12,8 +12,9 @@ import transformers
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 import mixtral
-from conftest import (SHAKESPEARE, check_cached_equals_uncached, check_causal, check_greedy_matches_hf, check_overfits,
-                      hf_logits, ids, max_diff, randomize, scale_up, script_home, serve_hub)
+from conftest import (SHAKESPEARE, check_cached_equals_uncached, check_causal, check_greedy_matches_hf,
+                      check_overfits, check_variant_refused, hf_logits, ids, max_diff, randomize, scale_up,
+                      script_home, serve_hub)
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -103,11 +104,7 @@ def test_greedy_generation_matches_hf(case, tmp_path):
 @pytest.mark.parametrize("change", [dict(model_type="mistral"), dict(hidden_act="gelu"),
                                     dict(rope_parameters=dict(rope_type="yarn", factor=4.0, rope_theta=1e6))])
 def test_variants_are_refused(tmp_path, change):
-    make_hf(seed=0, **HF_CASES["4x1_mha"]).save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
-    with pytest.raises(mixtral.InputError):
-        mixtral.from_pretrained(tmp_path)
+    check_variant_refused(mixtral, make_hf(seed=0, **HF_CASES["4x1_mha"]), tmp_path, change)
 
 
 def test_bad_weights_are_refused(tmp_path):
