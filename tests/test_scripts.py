@@ -11,9 +11,16 @@ import torch
 
 from conftest import ROOT, SCRIPTS, SHAKESPEARE, copy_script, offline_env, run_script, script_home
 
-# A model small enough that a few iterations take seconds; every script accepts these flags.
-TINY = ["--device", "cpu", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "32",
-        "--batch_size", "4", "--eval_iters", "2", "--log_interval", "2", "--max_new_tokens", "16"]
+# A model small enough that a few iterations take seconds; every script accepts these flags, and --n_head those
+# with attention heads (all but mamba.py).
+HEADLESS = {"mamba"}
+
+
+def tiny(script):
+    heads = [] if script in HEADLESS else ["--n_head", "2"]
+    return ["--device", "cpu", "--n_layer", "1", *heads, "--n_embd", "32", "--block_size", "32",
+            "--batch_size", "4", "--eval_iters", "2", "--log_interval", "2", "--max_new_tokens", "16"]
+
 
 pytestmark = pytest.mark.skipif(not SHAKESPEARE.exists(), reason="needs ../shared/data/tinyshakespeare.txt")
 
@@ -32,7 +39,7 @@ def test_end_to_end_and_exact_resume(script, tmp_path, monkeypatch, capsys):
     iterations as 10, --init_from resume, 10 more: same weights, same losses; then --sample_only (in-process:
     each subprocess costs about 5 s of imports before it does anything)."""
     env = offline_env(tmp_path)
-    common = [*TINY, "--dropout", "0.1", "--eval_interval", "5", "--lr_decay_iters", "20", "--warmup_iters", "4"]
+    common = [*tiny(script), "--dropout", "0.1", "--eval_interval", "5", "--lr_decay_iters", "20", "--warmup_iters", "4"]
     straight, split = copy_script(script, tmp_path / "straight"), copy_script(script, tmp_path / "split")
     runs = [(straight, ["--max_iters", "20"]), (split, ["--max_iters", "10"]), (split, ["--init_from", "resume", "--max_iters", "20"])]
     outs = []
@@ -92,7 +99,7 @@ def test_ddp_two_processes_offline(script, tmp_path):
     0 preparing the data while rank 1 waits; both ranks train, only rank 0 logs and saves."""
     work = copy_script(script, tmp_path / "work", shakespeare=False)
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    r = run_script(work, [f"{script}.py", *TINY, "--max_iters", "4", "--eval_interval", "4"],
+    r = run_script(work, [f"{script}.py", *tiny(script), "--max_iters", "4", "--eval_interval", "4"],
                    offline_env(tmp_path, tiktoken=False), launcher=launcher)
     assert r.returncode == 0, r.stderr
     assert "offline: tiktoken" in r.stdout and "offline: cannot download tiny-shakespeare" in r.stdout
@@ -137,9 +144,7 @@ BAD_INPUTS = [
     (["--data", "empty.txt"], "is empty"),
     (["--data", "binary.bin"], "not UTF-8"),
     (["--data", "short.txt"], "too short"),
-    (["--n_embd", "30", "--n_head", "4"], "multiple of n_head"),
     (["--n_layer", "0"], "n_layer must be positive"),
-    (["--n_head", "-2"], "n_head must be positive"),
     (["--block_size", "0"], "--block_size must be positive"),
     (["--batch_size", "0"], "--batch_size must be positive"),
     (["--max_iters", "-5"], "--max_iters must be positive"),
@@ -153,13 +158,16 @@ BAD_INPUTS = [
     (["--init_from", "./no_such_dir"], "not a checkpoint directory"),
     (["--sample_only"], "--sample_only needs"),
 ]
+HEAD_INPUTS = [(["--n_embd", "30", "--n_head", "4"], "multiple of n_head"), (["--n_head", "-2"], "n_head must be positive")]
+STATE_INPUTS = [(["--d_state", "0"], "d_state must be positive"), (["--d_conv", "-1"], "d_conv must be positive")]
+BAD_CASES = [pytest.param(script, argv, message, id=f"{script}-{' '.join(argv)}") for script in SCRIPTS
+             for argv, message in BAD_INPUTS + (STATE_INPUTS if script in HEADLESS else HEAD_INPUTS)]
 
 
-@pytest.mark.parametrize("script_env", SCRIPTS, indirect=True)
-@pytest.mark.parametrize("argv, message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+@pytest.mark.parametrize("script_env, argv, message", BAD_CASES, indirect=["script_env"])
 def test_bad_input(script_env, argv, message, capsys):
     module, _ = script_env
-    assert message in expect_exit(module, [*TINY, "--max_iters", "1", *argv], capsys)
+    assert message in expect_exit(module, [*tiny(module.__name__), "--max_iters", "1", *argv], capsys)
 
 
 @pytest.mark.parametrize("script_env", SCRIPTS, indirect=True)
@@ -177,7 +185,7 @@ def test_bad_checkpoints_are_refused_and_kept(script_env, capsys):
     module, tmp = script_env
     name = module.__name__
     ckpt = tmp / "out" / name / "ckpt.pt"
-    module.main([*TINY, "--max_iters", "2", "--eval_interval", "2", "--max_new_tokens", "2"])
+    module.main([*tiny(name), "--max_iters", "2", "--eval_interval", "2", "--max_new_tokens", "2"])
     capsys.readouterr()
     good = ckpt.read_bytes()
 
