@@ -148,8 +148,8 @@ def selective_scan(x, delta, A, B, C, D, h0=None, parallel=True):
     D (d_inner,), from the state h0 (B, d_inner, N) (None: zeros). Returns y (B, T, d_inner) and the last state.
 
     Discretisation (eq. 4): A_bar = exp(Delta A), the zero-order hold; B_bar x = Delta B x, the Euler step the
-    reference uses in place of ZOH's (Delta A)^-1 (exp(Delta A) - I) Delta B (section 3.5.2 discusses why the
-    two hardly differ). Then h_t = A_bar_t h_{t-1} + B_bar_t x_t and y_t = C_t h_t + D x_t (eq. 2a, 2b), solved
+    reference code takes in place of ZOH's (Delta A)^-1 (exp(Delta A) - I) Delta B (the two agree to first order
+    in Delta A, and the checkpoints were trained with the Euler one). Then h_t = A_bar_t h_{t-1} + B_bar_t x_t and y_t = C_t h_t + D x_t (eq. 2a, 2b), solved
     by parallel_scan, or by the loop over t as written (parallel=False: the reference the tests compare with). A
     decoding step is this with T = 1 from the cached state. All in float32, whatever the autocast dtype."""
     dtype = x.dtype
@@ -180,8 +180,8 @@ class MambaState:
 
 class Mixer(nn.Module):
     """The Mamba block of Figure 3 (Algorithm 2): in_proj to x and the gate z; x through a causal depthwise conv1d
-    and SiLU; x_proj to (Delta's low-rank input, B, C); dt_proj and softplus to Delta (section 3.6: the bias of
-    dt_proj is the paper's Parameter in tau_Delta(Parameter + s_Delta(x))); the selective scan; y * SiLU(z);
+    and SiLU; x_proj to (Delta's low-rank input, B, C); dt_proj and softplus to Delta (section 3.2: the bias of
+    dt_proj is the Parameter in tau_Delta(Parameter + s_Delta(x)), tau_Delta = softplus); the selective scan; y * SiLU(z);
     out_proj back to n_embd. The Hugging Face names (MambaMixer), so checkpoints load as they are."""
 
     def __init__(self, cfg):
@@ -256,7 +256,7 @@ class Mamba(nn.Module):
             with torch.no_grad():
                 m.out_proj.weight /= math.sqrt(cfg.n_layer)
                 # Delta = softplus(dt_proj(.)) starts near dt ~ log-uniform in [dt_min, dt_max] per channel
-                # (section 3.6): the bias is softplus^-1(dt) = dt + log(1 - exp(-dt)), the weights uniform in
+                # (section 3.6 and the reference code): the bias is softplus^-1(dt) = dt + log(1 - exp(-dt)), the weights uniform in
                 # +-dt_rank^-0.5 so that the input moves Delta around that centre.
                 nn.init.uniform_(m.dt_proj.weight, -cfg.dt_rank ** -0.5, cfg.dt_rank ** -0.5)
                 dt = torch.exp(torch.rand(cfg.d_inner) * (math.log(cfg.dt_max) - math.log(cfg.dt_min))

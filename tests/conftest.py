@@ -168,6 +168,31 @@ def check_causal(model, vocab, t, T=32):
     assert max_diff(a[:, t:], b[:, t:]) > 1e-2
 
 
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def train_tokenizer(path, style="llama3", vocab_size=600, normalizer=None):
+    """A byte-level BPE trained on tiny-shakespeare with the `tokenizers` package, saved as tokenizer.json: Llama 3
+    style (a regex split, then bytes) or GPT-2 style (GPT-NeoX's: the byte-level step splits); normalizer names
+    one of tokenizers.normalizers ("NFC", "NFKC", "Lowercase") applied first."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    if style == "llama3":
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if normalizer:
+        tok.normalizer = getattr(normalizers, normalizer)()
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([SHAKESPEARE.read_text()[:200_000]], trainer)
+    tok.save(str(path))
+    return tok
+
+
 def script_home(module, tmp_path, monkeypatch):
     """Run module's main() as if the script lived in tmp_path: its data/ (tiny-shakespeare seeded) and out/ there."""
     monkeypatch.setattr(module, "HERE", tmp_path)

@@ -13,7 +13,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 import llama2
 from conftest import (SHAKESPEARE, check_cached_equals_uncached, check_causal, check_greedy_matches_hf,
                       check_overfits, check_variant_refused, hf_logits, ids, max_diff, randomize, scale_up,
-                      script_home, serve_hub)
+                      script_home, serve_hub, train_tokenizer)
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -292,29 +292,6 @@ def test_config_and_init():
 
 # ------------------------------------------------------------------------------------- tokenizer
 
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-
-def train_tokenizer(path, style="llama3", vocab_size=600):
-    """A byte-level BPE trained on tiny-shakespeare with the `tokenizers` package, saved as tokenizer.json."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE())
-    if style == "llama3":
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
-                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    else:  # GPT-2 style; "normalized" adds an NFKC normalizer tiktoken cannot do
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        if style == "normalized":
-            tok.normalizer = normalizers.NFKC()
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([SHAKESPEARE.read_text()[:200_000]], trainer)
-    tok.save(str(path))
-    return tok
-
-
 @pytest.mark.skipif(not SHAKESPEARE.exists(), reason="needs ../shared/data/tinyshakespeare.txt")
 @pytest.mark.parametrize("style", ["llama3", "gpt2"])
 def test_tokenizer_json_matches_tokenizers(tmp_path, style):
@@ -337,7 +314,7 @@ def test_unreadable_tokenizers_give_none(tmp_path):
     (tmp_path / "t.json").write_text(json.dumps(sentencepiece_like))
     assert llama2.hf_tokenizer(tmp_path / "t.json") is None
     if SHAKESPEARE.exists():
-        train_tokenizer(tmp_path / "n.json", "normalized")
+        train_tokenizer(tmp_path / "n.json", "gpt2", normalizer="NFKC")
         assert llama2.hf_tokenizer(tmp_path / "n.json") is None
 
 
