@@ -162,8 +162,8 @@ def selective_scan(x, delta, A, B, C, D, h0=None, parallel=True):
         h = parallel_scan(dA, dBx)
     else:
         hs, h_t = [], dBx.new_zeros(dBx[:, 0].shape) if h0 is None else h0
-        for t in range(x.size(1)):
-            h_t = dA[:, t] * h_t + dBx[:, t]
+        for dA_t, dBx_t in zip(dA.unbind(1), dBx.unbind(1)):  # unbind, not dA[:, t]: indexing would make backward
+            h_t = dA_t * h_t + dBx_t                           # add a whole (B, T, d_inner, N) zero tensor per step
             hs.append(h_t)
         h = torch.stack(hs, 1)                               # (B, T, d_inner, N)
     y = (h * C[:, :, None, :]).sum(-1) + D * x             # C_t h_t, for every channel
