@@ -771,6 +771,8 @@ def parse_args(argv):
     p.add_argument("--weight_decay", type=float, default=0.1)
     p.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
     p.add_argument("--n_layer", type=int, help=preset("n_layer"))
+    p.add_argument("--n_head", type=int, help="refused: Mamba has no attention heads (the other scripts' flag; "
+                                              "the mixer's sizes are --d_state, --expand, --d_conv, --dt_rank)")
     p.add_argument("--n_embd", type=int, help=preset("n_embd"))
     p.add_argument("--d_state", type=int, help=preset("d_state") + " (N: the SSM state per channel)")
     p.add_argument("--expand", type=int, default=2, help="d_inner = expand x n_embd (default 2)")
@@ -796,6 +798,9 @@ def parse_args(argv):
 
 
 def check_args(args):
+    if args.n_head is not None:
+        raise InputError("--n_head: Mamba has no attention heads; its mixer's sizes are --d_state, --expand, "
+                         "--d_conv and --dt_rank")
     positive = ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size", "block_size", "grad_accum",
                 "lr_decay_iters", "max_new_tokens")
     for name in positive:
