@@ -913,7 +913,7 @@ def run(args, given):
                   f"from token {bos or [0]} and is shown as token ids")
             prompt = bos or [0]
         else:
-            prompt = bos + tokenizer[1](args.prompt) or [0]  # a prompt longer than block_size: generate slides
+            prompt = bos + tokenizer[1](args.prompt) or [0]  # any length: no positions, no window
         itemsize = (dtype if dtype != torch.float32 else model.lm_head.weight.dtype).itemsize
         print(f"recurrent state: {model.state_bytes(itemsize):,} bytes per sequence at any length ({cfg.n_layer} "
               f"layers x {cfg.d_inner} channels x ({cfg.d_conv - 1} conv inputs x {itemsize} bytes + "
