@@ -49,7 +49,7 @@ without the mambapy package that flag falls through to the same loop.
                (B, T, 1536, 16) float32 states per layer, 201 MB per sequence per tensor); MFU counts 6 N FLOPs per
                token (no attention term), as mamba.py's training loop does. --batch_size defaults to 4 here
 
-    python benchmarks/bench_mamba.py                  # about 5 minutes on 2 CPU cores
+    python benchmarks/bench_mamba.py                  # about 3.5 minutes on 2 CPU cores
     python benchmarks/bench_mamba.py --quick          # tiny model, a smoke test (~40 s)
     python benchmarks/bench_mamba.py --json out.json  # also write the results as JSON
     python -c "import bench_mamba as b; b.gpu_rows(4)"   # from benchmarks/: the GPU rows alone
