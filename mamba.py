@@ -83,7 +83,6 @@ class Config:
     dt_min: float = 0.001                # time_step_min: Delta is initialised log-uniform in [dt_min, dt_max]
     dt_max: float = 0.1                  # time_step_max
     dt_init_floor: float = 1e-4          # time_step_floor
-    bos_token_id: int | None = None      # bos_token_id: put before the prompt when sampling
     dropout: float = 0.0                 # on the embedding and the residual branches (the paper uses none)
 
     def __post_init__(self):
@@ -442,7 +441,8 @@ def from_pretrained(name_or_path, device="cpu", dtype=torch.float32, dropout=0.0
                  dt_rank=0 if rank == "auto" else rank, conv_bias=hf.get("use_conv_bias", True),
                  bias=hf.get("use_bias", False), norm_eps=hf.get("layer_norm_epsilon", 1e-5),
                  dt_min=hf.get("time_step_min", 0.001), dt_max=hf.get("time_step_max", 0.1),
-                 dt_init_floor=hf.get("time_step_floor", 1e-4), bos_token_id=hf.get("bos_token_id"), dropout=dropout)
+                 dt_init_floor=hf.get("time_step_floor", 1e-4), dropout=dropout)
+    # bos_token_id is not used: GPT-NeoX's tokenizer, which the released Mambas use, puts nothing before a text
 
     index = path / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
@@ -907,13 +907,12 @@ def run(args, given):
 
     def sample(title):
         torch.manual_seed(args.seed)
-        bos = [] if cfg.bos_token_id is None else [cfg.bos_token_id]
         if tokenizer is None:
             print(f"no tokenizer tiktoken can read in {args.init_from}: the prompt is not used, the sample starts "
-                  f"from token {bos or [0]} and is shown as token ids")
-            prompt = bos or [0]
+                  f"from token 0 and is shown as token ids")
+            prompt = [0]
         else:
-            prompt = bos + tokenizer[1](args.prompt) or [0]  # any length: no positions, no window
+            prompt = tokenizer[1](args.prompt) or [0]  # any length: no positions, no window
         itemsize = (dtype if dtype != torch.float32 else model.lm_head.weight.dtype).itemsize
         print(f"recurrent state: {model.state_bytes(itemsize):,} bytes per sequence at any length ({cfg.n_layer} "
               f"layers x {cfg.d_inner} channels x ({cfg.d_conv - 1} conv inputs x {itemsize} bytes + "
@@ -922,7 +921,7 @@ def run(args, given):
         with ctx:
             out = model.generate(torch.tensor([prompt], device=device), args.max_new_tokens, args.temperature,
                                  args.top_k or None, args.top_p)
-        text = str(out[0].tolist()) if tokenizer is None else tokenizer[2](out[0, len(bos):].tolist())
+        text = str(out[0].tolist()) if tokenizer is None else tokenizer[2](out[0].tolist())
         print(f"--- {title} ---\n{text}\n---")
 
     if args.sample_only:
