@@ -671,8 +671,8 @@ def load_checkpoint(path):
         raise InputError(f"--init_from resume: no checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        for key in ("model", "optimizer", "scaler", "config", "args", "iter_num", "best_val", "evals_since_best",
-                    "tokenizer"):
+        for key in ("model", "base", "optimizer", "scaler", "config", "args", "iter_num", "best_val",
+                    "evals_since_best", "tokenizer"):
             ckpt[key]
     except Exception as e:  # a truncated zip, a foreign pickle, a missing key: all mean "not our checkpoint"
         why = (str(e).strip().splitlines() or [""])[0][:120]
@@ -701,7 +701,7 @@ RUN_FLAGS = ("device", "dtype", "compile", "init_from", "sample_only", "out_dir"
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Train GPT-2 or sample from it (see the module docstring).")
+    p = argparse.ArgumentParser(description="Fine-tune GPT-2 with LoRA or QLoRA, or sample from it (see the module docstring).")
     cpu, gpu = PRESETS["cpu"], PRESETS["cuda"]
 
     def preset(name):
@@ -713,8 +713,9 @@ def parse_args(argv):
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for CUDA, off elsewhere)")
     p.add_argument("--data", default="shakespeare", help="'shakespeare' or a path to a UTF-8 text file")
-    p.add_argument("--out_dir", default=None, help="checkpoints and metrics (default out/gpt2)")
-    p.add_argument("--init_from", default="scratch", help="'scratch', 'resume' (out_dir/ckpt.pt), or a hub id / HF directory")
+    p.add_argument("--out_dir", default=None, help="checkpoints and metrics (default out/lora)")
+    p.add_argument("--init_from", default="gpt2", help="the base: a hub id / HF directory (default gpt2; offline, a fresh "
+                   "GPT-2), 'scratch' (a fresh GPT-2), or 'resume' (out_dir/ckpt.pt: its base and adapters)")
     p.add_argument("--max_iters", type=int, help=preset("max_iters"))
     p.add_argument("--eval_interval", type=int, help=preset("eval_interval"))
     p.add_argument("--eval_iters", type=int, help=preset("eval_iters") + " (batches per split at each eval)")
@@ -726,12 +727,20 @@ def parse_args(argv):
     p.add_argument("--min_lr", type=float, help=preset("min_lr"))
     p.add_argument("--warmup_iters", type=int, help=preset("warmup_iters"))
     p.add_argument("--lr_decay_iters", type=int, help="end of the cosine decay (default: max_iters)")
-    p.add_argument("--weight_decay", type=float, default=0.1)
+    p.add_argument("--weight_decay", type=float, default=0.0, help="on the adapters (default 0: decay pulls B A, and "
+                   "so the model, back towards the base)")
     p.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
     p.add_argument("--n_layer", type=int, help=preset("n_layer"))
     p.add_argument("--n_head", type=int, help=preset("n_head"))
     p.add_argument("--n_embd", type=int, help=preset("n_embd"))
-    p.add_argument("--dropout", type=float, help=preset("dropout"))
+    p.add_argument("--dropout", type=float, help=preset("dropout") + " (in the base model)")
+    p.add_argument("--lora_rank", type=int, default=8, help="r, the adapters' rank (default 8)")
+    p.add_argument("--lora_alpha", type=float, default=16.0, help="alpha: the update is scaled by alpha / r (default 16)")
+    p.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the adapters' input (default 0)")
+    p.add_argument("--lora_targets", default="c_attn,c_proj,c_fc", help="the linear layers to adapt, by name "
+                   "(default c_attn,c_proj,c_fc: every linear layer in the blocks)")
+    p.add_argument("--qlora", action="store_true", help="QLoRA: the base's adapted layers stored in 4-bit NormalFloat")
+    p.add_argument("--nf4_block", type=int, default=64, help="--qlora: weights per absmax block (default 64)")
     p.add_argument("--patience", type=int, default=0, help="stop after this many evals without a better val loss (0: off)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard under out_dir")
@@ -750,7 +759,7 @@ def parse_args(argv):
 
 def check_args(args):
     positive = ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size", "block_size", "grad_accum",
-                "lr_decay_iters", "max_new_tokens")
+                "lr_decay_iters", "max_new_tokens", "lora_rank", "lora_alpha", "nf4_block")
     for name in positive:
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise InputError(f"--{name} must be positive, got {getattr(args, name)}")
@@ -759,6 +768,10 @@ def check_args(args):
             raise InputError(f"--{name} must not be negative, got {getattr(args, name)}")
     if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
         raise InputError(f"--top_p must be in (0, 1], got {args.top_p}")
+    if not 0.0 <= args.lora_dropout < 1.0:
+        raise InputError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+    if not [t for t in args.lora_targets.split(",") if t]:
+        raise InputError("--lora_targets names no layer")
 
 
 def setup_device(args):
@@ -791,7 +804,7 @@ def main(argv=None):
     try:
         run(args, given)
     except InputError as e:
-        print(f"gpt2.py: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever the message
+        print(f"lora.py: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever the message
         sys.exit(2)
     finally:
         if dist.is_initialized():
@@ -801,12 +814,12 @@ def main(argv=None):
 def run(args, given):
     device, dtype, use_compile, rank, world = setup_device(args)
     master = rank == 0
-    out_dir = Path(args.out_dir or "out/gpt2")
+    out_dir = Path(args.out_dir or "out/lora")
     ckpt_path = out_dir / "ckpt.pt"
 
     torch.manual_seed(args.seed)  # the initial weights; each training step reseeds (see step_seed)
 
-    # --- where the weights come from: a checkpoint of ours, a pretrained GPT-2, or a fresh init
+    # --- the base: a pretrained GPT-2 (offline, by default, a freshly initialised one), then NF4, then adapters
     ckpt = load_checkpoint(ckpt_path) if args.init_from == "resume" else None
     if ckpt is not None:  # flags not typed now take the values the checkpointed run had
         for k, v in ckpt["args"].items():
@@ -816,34 +829,52 @@ def run(args, given):
         if getattr(args, k) is None:
             setattr(args, k, v)
     check_args(args)
-
-    if ckpt is not None:
-        cfg = Config(**{**ckpt["config"], "dropout": args.dropout})
-        tokenizer = load_tokenizer(required=ckpt["tokenizer"])
-        model = GPT(cfg)
-        model.load_state_dict(ckpt["model"])
-    elif args.init_from != "scratch":
-        tokenizer = load_tokenizer(required="gpt2")
-        model = from_pretrained(args.init_from, dropout=args.dropout).train()
-        cfg = model.config
-    else:
-        tokenizer = load_tokenizer()
-        cfg = Config(vocab_size=tokenizer[3], block_size=args.block_size, n_layer=args.n_layer,
-                     n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout)
-        model = GPT(cfg)
+    targets = tuple(t for t in args.lora_targets.split(",") if t)
+    base = ckpt["base"] if ckpt is not None else args.init_from
+    model = None
+    if base != "scratch":
+        try:
+            model = from_pretrained(base, dropout=args.dropout).train()
+            tokenizer = load_tokenizer(required="gpt2")
+        except InputError as e:
+            if ckpt is not None or "init_from" in given or "cannot fetch" not in str(e) or args.sample_only:
+                raise
+            print(f"offline: the base '{base}' cannot be fetched; fine-tuning a freshly initialised GPT-2 instead")
+            base = "scratch"
+    if model is None:  # seeded above: a resumed run rebuilds the same base weights
+        tokenizer = load_tokenizer(required=ckpt["tokenizer"] if ckpt is not None else None)
+        model = GPT(Config(vocab_size=tokenizer[3], block_size=args.block_size, n_layer=args.n_layer,
+                           n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout))
+    cfg = model.config
     for k in MODEL_FLAGS:
         if k in given and getattr(args, k) != getattr(cfg, k):
             raise InputError(f"--{k} {getattr(args, k)} does not match the model from --init_from "
                              f"{args.init_from}, which has {k} {getattr(cfg, k)}")
     if args.block_size > cfg.block_size:
         raise InputError(f"--block_size {args.block_size} is longer than the model's context ({cfg.block_size})")
+    n_params, full_bytes = (sum(f(p) for p in model.parameters()) for f in (torch.numel, lambda p: p.numel() * p.element_size()))
+    if args.qlora:
+        quantize_nf4(model, args.nf4_block, targets)
+    add_lora(model, args.lora_rank, args.lora_alpha, targets, args.lora_dropout)
+    if ckpt is not None:
+        load_lora(model, ckpt["model"])
     model.to(device)
     ctx = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     tokens_per_step = args.batch_size * args.block_size * args.grad_accum * world
+    adapters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if master:
-        print(f"gpt2 | {device} | {str(dtype).removeprefix('torch.')} | compile {'on' if use_compile else 'off'} | "
-              f"{model.num_params() / 1e6:.2f}M params | {tokens_per_step:,} tokens/step | "
-              f"data {args.data} | tokenizer {tokenizer[0]} | init {args.init_from}" + (f" | DDP x{world}" if world > 1 else ""))
+        print(f"lora | {device} | {str(dtype).removeprefix('torch.')} | compile {'on' if use_compile else 'off'} | "
+              f"{n_params / 1e6:.2f}M params | {tokens_per_step:,} tokens/step | data {args.data} | "
+              f"tokenizer {tokenizer[0]} | init {args.init_from}" + (f" | DDP x{world}" if world > 1 else ""))
+        print(f"{'QLoRA' if args.qlora else 'LoRA'} rank {args.lora_rank}, alpha {args.lora_alpha} on "
+              f"{','.join(targets)}: {adapters:,} trainable parameters ({100 * adapters / n_params:.2f}%), "
+              f"{4 * adapters:,} bytes of adapters in float32 against {full_bytes:,} for the whole model")
+        if args.qlora:
+            nf4 = [m for m in model.modules() if isinstance(m, NF4Linear)]
+            n = sum(m.in_features * m.out_features for m in nf4)
+            bits = sum(m.bits_per_weight() * m.in_features * m.out_features for m in nf4) / n
+            print(f"nf4: {len(nf4)} linear layers, {n:,} weights at {bits:.3f} bits each (block {args.nf4_block}, "
+                  f"scales double-quantized), {n * bits / 8:,.0f} bytes against {4 * n:,} in float32")
 
     def sample(title):
         torch.manual_seed(args.seed)
@@ -852,13 +883,16 @@ def run(args, given):
         with ctx:
             out = model.generate(idx, args.max_new_tokens, args.temperature, args.top_k or None, args.top_p)
         print(f"--- {title} ---\n{tokenizer[2](out[0].tolist())}\n---")
+        model.train()
 
     if args.sample_only:
-        if args.init_from == "scratch":
+        if base == "scratch":
             raise InputError("--sample_only needs --init_from resume, a hub id or an HF directory")
         if master:
             sample(f"sample from {args.init_from}")
         return
+    if master and ckpt is None:  # fresh adapters (B = 0): this is the base model, with the seed and prompt of the end
+        sample("sample from the base model, before fine-tuning")
 
     # --- data (rank 0 downloads and tokenizes; the others wait, then read the cache)
     if master:
@@ -961,7 +995,7 @@ def run(args, given):
                     diverged(f"eval {iter_num} | train {losses['train']} | val {losses['val']}")
                 improved = losses["val"] < best_val
                 best_val, evals_since_best = (losses["val"], 0) if improved else (best_val, evals_since_best + 1)
-                save_checkpoint(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                save_checkpoint(dict(model=lora_state_dict(model), base=base, optimizer=optimizer.state_dict(),
                                      scaler=scaler.state_dict(), config=asdict(cfg), args=vars(args),
                                      iter_num=iter_num, best_val=best_val, evals_since_best=evals_since_best,
                                      tokenizer=tokenizer[0]), ckpt_path)
@@ -986,7 +1020,7 @@ def run(args, given):
             t_log += time.perf_counter() - t_eval  # eval time is not training time
 
     if master:
-        sample("sample")
+        sample("sample")  # the fine-tuned model, the same seed and prompt as the base model's above
         print(f"done | {iter_num} iters | best val {best_val:.4f} | {time.time() - t_start:.0f} s")
     if writer is not None:
         writer.close()
