@@ -1,28 +1,35 @@
-"""GPT-2 in one file: the model, its pretrained weights, data, training and sampling.
+"""LoRA and QLoRA in one file: fine-tuning a pretrained GPT-2 through low-rank adapters, on a 4-bit base or not.
 
-Paper: Radford et al. 2019, "Language Models are Unsupervised Multitask Learners" (no arXiv id;
-https://cdn.openai.com/better-language-models/language_models_are_unsupervised_multitask_learners.pdf),
-built on GPT-1 (Radford et al. 2018) and the Transformer decoder (Vaswani et al. 2017, arXiv 1706.03762).
-Where the paper is silent, the released code decides: pre-LayerNorm blocks with a final LayerNorm,
-tanh-approximated GELU, learned position embeddings, the input embedding tied to the output head,
-init std 0.02 with the residual projections scaled by 1/sqrt(2 n_layer).
+Papers: Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", arXiv 2106.09685; Dettmers et al.
+2023, "QLoRA: Efficient Finetuning of Quantized LLMs", arXiv 2305.14314. The model is GPT-2 (Radford et al. 2019),
+the same code as gpt2.py, carried here so that this file stands alone.
 
-What is here: the model; sampling with a KV cache (temperature, top-k, top-p, greedy); loading the
-Hugging Face GPT-2 checkpoints (gpt2, gpt2-medium, gpt2-large, gpt2-xl, or any directory written by
-`GPT2LMHeadModel.save_pretrained`) with a safetensors reader of its own; tiny-shakespeare (or any
-text file) tokenized with tiktoken; training with AdamW, warmup + cosine, gradient accumulation,
-bf16 autocast, torch.compile and DistributedDataParallel; exact resume from atomic checkpoints.
-What is not: the GPT-2 tokenizer itself (tiktoken's), the WebText data, the classification heads.
+LoRA (section 4.1): a pretrained weight W0 stays frozen and each adapted layer learns a low-rank update,
+h = W0 x + (alpha / r) B A x, with A (r x in) random and B (out x r) zero at the start, so fine-tuning begins at
+the pretrained model exactly and trains r (in + out) numbers per layer instead of in x out. `add_lora` wraps the
+chosen linear layers in place (all four per block by default), `merge_lora` folds B A back into W0 for inference,
+`lora_state_dict` is the adapters alone: a run saves only those, a fraction of a percent of the model.
+QLoRA (section 3): the frozen base is stored as 4-bit NormalFloat codes (16 levels at the quantiles of a normal
+distribution, one absmax scale per block of 64 weights), the scales themselves quantized to 8 bits in blocks of
+256 ("double quantization"), about 4.13 bits per weight; the forward pass dequantizes each weight on the fly, and
+only the adapters, kept in 16/32 bits, are trained. Paged optimizers (the paper's third idea) are not here.
 
-    python gpt2.py                                     # CPU: a tiny model, about three minutes
-    python gpt2.py --device cuda                       # one GPU: bf16, torch.compile, a larger model
-    torchrun --standalone --nproc_per_node 8 gpt2.py   # DDP on 8 GPUs
-    python gpt2.py --init_from gpt2 --sample_only --prompt "The meaning of life is"
+What is here: GPT-2 and its Hugging Face checkpoints; LoRA and QLoRA as above, with adapters in peft's names so
+that they move to and from a `peft` LoRA model unchanged; fine-tuning on tiny-shakespeare (or any text file) with
+AdamW, warmup + cosine, gradient accumulation, bf16 autocast, torch.compile and DistributedDataParallel; exact
+resume from atomic checkpoints that hold the adapters and the optimizer, not the base; a sample from the base model
+and one from the fine-tuned model with the same seed and prompt, so the effect shows.
 
-Offline (no download, no tiktoken files) it says so and carries on: the Python standard library's own
-source as the text, raw UTF-8 bytes as the tokens. Every step's randomness (batches, dropout) is drawn
-from a seed made of (--seed, iteration, rank), so `--init_from resume` continues exactly as an
-uninterrupted run would. Sampling past block_size slides the window: see GPT.generate.
+    python lora.py                                       # GPT-2 124M + rank-8 adapters on tiny-shakespeare
+    python lora.py --qlora                               # the same on an NF4 base
+    python lora.py --device cuda --init_from gpt2-medium --lora_rank 16
+    torchrun --standalone --nproc_per_node 8 lora.py     # DDP on 8 GPUs
+    python lora.py --init_from resume --sample_only      # the base plus the saved adapters
+
+Offline (no download, no tiktoken files) it says so and carries on: a freshly initialised GPT-2 as the base when
+the default gpt2 cannot be fetched, the Python standard library's own source as the text, raw UTF-8 bytes as the
+tokens. Every step's randomness is drawn from a seed made of (--seed, iteration, rank), so `--init_from resume`
+continues exactly as an uninterrupted run would.
 """
 import argparse
 import json
@@ -687,13 +694,14 @@ def step_seed(seed, iter_num, rank):
 
 # ------------------------------------------------------------------------------------------- main
 
-# Defaults sized so that a bare run takes about three minutes: tiny on a CPU (where GPT-2's 50K-token output
-# layer costs more than the whole model, about 700 tokens/s on two cores), small on a GPU.
+# Defaults: the base is GPT-2 124M from the hub (12 x 768, whatever the flags below say); the sizes here are those of
+# the fresh GPT-2 that stands in offline. Adapters starting at B = 0 take a higher learning rate than full
+# fine-tuning would; 1e-3 here. Tiny Shakespeare is 300K tokens: a few hundred steps are plenty.
 PRESETS = {
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=8, max_iters=200, eval_interval=100,
-                eval_iters=10, log_interval=25, lr=3e-3, min_lr=3e-4, warmup_iters=20, dropout=0.0),
-    "cuda": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, max_iters=2000, eval_interval=250,
-                 eval_iters=50, log_interval=50, lr=1e-3, min_lr=1e-4, warmup_iters=100, dropout=0.2),
+                eval_iters=10, log_interval=25, lr=1e-3, min_lr=1e-4, warmup_iters=20, dropout=0.0),
+    "cuda": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=32, max_iters=500, eval_interval=100,
+                 eval_iters=50, log_interval=50, lr=1e-3, min_lr=1e-4, warmup_iters=50, dropout=0.0),
 }
 MODEL_FLAGS = ("n_layer", "n_head", "n_embd")     # fixed by a checkpoint
 RUN_FLAGS = ("device", "dtype", "compile", "init_from", "sample_only", "out_dir", "tensorboard",
@@ -837,13 +845,16 @@ def run(args, given):
             model = from_pretrained(base, dropout=args.dropout).train()
             tokenizer = load_tokenizer(required="gpt2")
         except InputError as e:
-            if ckpt is not None or "init_from" in given or "cannot fetch" not in str(e) or args.sample_only:
+            if ckpt is not None or "init_from" in given or "cannot fetch" not in str(e):
                 raise
+            if args.sample_only:
+                raise InputError(f"--sample_only needs weights, and the default base '{base}' cannot be fetched") from None
             print(f"offline: the base '{base}' cannot be fetched; fine-tuning a freshly initialised GPT-2 instead")
             base = "scratch"
     if model is None:  # seeded above: a resumed run rebuilds the same base weights
         tokenizer = load_tokenizer(required=ckpt["tokenizer"] if ckpt is not None else None)
-        model = GPT(Config(vocab_size=tokenizer[3], block_size=args.block_size, n_layer=args.n_layer,
+        model = GPT(Config(**{**ckpt["config"], "dropout": args.dropout}) if ckpt is not None else
+                    Config(vocab_size=tokenizer[3], block_size=args.block_size, n_layer=args.n_layer,
                            n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout))
     cfg = model.config
     for k in MODEL_FLAGS:
