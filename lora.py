@@ -839,7 +839,7 @@ def run(args, given):
     check_args(args)
     targets = tuple(t for t in args.lora_targets.split(",") if t)
     base = ckpt["base"] if ckpt is not None else args.init_from
-    model = None
+    model, init = None, args.init_from
     if base != "scratch":
         try:
             model = from_pretrained(base, dropout=args.dropout).train()
@@ -849,7 +849,7 @@ def run(args, given):
                 raise
             if args.sample_only:
                 raise InputError(f"--sample_only needs weights, and the default base '{base}' cannot be fetched") from None
-            print(f"offline: the base '{base}' cannot be fetched; fine-tuning a freshly initialised GPT-2 instead")
+            init = f"a fresh GPT-2 (offline: the base '{base}' cannot be fetched)"
             base = "scratch"
     if model is None:  # seeded above: a resumed run rebuilds the same base weights
         tokenizer = load_tokenizer(required=ckpt["tokenizer"] if ckpt is not None else None)
@@ -876,7 +876,7 @@ def run(args, given):
     if master:
         print(f"lora | {device} | {str(dtype).removeprefix('torch.')} | compile {'on' if use_compile else 'off'} | "
               f"{n_params / 1e6:.2f}M params | {tokens_per_step:,} tokens/step | data {args.data} | "
-              f"tokenizer {tokenizer[0]} | init {args.init_from}" + (f" | DDP x{world}" if world > 1 else ""))
+              f"tokenizer {tokenizer[0]} | init {init}" + (f" | DDP x{world}" if world > 1 else ""))
         print(f"{'QLoRA' if args.qlora else 'LoRA'} rank {args.lora_rank}, alpha {args.lora_alpha} on "
               f"{','.join(targets)}: {adapters:,} trainable parameters ({100 * adapters / n_params:.2f}%), "
               f"{4 * adapters:,} bytes of adapters in float32 against {full_bytes:,} for the whole model")
@@ -897,7 +897,7 @@ def run(args, given):
         model.train()
 
     if args.sample_only:
-        if base == "scratch":
+        if base == "scratch" and ckpt is None:
             raise InputError("--sample_only needs --init_from resume, a hub id or an HF directory")
         if master:
             sample(f"sample from {args.init_from}")
