@@ -291,6 +291,10 @@ def load_lora(model, adapters):
         extra, missing = sorted(set(adapters) - set(wanted)), sorted(set(wanted) - set(adapters))
         raise InputError(f"the adapters do not fit this model: {len(extra)} unexpected ({extra[:2]}), "
                          f"{len(missing)} missing ({missing[:2]})")
+    for k, v in adapters.items():
+        if v.shape != wanted[k].shape:
+            raise InputError(f"the adapters do not fit this model: '{k}' has shape {tuple(v.shape)}, the model "
+                             f"{tuple(wanted[k].shape)} (another --lora_rank?)")
     model.load_state_dict(adapters, strict=False)
     return model
 
@@ -337,18 +341,19 @@ class NF4Linear(nn.Module):
         scaled = blocks / absmax.clamp_min(torch.finfo(torch.float32).tiny)[:, None]  # in [-1, 1]; zero blocks stay 0
         codes = torch.bucketize(scaled, (NF4[1:] + NF4[:-1]) / 2).to(torch.uint8).flatten()  # nearest NF4 value
         self.register_buffer("packed", codes[0::2] << 4 | codes[1::2])               # (numel / 2,) uint8
-        self.offset = absmax.mean().item()
+        # the values of the two codes in each of the 256 possible bytes: one lookup dequantizes a byte
+        self.register_buffer("pairs", torch.stack((NF4.repeat_interleave(16), NF4.repeat(16)), -1), persistent=False)
+        self.register_buffer("offset", absmax.mean())
         a = F.pad(absmax - self.offset, (0, -absmax.numel() % scale_block)).view(-1, scale_block)
         self.register_buffer("absmax_scale", a.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127)
         self.register_buffer("absmax_q", torch.round(a / self.absmax_scale[:, None]).to(torch.int8))
-        self.n_blocks = absmax.numel()
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
     def weight_as(self, dtype):
         """The dequantized weight (out, in) in dtype."""
-        absmax = (self.absmax_q.float() * self.absmax_scale[:, None]).flatten()[:self.n_blocks] + self.offset
-        codes = torch.stack((self.packed >> 4, self.packed & 15), dim=-1).flatten().long()
-        w = NF4.to(self.packed.device)[codes].view(-1, self.block_size) * absmax[:, None]
+        n_blocks = self.in_features * self.out_features // self.block_size
+        absmax = (self.absmax_q.float() * self.absmax_scale[:, None]).flatten()[:n_blocks] + self.offset
+        w = self.pairs[self.packed.long()].view(n_blocks, self.block_size) * absmax[:, None]
         return w.view(self.out_features, self.in_features).to(dtype)
 
     def dequantized(self):

@@ -1,0 +1,347 @@
+"""Benchmark lora.py's fine-tuning methods against each other at GPT-2 124M's shape: full fine-tuning vs LoRA vs QLoRA.
+
+There is no download here: the base is lora.GPT(lora.Config()), GPT-2 124M's shape (12 layers x 768, 12 heads,
+vocab 50257 padded to 50304, context 1024, the input embedding tied to the head) with random weights (seeded,
+lora.py's own init). Weights do not change what is measured below (counts, bytes, memory, time), only the losses.
+The three methods, each in a fresh Python process (so a peak is that method's alone, not the one before's):
+
+  full   every parameter trainable (124.48M, the tied wte/lm_head matrix counted once), lora.configure_optimizer:
+         AdamW (betas 0.9, 0.95), weight decay 0.1 on the matrices, lr 1e-4
+  LoRA   lora.add_lora(model, rank 8, alpha 16, targets c_attn, c_proj, c_fc: attn.c_attn, attn.c_proj, mlp.c_fc and
+         mlp.c_proj of every block); only the adapters trainable; the same optimizer, lr 1e-3 (as
+         lora.py's: B starts at zero); the learning rates change the losses printed, nothing measured
+  QLoRA  lora.quantize_nf4(model) (those layers' weights as NF4 codes, block 64, scales double-quantized) and then
+         add_lora as above: the adapters train against the dequantized 4-bit base
+
+Per method, in that process:
+  trainable      parameters that require grad, and their share of the whole model's 124.48M
+  model          bytes of the model's parameters and buffers (each tensor once): NF4 shrinks the adapted layers'
+                 weights from 32 to ~4.13 bits; wte (38.6M), wpe, LayerNorms and biases stay float32
+  grads          bytes of the .grad tensors after a step
+  optim state    bytes of AdamW's state tensors after the steps (exp_avg, exp_avg_sq: 8 bytes per trainable
+                 parameter, plus a 4-byte step counter per parameter tensor)
+  RSS            CPU: the process's resident size with the model, optimizer and batch built (before any step), and
+                 its peak resident size over the training steps (VmHWM in /proc/self/status, reset to the current
+                 size through /proc/self/clear_refs just before the first step: the building of the float32 model
+                 that QLoRA then quantizes is not in it, and the peak is this process's own, not ru_maxrss, which
+                 starts from the forked parent's)
+  step time      forward + backward + AdamW step (+ zero_grad), fp32, batch 1 x 256 tokens of a fixed random batch,
+                 the median over the timed steps after 2 warmup steps (the first allocates AdamW's state);
+                 forward + backward and the optimizer step are also given apart
+  checkpoint     torch.save into a BytesIO: the whole state_dict (full: the model; LoRA/QLoRA: base + adapters, an
+                 NF4 base as its codes and scales) and lora_state_dict(model), what an adapter-only checkpoint holds
+  NF4            (QLoRA) bits per weight of the NF4 layers (codes, int8 scales, their float32 scales, the offset),
+                 and the time to dequantize all of them once (a step does it twice: forward and backward)
+Checks (exit status 1 if one fails): LoRA's trainable count is n_layer x rank x 16 x n_embd (the four adapted
+layers per block); LoRA's first loss equals full fine-tuning's (B starts at zero, so the function is the base's);
+every loss is finite; the optimizer state is 8 bytes per trainable parameter plus the step counters.
+
+  GPU    only with CUDA: the same three, each in a fresh process, bf16 autocast (float32 weights, the NF4 base
+         dequantized to bf16), fused AdamW, no torch.compile, B=--batch_size x T=1024: step time (median of 20
+         after 5 warmup, torch.cuda.synchronize() around each) and torch.cuda.max_memory_allocated over the steps
+
+    python benchmarks/bench_lora.py                  # about 4 minutes on 2 CPU cores
+    python benchmarks/bench_lora.py --quick          # tiny model, a smoke test (~40 s)
+    python benchmarks/bench_lora.py --json out.json  # also write the results as JSON
+    python benchmarks/bench_lora.py --rounds 9       # timed steps per method (default 5; 2 with --quick)
+    python -c "import bench_lora as b; b.gpu_rows(16)"   # from benchmarks/: the GPU rows alone
+"""
+import time
+
+T_START = time.perf_counter()  # the wall time printed at the end includes the imports
+
+import argparse
+import inspect
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]  # the models at the repo root, harness.py beside this file
+import harness  # noqa: E402
+import lora  # noqa: E402
+
+# CPU sizes. default: GPT-2 124M's shape (lora.Config()'s defaults); quick: a tiny GPT with GPT-2's vocabulary.
+# Every adapted weight must be a whole number of NF4 blocks (64, two codes per byte): all of these are.
+CONFIGS = {
+    "default": dict(model=dict(), batch=1, seq=256, warmup=2),
+    "quick": dict(model=dict(n_layer=2, n_head=2, n_embd=64, block_size=256), batch=1, seq=64, warmup=1),
+}
+METHODS = ("full", "lora", "qlora")
+NAMES = {"full": "full fine-tuning", "lora": "LoRA", "qlora": "QLoRA"}
+LORA = dict(rank=8, alpha=16, targets=("c_attn", "c_proj", "c_fc"))
+LR = {"full": 1e-4, "lora": 1e-3, "qlora": 1e-3}  # as lora.py: adapters (B starting at 0) take a higher rate
+
+
+def method_worker(spec):
+    """One method's measurements, run in a fresh interpreter by run_worker (inspect.getsource + this call), so it
+    imports what it needs itself and reads no global of the bench. Returns a dict (JSON-able)."""
+    import io, math, statistics, sys, time, types  # noqa: E401
+    from contextlib import nullcontext
+    import torch
+    sys.path.insert(0, spec["root"])
+    import lora
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    method = spec["method"]
+
+    def status(key):  # KiB, the kernel's accounting of this process's resident memory
+        return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key + ":"))
+
+    def rss_reset():  # "5" resets VmHWM to the current resident size; None where there is no /proc
+        try:
+            hwm = status("VmHWM") * 1024
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return status("VmRSS") * 1024, hwm
+        except (OSError, StopIteration):
+            return None, None
+
+    def nbytes(tensors):
+        seen, n = set(), 0
+        for t in tensors:
+            if t is not None and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                n += t.numel() * t.element_size()
+        return n
+
+    torch.manual_seed(spec["seed"])  # the same base weights in every process
+    cfg = lora.Config(**spec["model"])
+    model = lora.GPT(cfg)
+    total = sum(p.numel() for p in model.parameters())  # the tied wte/lm_head once
+    if method == "qlora":
+        lora.quantize_nf4(model, 64, spec["targets"])
+    if method in ("lora", "qlora"):
+        lora.add_lora(model, spec["rank"], spec["alpha"], spec["targets"])
+    model.to(device).train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = lora.configure_optimizer(model, types.SimpleNamespace(lr=spec["lr"], weight_decay=0.1), device)
+    x = torch.randint(0, cfg.vocab_size, (spec["batch"], spec["seq"] + 1),
+                      generator=torch.Generator().manual_seed(spec["seed"] + 1)).to(device)
+    idx, targets = x[:, :-1].contiguous(), x[:, 1:].contiguous()
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if spec["autocast"] else nullcontext()
+
+    def step():
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        with ctx:
+            _, loss = model(idx, targets)
+        loss.backward()
+        sync()
+        t1 = time.perf_counter()
+        opt.step()
+        sync()
+        return t1 - t0, time.perf_counter() - t1, loss.item()
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+        cuda_before = torch.cuda.memory_allocated(device)
+    rss_before, hwm_build = rss_reset()
+    fb, op, losses = [], [], []
+    for i in range(spec["warmup"] + spec["steps"]):
+        t_fb, t_op, loss = step()
+        losses.append(loss)
+        if i >= spec["warmup"]:
+            fb.append(t_fb)
+            op.append(t_op)
+    rss_peak = status("VmHWM") * 1024 if rss_before is not None else None
+    out = dict(method=method, device=str(device), autocast=spec["autocast"], batch=spec["batch"], seq=spec["seq"],
+               warmup=spec["warmup"], steps=spec["steps"], total_params=total,
+               trainable_params=sum(p.numel() for p in trainable), trainable_tensors=len(trainable),
+               model_bytes=nbytes(list(model.parameters()) + list(model.buffers())),
+               grad_bytes=nbytes(p.grad for p in trainable),
+               optim_state_bytes=sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+                                     if torch.is_tensor(t)),
+               step_s=[a + b for a, b in zip(fb, op)], fwd_bwd_s=fb, optim_s=op, losses=losses,
+               losses_finite=all(math.isfinite(v) for v in losses),
+               rss_before_bytes=rss_before, rss_peak_bytes=rss_peak, rss_peak_with_build_bytes=hwm_build)
+    out["step_median_s"] = statistics.median(out["step_s"])
+    out["fwd_bwd_median_s"], out["optim_median_s"] = statistics.median(fb), statistics.median(op)
+    if cuda:
+        out.update(device_name=torch.cuda.get_device_name(device), cuda_before_bytes=cuda_before,
+                   cuda_peak_bytes=torch.cuda.max_memory_allocated(device))
+    nf4 = [m for m in model.modules() if isinstance(m, lora.NF4Linear)]
+    if nf4:
+        n = sum(m.in_features * m.out_features for m in nf4)
+        out.update(nf4_layers=len(nf4), nf4_weights=n,
+                   nf4_bits_per_weight=sum(m.bits_per_weight() * m.in_features * m.out_features for m in nf4) / n)
+        dtype = torch.bfloat16 if spec["autocast"] else torch.float32
+        times = []
+        with torch.no_grad():
+            for _ in range(spec["steps"] + 1):  # the first warms up
+                sync()
+                t = time.perf_counter()
+                for m in nf4:
+                    m.weight_as(dtype)
+                sync()
+                times.append(time.perf_counter() - t)
+        out["nf4_dequant_all_s"] = statistics.median(times[1:])
+    if spec["sizes"]:  # after the peak: these buffers are not in it
+        def saved(obj):
+            buf = io.BytesIO()
+            torch.save(obj, buf)
+            return buf.getbuffer().nbytes
+        out["state_dict_file_bytes"] = saved(model.state_dict())
+        out["adapter_file_bytes"] = saved(lora.lora_state_dict(model)) if method != "full" else None
+    return out
+
+
+def run_worker(spec):
+    code = inspect.getsource(method_worker) + f"\nimport json\nprint(json.dumps(method_worker({spec!r})))\n"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{spec['method']} worker failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def run_methods(c, steps, seed, device="cpu", autocast=False, sizes=True):
+    """{method: method_worker result}, each method in a fresh process, in METHODS' order."""
+    out = {}
+    for method in METHODS:
+        spec = dict(method=method, model=c["model"], batch=c["batch"], seq=c["seq"], warmup=c["warmup"], steps=steps,
+                    seed=seed, lr=LR[method], device=device, autocast=autocast, sizes=sizes,
+                    threads=torch.get_num_threads() if device == "cpu" else 0, root=str(HERE.parent),
+                    rank=LORA["rank"], alpha=LORA["alpha"], targets=LORA["targets"])
+        t = time.perf_counter()
+        out[method] = r = run_worker(spec)
+        print(f"{NAMES[method]}: {harness.fmt_s(r['step_median_s'])}/step, process {time.perf_counter() - t:.1f} s",
+              flush=True)
+    return out
+
+
+def mb(n):
+    return "n/a" if n is None else f"{n / 1e6:,.1f} MB"
+
+
+def checks_of(res, c):
+    """The checks listed in the docstring (the *match entries decide the exit status with harness.passed)."""
+    cfg = lora.Config(**c["model"])
+    full, lo = res["full"], res["lora"]
+    return {
+        "lora_trainable_match": lo["trainable_params"] == cfg.n_layer * LORA["rank"] * 16 * cfg.n_embd,
+        "qlora_trainable_match": res["qlora"]["trainable_params"] == lo["trainable_params"],
+        "lora_initial_loss_match": abs(lo["losses"][0] - full["losses"][0]) <= 1e-6 * abs(full["losses"][0]),
+        "losses_finite_match": all(r["losses_finite"] for r in res.values()),
+        "optim_state_bytes_match": all(r["optim_state_bytes"] == 8 * r["trainable_params"] + 4 * r["trainable_tensors"]
+                                       for r in res.values()),
+        "initial_losses": {m: r["losses"][0] for m, r in res.items()},
+        "final_losses": {m: r["losses"][-1] for m, r in res.items()},
+    }
+
+
+def print_cpu_tables(res, c):
+    total = res["full"]["total_params"]
+    lo = res["lora"]["step_median_s"]
+
+    def trainable(r):
+        return f"{r['trainable_params']:,} ({100 * r['trainable_params'] / total:.2f}%)"
+
+    def peak(r):
+        if r["rss_peak_bytes"] is None:
+            return "n/a (no /proc)"
+        return f"{mb(r['rss_peak_bytes'])} (+{mb(r['rss_peak_bytes'] - r['rss_before_bytes'])})"
+
+    def ckpt(r):
+        return mb(r["state_dict_file_bytes"]) + ("" if r["adapter_file_bytes"] is None
+                                                 else f" (adapters: {mb(r['adapter_file_bytes'])})")
+
+    def step(r):
+        fmt = harness.fmt_s
+        return f"{fmt(r['step_median_s'])} ({fmt(min(r['step_s']))}-{fmt(max(r['step_s']))})"
+
+    harness.print_table(
+        ("method", "trainable params", "model", "grads", "optim state", "RSS before steps",
+         "peak RSS in steps (+ added)", "state_dict file (adapter-only)"),
+        [(NAMES[m], trainable(r), mb(r["model_bytes"]), mb(r["grad_bytes"]), mb(r["optim_state_bytes"]),
+          mb(r["rss_before_bytes"]), peak(r), ckpt(r)) for m, r in res.items()])
+    print()
+    harness.print_table(
+        ("method", "step: median (range)", "fwd+bwd", "AdamW step", "tokens/s", "step / LoRA's"),
+        [(NAMES[m], step(r), harness.fmt_s(r["fwd_bwd_median_s"]), harness.fmt_s(r["optim_median_s"]),
+          f"{c['batch'] * c['seq'] / r['step_median_s']:,.0f}", f"{r['step_median_s'] / lo:.2f}x")
+         for m, r in res.items()])
+
+
+# ------------------------------------------------------------------------------------------- GPU
+
+def gpu_rows(batch_size, device="cuda", cfg=None, seq=None, steps=20, warmup=5):
+    """{method: method_worker result} for the three at GPT-2 124M's shape, bf16 autocast, B=batch_size x T=1024,
+    each in a fresh process, printed. (device, cfg, seq and the step counts exist only to smoke-test this on a CPU
+    with a tiny model.)"""
+    cfg = dict(cfg or {})
+    seq = seq or cfg.get("block_size", 1024)
+    c = dict(model=cfg, batch=batch_size, seq=seq, warmup=warmup)
+    res = run_methods(c, steps, seed=1337, device=device, autocast=True, sizes=False)
+    full = res["full"]
+    name = full.get("device_name", device)
+    print(f"GPU {name}: bf16 autocast, fused AdamW, no torch.compile, B={batch_size} x T={seq}, "
+          f"median of {steps} steps after {warmup}:")
+    peak = "cuda_peak_bytes" if device == "cuda" else "rss_peak_bytes"
+    harness.print_table(
+        ("method", "trainable params", "model", "optim state", "memory before steps", "peak memory in steps",
+         "step", "tokens/s"),
+        [(NAMES[m], f"{r['trainable_params']:,}", mb(r["model_bytes"]), mb(r["optim_state_bytes"]),
+          mb(r.get("cuda_before_bytes", r["rss_before_bytes"])), mb(r[peak]), f"{1000 * r['step_median_s']:.1f} ms",
+          f"{batch_size * seq / r['step_median_s']:,.0f}") for m, r in res.items()])
+    print(f"(memory: torch.cuda.memory_allocated / max_memory_allocated{'' if device == 'cuda' else '; here RSS'}; "
+          f"QLoRA NF4 dequantize all {res['qlora']['nf4_layers']} layers to bf16: "
+          f"{1000 * res['qlora']['nf4_dequant_all_s']:.1f} ms, twice per step)")
+    return res
+
+
+def main():
+    p = harness.common_args(argparse.ArgumentParser(
+        description="lora.py: full fine-tuning vs LoRA vs QLoRA at GPT-2 124M's shape (see the docstring)"))
+    args = harness.parse_args(p)  # --rounds: timed steps per method (after the warmup steps)
+    c = CONFIGS["quick" if args.quick else "default"]
+
+    info = harness.machine()
+    res = run_methods(c, args.rounds, args.seed)
+    checks = checks_of(res, c)
+    full, lo, q = res["full"], res["lora"], res["qlora"]
+    cfg = lora.Config(**c["model"])
+    print(f"model: GPT-2 124M's shape, random weights (no download): {cfg.n_layer} layers x {cfg.n_embd}, "
+          f"{cfg.n_head} heads, vocab {cfg.vocab_size} (padded to {cfg.padded_vocab_size}), {full['total_params']:,} "
+          f"params (tied wte/lm_head once) | LoRA rank {LORA['rank']}, alpha {LORA['alpha']} on "
+          f"{','.join(LORA['targets'])} | fp32, batch {c['batch']} x {c['seq']} tokens, AdamW | step times: median "
+          f"of {args.rounds} steps after {c['warmup']} warmup | each method in a fresh process"
+          if not args.quick else
+          f"model (--quick, tiny): {cfg.n_layer} layers x {cfg.n_embd}, vocab {cfg.vocab_size}, "
+          f"{full['total_params']:,} params | fp32, batch {c['batch']} x {c['seq']}, {args.rounds} steps after "
+          f"{c['warmup']} warmup")
+    print_cpu_tables(res, c)
+    print(f"MB = 10^6 bytes | model: parameters + buffers | RSS: resident size of the method's process (torch and "
+          f"lora.py imported, model, optimizer and batch built); peak: VmHWM over the {c['warmup'] + args.rounds} "
+          f"steps, (+ what the steps added to the resident size before them) | state_dict file: torch.save of "
+          f"model.state_dict() (adapter-only: of lora_state_dict(model)) into memory")
+    n = q["nf4_weights"]
+    print(f"QLoRA NF4: {q['nf4_layers']} layers, {n:,} weights at {q['nf4_bits_per_weight']:.3f} bits each "
+          f"({n * q['nf4_bits_per_weight'] / 8e6:,.1f} MB against {4 * n / 1e6:,.1f} MB in float32); dequantizing "
+          f"all of them to float32 once: {harness.fmt_s(q['nf4_dequant_all_s'])} (a step does it twice: forward, "
+          f"and again in backward)")
+    print(f"checkpoint: adapters {lo['adapter_file_bytes']:,} bytes vs the full model's state_dict "
+          f"{full['state_dict_file_bytes']:,} bytes ({full['state_dict_file_bytes'] / lo['adapter_file_bytes']:.0f}x "
+          f"smaller); QLoRA's whole state_dict (NF4 base + adapters): {q['state_dict_file_bytes']:,} bytes")
+    print("losses, first -> last step (the same batch every step): " + ", ".join(
+        f"{NAMES[m]} {checks['initial_losses'][m]:.4f} -> {checks['final_losses'][m]:.4f}" for m in METHODS))
+    print(f"checks: LoRA trainable = n_layer x r x 16 x n_embd: {checks['lora_trainable_match']} | LoRA first loss = "
+          f"full's: {checks['lora_initial_loss_match']} | optimizer state = 8 B/param + step counters: "
+          f"{checks['optim_state_bytes_match']} | losses finite: {checks['losses_finite_match']}")
+    if args.quick:
+        print("--quick: a smoke test, its sizes are too small for the numbers to mean anything")
+
+    gpu, gpu_ok = harness.gpu_section(lambda: gpu_rows(args.batch_size))
+    # status 1: a check above failed, or the GPU rows failed
+    harness.finish(T_START, info, args.json, gpu_ok and harness.passed(checks),
+                   config=dict(c, lora=LORA, lr=LR, seed=args.seed, total_params=full["total_params"]),
+                   rounds=args.rounds, methods=res, checks=checks, gpu=gpu)
+
+
+if __name__ == "__main__":
+    main()
