@@ -253,29 +253,36 @@ class LoRALinear(nn.Module):
         return self.base(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scale
 
 
+def swap_layers(model, swap):
+    """Replace, in place, each layer for which swap(name, layer) returns a module (None: keep it); returns model."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            new = swap(name, child)
+            if new is not None:
+                setattr(module, name, new)
+    return model
+
+
 def add_lora(model, rank=8, alpha=16, targets=("c_attn", "c_proj", "c_fc"), dropout=0.0):
     """Wrap every linear layer named in targets (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj by default) in a
     LoRALinear, in place, and freeze everything else: afterwards only the adapters require gradients."""
     for p in model.parameters():
         p.requires_grad_(False)
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if name in targets and isinstance(child, (nn.Linear, NF4Linear)):
-                setattr(module, name, LoRALinear(child, rank, alpha, dropout))
-    return model
+    return swap_layers(model, lambda name, layer: LoRALinear(layer, rank, alpha, dropout)
+                       if name in targets and isinstance(layer, (nn.Linear, NF4Linear)) else None)
 
 
 def merge_lora(model):
     """Fold each adapter into its base weight, W0 + (alpha / r) B A (section 4.1: no extra latency at inference),
     and put the plain linear layer back. An NF4 base is dequantized first (merged weights are no NF4 codes)."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, LoRALinear):
-                base = child.base.dequantized() if isinstance(child.base, NF4Linear) else child.base
-                with torch.no_grad():
-                    base.weight += (child.lora_B.weight @ child.lora_A.weight).to(base.weight.dtype) * child.scale
-                setattr(module, name, base)
-    return model
+    def merged(name, layer):
+        if not isinstance(layer, LoRALinear):
+            return None
+        base = layer.base.dequantized() if isinstance(layer.base, NF4Linear) else layer.base
+        with torch.no_grad():
+            base.weight += (layer.lora_B.weight @ layer.lora_A.weight).to(base.weight.dtype) * layer.scale
+        return base
+    return swap_layers(model, merged)
 
 
 def lora_state_dict(model):
@@ -379,11 +386,8 @@ class NF4Linear(nn.Module):
 def quantize_nf4(model, block_size=64, targets=("c_attn", "c_proj", "c_fc")):
     """Replace the named linear layers' weights by NF4Linear, in place (the embedding and head stay as they are);
     returns the model."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if name in targets and isinstance(child, nn.Linear):
-                setattr(module, name, NF4Linear(child, block_size))
-    return model
+    return swap_layers(model, lambda name, layer: NF4Linear(layer, block_size)
+                       if name in targets and isinstance(layer, nn.Linear) else None)
 
 
 # -------------------------------------------------------------------------- pretrained checkpoints
