@@ -873,6 +873,7 @@ def run(args, given):
     if args.block_size > cfg.block_size:
         raise InputError(f"--block_size {args.block_size} is longer than the model's context ({cfg.block_size})")
     n_params, full_bytes = (sum(f(p) for p in model.parameters()) for f in (torch.numel, lambda p: p.numel() * p.element_size()))
+    matmul_params = model.num_params()  # counted before NF4 turns the adapted weights into buffers
     if args.qlora:
         quantize_nf4(model, args.nf4_block, targets)
     add_lora(model, args.lora_rank, args.lora_alpha, targets, args.lora_dropout)
@@ -969,7 +970,10 @@ def run(args, given):
         sys.exit(1)
 
     peak = peak_flops(device, dtype)
-    flops_per_token = 6 * model.num_params() + 12 * cfg.n_layer * cfg.n_embd * args.block_size  # PaLM, app. B
+    # PaLM (app. B) counts 6 N per token for training: 2 N forward, 4 N backward. With the base frozen the backward
+    # still carries gradients through every weight to the activations (2 N) but computes no weight gradients
+    # (the adapters' are negligible), so 4 N here; attention's term is unchanged.
+    flops_per_token = 4 * matmul_params + 12 * cfg.n_layer * cfg.n_embd * args.block_size
     loss_sum, loss_count = torch.zeros((), device=device), 0
     t_log, iters_logged, t_start = time.perf_counter(), iter_num, time.time()
     train_model.train()
