@@ -866,9 +866,9 @@ def step_seed(seed, iter_num, rank):
 # docstring). BitNet trains without dropout; on a 1 MB text a small model overfits without it, hence 0.2 on the GPU.
 PRESETS = {
     "cpu": dict(n_layer=4, n_head=4, n_kv_head=2, n_embd=128, block_size=64, batch_size=8, max_iters=200,
-                eval_interval=100, eval_iters=10, log_interval=25, lr=3e-3, min_lr=3e-4, warmup_iters=20, dropout=0.0),
-    "cuda": dict(n_layer=6, n_head=6, n_kv_head=2, n_embd=384, block_size=256, batch_size=64, max_iters=2000,
-                 eval_interval=250, eval_iters=50, log_interval=50, lr=1e-3, min_lr=1e-4, warmup_iters=100, dropout=0.2),
+                eval_interval=100, eval_iters=10, log_interval=25, lr=6e-3, min_lr=6e-4, warmup_iters=20, dropout=0.0),
+    "cuda": dict(n_layer=6, n_head=6, n_kv_head=2, n_embd=384, block_size=256, batch_size=64, max_iters=500,
+                 eval_interval=100, eval_iters=50, log_interval=50, lr=1e-3, min_lr=1e-4, warmup_iters=50, dropout=0.2),
 }
 MODEL_FLAGS = ("n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size", "rope_theta",
                "tie_embeddings", "weight_bits")  # fixed by a checkpoint

@@ -175,7 +175,8 @@ def test_prepare_data_and_get_batch(m, tmp_path, monkeypatch, capsys):
 # ---------------------------------------------------------------------------------------- schedule
 
 def test_lr_schedule(m):
-    args = argparse.Namespace(lr=1.0, min_lr=0.1, warmup_iters=10, lr_decay_iters=None, max_iters=110)
+    # two_stage: bitnet.py's option (off here; its own tests cover it), an unused attribute elsewhere
+    args = argparse.Namespace(lr=1.0, min_lr=0.1, warmup_iters=10, lr_decay_iters=None, max_iters=110, two_stage=False)
     assert m.lr_at(0, args) == pytest.approx(0.1)
     assert m.lr_at(4, args) == pytest.approx(0.5)
     assert m.lr_at(9, args) == pytest.approx(1.0)
