@@ -35,7 +35,7 @@ text), and fused kernels (the memory is plain matmuls).
     python infini_attention.py --device cuda                       # one GPU: bf16, torch.compile
     python infini_attention.py --task passkey --device cuda        # passkey retrieval, accuracy by length
     torchrun --standalone --nproc_per_node 8 infini_attention.py   # DDP on 8 GPUs
-    python infini_attention.py --init_from TinyLlama/TinyLlama-1.1B-Chat-v1.0 --segment_len 512 --block_size 2048
+    HF_TOKEN=... python infini_attention.py --init_from meta-llama/Llama-3.2-1B --segment_len 512 --block_size 2048
 
 Offline (no download, no tiktoken files) it says so and carries on: the Python standard library's own source as
 the text, raw UTF-8 bytes as the tokens. Every step's randomness (batches, dropout) is drawn from a seed made of
