@@ -185,8 +185,9 @@ def retrieve(q, M, z):
     """A_mem = sigma(q) M / (sigma(q) z) (eq. 3) for q (B, H_kv, n, d) read by its own key/value head's memory.
     The denominator is a sum of positive terms once the memory holds a segment; the clamp only guards the exact
     zeros of an empty row."""
-    s = elu1(q)
-    return (s @ M) / (s @ z.unsqueeze(-1)).clamp(min=1e-6)
+    with torch.autocast(q.device.type, enabled=False):  # the memory is read and written in float32
+        s = elu1(q)
+        return (s @ M) / (s @ z.unsqueeze(-1)).clamp(min=1e-6)
 
 
 class Attention(nn.Module):
@@ -243,8 +244,9 @@ class Attention(nn.Module):
         if state.M is None:
             state.M, state.z = sk.new_zeros(*sk.shape[:2], sk.size(-1), v.size(-1)), sk.new_zeros(sk.shape[:2] + sk.shape[-1:])
         elif self.cfg.memory_update == "delta":  # write only what the memory does not already return for these keys
-            v = v - (sk @ state.M) / (sk @ state.z.unsqueeze(-1)).clamp(min=1e-6)
-        state.M = state.M + sk.transpose(-1, -2) @ v                           # (B, Hkv, d, d)
+            v = v - retrieve(state.k, state.M, state.z)
+        with torch.autocast(v.device.type, enabled=False):
+            state.M = state.M + sk.transpose(-1, -2) @ v                       # (B, Hkv, d, d)
         state.z = state.z + sk.sum(dim=2)                                      # (B, Hkv, d)
         state.k = state.v = None
         state.filled = 0
@@ -733,9 +735,10 @@ def passkey_accuracy(model, encode, lengths, n, device, ctx, memory=True):
     for length in lengths:
         torch.manual_seed(length)  # the same examples for every model and setting
         x, _, y = passkey_batch(encode, n, length, device)
-        y = y[:, -4:]  # the key's tokens are the last ones (a 5-digit key is at most 3 GPT-2 tokens)
+        k = int((y >= 0).sum(dim=1).max())  # the key's tokens are the last ones: logits for those positions only
+        y = y[:, -k:]
         with ctx:
-            logits = model.lm_head(model.hidden(x)[:, -4:])[..., :model.config.vocab_size]
+            logits = model.lm_head(model.hidden(x)[:, -k:])[..., :model.config.vocab_size]
         out[length] = ((logits.argmax(-1) == y) | (y < 0)).all(dim=1).float().mean().item()
     for g, s in zip(gates, saved):
         g.copy_(s)
@@ -1043,6 +1046,15 @@ def run(args, given):
             print(f"  {'memory' if memory else 'gated off':<15}" + "".join(f"{100 * a:7.0f}%" for a in row.values()))
         return rows
 
+    if args.task == "passkey":  # before any training: the table's shortest context is one segment
+        if tokenizer is None:
+            raise InputError(f"--task passkey needs a tokenizer, and {args.init_from} has none tiktoken can read")
+        try:
+            passkey_batch(tokenizer[1], 1, cfg.segment_len, "cpu")
+        except InputError:
+            raise InputError(f"--task passkey: one segment (--segment_len {cfg.segment_len}) is too short for a "
+                             f"passkey example with the {tokenizer[0]} tokenizer") from None
+
     if args.sample_only:
         if args.init_from == "scratch":
             raise InputError("--sample_only needs --init_from resume, a hub id or an HF directory")
@@ -1086,7 +1098,9 @@ def run(args, given):
         ckpt = None  # free it
     eval_model = train_model = torch.compile(model) if use_compile else model  # `model` stays the plain module
     if world > 1:
-        train_model = DDP(eval_model, device_ids=[device.index] if device.type == "cuda" else None)
+        # with one segment per sequence the memory is never read and the gates get no gradient: tell DDP
+        train_model = DDP(eval_model, device_ids=[device.index] if device.type == "cuda" else None,
+                          find_unused_parameters=args.block_size <= cfg.segment_len)
 
     # --- logs: stdout, out_dir/metrics.jsonl, optionally TensorBoard
     writer = None
