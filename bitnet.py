@@ -865,8 +865,9 @@ def step_seed(seed, iter_num, rank):
 # ------------------------------------------------------------------------------------------- main
 
 # Defaults sized so that a bare run takes about three minutes: tiny on a CPU (where the 50K-token output layer
-# costs more than the whole model), small on a GPU; the shapes are llama2.py's, the learning rates higher (see the
-# docstring). BitNet trains without dropout; on a 1 MB text a small model overfits without it, hence 0.2 on the GPU.
+# costs more than the whole model), small on a GPU; the shapes are llama2.py's, the CPU learning rate higher (the
+# docstring says why the CUDA one is not). BitNet trains without dropout; on a 1 MB text a small model overfits
+# without it, hence 0.2 on the GPU.
 PRESETS = {
     "cpu": dict(n_layer=4, n_head=4, n_kv_head=2, n_embd=128, block_size=64, batch_size=8, max_iters=200,
                 eval_interval=100, eval_iters=10, log_interval=25, lr=6e-3, min_lr=6e-4, warmup_iters=20, dropout=0.0),
@@ -911,7 +912,7 @@ def parse_args(argv):
     p.add_argument("--n_head", type=int, help=preset("n_head"))
     p.add_argument("--n_kv_head", type=int, help=preset("n_kv_head") + " (key/value heads: n_head is MHA, 1 is MQA)")
     p.add_argument("--n_embd", type=int, help=preset("n_embd"))
-    p.add_argument("--intermediate_size", type=int, help="SwiGLU width (default: 8/3 n_embd, rounded up to 64)")
+    p.add_argument("--intermediate_size", type=int, help="feed-forward width (default: 8/3 n_embd, rounded up to 64)")
     p.add_argument("--rope_theta", type=float, help="rotary base (default 500000, as the released model)")
     p.add_argument("--tie_embeddings", action=argparse.BooleanOptionalAction, default=None,
                    help="share the embedding with the output head (default: untied)")
