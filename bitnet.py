@@ -154,7 +154,8 @@ def quantize_weights(w, bits):
 
 def bit_matmul(x, codes, s_w):
     """y = x W^T for a quantized W: the matmul of 8-bit activation codes and weight codes, rescaled by both
-    scales (b1.58 section 2: y = W~ x~ * gamma / s_x, with gamma = 1 / s_w). Integers up to 127 and up to
+    scales (BitNet section 2.1's dequantization, y = W~ x~ * beta gamma / Q_b; here beta = 1 / s_w and
+    gamma / Q_b = 1 / s_x). Integers up to 127 and up to
     127 * in_features in the sums are exact in float32 (and the codes exact in bf16), so the training forward
     and the packed forward give the same numbers."""
     x_q, s_x = quantize_activations(x)

@@ -181,12 +181,11 @@ class MemoryState:
         return sum(t.numel() * t.element_size() for t in (self.M, self.z, self.k, self.v) if t is not None)
 
 
-def retrieve(q, M, z):
-    """A_mem = sigma(q) M / (sigma(q) z) (eq. 3) for q (B, H_kv, n, d) read by its own key/value head's memory.
-    The denominator is a sum of positive terms once the memory holds a segment; the clamp only guards the exact
-    zeros of an empty row."""
-    with torch.autocast(q.device.type, enabled=False):  # the memory is read and written in float32
-        s = elu1(q)
+def retrieve(s, M, z):
+    """A_mem = sigma(q) M / (sigma(q) z) (eq. 3) for features s = sigma(q) (B, H_kv, n, d), each row read by its own
+    key/value head's memory. The denominator is a sum of positive terms once the memory holds a segment; the clamp
+    only guards the exact zeros of an empty row."""
+    with torch.autocast(s.device.type, enabled=False):  # the memory is read and written in float32
         return (s @ M) / (s @ z.unsqueeze(-1)).clamp(min=1e-6)
 
 
@@ -230,7 +229,7 @@ class Attention(nn.Module):
                                                is_causal=p == 0, dropout_p=self.dropout if self.training else 0.0,
                                                enable_gqa=True)                # (B, H, T, d)
         if state.M is not None:  # retrieval from the memory of the segments before (none: local attention alone)
-            a_mem = retrieve(q.reshape(B, Hkv, H // Hkv * T, d), state.M, state.z)  # each kv head's query group
+            a_mem = retrieve(elu1(q.reshape(B, Hkv, H // Hkv * T, d)), state.M, state.z)  # kv head's query group
             g = torch.sigmoid(self.gate.float()).view(1, H, 1, 1)
             a_dot = (g * a_mem.reshape(B, H, T, d) + (1 - g) * a_dot.float()).type_as(a_dot)  # eq. 6
         state.k, state.v, state.filled = k, v, p + T
@@ -241,13 +240,13 @@ class Attention(nn.Module):
     def update(self, state):
         """Write the finished segment's keys and values into M and z (eqs. 4-5); start an empty segment."""
         sk, v = elu1(state.k), state.v.float()                                 # (B, Hkv, N, d)
-        if state.M is None:
-            state.M, state.z = sk.new_zeros(*sk.shape[:2], sk.size(-1), v.size(-1)), sk.new_zeros(sk.shape[:2] + sk.shape[-1:])
-        elif self.cfg.memory_update == "delta":  # write only what the memory does not already return for these keys
-            v = v - retrieve(state.k, state.M, state.z)
+        if state.M is not None and self.cfg.memory_update == "delta":  # write only what the memory does not
+            v = v - retrieve(sk, state.M, state.z)                              # already return for these keys
         with torch.autocast(v.device.type, enabled=False):
-            state.M = state.M + sk.transpose(-1, -2) @ v                       # (B, Hkv, d, d)
-        state.z = state.z + sk.sum(dim=2)                                      # (B, Hkv, d)
+            write = sk.transpose(-1, -2) @ v                                   # (B, Hkv, d, d)
+        # the memory before the first segment is M = 0, z = 0: the first write is the memory
+        state.M = write if state.M is None else state.M + write
+        state.z = sk.sum(dim=2) if state.z is None else state.z + sk.sum(dim=2)  # (B, Hkv, d)
         state.k = state.v = None
         state.filled = 0
 
@@ -1027,12 +1026,12 @@ def run(args, given):
                                  args.top_k or None, args.top_p)
         itemsize = (dtype if dtype != torch.float32 else model.lm_head.weight.dtype).itemsize
         d, kv = cfg.head_dim, cfg.n_kv_head
-        memory = cfg.n_layer * kv * (d * d + d) * 4                          # M and z, float32
-        segment = 2 * cfg.n_layer * kv * (cfg.segment_len - 1) * d * itemsize  # K and V of an unfinished segment
-        print(f"state: at most {(memory + segment) / 1e6:,.2f} MB at any context length ({memory / 1e6:,.2f} MB of "
-              f"memory + keys and values of up to {cfg.segment_len - 1} tokens); full attention's KV cache would "
-              f"take {2 * cfg.n_layer * kv * d * itemsize * 1024 / 1e6:,.2f} MB at 1K tokens and "
-              f"{2 * cfg.n_layer * kv * d * itemsize * 102400 / 1e6:,.1f} MB at 100K")
+        memory = cfg.n_layer * kv * (d * d + d) * 4                 # M and z, float32
+        kv_per_token = 2 * cfg.n_layer * kv * d * itemsize          # K and V of one token, all layers
+        print(f"state: at most {(memory + (cfg.segment_len - 1) * kv_per_token) / 1e6:,.2f} MB at any context "
+              f"length ({memory / 1e6:,.2f} MB of memory + keys and values of up to {cfg.segment_len - 1} tokens); "
+              f"full attention's KV cache would take {1024 * kv_per_token / 1e6:,.2f} MB at 1K tokens and "
+              f"{102400 * kv_per_token / 1e6:,.1f} MB at 100K")
         text = str(out[0].tolist()) if tokenizer is None else tokenizer[2](out[0, len(bos):].tolist())
         print(f"--- {title} ---\n{text}\n---")
 
@@ -1044,7 +1043,6 @@ def run(args, given):
         print("  segments       " + "".join(f"{n // cfg.segment_len:>8}" for n in lengths))
         for memory, row in rows.items():
             print(f"  {'memory' if memory else 'gated off':<15}" + "".join(f"{100 * a:7.0f}%" for a in row.values()))
-        return rows
 
     if args.task == "passkey":  # before any training: the table's shortest context is one segment
         if tokenizer is None:

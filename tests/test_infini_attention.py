@@ -216,14 +216,15 @@ def test_attention_equals_the_paper_equations(rule):
 
 
 def test_retrieve_reads_each_kv_head_with_its_query_group():
-    """retrieve is eq. 3 per key/value head, with the empty rows' 0/0 read as 0."""
+    """retrieve is eq. 3 per key/value head (given the features sigma(q)), with the empty rows' 0/0 read as 0."""
     g = torch.Generator().manual_seed(0)
     q, M = torch.randn(1, 2, 3, 4, generator=g), torch.randn(1, 2, 4, 5, generator=g)
     z = torch.rand(1, 2, 4, generator=g)
-    out = ia.retrieve(q, M, z)
+    out = ia.retrieve(ia.elu1(q), M, z)
     for j in range(2):
         assert torch.allclose(out[0, j], sigma(q[0, j]) @ M[0, j] / (sigma(q[0, j]) @ z[0, j])[:, None], atol=1e-6)
-    assert torch.equal(ia.retrieve(q, torch.zeros_like(M), torch.zeros_like(z)), torch.zeros(1, 2, 3, 5))
+    empty = ia.retrieve(ia.elu1(q), torch.zeros_like(M), torch.zeros_like(z))
+    assert torch.equal(empty, torch.zeros(1, 2, 3, 5))
 
 
 # ------------------------------------------------------------------------------- decoding and state
@@ -301,7 +302,7 @@ def test_64_segments_stay_finite(rule):
         for s64, s1 in zip(state, one):
             assert (s64.z > 10 * s1.z).all()
             q = torch.randn(2, 2, 5, 8) * 10
-            assert torch.isfinite(ia.retrieve(q, s64.M, s64.z)).all()
+            assert torch.isfinite(ia.retrieve(ia.elu1(q), s64.M, s64.z)).all()
 
 
 @pytest.mark.parametrize("t", [1, 7, 8, 9, 17, 31])
