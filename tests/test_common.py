@@ -129,6 +129,8 @@ def test_download_resumes(m, server, tmp_path):
 # ------------------------------------------------------------------------------------------- data
 
 def test_prepare_data_and_get_batch(m, tmp_path, monkeypatch, capsys):
+    """A text tokenized once into llm.c-style token files (a 256-int32 header: magic, version, count), 90/10; the
+    cache is made again for another tokenizer; get_batch draws windows of it, y being x shifted by one."""
     monkeypatch.setattr(m, "HERE", tmp_path)
     text = "".join(f"line {i}: naïve café — ünïcödé {i * i}\n" for i in range(200))
     src = tmp_path / "tiny.txt"
@@ -136,22 +138,24 @@ def test_prepare_data_and_get_batch(m, tmp_path, monkeypatch, capsys):
 
     def load(d):
         meta = json.loads((d / "meta.json").read_text())
-        train, val = (np.fromfile(d / f"{s}.bin", dtype=np.uint16) for s in ("train", "val"))
+        train, val = (np.fromfile(d / f"{s}.bin", dtype=np.int32, count=256) for s in ("train", "val"))
+        assert train[0] == val[0] == 20240520 and train[1] == val[1] == 1  # GPT-2-sized ids: uint16
+        train, val = (np.fromfile(d / f"{s}.bin", dtype=np.uint16, offset=1024) for s in ("train", "val"))
         return meta, train, val
 
-    d = m.prepare_data(str(src), m.get_tokenizer("bytes"))
-    assert d == tmp_path / "data" / "tiny"
+    files = m.prepare_data(str(src), m.load_tokenizer("bytes"))
+    d = tmp_path / "data" / "tiny"
     meta, train, val = load(d)
     n = len(text.encode("utf-8"))
     assert meta["tokenizer"] == "bytes" and meta["vocab_size"] == 256
-    assert (len(train), len(val)) == (meta["train_tokens"], meta["val_tokens"]) == (int(0.9 * n), n - int(0.9 * n))
+    assert (len(train), len(val)) == (len(files["train"][0]), len(files["val"][0])) == (int(0.9 * n), n - int(0.9 * n))
     assert bytes(np.concatenate([train, val]).astype(np.uint8)) == text.encode("utf-8")
     assert "tokenized" in capsys.readouterr().out
-    m.prepare_data(str(src), m.get_tokenizer("bytes"))  # cached: not tokenized again
+    m.prepare_data(str(src), m.load_tokenizer("bytes"))  # cached: not tokenized again
     assert "tokenized" not in capsys.readouterr().out
 
     torch.manual_seed(0)
-    x, y = m.get_batch(d, "train", 8, 16, torch.device("cpu"))
+    x, y = m.get_batch(files["train"], 8, 16, torch.device("cpu"))
     assert x.shape == y.shape == (8, 16) and x.dtype == torch.int64
     assert torch.equal(x[:, 1:], y[:, :-1])
     windows = np.lib.stride_tricks.sliding_window_view(train, 17)
@@ -159,17 +163,31 @@ def test_prepare_data_and_get_batch(m, tmp_path, monkeypatch, capsys):
         assert (windows == row).all(1).any()
 
     try:
-        tok = m.get_tokenizer("gpt2")
-    except Exception:
+        tok = m.load_tokenizer("gpt2")
+    except m.InputError:
         pytest.skip("tiktoken's gpt2 files are not available")
-    d2 = m.prepare_data(str(src), tok)
-    meta, train, val = load(d2)
-    assert d2 == d and meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257
+    m.prepare_data(str(src), tok)
+    meta, train, val = load(d)
+    assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257
     assert np.concatenate([train, val]).tolist() == tok[1](text)
     assert tok[2](np.concatenate([train, val]).tolist()) == text
     assert len(train) == int(0.9 * (len(train) + len(val)))
-    meta, train, val = load(m.prepare_data(str(src), m.get_tokenizer("bytes")))  # and back again
+    m.prepare_data(str(src), m.load_tokenizer("bytes"))  # and back again
+    meta, train, val = load(d)
     assert meta["tokenizer"] == "bytes" and bytes(np.concatenate([train, val]).astype(np.uint8)) == text.encode()
+
+
+def test_damaged_token_files_are_bad_input(m, tmp_path, monkeypatch):
+    """A token file cut short, or with another header, is one line of bad input, never a traceback or a misread."""
+    monkeypatch.setattr(m, "HERE", tmp_path)
+    (tmp_path / "t.txt").write_text("abcdefghij" * 100)
+    m.prepare_data(str(tmp_path / "t.txt"), m.load_tokenizer("bytes"))
+    f = tmp_path / "data" / "t" / "train.bin"
+    good = f.read_bytes()
+    for bad in (good[:-1], good[:100], b"", b"\0" * 4 + good[4:]):
+        f.write_bytes(bad)
+        with pytest.raises(m.InputError, match="not a whole token file"):
+            m.read_tokens(f)
 
 
 # ---------------------------------------------------------------------------------------- schedule

@@ -4,6 +4,7 @@ line with a pretrained checkpoint (the common command-line tests are in test_scr
 import json
 import math
 
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
@@ -371,10 +372,10 @@ def test_large_vocabularies_are_stored_as_uint32(tmp_path, monkeypatch):
     monkeypatch.setattr(llama2, "HERE", tmp_path)
     (tmp_path / "t.txt").write_text("abcdefghij" * 100)
     big = ("big", lambda s: [70000 + ord(c) for c in s], None, 128256)  # ids past uint16, as Llama 3's
-    d = llama2.prepare_data(str(tmp_path / "t.txt"), big)
-    assert llama2.token_dtype(128256).__name__ == "uint32" and llama2.token_dtype(50257).__name__ == "uint16"
+    files = llama2.prepare_data(str(tmp_path / "t.txt"), big)
+    assert files["train"][0].dtype == np.uint32 and (tmp_path / "data" / "t" / "train.bin").stat().st_size == 1024 + 4 * 900
     torch.manual_seed(0)
-    x, y = llama2.get_batch(d, "train", 4, 8, torch.device("cpu"), llama2.token_dtype(128256))
+    x, y = llama2.get_batch(files["train"], 4, 8, torch.device("cpu"))
     assert x.min() >= 70000 + ord("a") and x.max() <= 70000 + ord("j") and torch.equal(x[:, 1:], y[:, :-1])
 
 
