@@ -334,16 +334,16 @@ def read_checkpoint(name_or_path):
     return path, hf, tensors
 
 def load_weights(model, state, path, device, dtype):
-    """Put state's tensors into model (built on the meta device), converted to device and dtype (floating point
-    ones), after checking that every name and shape fits: a checkpoint that does not is one line of bad input."""
-    wanted = model.state_dict()
+    """Put state's tensors into model (built on the meta device) on device, the parameters in dtype, after checking
+    that every name and shape fits: a checkpoint that does not is one line of bad input."""
+    wanted, params = model.state_dict(), {name for name, _ in model.named_parameters(remove_duplicate=False)}
     for name, t in state.items():
         if name not in wanted:
             raise InputError(f"{path}: unexpected tensor '{name}'")
-        if t.shape != wanted[name].shape:
-            raise InputError(f"{path}: '{name}' has shape {tuple(t.shape)}, config.json implies "
-                             f"{tuple(wanted[name].shape)}")
-        state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype,
+        if t.shape != wanted[name].shape or t.is_floating_point() != wanted[name].is_floating_point():
+            raise InputError(f"{path}: '{name}' is {str(t.dtype)[6:]} {tuple(t.shape)}, config.json implies "
+                             f"{str(wanted[name].dtype)[6:]} {tuple(wanted[name].shape)} (another shape or kind)")
+        state[name] = t.to(device=device, dtype=dtype if name in params else wanted[name].dtype,  # buffers keep theirs
                            memory_format=torch.contiguous_format, copy=True)
     missing = sorted(set(wanted) - set(state))
     if missing:
@@ -625,7 +625,8 @@ def configure_optimizer(model, args, device):
     for p in filter(lambda p: p.requires_grad, model.parameters()):
         key = (p.dim() >= 2 and not getattr(p, "no_weight_decay", False), getattr(p, "lr_scale", 1.0))
         groups.setdefault(key, []).append(p)
-    groups = [dict(params=ps, decay=decay, lr_scale=scale) for (decay, scale), ps in groups.items()]
+    groups = [dict(params=ps, decay=decay, weight_decay=args.weight_decay * decay, lr_scale=scale)
+              for (decay, scale), ps in groups.items()]
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 

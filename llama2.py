@@ -442,16 +442,16 @@ def read_checkpoint(name_or_path):
     return path, hf, tensors
 
 def load_weights(model, state, path, device, dtype):
-    """Put state's tensors into model (built on the meta device), converted to device and dtype (floating point
-    ones), after checking that every name and shape fits: a checkpoint that does not is one line of bad input."""
-    wanted = model.state_dict()
+    """Put state's tensors into model (built on the meta device) on device, the parameters in dtype, after checking
+    that every name and shape fits: a checkpoint that does not is one line of bad input."""
+    wanted, params = model.state_dict(), {name for name, _ in model.named_parameters(remove_duplicate=False)}
     for name, t in state.items():
         if name not in wanted:
             raise InputError(f"{path}: unexpected tensor '{name}'")
-        if t.shape != wanted[name].shape:
-            raise InputError(f"{path}: '{name}' has shape {tuple(t.shape)}, config.json implies "
-                             f"{tuple(wanted[name].shape)}")
-        state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype,
+        if t.shape != wanted[name].shape or t.is_floating_point() != wanted[name].is_floating_point():
+            raise InputError(f"{path}: '{name}' is {str(t.dtype)[6:]} {tuple(t.shape)}, config.json implies "
+                             f"{str(wanted[name].dtype)[6:]} {tuple(wanted[name].shape)} (another shape or kind)")
+        state[name] = t.to(device=device, dtype=dtype if name in params else wanted[name].dtype,  # buffers keep theirs
                            memory_format=torch.contiguous_format, copy=True)
     missing = sorted(set(wanted) - set(state))
     if missing:
@@ -592,16 +592,19 @@ def build_model(args, given, ckpt, env):
     """(model, tokenizer, note) for --init_from: our checkpoint's model (resume; the harness loads its weights), a
     Hugging Face Llama with its own tokenizer, or a fresh one of the flags' size."""
     if ckpt is not None:
-        return Llama(Config(**{**ckpt["config"], "dropout": args.dropout})), load_tokenizer(ckpt["tokenizer"]), ""
-    if args.init_from != "scratch":  # sampling keeps the weights in the run's dtype (bf16 on CUDA), training in fp32
+        model, tokenizer = Llama(Config(**{**ckpt["config"], "dropout": args.dropout})), load_tokenizer(ckpt["tokenizer"])
+    elif args.init_from != "scratch":  # sampling keeps the weights in the run's dtype (bf16 on CUDA), training in fp32
         tokenizer = pretrained_tokenizer(checkpoint_dir(args.init_from, weights=False), args.sample_only)
-        dtype = env.dtype if args.sample_only else torch.float32
-        return from_pretrained(args.init_from, env.device, dtype, args.dropout), tokenizer, ""
-    tokenizer = load_tokenizer()
-    cfg = Config(vocab_size=tokenizer[3], block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
-                 n_kv_head=args.n_kv_head, n_embd=args.n_embd, intermediate_size=args.intermediate_size or 0,
-                 rope_theta=args.rope_theta or 10000.0, tie_embeddings=bool(args.tie_embeddings), dropout=args.dropout)
-    return Llama(cfg), tokenizer, ""
+        model = from_pretrained(args.init_from, env.device, env.dtype if args.sample_only else torch.float32, args.dropout)
+    else:
+        tokenizer = load_tokenizer()
+        model = Llama(Config(vocab_size=tokenizer[3], block_size=args.block_size, n_layer=args.n_layer,
+                             n_head=args.n_head, n_kv_head=args.n_kv_head, n_embd=args.n_embd,
+                             intermediate_size=args.intermediate_size or 0, rope_theta=args.rope_theta or 10000.0,
+                             tie_embeddings=bool(args.tie_embeddings), dropout=args.dropout))
+    if args.block_size > model.config.block_size:  # rotary has no table, but the model's context ends there
+        raise InputError(f"--block_size {args.block_size} is longer than the model's context ({model.config.block_size})")
+    return model, tokenizer, ""
 
 
 def flops_per_token(model, T):
@@ -760,7 +763,8 @@ def configure_optimizer(model, args, device):
     for p in filter(lambda p: p.requires_grad, model.parameters()):
         key = (p.dim() >= 2 and not getattr(p, "no_weight_decay", False), getattr(p, "lr_scale", 1.0))
         groups.setdefault(key, []).append(p)
-    groups = [dict(params=ps, decay=decay, lr_scale=scale) for (decay, scale), ps in groups.items()]
+    groups = [dict(params=ps, decay=decay, weight_decay=args.weight_decay * decay, lr_scale=scale)
+              for (decay, scale), ps in groups.items()]
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 

@@ -447,16 +447,16 @@ def test_two_stage_schedule(lr_decay_iters, mid):
     end = lr_decay_iters or 100
     assert bitnet.stage_two_from(two) == mid and bitnet.stage_two_from(one) is None
     for it in range(mid):
-        assert bitnet.lr_at(it, two) == bitnet.lr_at(it, one)
-        assert bitnet.weight_decay_at(it, two) == 0.1
-    assert bitnet.lr_at(mid, two) == pytest.approx(0.5 * bitnet.lr_at(mid, one), rel=1e-12)
-    second = [bitnet.lr_at(it, two) for it in range(mid, end + 1)]
+        assert bitnet.schedule(it, two)[0] == bitnet.schedule(it, one)[0]
+        assert bitnet.schedule(it, two)[1] == 0.1
+    assert bitnet.schedule(mid, two)[0] == pytest.approx(0.5 * bitnet.schedule(mid, one)[0], rel=1e-12)
+    second = [bitnet.schedule(it, two)[0] for it in range(mid, end + 1)]
     assert all(a > b for a, b in zip(second, second[1:])) and second[-1] == 1e-4
-    assert bitnet.lr_at(end + 5, two) == 1e-4 and second[-2] > 1e-4
+    assert bitnet.schedule(end + 5, two)[0] == 1e-4 and second[-2] > 1e-4
     if end - mid >= 2 and (end - mid) % 2 == 0:  # the second cosine's midpoint: half-way from its peak to min_lr
         assert second[(end - mid) // 2] == pytest.approx((second[0] + 1e-4) / 2, rel=1e-9)
-    assert all(bitnet.weight_decay_at(it, two) == 0.0 for it in range(mid, end + 10))
-    assert all(bitnet.weight_decay_at(it, one) == 0.1 for it in range(0, end + 10))
+    assert all(bitnet.schedule(it, two)[1] == 0.0 for it in range(mid, end + 10))
+    assert all(bitnet.schedule(it, one)[1] == 0.1 for it in range(0, end + 10))
 
 
 # ------------------------------------------------------------------------------------- refusals
