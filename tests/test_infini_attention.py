@@ -352,6 +352,8 @@ def test_configure_optimizer_groups():
     step with zero gradients leaves norms and gates where they were and shrinks the matrices."""
     model = tiny(seed=8, tie_embeddings=True)
     args = SimpleNamespace(weight_decay=0.1, lr=1e-3, gate_lr=3e-2)
+    for block in model.model.layers:  # as build_model marks them
+        block.self_attn.gate.lr_scale = args.gate_lr / args.lr
     opt = ia.configure_optimizer(model, args, torch.device("cpu"))
     names = {id(p): n for n, p in model.named_parameters()}
     groups = [{names[id(p)] for p in g["params"]} for g in opt.param_groups]
@@ -385,7 +387,7 @@ def test_configure_optimizer_groups():
 
 @pytest.fixture(scope="module", params=["gpt2", "bytes"])
 def tokenizer(request):
-    return ia.get_tokenizer(request.param)
+    return ia.load_tokenizer(request.param)
 
 
 NEEDLE = re.compile(r"The pass key is (\d{5})\. Remember it\. \1 is the pass key\. ")
@@ -467,7 +469,7 @@ def test_passkey_accuracy_counts_an_example_iff_all_its_key_tokens_are_right(tok
 
 
 def test_passkey_accuracy_restores_a_models_gates():
-    encode = ia.get_tokenizer("bytes")[1]
+    encode = ia.load_tokenizer("bytes")[1]
     model = tiny(seed=9, vocab=256, segment_len=64)
     gates = [b.self_attn.gate.detach().clone() for b in model.model.layers]
     for memory in (False, True):
