@@ -903,14 +903,15 @@ def train(model, batch, tokenizer, args, ckpt, env):
         scaler.load_state_dict(ckpt["scaler"])
         state = {k: ckpt[k] for k in state}
     eval_model = train_model = torch.compile(model) if env.compile else model  # `model` stays the plain module
-    if env.world > 1:  # find_unused_parameters: infini_attention.py's gates get no gradient from one segment
+    if env.world > 1:  # buffers need no sync (each rank computes the same); infini's gates may get no gradient
         train_model = DDP(eval_model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                          find_unused_parameters=getattr(model, "find_unused_parameters", False))
+                          broadcast_buffers=False, find_unused_parameters=getattr(model, "find_unused_parameters", False))
     if env.master:
         open_logs(args, state["iter_num"], env)
     tokens_per_step = args.batch_size * args.block_size * args.grad_accum * env.world
     peak, flops = peak_flops(env.device, env.dtype), flops_per_token(model, args.block_size)
-    sums, count, t_log, iters_logged = {}, 0, time.perf_counter(), state["iter_num"]
+    sums, t_log, iters_logged = {}, time.perf_counter(), state["iter_num"]
+    train_model.train()
     while state["iter_num"] < args.max_iters:
         lr, weight_decay = schedule(state["iter_num"], args)
         for group in optimizer.param_groups:
@@ -1079,7 +1080,8 @@ def run(args, given):
               f" tokens/step | data {args.data} | tokenizer {tokenizer[0] if tokenizer else 'none (token ids)'} | init "
               f"{args.init_from}" + (f" | DDP x{env.world}" if env.world > 1 else "") + note)
     if env.master and (args.sample_only or ckpt is None and args.init_from != "scratch"):  # before any training
-        show_sample(model.to(env.device), tokenizer, args, env, f"sample from {args.init_from}")
+        show_sample(model.to(env.device), tokenizer, args, env, f"sample from {args.init_from}"
+                    + ("" if args.sample_only else ", the base model before fine-tuning"))
     if args.sample_only:
         return
     iter_num, best_val = train(model.to(env.device), batches(args, tokenizer, env), tokenizer, args, ckpt, env)
