@@ -639,8 +639,8 @@ def build_model(args, given, ckpt, env):
     for name in ("lora_rank", "lora_alpha", "nf4_block"):
         if getattr(args, name) <= 0:
             raise InputError(f"--{name} must be positive, got {getattr(args, name)}")
-    if not 0.0 <= args.lora_dropout < 1.0 or not targets:
-        raise InputError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}" if targets else
+    if args.lora_dropout >= 1.0 or not targets:
+        raise InputError(f"--lora_dropout must be below 1, got {args.lora_dropout}" if targets else
                          "--lora_targets names no layer")
     base, model = args.base if ckpt is not None else args.init_from, None  # args.base: what a checkpoint's run used
     if base != "scratch":
@@ -1067,21 +1067,19 @@ def parse_args(argv):
 
 
 def check_args(args):
-    """The common flags' bad values, each one line (Config checks the model's sizes)."""
+    """The flags' bad values, each one line: every number finite and not negative, loop lengths and sizes of the
+    run positive (Config checks the model's)."""
+    positive = ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size", "block_size", "grad_accum",
+                "lr_decay_iters", "max_new_tokens")
     for name, value in vars(args).items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise InputError(f"--{name} must be a finite number, got {value}")
-    for name in ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size", "block_size", "grad_accum",
-                 "lr_decay_iters", "max_new_tokens"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise InputError(f"--{name} must be positive, got {getattr(args, name)}")
-    for name in ("lr", "min_lr", "warmup_iters", "weight_decay", "grad_clip", "patience", "temperature", "top_k"):
-        if getattr(args, name) < 0:
-            raise InputError(f"--{name} must not be negative, got {getattr(args, name)}")
-    if not 0 <= args.seed < 2**63:
-        raise InputError(f"--seed must be in [0, 2**63), got {args.seed}")
+        if type(value) in (int, float) and name in positive and value <= 0:
+            raise InputError(f"--{name} must be positive, got {value}")
+        if type(value) in (int, float) and not 0 <= value < math.inf:
+            raise InputError(f"--{name} must " + ("not be negative" if value < 0 else "be a finite number") + f", got {value}")
     if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
         raise InputError(f"--top_p must be in (0, 1], got {args.top_p}")
+    if args.seed >= 2**63:
+        raise InputError(f"--seed must be below 2**63, got {args.seed}")
     if args.sample_only and args.init_from == "scratch":
         raise InputError("--sample_only needs --init_from resume, a hub id or an HF directory")
 

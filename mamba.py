@@ -815,9 +815,11 @@ def load_checkpoint(path):
 
 
 def trained_state(model):
-    """All the model's tensors but its frozen parameters (lora.py's base, which --init_from brings back)."""
-    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
-    return {k: v for k, v in model.state_dict().items() if k not in frozen}
+    """What a checkpoint keeps: the trainable parameters, and the buffers of the modules that train (mla_moe.py's
+    routing bias); lora.py's frozen base, NF4 codes included, comes back from --init_from."""
+    trains = {name for name, m in model.named_modules() if any(p.requires_grad for p in m.parameters(recurse=False))}
+    return {k: v.detach() for k, v in model.state_dict(keep_vars=True).items()
+            if v.requires_grad or not isinstance(v, nn.Parameter) and k.rpartition(".")[0] in trains}
 
 
 def load_trained_state(model, state, path):
@@ -997,25 +999,24 @@ def parse_args(argv):
     args = p.parse_args(argv)
     for action in p._actions:  # parse again with no defaults: which flags did the user actually type?
         action.default = argparse.SUPPRESS
+    p._defaults.clear()  # set_defaults' too
     return args, set(vars(p.parse_args(argv)))
 
 
 def check_args(args):
-    """The common flags' bad values, each one line (Config checks the model's sizes)."""
+    """The flags' bad values, each one line: every number finite and not negative, loop lengths and sizes of the
+    run positive (Config checks the model's)."""
+    positive = ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size", "block_size", "grad_accum",
+                "lr_decay_iters", "max_new_tokens")
     for name, value in vars(args).items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise InputError(f"--{name} must be a finite number, got {value}")
-    for name in ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size", "block_size", "grad_accum",
-                 "lr_decay_iters", "max_new_tokens"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise InputError(f"--{name} must be positive, got {getattr(args, name)}")
-    for name in ("lr", "min_lr", "warmup_iters", "weight_decay", "grad_clip", "patience", "temperature", "top_k"):
-        if getattr(args, name) < 0:
-            raise InputError(f"--{name} must not be negative, got {getattr(args, name)}")
-    if not 0 <= args.seed < 2**63:
-        raise InputError(f"--seed must be in [0, 2**63), got {args.seed}")
+        if type(value) in (int, float) and name in positive and value <= 0:
+            raise InputError(f"--{name} must be positive, got {value}")
+        if type(value) in (int, float) and not 0 <= value < math.inf:
+            raise InputError(f"--{name} must " + ("not be negative" if value < 0 else "be a finite number") + f", got {value}")
     if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
         raise InputError(f"--top_p must be in (0, 1], got {args.top_p}")
+    if args.seed >= 2**63:
+        raise InputError(f"--seed must be below 2**63, got {args.seed}")
     if args.sample_only and args.init_from == "scratch":
         raise InputError("--sample_only needs --init_from resume, a hub id or an HF directory")
 

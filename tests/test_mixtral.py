@@ -377,7 +377,7 @@ def test_cli_moe_flags_logs_and_histogram(tmp_path, monkeypatch, offline, capsys
     out = capsys.readouterr().out
     assert "4 experts, top 1, capacity 1" in out.splitlines()[0]
     line = next(l for l in out.splitlines() if l.startswith("iter 2 |"))
-    assert " | balance " in line and " | z " in line and " | dropped " in line
+    assert " | balance " in line and " | z_loss " in line and " | dropped " in line
     hist = out.split("expert load per layer")[1].splitlines()
     assert hist[1].startswith("  layer 0") and hist[2].startswith("  layer 1") and "max" in hist[2]
     assert "a rolling buffer of 8 positions: 2,048 bytes however long" in out  # 2 x 2 layers x 16 x 4 bytes x 8
@@ -413,7 +413,7 @@ def test_cli_pretrained_samples_token_ids(tmp_path, monkeypatch, offline, capsys
 
 @pytest.mark.parametrize("argv, message", [(["--top_k_experts", "9"], "top_k_experts must be in"),
                                            (["--n_expert", "0"], "n_expert must be positive"),
-                                           (["--sliding_window", "0"], "--sliding_window must be positive"),
+                                           (["--sliding_window", "0"], "sliding_window must be positive"),
                                            (["--capacity_factor", "-1"], "--capacity_factor must not be negative"),
                                            (["--aux_loss_coef", "-0.1"], "--aux_loss_coef must not be negative"),
                                            (["--router_noise", "1.5"], "router_noise must be in")])
