@@ -33,9 +33,11 @@ import shutil
 import struct
 import sys
 import time
+import unicodedata
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import requests
@@ -69,7 +71,7 @@ class Config:
     n_embd: int = 7168                   # hidden_size
     intermediate_size: int = 18432       # intermediate_size: the dense layers' SwiGLU width
     moe_intermediate_size: int = 2048    # moe_intermediate_size: each routed (and shared) expert's width
-    n_routed_experts: int = 256          # n_routed_experts
+    n_expert: int = 256                  # n_routed_experts: the routed experts
     n_shared_experts: int = 1            # n_shared_experts
     top_k_experts: int = 8               # num_experts_per_tok
     n_group: int = 8                     # n_group: experts fall into this many groups
@@ -88,22 +90,24 @@ class Config:
     rope_interleave: bool = True         # rope_interleave: rotary pairs adjacent dimensions
     norm_eps: float = 1e-6               # rms_norm_eps
     tie_embeddings: bool = False         # tie_word_embeddings
-    bos_token_id: int | None = 0         # bos_token_id
-    dropout: float = 0.0
+    bos_token_id: int | None = None      # bos_token_id: put before the prompt when sampling (a checkpoint's own)
+    dropout: float = 0.0                 # attention_dropout; also on the residual branches here (DeepSeek uses none)
+    seq_aux_loss_coef: float = 0.0001    # training only: alpha, the sequence-wise balance loss's weight (V3 eq. 17)
+    bias_update_speed: float = 0.01      # training only: gamma, the routing bias's step (V3 2.1.2; 0: no bias updates)
 
     def __post_init__(self):
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_routed_experts", "kv_lora_rank",
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_expert", "kv_lora_rank",
                      "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_group", "topk_group"):
             if getattr(self, name) <= 0:
                 raise InputError(f"{name} must be positive, got {getattr(self, name)}")
         if self.qk_rope_head_dim % 2:
             raise InputError(f"qk_rope_head_dim ({self.qk_rope_head_dim}) must be even: rotary turns pairs")
-        if not 1 <= self.top_k_experts <= self.n_routed_experts:
-            raise InputError(f"top_k_experts must be in [1, n_routed_experts], got {self.top_k_experts}")
-        if self.n_routed_experts % self.n_group or not 1 <= self.topk_group <= self.n_group:
-            raise InputError(f"n_group ({self.n_group}) must divide n_routed_experts ({self.n_routed_experts}) and "
+        if not 1 <= self.top_k_experts <= self.n_expert:
+            raise InputError(f"top_k_experts must be in [1, n_expert], got {self.top_k_experts}")
+        if self.n_expert % self.n_group or not 1 <= self.topk_group <= self.n_group:
+            raise InputError(f"n_group ({self.n_group}) must divide n_expert ({self.n_expert}) and "
                              f"topk_group ({self.topk_group}) be in [1, n_group]")
-        if self.top_k_experts > self.topk_group * self.n_routed_experts // self.n_group:
+        if self.top_k_experts > self.topk_group * self.n_expert // self.n_group:
             raise InputError("top_k_experts exceeds the experts of topk_group groups")
         if self.scoring not in ("sigmoid", "softmax"):
             raise InputError(f"scoring must be sigmoid or softmax, got {self.scoring}")
@@ -283,19 +287,21 @@ def expert_mlp(xs, w1, w3, w2, end, dt):
 class Gate(nn.Module):
     """DeepSeek-V3's router (arXiv 2412.19437, section 2.1.2, eq. 15-16 and 2.1.2's auxiliary-loss-free balancing).
 
-    Affinities s_i = sigmoid(u . e_i) (V2: softmax); a per-expert bias b_i, used only to choose: the top-k of
-    s_i + b_i, within the topk_group groups of experts whose two best s_i + b_i sum highest (V2's device-limited
-    and V3's node-limited routing, the groups standing for devices or nodes, scored as the released V3 code
-    does); gating weights from s_i alone, normalised over the chosen k
-    (V3) and times routed_scaling_factor. b_i is no parameter: the training loop moves it by bias_update_speed
-    against each expert's load after every step."""
+    Affinities s_i = sigmoid(u . e_i); a per-expert bias b_i, used only to choose: the top-k of s_i + b_i, within
+    the topk_group groups of experts whose two best s_i + b_i sum highest (V3's node-limited routing, the groups
+    standing for nodes, scored as the released V3 code does); gating weights from s_i alone, normalised over the
+    chosen k (norm_topk_prob) and times routed_scaling_factor. b_i is no parameter: after every step it moves by
+    bias_update_speed against each expert's load (DeepSeek.after_step).
+    scoring="softmax" is DeepSeek-V2's gate (arXiv 2405.04434, section 2.1.2, eq. 9-11): softmax affinities and
+    groups (devices) ranked by their best expert alone (V2's device-limited routing); a V2 checkpoint's
+    norm_topk_prob is false, so its weights are not normalised. The bias b_i stays as V3 has it (0 unless moved)."""
 
     def __init__(self, cfg):
         super().__init__()
         self.top_k, self.n_group, self.topk_group = cfg.top_k_experts, cfg.n_group, cfg.topk_group
         self.scoring, self.norm, self.scale = cfg.scoring, cfg.norm_topk_prob, cfg.routed_scaling_factor
-        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.n_embd))           # the centroids e_i
-        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))  # b_i
+        self.weight = nn.Parameter(torch.empty(cfg.n_expert, cfg.n_embd))           # the centroids e_i
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_expert))  # b_i
 
     def forward(self, x):
         """x (N, d) -> (weights (N, k), experts (N, k), affinities (N, E)), float32."""
@@ -304,7 +310,8 @@ class Gate(nn.Module):
         choice = s + self.e_score_correction_bias
         N, E = choice.shape
         groups = choice.view(N, self.n_group, E // self.n_group)
-        best = groups.topk(min(2, E // self.n_group), dim=-1).values.sum(-1).topk(self.topk_group, dim=-1).indices
+        per_group = min(2 if self.scoring == "sigmoid" else 1, E // self.n_group)  # V3: the two best; V2: the best
+        best = groups.topk(per_group, dim=-1).values.sum(-1).topk(self.topk_group, dim=-1).indices
         keep = torch.zeros(N, self.n_group, dtype=torch.bool, device=x.device).scatter_(1, best, True)
         choice = choice.masked_fill(~keep[:, :, None].expand_as(groups).reshape(N, E), float("-inf"))
         expert = choice.topk(self.top_k, dim=-1).indices                                     # (N, k)
@@ -322,7 +329,7 @@ class DeepSeekMoE(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        E, d, f = cfg.n_routed_experts, cfg.n_embd, cfg.moe_intermediate_size
+        E, d, f = cfg.n_expert, cfg.n_embd, cfg.moe_intermediate_size
         self.n_expert, self.top_k = E, cfg.top_k_experts
         self.gate = Gate(cfg)
         # the routed experts' SwiGLU weights stacked on an expert axis (HF: mlp.experts.N.gate_proj / up_proj / down_proj)
@@ -372,14 +379,15 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.moe = layer >= cfg.first_k_dense_replace
         self.mlp = DeepSeekMoE(cfg) if self.moe else MLP(cfg.n_embd, cfg.intermediate_size)
+        self.resid_dropout = nn.Dropout(cfg.dropout)  # on the feed-forward's output, as mixtral.py's experts
 
     def forward(self, x, cos, sin, cache=None, pos=0):
         """-> (x, router statistics of this block, or None for a dense one)"""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, pos)
         if not self.moe:
-            return x + self.mlp(self.post_attention_layernorm(x)), None
+            return x + self.resid_dropout(self.mlp(self.post_attention_layernorm(x))), None
         y, stats = self.mlp(self.post_attention_layernorm(x))
-        return x + y, stats
+        return x + self.resid_dropout(y), stats
 
 
 class DeepSeek(nn.Module):
@@ -395,7 +403,9 @@ class DeepSeek(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.router_stats = None  # (MoE layers, 1 + n_routed_experts) from the last forward: see DeepSeekMoE.stats
+        self.router_stats = None  # (MoE layers, 1 + n_expert) from the last forward: see DeepSeekMoE.stats
+        self.step_load = 0  # training: the load of the step's micro-batches so far, for after_step
+        self.load = 0  # eval mode: the load counted since, for load_report
         self.grad_checkpoint = False  # training: keep only each block's input, recompute the rest in backward
         for name, p in self.named_parameters():
             if p.dim() >= 2:
@@ -414,7 +424,7 @@ class DeepSeek(nn.Module):
             n -= self.model.embed_tokens.weight.numel()
         if active:
             routed = sum(m.gate_proj.numel() + m.up_proj.numel() + m.down_proj.numel() for m in self.moe_layers())
-            n -= routed * (cfg.n_routed_experts - cfg.top_k_experts) // cfg.n_routed_experts
+            n -= routed * (cfg.n_expert - cfg.top_k_experts) // cfg.n_expert
         return n
 
     def cache_numbers_per_token(self):
@@ -442,12 +452,13 @@ class DeepSeek(nn.Module):
                 x, s = block(x, cos, sin, None if cache is None else cache[i], pos)
             if s is not None:
                 stats.append(s)
-        self.router_stats = torch.stack(stats) if stats else x.new_zeros(0, 1 + self.config.n_routed_experts)
+        self.router_stats = torch.stack(stats) if stats else x.new_zeros(0, 1 + self.config.n_expert)
         return self.model.norm(x)
 
     def forward(self, idx, targets=None, cache=None, pos=0):
-        """idx (B, T) -> logits (B, T, vocab_size), loss (next-token cross-entropy) or None; the router's
-        statistics of the same forward are in self.router_stats."""
+        """idx (B, T) -> logits (B, T, vocab_size), loss or None: the next-token cross-entropy, and in training the
+        sequence-wise balance loss times seq_aux_loss_coef (V3 eq. 17-20; self.stats holds it apart for the log).
+        The router's load adds up: over a step's micro-batches for after_step, in eval mode for load_report."""
         V, Vp = self.config.vocab_size, self.config.padded_vocab_size
         pad = None
         if Vp > V:  # the padding rows are no tokens: a bias of -inf gives them probability exactly 0
@@ -457,7 +468,43 @@ class DeepSeek(nn.Module):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+        load = self.router_stats[:, 1:].detach().float()
+        if self.training and loss is not None:
+            balance = self.router_stats[:, 0].float().mean() if len(self.router_stats) else loss.new_zeros(())
+            self.stats = dict(balance=balance)  # 1 when the load is even
+            self.step_load = self.step_load + load
+            loss = loss + self.config.seq_aux_loss_coef * balance
+        elif not self.training:
+            self.load = self.load + load
         return logits[..., :V], loss
+
+    def train(self, mode=True):
+        if not mode:  # an evaluation begins: its expert load is counted afresh (load_report)
+            self.load = 0
+        return super().train(mode)
+
+    def load_report(self):
+        """Print the expert load counted since the model went into eval mode, each MoE layer (by its index) a row
+        of bars: each expert's share of the routed (token, choice) pairs, the even share 1/n_expert drawn half
+        high (collapse shows as a few full bars), and the range of its routing bias b_i, which drifts to push the
+        load even. Returns both for the metrics."""
+        load = (self.load / self.load.sum(-1, keepdim=True).clamp_min(1e-9)).tolist() if torch.is_tensor(self.load) else []
+        bias = [m.gate.e_score_correction_bias.tolist() for m in self.moe_layers()]
+        E, bars = self.config.n_expert, " ▁▂▃▄▅▆▇█"
+        print(f"expert load per layer (even: {100 / E:.1f}% each, drawn ▄; █ is twice that or more)")
+        for i, shares, b in zip(range(self.config.first_k_dense_replace, self.config.n_layer), load, bias):
+            row = "".join(bars[min(8, round(4 * E * s))] for s in shares)
+            print(f"  layer {i:<3d}{row}  min {100 * min(shares):4.1f}%  max {100 * max(shares):4.1f}%  "
+                  f"bias {min(b):+.3f}..{max(b):+.3f}")
+        return dict(expert_load=load, bias=bias)
+
+    def after_step(self):
+        """After each optimizer step: the routing bias follows the step's load (summed over ranks under DDP)."""
+        if self.config.bias_update_speed and torch.is_tensor(self.step_load) and len(self.step_load):
+            if dist.is_initialized():
+                dist.all_reduce(self.step_load)
+            self.update_bias(self.step_load, self.config.bias_update_speed)
+        self.step_load = 0
 
     @torch.no_grad()
     def update_bias(self, counts, speed):
@@ -508,7 +555,6 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                       "U8": torch.uint8, "BOOL": torch.bool}
 
-
 def read_safetensors(path):
     """{name: tensor} from a .safetensors file: 8-byte little-endian header size, JSON header, raw bytes.
 
@@ -527,7 +573,6 @@ def read_safetensors(path):
         tensors[name] = torch.from_numpy(data[begin:end]).view(SAFETENSORS_DTYPES[t["dtype"]]).reshape(t["shape"])
     return tensors
 
-
 def download(url, dest):
     """Fetch url into dest with a progress line. Bytes arrive in dest.part, which a later call resumes
     (HTTP Range), and are renamed to dest only when complete: dest is never half-written."""
@@ -537,7 +582,7 @@ def download(url, dest):
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.exists() else 0
     headers = {"Range": f"bytes={have}-"} if have else {}
-    if os.environ.get("HF_TOKEN"):  # gated repos need a token that accepted the licence
+    if os.environ.get("HF_TOKEN") and url.startswith(HF_ENDPOINT):  # gated repos (meta-llama/*); no one else
         headers["Authorization"] = f"Bearer {os.environ['HF_TOKEN']}"
     with requests.get(url, headers=headers, stream=True, timeout=30) as r:
         if r.status_code != 416:  # 416: nothing left to send, the .part file is already complete
@@ -555,10 +600,9 @@ def download(url, dest):
     os.replace(part, dest)
     return dest
 
-
 def checkpoint_dir(name_or_path, weights=True):
-    """A local checkpoint directory for --init_from: the path itself, or a hub repo's config.json and weights
-    (one file or sharded; weights=False: config.json only) downloaded into CACHE_DIR/<repo>."""
+    """A local checkpoint directory for --init_from: the path itself, or a hub repo's config.json, tokenizer.json
+    (if it has one) and weights (one file or sharded; weights=False: not yet) downloaded into CACHE_DIR/<repo>."""
     name_or_path = str(name_or_path)
     path = Path(name_or_path)
     if path.is_dir():
@@ -576,15 +620,117 @@ def checkpoint_dir(name_or_path, weights=True):
             raise
 
     try:
+        if not (local / "config.json").exists():  # once: tokenizer.json if there is one (a 404 is asked once)
+            get("tokenizer.json", optional=True)
         get("config.json")
         if weights and get("model.safetensors", optional=True) is None:
             index = json.loads(get("model.safetensors.index.json").read_text())
             for shard in sorted(set(index["weight_map"].values())):
                 get(shard)
-    except requests.RequestException as e:
+    except (requests.RequestException, ValueError, KeyError) as e:
         raise InputError(f"cannot fetch '{name_or_path}' from {HF_ENDPOINT}: {e}") from None
     return local
 
+class HFConfig(dict):
+    """A checkpoint's config.json: a key the model needs and the file lacks is bad input, not a KeyError."""
+
+    def __missing__(self, key):
+        raise InputError(f"config.json lacks '{key}'")
+
+def read_checkpoint(name_or_path):
+    """(directory, config.json, {name: tensor} of all its safetensors files, one or sharded) of a hub id or a
+    directory as save_pretrained writes it; a file that cannot be read is one line of bad input."""
+    path = checkpoint_dir(name_or_path)
+    try:
+        hf = HFConfig(json.loads((path / "config.json").read_text()))
+        index = path / "model.safetensors.index.json"
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
+            else ["model.safetensors"]
+        tensors = {}
+        for fname in files:
+            tensors.update(read_safetensors(path / fname))
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, struct.error) as e:
+        raise InputError(f"cannot read the checkpoint in {path} ({type(e).__name__}: {e})") from None
+    return path, hf, tensors
+
+def load_weights(model, state, path, device, dtype):
+    """Put state's tensors into model (built on the meta device) on device, the parameters in dtype, after checking
+    that every name and shape fits: a checkpoint that does not is one line of bad input."""
+    wanted, params = model.state_dict(), {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    for name, t in state.items():
+        if name not in wanted:
+            raise InputError(f"{path}: unexpected tensor '{name}'")
+        if t.shape != wanted[name].shape or t.is_floating_point() != wanted[name].is_floating_point():
+            raise InputError(f"{path}: '{name}' is {str(t.dtype)[6:]} {tuple(t.shape)}, config.json implies "
+                             f"{str(wanted[name].dtype)[6:]} {tuple(wanted[name].shape)} (another shape or kind)")
+        state[name] = t.to(device=device, dtype=dtype if name in params else wanted[name].dtype,  # buffers keep theirs
+                           memory_format=torch.contiguous_format, copy=True)
+    missing = sorted(set(wanted) - set(state))
+    if missing:
+        raise InputError(f"{path}: checkpoint lacks {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+    model.load_state_dict(state, assign=True)
+    return model
+
+GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+def byte_decoder():
+    """GPT-2's table from the printable characters that byte-level BPE vocabularies are written in back
+    to bytes: printable Latin-1 bytes stand for themselves, the other 68 bytes for chr(256 + n)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+
+def hf_tokenizer(path):
+    """tiktoken Encoding for a Hugging Face tokenizer.json holding a byte-level BPE (GPT-2 style, as GPT-2's and
+    GPT-NeoX's, or Llama 3 style), or None when the file is something tiktoken cannot run (SentencePiece, as
+    Llama 2's and Mixtral's, or a normalizer other than NFC, which is applied here before encoding).
+
+    tiktoken merges the adjacent pair whose result has the lowest rank; tokenizer.json lists merges in
+    priority order. The two agree when a token's id is its rank and ids grow along the merge list (checked
+    here), as for Llama 3, whose tokenizer.json was converted from tiktoken's own file, and byte-level BPEs
+    trained with the `tokenizers` package (the tests show it). Added tokens are decoded but never produced by
+    encoding: GPT-NeoX's tokens for runs of spaces come out as smaller pieces."""
+    try:
+        tok = json.loads(Path(path).read_text())
+        model, pre = tok["model"], tok.get("pre_tokenizer") or {}
+        steps = pre.get("pretokenizers", [pre])
+        kinds = [s.get("type") for s in steps]
+        if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+            pattern = GPT2_SPLIT  # GPT-2 style: the byte-level step splits with GPT-2's regex
+        elif kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True) \
+                and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert"):
+            pattern = steps[0]["pattern"]["Regex"]  # Llama 3 style: a regex split, then bytes to characters
+        else:
+            return None
+        normalizer = tok.get("normalizer")
+        if model.get("type") != "BPE" or normalizer not in (None, {"type": "NFC"}) or steps[-1].get("add_prefix_space"):
+            return None
+        to_byte, vocab = byte_decoder(), model["vocab"]
+        specials = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
+        ranks = {bytes(to_byte[c] for c in s): i for s, i in vocab.items() if s not in specials}
+        last = -1
+        for merge in model["merges"]:
+            a, b = merge.split(" ") if isinstance(merge, str) else merge
+            if vocab[a + b] < last:
+                return None
+            last = vocab[a + b]
+        enc = tiktoken.Encoding(Path(path).parent.name or "tokenizer", pat_str=pattern, mergeable_ranks=ranks,
+                                special_tokens=specials)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    known = set(ranks.values()) | set(specials.values())
+    encode = enc.encode_ordinary if normalizer is None else lambda s: enc.encode_ordinary(unicodedata.normalize("NFC", s))
+    return (str(path), encode, lambda ids: enc.decode([i for i in ids if i in known], errors="replace"),
+            enc.n_vocab)
+
+def pretrained_tokenizer(path, sample_only):
+    """A checkpoint's own tokenizer, from its tokenizer.json when tiktoken can run it; None (token ids) will do
+    for --sample_only, but not for training on text."""
+    tokenizer = hf_tokenizer(path / "tokenizer.json")
+    if tokenizer is None and not sample_only:
+        raise InputError(f"{path} has no tokenizer.json that tiktoken can read (SentencePiece ones, as Llama 2's "
+                         "and Mixtral's, it cannot), so it cannot be trained on text; --sample_only shows token ids")
+    return tokenizer
 
 
 def from_pretrained(name_or_path, device="cpu", dtype=torch.float32, dropout=0.0):
@@ -592,11 +738,7 @@ def from_pretrained(name_or_path, device="cpu", dtype=torch.float32, dropout=0.0
     and model.safetensors (or shards + model.safetensors.index.json), in the layout `DeepseekV3ForCausalLM.
     save_pretrained` writes (one gate_proj/up_proj/down_proj per routed expert, stacked here per layer).
     Multi-token-prediction layers (num_nextn_predict_layers, stored after the last layer) are skipped."""
-    path = checkpoint_dir(name_or_path)
-    try:
-        hf = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot read {path / 'config.json'}: {e}") from None
+    path, hf, tensors = read_checkpoint(name_or_path)
     if hf.get("model_type") != "deepseek_v3":
         raise InputError(f"{path} holds a '{hf.get('model_type')}' model, not DeepSeek-V3")
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
@@ -607,7 +749,7 @@ def from_pretrained(name_or_path, device="cpu", dtype=torch.float32, dropout=0.0
     cfg = Config(vocab_size=hf["vocab_size"], block_size=hf.get("max_position_embeddings", 4096),
                  n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"], n_embd=hf["hidden_size"],
                  intermediate_size=hf["intermediate_size"], moe_intermediate_size=hf["moe_intermediate_size"],
-                 n_routed_experts=hf["n_routed_experts"], n_shared_experts=hf.get("n_shared_experts") or 0,
+                 n_expert=hf["n_routed_experts"], n_shared_experts=hf.get("n_shared_experts") or 0,
                  top_k_experts=hf["num_experts_per_tok"], n_group=hf.get("n_group") or 1,
                  topk_group=hf.get("topk_group") or 1, routed_scaling_factor=hf.get("routed_scaling_factor", 1.0),
                  norm_topk_prob=hf.get("norm_topk_prob", True), first_k_dense_replace=hf.get("first_k_dense_replace", 0),
@@ -618,155 +760,243 @@ def from_pretrained(name_or_path, device="cpu", dtype=torch.float32, dropout=0.0
                  rope_interleave=hf.get("rope_interleave", True), norm_eps=hf.get("rms_norm_eps", 1e-6),
                  tie_embeddings=hf.get("tie_word_embeddings", False), bos_token_id=hf.get("bos_token_id"),
                  dropout=dropout)
-
-    index = path / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
-    with torch.device("meta"):
-        model = DeepSeek(cfg)
-    wanted = {**model.state_dict()}
-    state, experts = {}, {name: [None] * cfg.n_routed_experts for name in wanted if name.endswith("_proj")
-                           and ".mlp." in name and wanted[name].dim() == 3}
-    for fname in files:
-        try:
-            tensors = read_safetensors(path / fname)
-        except (OSError, ValueError, KeyError) as e:
-            raise InputError(f"cannot read {path / fname}: {e}") from None
-        for name, t in tensors.items():
-            layer = re.match(r"model\.layers\.(\d+)\.", name)
-            if (layer and int(layer[1]) >= cfg.n_layer) or name.endswith("rotary_emb.inv_freq") \
-                    or (name == "lm_head.weight" and cfg.tie_embeddings) or ("shared_experts" in name and not t.numel()):
-                continue  # multi-token prediction layers; a rotary table; a tied head; an empty shared expert
-            expert = re.fullmatch(r"(.*\.mlp)\.experts\.(\d+)\.(\w+_proj)\.weight", name)
-            target = f"{expert[1]}.{expert[3]}" if expert else name
-            if target not in wanted or (expert and int(expert[2]) >= cfg.n_routed_experts):
-                raise InputError(f"{path / fname}: unexpected tensor '{name}'")
-            if name in ("model.embed_tokens.weight", "lm_head.weight"):
-                t = F.pad(t, (0, 0, 0, cfg.padded_vocab_size - t.size(0)))
-            shape = wanted[target].shape[1:] if expert else wanted[target].shape
-            if t.shape != shape:
-                raise InputError(f"{path / fname}: '{name}' has shape {tuple(t.shape)}, config.json implies {tuple(shape)}")
-            keep = torch.float32 if name.endswith("e_score_correction_bias") else dtype  # the bias stays float32
-            t = t.to(device=device, dtype=keep, memory_format=torch.contiguous_format, copy=True)
-            if expert:
-                experts[target][int(expert[2])] = t
-            else:
-                state[name] = t
+    state, experts = {}, {}
+    for name, t in tensors.items():
+        layer = re.match(r"model\.layers\.(\d+)\.", name)
+        if (layer and int(layer[1]) >= cfg.n_layer) or name.endswith("rotary_emb.inv_freq") \
+                or (name == "lm_head.weight" and cfg.tie_embeddings) or ("shared_experts" in name and not t.numel()):
+            continue  # multi-token prediction layers; a rotary table; a tied head; an empty shared expert
+        expert = re.fullmatch(r"(.*\.mlp)\.experts\.(\d+)\.(\w+_proj)\.weight", name)
+        if expert:  # a matrix per routed expert in the file, one (n_expert, ...) tensor per layer here
+            experts.setdefault(f"{expert[1]}.{expert[3]}", {})[int(expert[2])] = t
+            continue
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):  # pad the vocabulary rows with zeros
+            t = F.pad(t, (0, 0, 0, cfg.padded_vocab_size - t.size(0)))
+        state[name] = t
     for name, per_expert in experts.items():
-        if all(t is not None for t in per_expert):
-            state[name] = torch.stack(per_expert)
+        if max(per_expert) >= cfg.n_expert:
+            raise InputError(f"{path}: unexpected tensor for expert {max(per_expert)} of '{name}' ({cfg.n_expert} experts)")
+        if len(per_expert) == cfg.n_expert and len({t.shape for t in per_expert.values()}) > 1:
+            raise InputError(f"{path}: the experts of '{name}' differ in shape")
+        if len(per_expert) == cfg.n_expert:  # an expert missing: load_weights says which layer lacks one
+            state[name] = torch.stack([per_expert[i] for i in range(cfg.n_expert)])
+    if cfg.tie_embeddings and "model.embed_tokens.weight" in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    with torch.device("meta"):
+        model = DeepSeek(cfg)  # shapes only: the weights come from the file, no time is spent on a random init
+    load_weights(model, state, path, device, dtype)  # the routing bias, a buffer, stays float32
     if cfg.tie_embeddings:
-        state["lm_head.weight"] = state.get("model.embed_tokens.weight")
-    missing = [k for k in wanted if state.get(k) is None]
-    if missing:
-        raise InputError(f"{path}: checkpoint lacks {missing[:3]}{' ...' if len(missing) > 3 else ''}")
-    model.load_state_dict(state, assign=True)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+        model.lm_head.weight = model.model.embed_tokens.weight  # assign=True replaced both: tie them again
     return model.eval()
 
 
+# --------------------------------------------------------------------------------- DeepSeek on the command line
+# What the shared harness below asks of this model: its presets and flags, how to build it, what a token costs,
+# the schedule, the data and what to show at the end.
+
+# Defaults sized so that a bare run takes about three minutes: tiny on a CPU (where the 50K-token output layer
+# costs more than the whole model), small on a GPU; both with 16 fine-grained routed experts in 4 groups, 4 per
+# token from 2 groups, one shared expert, a dense first layer, and a latent of a quarter of the width.
+# DeepSeek trains without dropout; on a 1 MB text a small model overfits without it, hence 0.2 on the GPU.
+PRESETS = {
+    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=8, max_iters=200,
+                eval_interval=100, eval_iters=10, log_interval=25, lr=3e-3, min_lr=3e-4, warmup_iters=20, dropout=0.0),
+    "cuda": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, max_iters=2000,
+                 eval_interval=250, eval_iters=50, log_interval=50, lr=1e-3, min_lr=1e-4, warmup_iters=100, dropout=0.2),
+}
+RUN_TIME = ("dropout", "seq_aux_loss_coef", "bias_update_speed")  # the Config fields a run sets
+
+
+def add_model_flags(p):
+    p.add_argument("--n_layer", type=int)
+    p.add_argument("--n_head", type=int)
+    p.add_argument("--n_embd", type=int)
+    p.add_argument("--n_expert", type=int, default=16, help="routed experts per MoE layer")
+    p.add_argument("--n_shared_experts", type=int, default=1, help="experts every token goes through")
+    p.add_argument("--top_k_experts", type=int, default=4, help="routed experts per token")
+    p.add_argument("--n_group", type=int, default=4, help="groups of routed experts")
+    p.add_argument("--topk_group", type=int, default=2, help="groups a token's experts may come from")
+    p.add_argument("--first_k_dense_replace", type=int,
+                   help="leading layers with a dense feed-forward (default 1; 0 for a one-layer model)")
+    p.add_argument("--q_lora_rank", type=int, default=0, help="query latent size (0: queries straight from x)")
+    p.add_argument("--kv_lora_rank", type=int, help="key/value latent size (default n_embd / 4)")
+    p.add_argument("--scoring", default="sigmoid", choices=["sigmoid", "softmax"],
+                   help="V3's sigmoid gate, or V2's softmax gate (groups ranked by their best expert, no renormalising)")
+    p.add_argument("--bias_update_speed", type=float, default=0.01,
+                   help="auxiliary-loss-free balancing: each step, the routing bias of an overloaded expert goes down by "
+                        "this, an underloaded one's up (V3: 0.001 over its long run; 0: off)")
+    p.add_argument("--seq_aux_loss_coef", type=float, default=0.0001, help="sequence-wise balance loss weight (V3: 0.0001)")
+    p.add_argument("--grad_checkpoint", action="store_true", help="recompute each block's activations in backward")
+    p.add_argument("--dropout", type=float, help="on the attention weights and the residual branches")
+
+
+def build_model(args, given, ckpt, env):
+    """(model, tokenizer, note) for --init_from: our checkpoint's model (resume; the harness loads its weights), a
+    Hugging Face DeepSeek-V3 (token ids unless its tokenizer.json is one tiktoken runs), or a fresh one: per head
+    hd nope, hd / 2 rotary and hd value dimensions, hd = n_embd / n_head (V3's 128 / 64 / 128)."""
+    run_time = {k: getattr(args, k) for k in RUN_TIME}
+    if ckpt is not None:
+        model, tokenizer = DeepSeek(Config(**{**ckpt["config"], **run_time})), load_tokenizer(ckpt["tokenizer"])
+    elif args.init_from != "scratch":  # sampling keeps the weights in the run's dtype (bf16 on CUDA), training in fp32
+        tokenizer = pretrained_tokenizer(checkpoint_dir(args.init_from, weights=False), args.sample_only)
+        model = from_pretrained(args.init_from, env.device, env.dtype if args.sample_only else torch.float32, args.dropout)
+    else:
+        if args.n_embd % args.n_head or args.n_embd // args.n_head % 4:
+            raise InputError(f"n_embd ({args.n_embd}) must be a multiple of n_head ({args.n_head}), in heads of a "
+                             "multiple of 4 (the rotary part is half a head)")
+        tokenizer, hd, dense = load_tokenizer(), args.n_embd // args.n_head, -(-8 * args.n_embd // 3 // 64) * 64
+        model = DeepSeek(Config(
+            vocab_size=tokenizer[3], block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
+            n_embd=args.n_embd, intermediate_size=dense, moe_intermediate_size=max(dense // 4, 8), n_expert=args.n_expert,
+            n_shared_experts=args.n_shared_experts, top_k_experts=args.top_k_experts, n_group=args.n_group,
+            topk_group=args.topk_group, first_k_dense_replace=min(1, args.n_layer - 1) if args.first_k_dense_replace
+            is None else args.first_k_dense_replace, q_lora_rank=args.q_lora_rank,
+            kv_lora_rank=args.kv_lora_rank or max(args.n_embd // 4, 1), qk_nope_head_dim=hd, qk_rope_head_dim=hd // 2,
+            v_head_dim=hd, routed_scaling_factor=1.0, norm_topk_prob=args.scoring == "sigmoid", scoring=args.scoring,
+            **run_time))
+    cfg, model.grad_checkpoint = model.config, args.grad_checkpoint
+    if args.block_size > cfg.block_size:  # the model's context ends there
+        raise InputError(f"--block_size {args.block_size} is longer than the model's context ({cfg.block_size})")
+    return model, tokenizer, (f" | {model.num_params(active=True) / 1e6:.2f}M active | {cfg.n_expert} routed experts, "
+                              f"top {cfg.top_k_experts}, {cfg.n_shared_experts} shared")
+
+
+def flops_per_token(model, T):
+    """Training FLOPs per token at context T, for MFU: 6 per parameter a token computes with (top_k of the routed
+    experts), plus attention with MLA's query/key and value dimensions (PaLM, appendix B)."""
+    cfg = model.config
+    qk, v = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
+    return 6 * model.num_params(active=True) + 6 * cfg.n_layer * cfg.n_head * (qk + v) * T
+
+
+def schedule(it, args):  # (learning rate, weight decay) of step it: warmup and cosine, a constant weight decay
+    return lr_at(it, args), args.weight_decay
+
+
+def batches(args, tokenizer, env):  # batch(split) -> (x, y): DeepSeek learns from --data's text
+    return text_batches(args, tokenizer, env)
+
+
+def show_sample(model, tokenizer, args, env, title):
+    """What a run shows at its end (or with --sample_only): the latent cache a token costs, then a sample."""
+    cfg, itemsize = model.config, (env.dtype if env.dtype != torch.float32 else model.lm_head.weight.dtype).itemsize
+    latent, mha = model.cache_numbers_per_token()
+    print(f"latent cache: {latent * itemsize:,} bytes/token ((kv_lora_rank {cfg.kv_lora_rank} + rotary key "
+          f"{cfg.qk_rope_head_dim}) x {cfg.n_layer} layers x {itemsize} bytes); MHA with the same "
+          f"{cfg.n_head} heads would cache {mha * itemsize:,}")
+    sample(model, tokenizer, args, env.ctx, title)
+
+
 # ------------------------------------------------------------------------------------------- data
+# From here to the end every file of the project holds the same text (tests/test_harness.py compares them): data,
+# the training loop, checkpoints, the command line. It calls this file's own PRESETS, add_model_flags, build_model,
+# flops_per_token, schedule, batches and show_sample, above.
 
-def get_tokenizer(name):
-    """(name, encode, decode, vocab_size) for "gpt2" (tiktoken's BPE) or "bytes" (raw UTF-8, 256 ids)."""
-    if name == "gpt2":
-        enc = tiktoken.get_encoding("gpt2")  # downloads the BPE files once, unless TIKTOKEN_CACHE_DIR has them
-        return "gpt2", enc.encode_ordinary, lambda ids: enc.decode(ids, errors="replace"), enc.n_vocab
-    return "bytes", lambda s: list(s.encode("utf-8")), lambda ids: bytes(ids).decode("utf-8", errors="replace"), 256
-
-
-def load_tokenizer(required=None):
-    """GPT-2's BPE when its files can be had, else bytes; `required` names one that must be used."""
-    if required == "bytes":
-        return get_tokenizer("bytes")
-    try:
-        return get_tokenizer("gpt2")
-    except Exception as e:  # tiktoken raises whatever its download raised
-        if required == "gpt2":
-            raise InputError(f"the gpt2 tokenizer is needed but its files cannot be had ({type(e).__name__}); "
-                             "set TIKTOKEN_CACHE_DIR to a folder that holds them") from None
-        print(f"offline: tiktoken's gpt2 files cannot be had ({type(e).__name__}); using raw UTF-8 bytes as tokens")
-        return get_tokenizer("bytes")
-
-
-def stdlib_text(max_chars=1_500_000):
-    """The offline corpus every machine has: the Python standard library's own source."""
-    parts, n = [], 0
-    for p in sorted(Path(os.__file__).parent.glob("*.py")):
-        parts.append(p.read_text(encoding="utf-8", errors="ignore"))
-        n += len(parts[-1])
-        if n > max_chars:
-            break
-    return "".join(parts)
+def load_tokenizer(name=None):
+    """(name, encode, decode, vocab_size) for "gpt2" (tiktoken's BPE), "bytes" (raw UTF-8, 256 ids) or the path of
+    a checkpoint's tokenizer.json (hf_tokenizer); None: gpt2 when its files can be had, else bytes."""
+    if name in (None, "gpt2"):
+        try:
+            enc = tiktoken.get_encoding("gpt2")  # downloads the BPE files once, unless TIKTOKEN_CACHE_DIR has them
+            return "gpt2", enc.encode_ordinary, lambda ids: enc.decode(ids, errors="replace"), enc.n_vocab
+        except Exception as e:  # tiktoken raises whatever its download raised
+            if name == "gpt2":
+                raise InputError(f"the gpt2 tokenizer is needed but its files cannot be had ({type(e).__name__}); "
+                                 "set TIKTOKEN_CACHE_DIR to a folder that holds them") from None
+            print(f"offline: tiktoken's gpt2 files cannot be had ({type(e).__name__}); using raw UTF-8 bytes as tokens")
+    if name in (None, "bytes"):
+        return "bytes", lambda s: list(s.encode()), lambda ids: bytes(ids).decode(errors="replace"), 256
+    tokenizer = hf_tokenizer(name)
+    if tokenizer is None:
+        raise InputError(f"the tokenizer {name} cannot be read (is the file still there?)")
+    return tokenizer
 
 
 def read_text(data):
-    """(cache name, text, fingerprint) for --data: 'shakespeare' or a path to a UTF-8 text file."""
-    if data == "shakespeare":
-        name, path = "shakespeare", HERE / "data" / "shakespeare" / "input.txt"
-        if not path.exists():
-            try:
-                r = requests.get(SHAKESPEARE_URL, timeout=10)
-                r.raise_for_status()
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.with_suffix(".tmp").write_bytes(r.content)
-                os.replace(path.with_suffix(".tmp"), path)
-            except requests.RequestException as e:
-                print(f"offline: cannot download tiny-shakespeare ({type(e).__name__}); "
-                      "training on the Python standard library's source instead")
-                text = stdlib_text()
-                return "python_stdlib", text, {"source": "python stdlib", "chars": len(text)}
-    else:
-        name, path = Path(data).stem, Path(data)
-        if not path.exists():
-            raise InputError(f"--data '{data}': no such file, and not a dataset name (known: shakespeare)")
-        if path.is_dir():
-            raise InputError(f"--data '{data}' is a directory; give a UTF-8 text file")
-    raw = path.read_bytes()
-    if not raw.strip():
-        raise InputError(f"--data '{data}': {path} is empty")
+    """(cache name, text, source) of --data: 'shakespeare' (downloaded once; offline, the Python standard library's
+    own source, which every machine has) or a UTF-8 text file."""
+    path = HERE / "data" / "shakespeare" / "input.txt" if data == "shakespeare" else Path(data)
     try:
-        if b"\0" in raw:
-            raise UnicodeError("NUL bytes")
-        text = raw.decode("utf-8")
+        if data == "shakespeare":
+            download(SHAKESPEARE_URL, path)
+    except requests.RequestException as e:
+        print(f"offline: cannot download tiny-shakespeare ({type(e).__name__}); training on the Python standard "
+              "library's source instead")
+        text = "".join(p.read_text(errors="ignore") for p in sorted(Path(os.__file__).parent.glob("*.py")))
+        return "python_stdlib", text[:1_500_000], "python stdlib"
+    if not path.is_file():
+        raise InputError(f"--data '{data}' is a directory; give a UTF-8 text file" if path.is_dir() else
+                         f"--data '{data}': no such file, and not a dataset name (known: shakespeare)")
+    try:
+        text = path.read_bytes().decode()
     except UnicodeError:
-        raise InputError(f"--data '{data}': {path} is not UTF-8 text (a binary file?)") from None
+        text = "\0"
+    if "\0" in text or not text.strip():
+        raise InputError(f"--data '{data}': {path} is " + ("not UTF-8 text (a binary file?)" if text else "empty"))
     st = path.stat()
-    return name, text, {"source": str(path.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return data if data == "shakespeare" else path.stem, text, f"{path.resolve()} {st.st_size} {st.st_mtime_ns}"
+
+
+# Token files as llm.c writes them (and modded-nanogpt's FineWeb shards): a header of 256 int32 (magic, version,
+# token count), then the tokens, uint16 where the vocabulary fits (GPT-2's), uint32 where it does not (Llama 3's).
+TOKEN_FILES = {np.uint16: (20240520, 1), np.uint32: (20240801, 7)}
+
+
+def write_tokens(path, ids, vocab_size):
+    dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
+    header = np.array([*TOKEN_FILES[dtype], len(ids)] + [0] * 253, np.int32)
+    path.with_suffix(".tmp").write_bytes(header.tobytes() + np.array(ids, dtype).tobytes())
+    os.replace(path.with_suffix(".tmp"), path)  # never half a file under the real name
+
+
+def read_tokens(path):
+    """A token file's tokens, memory-mapped, once its header checks out: a damaged file is one line of bad input."""
+    header = np.fromfile(path, np.int32, count=256)
+    dtype = next((d for d, magic in TOKEN_FILES.items() if len(header) == 256 and tuple(header[:2]) == magic), None)
+    if dtype is None or path.stat().st_size != 1024 + int(header[2]) * np.dtype(dtype).itemsize:
+        raise InputError(f"{path} is not a whole token file (damaged? delete it, and it is made again)")
+    return np.memmap(path, dtype=dtype, mode="r", offset=1024)
 
 
 def prepare_data(data, tokenizer):
-    """Tokenize --data once into data/<name>/{train,val}.bin (uint16, 90/10 split) + meta.json; return the dir.
-
-    meta.json names the source and the tokenizer: a cache made another way is rebuilt, never misread."""
-    name, text, fingerprint = read_text(data)
-    out = HERE / "data" / name
-    meta_path = out / "meta.json"
-    meta = dict(fingerprint, tokenizer=tokenizer[0], vocab_size=tokenizer[3])
-    if meta_path.exists() and {k: v for k, v in json.loads(meta_path.read_text()).items() if k in meta} == meta:
-        return out
-    ids = np.array(tokenizer[1](text), dtype=np.uint16)
-    n = int(0.9 * len(ids))
-    out.mkdir(parents=True, exist_ok=True)
-    for split, arr in (("train", ids[:n]), ("val", ids[n:])):
-        arr.tofile(out / f"{split}.bin.tmp")
-        os.replace(out / f"{split}.bin.tmp", out / f"{split}.bin")
-    meta.update(train_tokens=n, val_tokens=len(ids) - n)
-    (out / "meta.json.tmp").write_text(json.dumps(meta, indent=1))
-    os.replace(out / "meta.json.tmp", meta_path)  # written last: a cache is valid only once its meta is there
-    print(f"tokenized {name} with {tokenizer[0]}: {n:,} train and {len(ids) - n:,} val tokens in {out}")
-    return out
+    """{split: [token files]} of --data: its text tokenized once into data/<name>/{train,val}.bin (90/10); meta.json
+    names the text and the tokenizer, and a cache made another way is made again, never misread."""
+    name, text, source = read_text(data)
+    out, meta = HERE / "data" / name, dict(source=source, tokenizer=tokenizer[0], vocab_size=tokenizer[3])
+    files = {split: out / f"{split}.bin" for split in ("train", "val")}
+    if not all(f.exists() for f in [out / "meta.json", *files.values()]) or (out / "meta.json").read_text() != json.dumps(meta):
+        ids = tokenizer[1](text)
+        n = int(0.9 * len(ids))
+        out.mkdir(parents=True, exist_ok=True)
+        write_tokens(files["train"], ids[:n], tokenizer[3])
+        write_tokens(files["val"], ids[n:], tokenizer[3])
+        (out / "meta.json").write_text(json.dumps(meta))  # written last: the cache is valid once it is there
+        print(f"tokenized {name} with {tokenizer[0]}: {n:,} train and {len(ids) - n:,} val tokens in {out}")
+    return {split: [read_tokens(f)] for split, f in files.items()}
 
 
-def get_batch(data_dir, split, batch_size, block_size, device):
-    """batch_size random windows of the split: x (B, T) and y (B, T), y being x shifted by one token."""
-    data = np.memmap(data_dir / f"{split}.bin", dtype=np.uint16, mode="r")
-    start = torch.randint(len(data) - block_size, (batch_size,)).numpy()
-    xy = torch.from_numpy(data[start[:, None] + np.arange(block_size + 1)].astype(np.int64))  # (B, T+1)
-    x, y = xy[:, :-1], xy[:, 1:]
+def get_batch(files, batch_size, block_size, device):
+    """batch_size random windows of one token file (drawn by size): x (B, T) and y (B, T), x shifted by one."""
+    ends = np.cumsum([len(f) - block_size for f in files])
+    tokens = files[int(np.searchsorted(ends, torch.randint(int(ends[-1]), ()).item(), side="right"))]
+    start = torch.randint(len(tokens) - block_size, (batch_size,)).numpy()
+    xy = torch.from_numpy(tokens[start[:, None] + np.arange(block_size + 1)].astype(np.int64))  # (B, T+1)
     if device.type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
+        xy = xy.pin_memory().to(device, non_blocking=True)
+    return xy[:, :-1].to(device), xy[:, 1:].to(device)
+
+
+def text_batches(args, tokenizer, env):
+    """batch(split) -> (x, y) from --data; rank 0 makes the token files while the other ranks wait."""
+    if not env.master:
+        dist.barrier()
+    files = prepare_data(args.data, tokenizer)
+    if env.master and env.world > 1:
+        dist.barrier()
+    if min(len(f) for split in files.values() for f in split) <= args.block_size:
+        raise InputError(f"--data '{args.data}' is too short for --block_size {args.block_size}: "
+                         f"{len(files['train'][0]):,} train and {len(files['val'][0]):,} val tokens")
+    return lambda split: get_batch(files[split], args.batch_size, args.block_size, env.device)
 
 
 # --------------------------------------------------------------------------------------- training
@@ -783,211 +1013,297 @@ def lr_at(it, args):
 
 
 def configure_optimizer(model, args, device):
-    """AdamW; weight decay on the matrices (linear weights, embeddings), none on biases and LayerNorms."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    """AdamW on the trainable parameters: weight decay on the matrices (linear weights, embeddings), none on the
+    vectors (biases, norms) or a parameter marked `no_weight_decay`; `lr_scale` scales a parameter's rate."""
+    groups = {}
+    for p in filter(lambda p: p.requires_grad, model.parameters()):
+        key = (p.dim() >= 2 and not getattr(p, "no_weight_decay", False), getattr(p, "lr_scale", 1.0))
+        groups.setdefault(key, []).append(p)
+    groups = [dict(params=ps, decay=decay, weight_decay=args.weight_decay * decay, lr_scale=scale)
+              for (decay, scale), ps in groups.items()]
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 
 @torch.no_grad()
-def estimate_loss(model, data_dir, args, device, ctx):
-    """Mean loss over --eval_iters batches per split (the same batches at every eval, seeded by --seed), and
-    the expert load of each layer on the val batches, (n_layer, n_expert)."""
+def estimate_loss(model, batch, args, ctx):
+    """Mean loss over --eval_iters batches per split; the same batches at every eval (seeded by --seed)."""
     model.eval()
     torch.manual_seed(args.seed)
-    out = {}
-    for split in ("train", "val"):
-        losses, load = torch.zeros(args.eval_iters), 0
-        for k in range(args.eval_iters):
-            x, y = get_batch(data_dir, split, args.batch_size, args.block_size, device)
-            with ctx:
-                losses[k] = model(x, y)[1].float()
-            load = load + model.router_stats[:, 1:].float().cpu() / args.eval_iters
-        out[split] = losses.mean().item()
+    with ctx:
+        out = {split: torch.stack([model(*batch(split))[1].float() for _ in range(args.eval_iters)]).mean().item()
+               for split in ("train", "val")}
     model.train()
-    return out, load
-
-
-def load_histogram(load, bias):
-    """The expert load (MoE layers, n_expert) as text, a row of bars per layer: each expert's share of the routed
-    (token, choice) pairs, the even share 1/n_expert drawn half high (collapse shows as a few full bars); and the
-    range of the routing bias b_i, which drifts to push the load even."""
-    n_expert = load.size(1)
-    bars = " ▁▂▃▄▅▆▇█"
-    lines = [f"expert load per layer (even: {100 / n_expert:.1f}% each, drawn ▄; █ is twice that or more)"]
-    for i, shares in enumerate(load.tolist()):
-        row = "".join(bars[min(8, round(4 * n_expert * s))] for s in shares)
-        lines.append(f"  moe {i:<3d}{row}  min {100 * min(shares):4.1f}%  max {100 * max(shares):4.1f}%  "
-                     f"bias {bias[i].min():+.3f}..{bias[i].max():+.3f}")
-    return "\n".join(lines)
+    return out
 
 
 def peak_flops(device, dtype):
     """Dense bf16/fp16 tensor-core peak of the GPU, for MFU; None where unknown (and on CPU)."""
-    if device.type != "cuda" or dtype == torch.float32:
-        return None
-    name = torch.cuda.get_device_name(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" and dtype != torch.float32 else ""
     return next((f for key, f in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12)) if key in name), None)
 
 
 def save_checkpoint(obj, path):
     """torch.save to a temporary file, fsync, then os.replace: a kill mid-save leaves the old file whole."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with open(path.with_suffix(".tmp"), "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    os.replace(path.with_suffix(".tmp"), path)
+
+
+CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "config", "args", "iter_num", "best_val", "evals_since_best",
+                   "tokenizer")
 
 
 def load_checkpoint(path):
+    """Our checkpoint at path, checked: a missing, cut or foreign file is one line of bad input."""
     if not path.exists():
         raise InputError(f"--init_from resume: no checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        for key in ("model", "optimizer", "scaler", "config", "args", "iter_num", "best_val", "evals_since_best",
-                    "tokenizer"):
-            ckpt[key]
+        if set(ckpt["config"]) != {f.name for f in fields(Config)} or not {*CHECKPOINT_KEYS} <= set(ckpt):
+            raise ValueError(f"not a checkpoint of {Path(__file__).name}")
     except Exception as e:  # a truncated zip, a foreign pickle, a missing key: all mean "not our checkpoint"
         why = (str(e).strip().splitlines() or [""])[0][:120]
         raise InputError(f"--init_from resume: {path} is not a readable checkpoint ({type(e).__name__}: {why})") from None
     return ckpt
 
 
+def trained_state(model):
+    """What a checkpoint keeps: the trainable parameters, and the buffers of the modules that train (mla_moe.py's
+    routing bias); lora.py's frozen base, NF4 codes included, comes back from --init_from."""
+    trains = {name for name, m in model.named_modules() if any(p.requires_grad for p in m.parameters(recurse=False))}
+    return {k: v.detach() for k, v in model.state_dict(keep_vars=True).items()
+            if v.requires_grad or not isinstance(v, nn.Parameter) and k.rpartition(".")[0] in trains}
+
+
+def load_trained_state(model, state, path):
+    try:
+        model.load_state_dict({**model.state_dict(), **state})  # the frozen parameters: the model's own
+    except RuntimeError as e:  # a name or a shape the model does not have
+        raise InputError(f"{path} does not fit the model: {str(e).strip().splitlines()[-1].strip()}") from None
+
+
 def step_seed(seed, iter_num, rank):
     """Each step's batches and dropout come from this seed: a resumed run repeats them exactly."""
-    return (seed * 1_000_003 + iter_num) * 1_009 + rank
+    return ((seed * 1_000_003 + iter_num) * 1_009 + rank) % 2**63
+
+
+def log_metrics(record, env):
+    """One line of out_dir/metrics.jsonl, and its numbers to TensorBoard with --tensorboard."""
+    with open(env.out_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    for k, v in record.items():
+        if env.writer and k != "iter" and isinstance(v, (int, float)):
+            env.writer.add_scalar(k, v, record["iter"])
+
+
+def open_logs(args, iter_num, env):
+    """metrics.jsonl, kept up to iter_num when resuming (a line cut short by a kill dropped), and TensorBoard."""
+    env.out_dir.mkdir(parents=True, exist_ok=True)
+    path = env.out_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if iter_num > 0 and path.exists() else []
+    path.write_text("".join(line + "\n" for line in lines if line.endswith("}") and json.loads(line)["iter"] <= iter_num))
+    try:
+        if args.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            env.writer = SummaryWriter(str(env.out_dir))
+    except ImportError:
+        print("--tensorboard: the tensorboard package is not installed (pip install tensorboard); skipping it")
+
+
+def sample(model, tokenizer, args, ctx, title):
+    """Print --max_new_tokens sampled after --prompt (and after the checkpoint's BOS, if it defines one)."""
+    torch.manual_seed(args.seed)
+    bos = [] if model.config.bos_token_id is None else [model.config.bos_token_id]
+    if tokenizer is None:
+        print(f"no tokenizer tiktoken can read for {args.init_from}: the prompt is not used, the sample starts "
+              f"from token {bos or [0]} and is shown as token ids")
+    prompt = bos + (tokenizer[1](args.prompt) if tokenizer else []) or [0]  # a long prompt: generate handles it
+    with ctx:
+        out = model.eval().generate(torch.tensor([prompt], device=next(model.parameters()).device),
+                                    args.max_new_tokens, args.temperature, args.top_k or None, args.top_p)
+    text = str(out[0].tolist()) if tokenizer is None else tokenizer[2](out[0, len(bos):].tolist())
+    print(f"--- {title} ---\n{text}\n---")
+
+
+def evaluate(model, eval_model, batch, optimizer, scaler, state, tokenizer, args, env):
+    """Eval both splits, save ckpt.pt (and best.pt when val improved), print and log; True: stop early."""
+    losses, it, ckpt_path = estimate_loss(eval_model, batch, args, env.ctx), state["iter_num"], env.out_dir / "ckpt.pt"
+    if not all(map(math.isfinite, losses.values())):  # the NaN guard: stop before anything bad is saved
+        print(f"eval {it} | {losses}: training diverged; stopping. The last good checkpoint is {ckpt_path}", file=sys.stderr)
+        sys.exit(1)
+    improved = losses["val"] < state["best_val"]
+    state.update(best_val=min(losses["val"], state["best_val"]), evals_since_best=0 if improved else state["evals_since_best"] + 1)
+    save_checkpoint(dict(state, model=trained_state(model), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                         config=asdict(model.config), args=vars(args), tokenizer=tokenizer[0]), ckpt_path)
+    if improved:  # best.pt, a copy: early stopping (and the sample at the end) never lose the best weights
+        shutil.copyfile(ckpt_path, env.out_dir / "best.tmp")
+        os.replace(env.out_dir / "best.tmp", env.out_dir / "best.pt")
+    print(f"eval {it} | train {losses['train']:.4f} | val {losses['val']:.4f} | saved {ckpt_path}"
+          + (" (best)" if improved else ""))
+    report = model.load_report() if hasattr(model, "load_report") else {}  # MoE: the experts' share of the tokens
+    log_metrics(dict(iter=it, **losses, **report), env)
+    stop = args.patience and state["evals_since_best"] >= args.patience
+    if stop:
+        print(f"early stop: no better val loss in {args.patience} evals (best {state['best_val']:.4f}, in best.pt)")
+    return bool(stop)
+
+
+def train(model, batch, tokenizer, args, ckpt, env):
+    """--max_iters optimizer steps of --grad_accum micro-steps, logged every --log_interval, evaluated and saved
+    every --eval_interval; returns the last iteration and the best val loss."""
+    optimizer = configure_optimizer(model, args, env.device)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=env.dtype == torch.float16)
+    state = dict(iter_num=0, best_val=float("inf"), evals_since_best=0)
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        state = {k: ckpt[k] for k in state}
+    eval_model = train_model = torch.compile(model) if env.compile else model  # `model` stays the plain module
+    if env.world > 1:  # buffers need no sync (each rank computes the same); infini's gates may get no gradient
+        train_model = DDP(eval_model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                          broadcast_buffers=False, find_unused_parameters=getattr(model, "find_unused_parameters", False))
+    if env.master:
+        open_logs(args, state["iter_num"], env)
+    tokens_per_step = args.batch_size * args.block_size * args.grad_accum * env.world
+    peak, flops = peak_flops(env.device, env.dtype), flops_per_token(model, args.block_size)
+    sums, t_log, iters_logged = {}, time.perf_counter(), state["iter_num"]
+    train_model.train()
+    while state["iter_num"] < args.max_iters:
+        lr, weight_decay = schedule(state["iter_num"], args)
+        for group in optimizer.param_groups:
+            group.update(lr=lr * group["lr_scale"], weight_decay=weight_decay if group["decay"] else 0.0)
+        torch.manual_seed(step_seed(args.seed, state["iter_num"], env.rank))
+        for micro in range(args.grad_accum):
+            x, y = batch("train")
+            if env.world > 1:  # all-reduce the gradients only on the last micro-step
+                train_model.require_backward_grad_sync = micro == args.grad_accum - 1
+            with env.ctx:
+                _, loss = train_model(x, y)
+            scaler.scale(loss / args.grad_accum).backward()
+            for k, v in dict(loss=loss, **getattr(model, "stats", {})).items():  # MoE: the router's statistics
+                sums[k] = sums.get(k, 0.0) + v.detach().float() / args.grad_accum
+        if args.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if hasattr(model, "after_step"):  # mla_moe.py: the routing bias follows the step's expert load
+            model.after_step()
+        state["iter_num"] = it = state["iter_num"] + 1
+        if env.master and (it % args.log_interval == 0 or it == args.max_iters):
+            means = {k: v.item() / (it - iters_logged) for k, v in sums.items()}  # the host sync, every log_interval
+            dt = (time.perf_counter() - t_log) / (it - iters_logged)
+            mfu = flops * tokens_per_step / dt / (peak * env.world) if peak else None
+            if not math.isfinite(means["loss"]):
+                print(f"iter {it} | loss {means['loss']}: training diverged; stopping. The last good checkpoint "
+                      f"is {env.out_dir / 'ckpt.pt'}", file=sys.stderr)
+                sys.exit(1)
+            print(f"iter {it} | " + " | ".join(f"{k} {v:.4f}" for k, v in means.items()) + f" | lr {lr:.2e} | "
+                  f"{dt * 1000:.1f} ms | {tokens_per_step / dt:,.0f} tok/s" + (f" | mfu {100 * mfu:.1f}%" if mfu else ""))
+            log_metrics(dict(iter=it, **means, lr=lr, ms=dt * 1000, tok_s=tokens_per_step / dt, mfu=mfu), env)
+            sums, t_log, iters_logged = {}, time.perf_counter(), it
+        if it % args.eval_interval == 0 or it == args.max_iters:
+            t_eval, stop = time.perf_counter(), torch.zeros((), device=env.device)
+            if env.master:
+                stop += evaluate(model, eval_model, batch, optimizer, scaler, state, tokenizer, args, env)
+            if env.world > 1:
+                dist.broadcast(stop, src=0)
+            if stop.item():
+                break
+            t_log += time.perf_counter() - t_eval  # eval time is not training time
+    return state["iter_num"], state["best_val"]
 
 
 # ------------------------------------------------------------------------------------------- main
 
-# Defaults sized so that a bare run takes about three minutes: tiny on a CPU (where the 50K-token output layer
-# costs more than the whole model), small on a GPU; both with 16 fine-grained routed experts in 4 groups, 4 per
-# token from 2 groups, one shared expert, a dense first layer, and a latent of a quarter of the width
-# heads. DeepSeek trains without dropout; on a 1 MB text a small model overfits without it, hence 0.2 on the GPU.
-PRESETS = {
-    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=8, max_iters=200,
-                eval_interval=100, eval_iters=10, log_interval=25, lr=3e-3, min_lr=3e-4, warmup_iters=20, dropout=0.0),
-    "cuda": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, max_iters=2000,
-                 eval_interval=250, eval_iters=50, log_interval=50, lr=1e-3, min_lr=1e-4, warmup_iters=100, dropout=0.2),
-}
-MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "n_routed_experts", "n_shared_experts", "top_k_experts", "n_group",
-               "topk_group", "first_k_dense_replace", "q_lora_rank", "kv_lora_rank", "scoring")  # fixed by a checkpoint
-RUN_FLAGS = ("device", "dtype", "compile", "init_from", "sample_only", "out_dir", "tensorboard",
-             "prompt", "max_new_tokens", "temperature", "top_k", "top_p")  # never taken from a checkpoint
+RUN_FLAGS = ("device", "dtype", "compile", "init_from", "sample_only", "out_dir", "tensorboard", "prompt",
+             "max_new_tokens", "temperature", "top_k", "top_p")  # never taken from a checkpoint
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Train a DeepSeek-V3-style model or sample from it (see the docstring).")
-    cpu, gpu = PRESETS["cpu"], PRESETS["cuda"]
-
-    def preset(name):
-        return f"default {cpu[name]} on CPU, {gpu[name]} on CUDA"
-
+    """(args, the flags typed). Flags left at None take the device's PRESETS, or a resumed run's values."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0] + " (see the module docstring)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, else mps, else cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bf16 autocast on CUDA (fp16 + GradScaler without bf16), float32 elsewhere")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model (default: on for CUDA, off elsewhere)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on CUDA only)")
     p.add_argument("--data", default="shakespeare", help="'shakespeare' or a path to a UTF-8 text file")
-    p.add_argument("--out_dir", default=None, help="checkpoints and metrics (default out/mla_moe)")
-    p.add_argument("--init_from", default="scratch", help="'scratch', 'resume' (out_dir/ckpt.pt), or a hub id / HF directory")
-    p.add_argument("--max_iters", type=int, help=preset("max_iters"))
-    p.add_argument("--eval_interval", type=int, help=preset("eval_interval"))
-    p.add_argument("--eval_iters", type=int, help=preset("eval_iters") + " (batches per split at each eval)")
-    p.add_argument("--log_interval", type=int, help=preset("log_interval"))
-    p.add_argument("--batch_size", type=int, help=preset("batch_size") + " (per process, per micro-step)")
-    p.add_argument("--block_size", type=int, help=preset("block_size") + " (context length in training)")
+    p.add_argument("--out_dir", help=f"checkpoints and metrics (default out/{Path(__file__).stem})")
+    p.add_argument("--init_from", default="scratch", help="'scratch', 'resume' (out_dir/ckpt.pt), a hub id or an HF directory")
+    for name in ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size", "block_size", "warmup_iters"):
+        p.add_argument(f"--{name}", type=int)
+    p.add_argument("--lr_decay_iters", type=int, help="the cosine's end (default max_iters; a resumed run keeps its own)")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-steps per optimizer step")
-    p.add_argument("--lr", type=float, help=preset("lr"))
-    p.add_argument("--min_lr", type=float, help=preset("min_lr"))
-    p.add_argument("--warmup_iters", type=int, help=preset("warmup_iters"))
-    p.add_argument("--lr_decay_iters", type=int, help="end of the cosine decay (default: max_iters)")
-    p.add_argument("--weight_decay", type=float, default=0.1)
-    p.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
-    p.add_argument("--n_layer", type=int, help=preset("n_layer"))
-    p.add_argument("--n_head", type=int, help=preset("n_head"))
-    p.add_argument("--n_embd", type=int, help=preset("n_embd"))
-    p.add_argument("--n_routed_experts", type=int, default=16, help="routed experts per MoE layer")
-    p.add_argument("--n_shared_experts", type=int, default=1, help="experts every token goes through")
-    p.add_argument("--top_k_experts", type=int, default=4, help="routed experts per token")
-    p.add_argument("--n_group", type=int, default=4, help="groups of routed experts")
-    p.add_argument("--topk_group", type=int, default=2, help="groups a token's experts may come from")
-    p.add_argument("--first_k_dense_replace", type=int,
-                   help="leading layers with a dense feed-forward (default 1; 0 for a one-layer model)")
-    p.add_argument("--q_lora_rank", type=int, default=0, help="query latent size (0: queries straight from x)")
-    p.add_argument("--kv_lora_rank", type=int, help="key/value latent size (default n_embd / 4)")
-    p.add_argument("--scoring", default="sigmoid", choices=["sigmoid", "softmax"], help="V3's sigmoid or V2's softmax gate")
-    p.add_argument("--bias_update_speed", type=float, default=0.01,
-                   help="auxiliary-loss-free balancing: each step, the routing bias of an overloaded expert goes down by "
-                        "this, an underloaded one's up (V3: 0.001 over its long run; 0: off)")
-    p.add_argument("--grad_checkpoint", action="store_true", help="recompute each block's activations in backward")
-    p.add_argument("--seq_aux_loss_coef", type=float, default=0.0001, help="sequence-wise balance loss weight (V3: 0.0001)")
-    p.add_argument("--dropout", type=float, help=preset("dropout"))
-    p.add_argument("--patience", type=int, default=0, help="stop after this many evals without a better val loss (0: off)")
+    for name, default in (("lr", None), ("min_lr", None), ("weight_decay", 0.1), ("grad_clip", 1.0)):
+        p.add_argument(f"--{name}", type=float, default=default)
+    p.add_argument("--patience", type=int, default=0, help="stop after this many evals without a better val loss")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard under out_dir")
-    p.add_argument("--prompt", default="\n", help="start of the sample printed at the end")
+    p.add_argument("--prompt", default="\n", help="the start of the sample printed at the end")
     p.add_argument("--max_new_tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     p.add_argument("--top_k", type=int, default=200, help="sample among the k likeliest tokens (0: all)")
-    p.add_argument("--top_p", type=float, default=None, help="nucleus sampling: the likeliest tokens up to this mass")
+    p.add_argument("--top_p", type=float, help="sample among the likeliest tokens up to this probability mass")
     p.add_argument("--sample_only", action="store_true", help="load --init_from and sample; no training")
-    argv = sys.argv[1:] if argv is None else argv
+    add_model_flags(p)
+    for a in filter(lambda a: a.dest in PRESETS["cpu"], p._actions):
+        a.help = (a.help + "; " if a.help else "") + f"default {PRESETS['cpu'][a.dest]} on CPU, {PRESETS['cuda'][a.dest]} on CUDA"
     args = p.parse_args(argv)
     for action in p._actions:  # parse again with no defaults: which flags did the user actually type?
         action.default = argparse.SUPPRESS
+    p._defaults.clear()  # set_defaults' too
     return args, set(vars(p.parse_args(argv)))
 
 
 def check_args(args):
+    """The flags' bad values, each one line: every number finite and not negative, loop lengths and sizes of the
+    run positive (Config checks the model's)."""
     positive = ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size", "block_size", "grad_accum",
-                "lr_decay_iters", "max_new_tokens", "kv_lora_rank")
-    for name in positive:
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise InputError(f"--{name} must be positive, got {getattr(args, name)}")
-    for name in ("lr", "min_lr", "warmup_iters", "weight_decay", "grad_clip", "patience", "temperature", "top_k",
-                 "q_lora_rank", "bias_update_speed", "seq_aux_loss_coef"):
-        if getattr(args, name) < 0:
-            raise InputError(f"--{name} must not be negative, got {getattr(args, name)}")
-    if args.first_k_dense_replace is not None and args.first_k_dense_replace < 0:
-        raise InputError(f"--first_k_dense_replace must not be negative, got {args.first_k_dense_replace}")
+                "lr_decay_iters", "max_new_tokens")
+    for name, value in vars(args).items():
+        if type(value) in (int, float) and name in positive and value <= 0:
+            raise InputError(f"--{name} must be positive, got {value}")
+        if type(value) in (int, float) and not 0 <= value < math.inf:
+            raise InputError(f"--{name} must " + ("not be negative" if value < 0 else "be a finite number") + f", got {value}")
     if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
         raise InputError(f"--top_p must be in (0, 1], got {args.top_p}")
+    if args.seed >= 2**63:
+        raise InputError(f"--seed must be below 2**63, got {args.seed}")
+    if args.sample_only and args.init_from == "scratch":
+        raise InputError("--sample_only needs --init_from resume, a hub id or an HF directory")
 
 
 def setup_device(args):
-    """(device, autocast dtype, use compile, rank, world size), starting DDP when torchrun launched us."""
-    ddp = "RANK" in os.environ
-    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
+    """The run's device, autocast dtype and context, compile, rank and world size (DDP when torchrun launched us)."""
+    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
     name = args.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device is available (try --device cpu)")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise InputError("--device mps: MPS is not available (try --device cpu)")
+    if name != "cpu" and not (torch.cuda.is_available() if name == "cuda" else torch.backends.mps.is_available()):
+        raise InputError(f"--device {name}: no {name.upper()} device is available (try --device cpu)")
     device = torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if ddp:
+    if "RANK" in os.environ:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
     if dtype is None:  # auto
-        dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if device.type == "cuda" \
-            else torch.float32
-    use_compile = device.type == "cuda" if args.compile is None else args.compile
-    return device, dtype, use_compile, rank, world
+        dtype = torch.float32 if name != "cuda" else torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return SimpleNamespace(device=device, dtype=dtype, rank=rank, world=world, master=rank == 0,
+                           ctx=torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext(),
+                           compile=device.type == "cuda" if args.compile is None else args.compile,
+                           out_dir=Path(args.out_dir or f"out/{Path(__file__).stem}"), writer=None, t_start=time.time())
 
 
 def main(argv=None):
-    args, given = parse_args(argv)
     try:
-        run(args, given)
-    except InputError as e:
-        print(f"mla_moe.py: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever the message
+        run(*parse_args(sys.argv[1:] if argv is None else argv))
+    except (InputError, OSError) as e:  # OSError: a path, a file or a download that cannot be used
+        print(f"{Path(__file__).name}: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, always
         sys.exit(2)
     finally:
         if dist.is_initialized():
@@ -995,249 +1311,43 @@ def main(argv=None):
 
 
 def run(args, given):
-    device, dtype, use_compile, rank, world = setup_device(args)
-    master = rank == 0
-    out_dir = Path(args.out_dir or "out/mla_moe")
-    ckpt_path = out_dir / "ckpt.pt"
-
-    torch.manual_seed(args.seed)  # the initial weights; each training step reseeds (see step_seed)
-
-    # --- where the weights come from: a checkpoint of ours, a pretrained DeepSeek, or a fresh init
-    ckpt = load_checkpoint(ckpt_path) if args.init_from == "resume" else None
-    if ckpt is not None:  # flags not typed now take the values the checkpointed run had
-        for k, v in ckpt["args"].items():
-            if k not in given and k not in RUN_FLAGS:
-                setattr(args, k, v)
-    for k, v in PRESETS["cuda" if device.type == "cuda" else "cpu"].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    """Set-up, the model, the data, the loop, and a sample from the best weights: nanoGPT's train.py in steps."""
+    env = setup_device(args)
+    ckpt = load_checkpoint(env.out_dir / "ckpt.pt") if args.init_from == "resume" else None
+    if ckpt is not None:  # flags not typed now take the checkpointed run's values, its schedule's end included
+        for k in set(ckpt["args"]) - given - set(RUN_FLAGS):
+            setattr(args, k, ckpt["args"][k])
+        args.lr_decay_iters = args.lr_decay_iters or ckpt["args"]["max_iters"]
+    for k, v in PRESETS["cuda" if env.device.type == "cuda" else "cpu"].items():
+        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     check_args(args)
-
+    torch.manual_seed(args.seed)  # the initial weights; each training step reseeds (see step_seed)
+    model, tokenizer, note = build_model(args, given, ckpt, env)
+    for k, v in asdict(model.config).items():  # a flag typed now must agree with the model it trains
+        if k in given and k != "block_size" and getattr(args, k) != v:
+            raise InputError(f"--{k} {getattr(args, k)} does not match the model from --init_from {args.init_from}, "
+                             f"which has {k} {v}")
+    if tokenizer is not None and tokenizer[3] > model.config.vocab_size:
+        raise InputError(f"the tokenizer has {tokenizer[3]:,} tokens, the model only {model.config.vocab_size:,}")
     if ckpt is not None:
-        cfg = Config(**{**ckpt["config"], "dropout": args.dropout})
-        tokenizer = load_tokenizer(required=ckpt["tokenizer"])
-        model = DeepSeek(cfg)
-        model.load_state_dict(ckpt["model"])
-    elif args.init_from != "scratch":  # sampling keeps the weights in the run's dtype (bf16 on CUDA)
-        path = checkpoint_dir(args.init_from, weights=args.sample_only)  # no weights fetched only to be refused
-        if not args.sample_only:
-            raise InputError("this file has no reader for the DeepSeek checkpoints' tokenizer, so they cannot be "
-                             "trained on text here; --sample_only shows token ids")
-        model, tokenizer = from_pretrained(path, device, dtype), None
-        cfg = model.config
-    else:
-        tokenizer = load_tokenizer()
-        if args.n_embd % args.n_head or args.n_embd // args.n_head % 4:
-            raise InputError(f"n_embd ({args.n_embd}) must be a multiple of n_head ({args.n_head}), in heads of a "
-                             "multiple of 4 (the rotary part is half a head)")
-        hd = args.n_embd // args.n_head  # per head: hd nope, hd / 2 rotary, hd value dimensions (V3's 128 / 64 / 128)
-        dense = -(-8 * args.n_embd // 3 // 64) * 64
-        cfg = Config(vocab_size=tokenizer[3], block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
-                     n_embd=args.n_embd, intermediate_size=dense, moe_intermediate_size=max(dense // 4, 8),
-                     n_routed_experts=args.n_routed_experts, n_shared_experts=args.n_shared_experts,
-                     top_k_experts=args.top_k_experts, n_group=args.n_group, topk_group=args.topk_group,
-                     first_k_dense_replace=min(1, args.n_layer - 1) if args.first_k_dense_replace is None
-                     else args.first_k_dense_replace, q_lora_rank=args.q_lora_rank,
-                     kv_lora_rank=args.kv_lora_rank or max(args.n_embd // 4, 1), qk_nope_head_dim=hd,
-                     qk_rope_head_dim=hd // 2, v_head_dim=hd, routed_scaling_factor=1.0, scoring=args.scoring,
-                     dropout=args.dropout)
-        model = DeepSeek(cfg)
-    for k in MODEL_FLAGS:
-        if k in given and getattr(args, k) != getattr(cfg, k):
-            raise InputError(f"--{k} {getattr(args, k)} does not match the model from --init_from "
-                             f"{args.init_from}, which has {k} {getattr(cfg, k)}")
-    if args.block_size > cfg.block_size:
-        raise InputError(f"--block_size {args.block_size} is longer than the model's context ({cfg.block_size})")
-    model.to(device)
-    model.grad_checkpoint = args.grad_checkpoint
-    ctx = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-    tokens_per_step = args.batch_size * args.block_size * args.grad_accum * world
-    if master:
-        print(f"mla_moe | {device} | {str(dtype).removeprefix('torch.')} | compile {'on' if use_compile else 'off'} | "
-              f"{model.num_params() / 1e6:.2f}M params ({model.num_params(active=True) / 1e6:.2f}M active) | "
-              f"{cfg.n_routed_experts} routed experts, top {cfg.top_k_experts}, {cfg.n_shared_experts} shared"
-              f" | {tokens_per_step:,} tokens/step | "
-              f"data {args.data} | tokenizer {tokenizer[0] if tokenizer else 'none (token ids)'} | "
-              f"init {args.init_from}" + (f" | DDP x{world}" if world > 1 else ""))
-
-    def sample(title):
-        torch.manual_seed(args.seed)
-        bos = [] if cfg.bos_token_id is None else [cfg.bos_token_id]
-        if tokenizer is None:
-            print(f"no tokenizer for {args.init_from} here: the prompt is not used, the sample starts "
-                  f"from token {bos or [0]} and is shown as token ids")
-            prompt = bos or [0]
-        else:
-            prompt = bos + tokenizer[1](args.prompt) or [0]  # a prompt longer than block_size: generate slides
-        itemsize = (dtype if dtype != torch.float32 else model.lm_head.weight.dtype).itemsize
-        latent, mha = model.cache_numbers_per_token()
-        print(f"latent cache: {latent * itemsize:,} bytes/token ((kv_lora_rank {cfg.kv_lora_rank} + rotary key "
-              f"{cfg.qk_rope_head_dim}) x {cfg.n_layer} layers x {itemsize} bytes); MHA with the same "
-              f"{cfg.n_head} heads would cache {mha * itemsize:,}")
-        model.eval()
-        with ctx:
-            out = model.generate(torch.tensor([prompt], device=device), args.max_new_tokens, args.temperature,
-                                 args.top_k or None, args.top_p)
-        text = str(out[0].tolist()) if tokenizer is None else tokenizer[2](out[0, len(bos):].tolist())
-        print(f"--- {title} ---\n{text}\n---")
-
+        load_trained_state(model, ckpt["model"], env.out_dir / "ckpt.pt")
+    if env.master:
+        print(f"{Path(__file__).stem} | {env.device} | {str(env.dtype)[6:]} | compile {'on' if env.compile else 'off'} "
+              f"| {model.num_params() / 1e6:.2f}M params | {args.batch_size * args.block_size * args.grad_accum * env.world:,}"
+              f" tokens/step | data {args.data} | tokenizer {tokenizer[0] if tokenizer else 'none (token ids)'} | init "
+              f"{args.init_from}" + (f" | DDP x{env.world}" if env.world > 1 else "") + note)
+    if env.master and (args.sample_only or ckpt is None and args.init_from != "scratch"):  # before any training
+        show_sample(model.to(env.device), tokenizer, args, env, f"sample from {args.init_from}"
+                    + ("" if args.sample_only else ", the base model before fine-tuning"))
     if args.sample_only:
-        if args.init_from == "scratch":
-            raise InputError("--sample_only needs --init_from resume, a hub id or an HF directory")
-        if master:
-            sample(f"sample from {args.init_from}")
         return
-
-    # --- data (rank 0 downloads and tokenizes; the others wait, then read the cache)
-    if master:
-        data_dir = prepare_data(args.data, tokenizer)
-    if world > 1:
-        dist.barrier()
-    if not master:
-        data_dir = prepare_data(args.data, tokenizer)
-    meta = json.loads((data_dir / "meta.json").read_text())
-    if min(meta["train_tokens"], meta["val_tokens"]) <= args.block_size:
-        raise InputError(f"--data '{args.data}' is too short for --block_size {args.block_size}: "
-                         f"{meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens "
-                         "(each split needs more than block_size)")
-
-    # --- optimizer, and the run's state when resuming
-    optimizer = configure_optimizer(model, args, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    iter_num, best_val, evals_since_best = 0, float("inf"), 0
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        iter_num, best_val, evals_since_best = ckpt["iter_num"], ckpt["best_val"], ckpt["evals_since_best"]
-        ckpt = None  # free it
-    eval_model = train_model = torch.compile(model) if use_compile else model  # `model` stays the plain module
-    if world > 1:
-        train_model = DDP(eval_model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    # --- logs: stdout, out_dir/metrics.jsonl, optionally TensorBoard
-    writer = None
-    if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        metrics_path = out_dir / "metrics.jsonl"
-        kept = []
-        if iter_num > 0 and metrics_path.exists():  # resuming: keep the history up to the checkpoint
-            kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["iter"] <= iter_num]
-        metrics_path.write_text("".join(l + "\n" for l in kept))
-        if args.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                writer = SummaryWriter(str(out_dir))
-            except ImportError:
-                print("--tensorboard: the tensorboard package is not installed (pip install tensorboard); skipping it")
-
-    def log(record):
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if writer is not None:
-            for k, v in record.items():
-                if k != "iter" and v is not None:
-                    writer.add_scalar(k, v, record["iter"])
-
-    def diverged(line):  # the NaN guard: stop before anything bad is saved
-        print(f"{line}: training diverged; stopping. The last good checkpoint (if any) is {ckpt_path}", file=sys.stderr)
-        sys.exit(1)
-
-    peak = peak_flops(device, dtype)
-    # MFU counts what a token computes: the active parameters (top_k of the routed experts), PaLM's formula (app. B)
-    qk, v = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
-    flops_per_token = 6 * model.num_params(active=True) + 6 * cfg.n_layer * cfg.n_head * (qk + v) * args.block_size
-    n_moe = len(model.moe_layers())
-    loss_sum, balance_sum, loss_count = torch.zeros((), device=device), torch.zeros((), device=device), 0
-    counts = torch.zeros(n_moe, cfg.n_routed_experts, device=device)  # pairs routed to each expert this step
-    t_log, iters_logged, t_start = time.perf_counter(), iter_num, time.time()
-    train_model.train()
-    while iter_num < args.max_iters:
-        lr = lr_at(iter_num, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        torch.manual_seed(step_seed(args.seed, iter_num, rank))
-        for micro in range(args.grad_accum):
-            x, y = get_batch(data_dir, "train", args.batch_size, args.block_size, device)
-            if world > 1:  # all-reduce the gradients only on the last micro-step
-                train_model.require_backward_grad_sync = micro == args.grad_accum - 1
-            with ctx:
-                _, loss = train_model(x, y)
-                balance = model.router_stats[:, 0].float().mean() if n_moe else loss.new_zeros(())  # V3's eq. 17
-                total = loss + args.seq_aux_loss_coef * balance
-            scaler.scale(total / args.grad_accum).backward()
-            loss_sum += loss.detach()
-            balance_sum += balance.detach()
-            counts += model.router_stats[:, 1:].detach().float()
-            loss_count += 1
-        if args.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if args.bias_update_speed and n_moe:  # auxiliary-loss-free balancing, from the load of the whole step
-            if world > 1:
-                dist.all_reduce(counts)
-            model.update_bias(counts, args.bias_update_speed)
-        counts.zero_()
-        iter_num += 1
-
-        if master and (iter_num % args.log_interval == 0 or iter_num == args.max_iters):
-            train_loss = (loss_sum / loss_count).item()  # the host syncs, every log_interval steps
-            balance = (balance_sum / loss_count).item()
-            dt = (time.perf_counter() - t_log) / (iter_num - iters_logged)
-            tok_s = tokens_per_step / dt
-            mfu = flops_per_token * tok_s / (peak * world) if peak else None
-            if not math.isfinite(train_loss):
-                diverged(f"iter {iter_num} | loss {train_loss}")
-            # the cross-entropy, then the sequence-wise balance loss before its coefficient (1 when even)
-            print(f"iter {iter_num} | loss {train_loss:.4f} | balance {balance:.3f} | lr {lr:.2e} | "
-                  f"{dt * 1000:.1f} ms | {tok_s:,.0f} tok/s" + (f" | mfu {100 * mfu:.1f}%" if mfu else ""))
-            log(dict(iter=iter_num, loss=train_loss, balance=balance, lr=lr, ms=dt * 1000, tok_s=tok_s, mfu=mfu))
-            loss_sum, balance_sum, loss_count = torch.zeros((), device=device), torch.zeros((), device=device), 0
-            t_log, iters_logged = time.perf_counter(), iter_num
-
-        if iter_num % args.eval_interval == 0 or iter_num == args.max_iters:
-            t_eval, stop = time.perf_counter(), torch.zeros((), device=device)
-            if master:
-                losses, load = estimate_loss(eval_model, data_dir, args, device, ctx)
-                if not all(map(math.isfinite, losses.values())):
-                    diverged(f"eval {iter_num} | train {losses['train']} | val {losses['val']}")
-                improved = losses["val"] < best_val
-                best_val, evals_since_best = (losses["val"], 0) if improved else (best_val, evals_since_best + 1)
-                save_checkpoint(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                                     scaler=scaler.state_dict(), config=asdict(cfg), args=vars(args),
-                                     iter_num=iter_num, best_val=best_val, evals_since_best=evals_since_best,
-                                     tokenizer=tokenizer[0]), ckpt_path)
-                if improved:  # best.pt: a second name for the same file, so early stopping never loses the best
-                    best_tmp = out_dir / "best.pt.tmp"
-                    best_tmp.unlink(missing_ok=True)
-                    try:
-                        os.link(ckpt_path, best_tmp)
-                    except OSError:
-                        shutil.copyfile(ckpt_path, best_tmp)
-                    os.replace(best_tmp, out_dir / "best.pt")
-                print(f"eval {iter_num} | train {losses['train']:.4f} | val {losses['val']:.4f} | saved {ckpt_path}"
-                      + (" (best)" if improved else ""))
-                bias = torch.stack([m.gate.e_score_correction_bias.cpu() for m in model.moe_layers()]) if n_moe \
-                    else torch.zeros(0, cfg.n_routed_experts)
-                print(load_histogram(load, bias))
-                log(dict(iter=iter_num, train=losses["train"], val=losses["val"], expert_load=load.tolist(),
-                         bias=bias.tolist()))
-                if args.patience and evals_since_best >= args.patience:
-                    print(f"early stop: no better val loss in {args.patience} evals (best {best_val:.4f}, in best.pt)")
-                    stop += 1
-            if world > 1:
-                dist.broadcast(stop, src=0)
-            if stop.item():
-                break
-            t_log += time.perf_counter() - t_eval  # eval time is not training time
-
-    if master:
-        sample("sample")
-        print(f"done | {iter_num} iters | best val {best_val:.4f} | {time.time() - t_start:.0f} s")
-    if writer is not None:
-        writer.close()
+    iter_num, best_val = train(model.to(env.device), batches(args, tokenizer, env), tokenizer, args, ckpt, env)
+    if env.master:  # the best weights, not the last: past its best val loss a run only overfits
+        load_trained_state(model, torch.load(env.out_dir / "best.pt", weights_only=True)["model"], env.out_dir / "best.pt")
+        show_sample(model, tokenizer, args, env, "sample")
+        print(f"done | {iter_num} iters | best val {best_val:.4f} | {time.time() - env.t_start:.0f} s")
+    if env.writer:
+        env.writer.close()
 
 
 if __name__ == "__main__":

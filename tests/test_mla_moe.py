@@ -51,7 +51,7 @@ def make_hf(seed=0, scale=3.0, **kw):
 def tiny(seed=0, vocab=300, block=32, **kw):
     torch.manual_seed(seed)
     cfg = dict(vocab_size=vocab, block_size=block, n_layer=3, n_head=4, n_embd=64, intermediate_size=96,
-               moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1, top_k_experts=2, n_group=2,
+               moe_intermediate_size=32, n_expert=8, n_shared_experts=1, top_k_experts=2, n_group=2,
                topk_group=1, first_k_dense_replace=1, q_lora_rank=0, kv_lora_rank=16, qk_nope_head_dim=16,
                qk_rope_head_dim=8, v_head_dim=16)
     return randomize(mla_moe.DeepSeek(mla_moe.Config(**{**cfg, **kw})))
@@ -66,7 +66,7 @@ def test_logits_match_hf(case, tmp_path):
     hf.save_pretrained(tmp_path)
     model = mla_moe.from_pretrained(tmp_path)
     cfg, hc = model.config, hf.config
-    assert (cfg.n_layer, cfg.n_routed_experts, cfg.top_k_experts, cfg.n_group, cfg.kv_lora_rank, cfg.q_lora_rank) == \
+    assert (cfg.n_layer, cfg.n_expert, cfg.top_k_experts, cfg.n_group, cfg.kv_lora_rank, cfg.q_lora_rank) == \
            (hc.num_hidden_layers, hc.n_routed_experts, hc.num_experts_per_tok, hc.n_group, hc.kv_lora_rank,
             hc.q_lora_rank or 0)
     bias = model.moe_layers()[0].gate.e_score_correction_bias
@@ -154,7 +154,7 @@ def test_cached_generation_equals_uncached(prompt_len, new_tokens):
 def test_gate_equals_the_v3_rule_written_out():
     """For each token: the top-2 of (s + b) over the experts of the best group (groups scored by their two best
     s + b), weights s of the chosen ones normalised, times routed_scaling_factor; b does not enter the weights."""
-    cfg = mla_moe.Config(n_embd=16, n_routed_experts=8, top_k_experts=2, n_group=4, topk_group=1,
+    cfg = mla_moe.Config(n_embd=16, n_expert=8, top_k_experts=2, n_group=4, topk_group=1,
                          routed_scaling_factor=2.5)
     gate = mla_moe.Gate(cfg)
     torch.manual_seed(0)
@@ -220,7 +220,7 @@ def test_causality(t):
 def test_overfit_one_batch():
     torch.manual_seed(0)
     model = mla_moe.DeepSeek(mla_moe.Config(vocab_size=100, block_size=32, n_layer=2, n_head=4, n_embd=32,
-                                            intermediate_size=64, moe_intermediate_size=16, n_routed_experts=4,
+                                            intermediate_size=64, moe_intermediate_size=16, n_expert=4,
                                             top_k_experts=2, n_group=1, topk_group=1, first_k_dense_replace=1,
                                             q_lora_rank=0, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4,
                                             v_head_dim=8))
@@ -231,7 +231,7 @@ def test_cli_flags_histogram_and_bias(tmp_path, monkeypatch, offline, capsys):
     if not SHAKESPEARE.exists():
         pytest.skip("needs ../shared/data/tinyshakespeare.txt")
     script_home(mla_moe, tmp_path, monkeypatch)
-    mla_moe.main(["--device", "cpu", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--n_routed_experts", "8",
+    mla_moe.main(["--device", "cpu", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--n_expert", "8",
                   "--top_k_experts", "2", "--n_group", "2", "--topk_group", "1", "--kv_lora_rank", "8",
                   "--q_lora_rank", "16", "--block_size", "16", "--batch_size", "2", "--max_iters", "4",
                   "--eval_interval", "4", "--eval_iters", "1", "--log_interval", "2", "--max_new_tokens", "8"])
@@ -239,14 +239,14 @@ def test_cli_flags_histogram_and_bias(tmp_path, monkeypatch, offline, capsys):
     assert "8 routed experts, top 2, 1 shared" in out.splitlines()[0] and "iter 4 | loss" in out and "balance" in out
     assert "latent cache: 128 bytes/token ((kv_lora_rank 8 + rotary key 8) x 2 layers x 4 bytes)" in out
     hist = out.split("expert load per layer")[1].splitlines()
-    assert hist[1].startswith("  moe 0") and "bias" in hist[1]
+    assert hist[1].startswith("  layer 1") and "bias" in hist[1]  # the real index: layer 0 is dense
     ckpt = torch.load(tmp_path / "out" / "mla_moe" / "ckpt.pt", map_location="cpu", weights_only=True)
     bias = ckpt["model"]["model.layers.1.mlp.gate.e_score_correction_bias"]
     steps = bias / 0.01  # moved by the default speed, +/- once per step for 4 steps: an integer in [-4, 4]
     assert bias.abs().max() > 0 and torch.allclose(steps, steps.round(), atol=1e-4) and steps.abs().max() <= 4
     assert ckpt["config"]["q_lora_rank"] == 16 and ckpt["config"]["first_k_dense_replace"] == 1
     with pytest.raises(SystemExit) as e:
-        mla_moe.main(["--init_from", "resume", "--n_routed_experts", "4"])
+        mla_moe.main(["--init_from", "resume", "--n_expert", "4"])
     assert e.value.code == 2 and "does not match" in capsys.readouterr().err
 
 
