@@ -29,6 +29,7 @@ as the tokens. Every step's randomness (batches, dropout) is drawn from a seed m
 iteration, rank), so `--init_from resume` continues exactly as an uninterrupted run would.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -337,11 +338,12 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
 
 
-# -------------------------------------------------------------------------- pretrained checkpoints
+# -------------------------------------------------------------- files: checkpoints, token files, downloads
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                       "U8": torch.uint8, "BOOL": torch.bool}
+
 
 def read_safetensors(path):
     """{name: tensor} from a .safetensors file: 8-byte little-endian header size, JSON header, raw bytes.
@@ -360,6 +362,7 @@ def read_safetensors(path):
         begin, end = t["data_offsets"]
         tensors[name] = torch.from_numpy(data[begin:end]).view(SAFETENSORS_DTYPES[t["dtype"]]).reshape(t["shape"])
     return tensors
+
 
 def download(url, dest):
     """Fetch url into dest with a progress line. Bytes arrive in dest.part, which a later call resumes
@@ -387,6 +390,7 @@ def download(url, dest):
             print(file=sys.stderr)
     os.replace(part, dest)
     return dest
+
 
 def checkpoint_dir(name_or_path, weights=True):
     """A local checkpoint directory for --init_from: the path itself, or a hub repo's config.json, tokenizer.json
@@ -419,11 +423,13 @@ def checkpoint_dir(name_or_path, weights=True):
         raise InputError(f"cannot fetch '{name_or_path}' from {HF_ENDPOINT}: {e}") from None
     return local
 
+
 class HFConfig(dict):
     """A checkpoint's config.json: a key the model needs and the file lacks is bad input, not a KeyError."""
 
     def __missing__(self, key):
         raise InputError(f"config.json lacks '{key}'")
+
 
 def read_checkpoint(name_or_path):
     """(directory, config.json, {name: tensor} of all its safetensors files, one or sharded) of a hub id or a
@@ -440,6 +446,7 @@ def read_checkpoint(name_or_path):
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, struct.error) as e:
         raise InputError(f"cannot read the checkpoint in {path} ({type(e).__name__}: {e})") from None
     return path, hf, tensors
+
 
 def load_weights(model, state, path, device, dtype):
     """Put state's tensors into model (built on the meta device) on device, the parameters in dtype, after checking
@@ -459,7 +466,9 @@ def load_weights(model, state, path, device, dtype):
     model.load_state_dict(state, assign=True)
     return model
 
+
 GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
 
 def byte_decoder():
     """GPT-2's table from the printable characters that byte-level BPE vocabularies are written in back
@@ -467,6 +476,7 @@ def byte_decoder():
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     others = [b for b in range(256) if b not in printable]
     return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+
 
 def hf_tokenizer(path):
     """tiktoken Encoding for a Hugging Face tokenizer.json holding a byte-level BPE (GPT-2 style, as GPT-2's and
@@ -511,6 +521,7 @@ def hf_tokenizer(path):
     return (str(path), encode, lambda ids: enc.decode([i for i in ids if i in known], errors="replace"),
             enc.n_vocab)
 
+
 def pretrained_tokenizer(path, sample_only):
     """A checkpoint's own tokenizer, from its tokenizer.json when tiktoken can run it; None (token ids) will do
     for --sample_only, but not for training on text."""
@@ -519,6 +530,69 @@ def pretrained_tokenizer(path, sample_only):
         raise InputError(f"{path} has no tokenizer.json that tiktoken can read (SentencePiece ones, as Llama 2's "
                          "and Mixtral's, it cannot), so it cannot be trained on text; --sample_only shows token ids")
     return tokenizer
+
+
+# Token files as llm.c writes them (and modded-nanogpt's FineWeb shards): a header of 256 int32 (magic, version,
+# token count), then the tokens, uint16 where the vocabulary fits (GPT-2's), uint32 where it does not (Llama 3's).
+TOKEN_FILES = {np.uint16: (20240520, 1), np.uint32: (20240801, 7)}
+
+
+def write_tokens(path, ids, vocab_size):
+    """ids as a token file at path, written whole or not at all."""
+    dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
+    header = np.array([*TOKEN_FILES[dtype], len(ids)] + [0] * 253, np.int32)
+    path.with_suffix(".tmp").write_bytes(header.tobytes() + np.array(ids, dtype).tobytes())
+    os.replace(path.with_suffix(".tmp"), path)  # never half a file under the real name
+
+
+def read_tokens(path):
+    """A token file's tokens, memory-mapped, once its header checks out: a damaged file is one line of bad input."""
+    header = np.fromfile(path, np.int32, count=256)
+    dtype = next((d for d, magic in TOKEN_FILES.items() if len(header) == 256 and tuple(header[:2]) == magic), None)
+    if dtype is None or path.stat().st_size != 1024 + int(header[2]) * np.dtype(dtype).itemsize:
+        raise InputError(f"{path} is not a whole token file (damaged? delete it, and it is made again)")
+    return np.memmap(path, dtype=dtype, mode="r", offset=1024)
+
+
+def save_checkpoint(obj, path):
+    """torch.save to a temporary file, fsync, then os.replace: a kill mid-save leaves the old file whole."""
+    with open(path.with_suffix(".tmp"), "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path.with_suffix(".tmp"), path)
+
+
+def load_checkpoint(path):
+    """Our checkpoint at path (see the harness's evaluate), checked: a missing, cut or foreign file (another file's
+    model) is one line of bad input."""
+    if not path.exists():
+        raise InputError(f"--init_from resume: no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        keys = {"model", "optimizer", "scaler", "config", "args", "iter_num", "best_val", "evals_since_best", "tokenizer"}
+        if not keys <= set(ckpt) or set(ckpt["config"]) != {f.name for f in fields(Config)}:
+            raise ValueError(f"not a checkpoint of {Path(__file__).name}")
+    except Exception as e:  # a truncated zip, a foreign pickle, a missing key: all mean "not our checkpoint"
+        raise InputError(f"--init_from resume: {path} is not a readable checkpoint ({type(e).__name__}: "
+                         f"{str(e)[:200]})") from None
+    return ckpt
+
+
+def trained_state(model):
+    """What a checkpoint keeps: the trainable parameters, and the buffers of the modules that train (mla_moe.py's
+    routing bias); lora.py's frozen base, NF4 codes included, comes back from --init_from."""
+    trains = {name for name, m in model.named_modules() if any(p.requires_grad for p in m.parameters(recurse=False))}
+    return {k: v.detach() for k, v in model.state_dict(keep_vars=True).items()
+            if v.requires_grad or not isinstance(v, nn.Parameter) and k.rpartition(".")[0] in trains}
+
+
+def load_trained_state(model, state, path):
+    """trained_state's tensors back into model; a name or shape it does not have is one line of bad input."""
+    try:
+        model.load_state_dict({**model.state_dict(), **state})  # the frozen parameters: the model's own
+    except RuntimeError as e:  # a name or a shape the model does not have
+        raise InputError(f"{path} does not fit the model: {str(e).strip().splitlines()[-1].strip()}") from None
 
 
 def from_pretrained(name_or_path, device="cpu", dtype=torch.float32, dropout=0.0):
@@ -650,15 +724,12 @@ def load_tokenizer(name=None):
             print(f"offline: tiktoken's gpt2 files cannot be had ({type(e).__name__}); using raw UTF-8 bytes as tokens")
     if name in (None, "bytes"):
         return "bytes", lambda s: list(s.encode()), lambda ids: bytes(ids).decode(errors="replace"), 256
-    tokenizer = hf_tokenizer(name)
-    if tokenizer is None:
-        raise InputError(f"the tokenizer {name} cannot be read (is the file still there?)")
-    return tokenizer
+    return pretrained_tokenizer(Path(name).parent, sample_only=False)  # the tokenizer.json a checkpoint names
 
 
 def read_text(data):
-    """(cache name, text, source) of --data: 'shakespeare' (downloaded once; offline, the Python standard library's
-    own source, which every machine has) or a UTF-8 text file."""
+    """(cache name, text) of --data: 'shakespeare' (downloaded once; offline, the Python standard library's own
+    source, which every machine has) or a UTF-8 text file."""
     path = HERE / "data" / "shakespeare" / "input.txt" if data == "shakespeare" else Path(data)
     try:
         if data == "shakespeare":
@@ -667,7 +738,7 @@ def read_text(data):
         print(f"offline: cannot download tiny-shakespeare ({type(e).__name__}); training on the Python standard "
               "library's source instead")
         text = "".join(p.read_text(errors="ignore") for p in sorted(Path(os.__file__).parent.glob("*.py")))
-        return "python_stdlib", text[:1_500_000], "python stdlib"
+        return "python_stdlib", text[:1_500_000]
     if not path.is_file():
         raise InputError(f"--data '{data}' is a directory; give a UTF-8 text file" if path.is_dir() else
                          f"--data '{data}': no such file, and not a dataset name (known: shakespeare)")
@@ -677,38 +748,17 @@ def read_text(data):
         text = "\0"
     if "\0" in text or not text.strip():
         raise InputError(f"--data '{data}': {path} is " + ("not UTF-8 text (a binary file?)" if text else "empty"))
-    st = path.stat()
-    return data if data == "shakespeare" else path.stem, text, f"{path.resolve()} {st.st_size} {st.st_mtime_ns}"
-
-
-# Token files as llm.c writes them (and modded-nanogpt's FineWeb shards): a header of 256 int32 (magic, version,
-# token count), then the tokens, uint16 where the vocabulary fits (GPT-2's), uint32 where it does not (Llama 3's).
-TOKEN_FILES = {np.uint16: (20240520, 1), np.uint32: (20240801, 7)}
-
-
-def write_tokens(path, ids, vocab_size):
-    dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
-    header = np.array([*TOKEN_FILES[dtype], len(ids)] + [0] * 253, np.int32)
-    path.with_suffix(".tmp").write_bytes(header.tobytes() + np.array(ids, dtype).tobytes())
-    os.replace(path.with_suffix(".tmp"), path)  # never half a file under the real name
-
-
-def read_tokens(path):
-    """A token file's tokens, memory-mapped, once its header checks out: a damaged file is one line of bad input."""
-    header = np.fromfile(path, np.int32, count=256)
-    dtype = next((d for d, magic in TOKEN_FILES.items() if len(header) == 256 and tuple(header[:2]) == magic), None)
-    if dtype is None or path.stat().st_size != 1024 + int(header[2]) * np.dtype(dtype).itemsize:
-        raise InputError(f"{path} is not a whole token file (damaged? delete it, and it is made again)")
-    return np.memmap(path, dtype=dtype, mode="r", offset=1024)
+    return data if data == "shakespeare" else path.stem, text
 
 
 def prepare_data(data, tokenizer):
     """{split: [token files]} of --data: its text tokenized once into data/<name>/{train,val}.bin (90/10); meta.json
-    names the text and the tokenizer, and a cache made another way is made again, never misread."""
-    name, text, source = read_text(data)
-    out, meta = HERE / "data" / name, dict(source=source, tokenizer=tokenizer[0], vocab_size=tokenizer[3])
-    files = {split: out / f"{split}.bin" for split in ("train", "val")}
-    if not all(f.exists() for f in [out / "meta.json", *files.values()]) or (out / "meta.json").read_text() != json.dumps(meta):
+    names the text (by a hash) and the tokenizer, and a cache made another way is made again, never misread."""
+    name, text = read_text(data)
+    out, files = HERE / "data" / name, {split: HERE / "data" / name / f"{split}.bin" for split in ("train", "val")}
+    meta = dict(text=hashlib.sha1(text.encode()).hexdigest(), tokenizer=tokenizer[0], vocab_size=tokenizer[3])
+    if not all(f.exists() for f in files.values()) or not (out / "meta.json").exists() \
+            or (out / "meta.json").read_text() != json.dumps(meta):
         ids = tokenizer[1](text)
         n = int(0.9 * len(ids))
         out.mkdir(parents=True, exist_ok=True)
@@ -786,48 +836,6 @@ def peak_flops(device, dtype):
     return next((f for key, f in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12)) if key in name), None)
 
 
-def save_checkpoint(obj, path):
-    """torch.save to a temporary file, fsync, then os.replace: a kill mid-save leaves the old file whole."""
-    with open(path.with_suffix(".tmp"), "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path.with_suffix(".tmp"), path)
-
-
-CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "config", "args", "iter_num", "best_val", "evals_since_best",
-                   "tokenizer")
-
-
-def load_checkpoint(path):
-    """Our checkpoint at path, checked: a missing, cut or foreign file is one line of bad input."""
-    if not path.exists():
-        raise InputError(f"--init_from resume: no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if set(ckpt["config"]) != {f.name for f in fields(Config)} or not {*CHECKPOINT_KEYS} <= set(ckpt):
-            raise ValueError(f"not a checkpoint of {Path(__file__).name}")
-    except Exception as e:  # a truncated zip, a foreign pickle, a missing key: all mean "not our checkpoint"
-        why = (str(e).strip().splitlines() or [""])[0][:120]
-        raise InputError(f"--init_from resume: {path} is not a readable checkpoint ({type(e).__name__}: {why})") from None
-    return ckpt
-
-
-def trained_state(model):
-    """What a checkpoint keeps: the trainable parameters, and the buffers of the modules that train (mla_moe.py's
-    routing bias); lora.py's frozen base, NF4 codes included, comes back from --init_from."""
-    trains = {name for name, m in model.named_modules() if any(p.requires_grad for p in m.parameters(recurse=False))}
-    return {k: v.detach() for k, v in model.state_dict(keep_vars=True).items()
-            if v.requires_grad or not isinstance(v, nn.Parameter) and k.rpartition(".")[0] in trains}
-
-
-def load_trained_state(model, state, path):
-    try:
-        model.load_state_dict({**model.state_dict(), **state})  # the frozen parameters: the model's own
-    except RuntimeError as e:  # a name or a shape the model does not have
-        raise InputError(f"{path} does not fit the model: {str(e).strip().splitlines()[-1].strip()}") from None
-
-
 def step_seed(seed, iter_num, rank):
     """Each step's batches and dropout come from this seed: a resumed run repeats them exactly."""
     return ((seed * 1_000_003 + iter_num) * 1_009 + rank) % 2**63
@@ -847,7 +855,7 @@ def open_logs(args, iter_num, env):
     env.out_dir.mkdir(parents=True, exist_ok=True)
     path = env.out_dir / "metrics.jsonl"
     lines = path.read_text().splitlines() if iter_num > 0 and path.exists() else []
-    path.write_text("".join(line + "\n" for line in lines if line.endswith("}") and json.loads(line)["iter"] <= iter_num))
+    path.write_text("".join(f"{l}\n" for l in lines if l.endswith("}") and json.loads(l)["iter"] <= iter_num))
     try:
         if args.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -860,27 +868,25 @@ def sample(model, tokenizer, args, ctx, title):
     """Print --max_new_tokens sampled after --prompt (and after the checkpoint's BOS, if it defines one)."""
     torch.manual_seed(args.seed)
     bos = [] if model.config.bos_token_id is None else [model.config.bos_token_id]
-    if tokenizer is None:
-        print(f"no tokenizer tiktoken can read for {args.init_from}: the prompt is not used, the sample starts "
-              f"from token {bos or [0]} and is shown as token ids")
     prompt = bos + (tokenizer[1](args.prompt) if tokenizer else []) or [0]  # a long prompt: generate handles it
     with ctx:
         out = model.eval().generate(torch.tensor([prompt], device=next(model.parameters()).device),
-                                    args.max_new_tokens, args.temperature, args.top_k or None, args.top_p)
-    text = str(out[0].tolist()) if tokenizer is None else tokenizer[2](out[0, len(bos):].tolist())
-    print(f"--- {title} ---\n{text}\n---")
+                                    args.max_new_tokens, args.temperature, args.top_k or None, args.top_p)[0].tolist()
+    if tokenizer is None:  # a checkpoint whose tokenizer is none tiktoken can run (SentencePiece)
+        print(f"no tokenizer tiktoken can read for {args.init_from}: the prompt is not used, the sample is shown as token ids")
+    print(f"--- {title} ---\n{tokenizer[2](out[len(bos):]) if tokenizer else out}\n---")
 
 
 def evaluate(model, eval_model, batch, optimizer, scaler, state, tokenizer, args, env):
     """Eval both splits, save ckpt.pt (and best.pt when val improved), print and log; True: stop early."""
     losses, it, ckpt_path = estimate_loss(eval_model, batch, args, env.ctx), state["iter_num"], env.out_dir / "ckpt.pt"
     if not all(map(math.isfinite, losses.values())):  # the NaN guard: stop before anything bad is saved
-        print(f"eval {it} | {losses}: training diverged; stopping. The last good checkpoint is {ckpt_path}", file=sys.stderr)
-        sys.exit(1)
+        diverged(f"eval {it} | train {losses['train']} | val {losses['val']}", env)
     improved = losses["val"] < state["best_val"]
-    state.update(best_val=min(losses["val"], state["best_val"]), evals_since_best=0 if improved else state["evals_since_best"] + 1)
-    save_checkpoint(dict(state, model=trained_state(model), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                         config=asdict(model.config), args=vars(args), tokenizer=tokenizer[0]), ckpt_path)
+    state["evals_since_best"] = 0 if improved else state["evals_since_best"] + 1
+    state["best_val"] = min(losses["val"], state["best_val"])
+    save_checkpoint(dict(state, model=trained_state(model), optimizer=optimizer.state_dict(), args=vars(args),
+                         scaler=scaler.state_dict(), config=asdict(model.config), tokenizer=tokenizer[0]), ckpt_path)
     if improved:  # best.pt, a copy: early stopping (and the sample at the end) never lose the best weights
         shutil.copyfile(ckpt_path, env.out_dir / "best.tmp")
         os.replace(env.out_dir / "best.tmp", env.out_dir / "best.pt")
@@ -888,10 +894,16 @@ def evaluate(model, eval_model, batch, optimizer, scaler, state, tokenizer, args
           + (" (best)" if improved else ""))
     report = model.load_report() if hasattr(model, "load_report") else {}  # MoE: the experts' share of the tokens
     log_metrics(dict(iter=it, **losses, **report), env)
-    stop = args.patience and state["evals_since_best"] >= args.patience
-    if stop:
+    if args.patience and state["evals_since_best"] >= args.patience:
         print(f"early stop: no better val loss in {args.patience} evals (best {state['best_val']:.4f}, in best.pt)")
-    return bool(stop)
+        return True
+    return False
+
+
+def diverged(line, env):
+    """The NaN guard: stop (exit 1) before anything bad is saved."""
+    print(f"{line}: training diverged; stopping. The last good checkpoint is {env.out_dir}/ckpt.pt", file=sys.stderr)
+    sys.exit(1)
 
 
 def train(model, batch, tokenizer, args, ckpt, env):
@@ -907,7 +919,8 @@ def train(model, batch, tokenizer, args, ckpt, env):
     eval_model = train_model = torch.compile(model) if env.compile else model  # `model` stays the plain module
     if env.world > 1:  # buffers need no sync (each rank computes the same); infini's gates may get no gradient
         train_model = DDP(eval_model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                          broadcast_buffers=False, find_unused_parameters=getattr(model, "find_unused_parameters", False))
+                          broadcast_buffers=False,
+                          find_unused_parameters=getattr(model, "find_unused_parameters", False))
     if env.master:
         open_logs(args, state["iter_num"], env)
     tokens_per_step = args.batch_size * args.block_size * args.grad_accum * env.world
@@ -942,11 +955,9 @@ def train(model, batch, tokenizer, args, ckpt, env):
             dt = (time.perf_counter() - t_log) / (it - iters_logged)
             mfu = flops * tokens_per_step / dt / (peak * env.world) if peak else None
             if not math.isfinite(means["loss"]):
-                print(f"iter {it} | loss {means['loss']}: training diverged; stopping. The last good checkpoint "
-                      f"is {env.out_dir / 'ckpt.pt'}", file=sys.stderr)
-                sys.exit(1)
+                diverged(f"iter {it} | loss {means['loss']}", env)
             print(f"iter {it} | " + " | ".join(f"{k} {v:.4f}" for k, v in means.items()) + f" | lr {lr:.2e} | "
-                  f"{dt * 1000:.1f} ms | {tokens_per_step / dt:,.0f} tok/s" + (f" | mfu {100 * mfu:.1f}%" if mfu else ""))
+                  f"{dt * 1000:.1f} ms | {tokens_per_step / dt:,.0f} tok/s" + (f" | mfu {mfu:.1%}" if mfu else ""))
             log_metrics(dict(iter=it, **means, lr=lr, ms=dt * 1000, tok_s=tokens_per_step / dt, mfu=mfu), env)
             sums, t_log, iters_logged = {}, time.perf_counter(), it
         if it % args.eval_interval == 0 or it == args.max_iters:
@@ -970,16 +981,17 @@ RUN_FLAGS = ("device", "dtype", "compile", "init_from", "sample_only", "out_dir"
 def parse_args(argv):
     """(args, the flags typed). Flags left at None take the device's PRESETS, or a resumed run's values."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0] + " (see the module docstring)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, else mps, else cpu")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, mps or cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bf16 autocast on CUDA (fp16 + GradScaler without bf16), float32 elsewhere")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on CUDA only)")
     p.add_argument("--data", default="shakespeare", help="'shakespeare' or a path to a UTF-8 text file")
     p.add_argument("--out_dir", help=f"checkpoints and metrics (default out/{Path(__file__).stem})")
-    p.add_argument("--init_from", default="scratch", help="'scratch', 'resume' (out_dir/ckpt.pt), a hub id or an HF directory")
-    for name in ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size", "block_size", "warmup_iters"):
+    p.add_argument("--init_from", default="scratch", help="'scratch', 'resume' (out_dir/ckpt.pt), a hub id or HF dir")
+    for name in ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size", "block_size"):
         p.add_argument(f"--{name}", type=int)
-    p.add_argument("--lr_decay_iters", type=int, help="the cosine's end (default max_iters; a resumed run keeps its own)")
+    p.add_argument("--warmup_iters", type=int)
+    p.add_argument("--lr_decay_iters", type=int, help="the cosine's end (default: max_iters; resumed: the run's own)")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-steps per optimizer step")
     for name, default in (("lr", None), ("min_lr", None), ("weight_decay", 0.1), ("grad_clip", 1.0)):
         p.add_argument(f"--{name}", type=float, default=default)
@@ -993,8 +1005,8 @@ def parse_args(argv):
     p.add_argument("--top_p", type=float, help="sample among the likeliest tokens up to this probability mass")
     p.add_argument("--sample_only", action="store_true", help="load --init_from and sample; no training")
     add_model_flags(p)
-    for a in filter(lambda a: a.dest in PRESETS["cpu"], p._actions):
-        a.help = (a.help + "; " if a.help else "") + f"default {PRESETS['cpu'][a.dest]} on CPU, {PRESETS['cuda'][a.dest]} on CUDA"
+    for a in filter(lambda a: a.dest in PRESETS["cpu"], p._actions):  # the presets' values in --help
+        a.help = f"{a.help or ''} (default {PRESETS['cpu'][a.dest]} on CPU, {PRESETS['cuda'][a.dest]} on CUDA)".strip()
     args = p.parse_args(argv)
     for action in p._actions:  # parse again with no defaults: which flags did the user actually type?
         action.default = argparse.SUPPRESS
@@ -1003,15 +1015,16 @@ def parse_args(argv):
 
 
 def check_args(args):
-    """The flags' bad values, each one line: every number finite and not negative, loop lengths and sizes of the
-    run positive (Config checks the model's)."""
+    """The flags' bad values, each one line: every float finite and not negative, the run's lengths and sizes
+    positive (Config checks the model's)."""
     positive = ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size", "block_size", "grad_accum",
                 "lr_decay_iters", "max_new_tokens")
     for name, value in vars(args).items():
-        if type(value) in (int, float) and name in positive and value <= 0:
+        if name in positive and value is not None and value <= 0:
             raise InputError(f"--{name} must be positive, got {value}")
-        if type(value) in (int, float) and not 0 <= value < math.inf:
-            raise InputError(f"--{name} must " + ("not be negative" if value < 0 else "be a finite number") + f", got {value}")
+        counts = name in ("warmup_iters", "patience", "top_k", "seed")
+        if (type(value) is float or counts) and not 0 <= value < math.inf:
+            raise InputError(f"--{name} must " + ("not be negative" if value < 0 else "be finite") + f", got {value}")
     if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
         raise InputError(f"--top_p must be in (0, 1], got {args.top_p}")
     if args.seed >= 2**63:
@@ -1022,7 +1035,7 @@ def check_args(args):
 
 def setup_device(args):
     """The run's device, autocast dtype and context, compile, rank and world size (DDP when torchrun launched us)."""
-    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     name = args.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
@@ -1035,11 +1048,11 @@ def setup_device(args):
     if "RANK" in os.environ:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
-    if dtype is None:  # auto
+    if dtype is None:  # auto: bf16 where the GPU has it, fp16 (and a GradScaler) where not, float32 off the GPU
         dtype = torch.float32 if name != "cuda" else torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return SimpleNamespace(device=device, dtype=dtype, rank=rank, world=world, master=rank == 0,
+    return SimpleNamespace(device=device, dtype=dtype, rank=rank, world=int(os.environ.get("WORLD_SIZE", 1)),
+                           master=rank == 0, compile=device.type == "cuda" if args.compile is None else args.compile,
                            ctx=torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext(),
-                           compile=device.type == "cuda" if args.compile is None else args.compile,
                            out_dir=Path(args.out_dir or f"out/{Path(__file__).stem}"), writer=None, t_start=time.time())
 
 
@@ -1076,10 +1089,11 @@ def run(args, given):
     if ckpt is not None:
         load_trained_state(model, ckpt["model"], env.out_dir / "ckpt.pt")
     if env.master:
-        print(f"{Path(__file__).stem} | {env.device} | {str(env.dtype)[6:]} | compile {'on' if env.compile else 'off'} "
-              f"| {model.num_params() / 1e6:.2f}M params | {args.batch_size * args.block_size * args.grad_accum * env.world:,}"
-              f" tokens/step | data {args.data} | tokenizer {tokenizer[0] if tokenizer else 'none (token ids)'} | init "
-              f"{args.init_from}" + (f" | DDP x{env.world}" if env.world > 1 else "") + note)
+        tokens = args.batch_size * args.block_size * args.grad_accum * env.world
+        print(f"{Path(__file__).stem} | {env.device} | {str(env.dtype)[6:]} | compile {'on' if env.compile else 'off'}"
+              f" | {model.num_params() / 1e6:.2f}M params | {tokens:,} tokens/step | data {args.data} | tokenizer "
+              f"{tokenizer[0] if tokenizer else 'none (token ids)'} | init {args.init_from}"
+              + (f" | DDP x{env.world}" if env.world > 1 else "") + note)
     if env.master and (args.sample_only or ckpt is None and args.init_from != "scratch"):  # before any training
         show_sample(model.to(env.device), tokenizer, args, env, f"sample from {args.init_from}"
                     + ("" if args.sample_only else ", the base model before fine-tuning"))
@@ -1087,7 +1101,8 @@ def run(args, given):
         return
     iter_num, best_val = train(model.to(env.device), batches(args, tokenizer, env), tokenizer, args, ckpt, env)
     if env.master:  # the best weights, not the last: past its best val loss a run only overfits
-        load_trained_state(model, torch.load(env.out_dir / "best.pt", weights_only=True)["model"], env.out_dir / "best.pt")
+        best = env.out_dir / "best.pt"
+        load_trained_state(model, torch.load(best, map_location=env.device, weights_only=True)["model"], best)
         show_sample(model, tokenizer, args, env, "sample")
         print(f"done | {iter_num} iters | best val {best_val:.4f} | {time.time() - env.t_start:.0f} s")
     if env.writer:

@@ -546,7 +546,7 @@ def test_cli_passkey_table_without_a_tokenizer_is_refused(tmp_path, monkeypatch,
 
 @pytest.mark.parametrize("flags, message", [
     (["--segment_len", "0"], "infini_attention.py: error: --segment_len must be positive, got 0"),
-    (["--segment_len", "-4"], "infini_attention.py: error: --segment_len must not be negative, got -4"),
+    (["--segment_len", "-4"], "infini_attention.py: error: --segment_len must be positive, got -4"),
     (["--n_head", "2", "--n_kv_head", "3"],
      "infini_attention.py: error: n_head (2) must be a multiple of n_kv_head (3)"),
     (["--memory_update", "bogus"], "argument --memory_update: invalid choice: 'bogus'"),  # argparse's own exit 2
