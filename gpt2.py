@@ -87,10 +87,28 @@ class Config:
 
 # ------------------------------------------------------------------------------------------ model
 
+class KVCache:
+    """The keys and values of one layer for the tokens so far: (B, n_kv_head, length, head_dim) buffers, filled
+    from position 0 on. Only the n_kv_head shared heads are stored: GQA's saving is a cache n_head / n_kv_head
+    times smaller."""
+
+    def __init__(self, length):
+        self.length, self.k, self.v = length, None, None
+
+    def update(self, k, v, pos):
+        """Write k, v (B, n_kv_head, T, head_dim) at positions pos..pos+T-1; return all keys and values so far."""
+        if self.k is None:
+            B, H, _, D = k.shape
+            self.k, self.v = k.new_zeros(B, H, self.length, D), v.new_zeros(B, H, self.length, D)
+        T = k.size(2)
+        self.k[:, :, pos:pos + T], self.v[:, :, pos:pos + T] = k, v
+        return self.k[:, :, :pos + T], self.v[:, :, :pos + T]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.n_head, self.block_size, self.dropout = cfg.n_head, cfg.block_size, cfg.dropout
+        self.n_head, self.dropout = cfg.n_head, cfg.dropout
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)  # q, k, v of all heads in one matmul
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.resid_dropout = nn.Dropout(cfg.dropout)
@@ -98,11 +116,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, cache=None, pos=0):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (B, nh, T, hd)
-        if cache is not None:  # [] at first, then the [k, v] buffers (B, nh, block_size, hd) of the tokens so far
-            if not cache:
-                cache += [k.new_zeros(B, self.n_head, self.block_size, C // self.n_head) for _ in range(2)]
-            cache[0][:, :, pos:pos + T], cache[1][:, :, pos:pos + T] = k, v
-            k, v = cache[0][:, :, :pos + T], cache[1][:, :, :pos + T]
+        if cache is not None:  # the keys and values of the tokens so far (KVCache)
+            k, v = cache.update(k, v, pos)
         # Query i sits at position pos + i and sees keys 0..pos + i. From pos 0 that is the usual causal mask; one
         # new token sees the whole cache, no mask; a chunk after a cache needs the mask shifted by pos (SDPA's
         # is_causal would align it top-left, which is wrong there).
@@ -166,7 +181,8 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def num_params(self, non_embedding=True):
-        """Parameters, the tied wte/lm_head matrix counted once; the position table left out by default."""
+        """Parameters a token computes with: a tied embedding/head counted once, lookups (an untied input embedding, a
+        position table) left out by default."""
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
@@ -201,7 +217,8 @@ class GPT(nn.Module):
         absolute, every kept token moves to a new position, so the cache no longer holds; from then on
         each token re-reads the whole window (as without a cache, and giving the same tokens).
         """
-        cache, pos = [[] for _ in self.transformer.h] if use_cache else None, 0
+        length = min(idx.size(1) + max_new_tokens, self.config.block_size)
+        cache, pos = [KVCache(length) for _ in self.transformer.h] if use_cache else None, 0
         for _ in range(max_new_tokens):
             if cache is not None and idx.size(1) <= self.config.block_size:
                 x = self.hidden(idx[:, pos:], cache, pos)
@@ -616,9 +633,9 @@ def read_text(data):
     try:
         text = path.read_bytes().decode()
     except UnicodeError:
-        text = "\0"
+        text = "\0"  # not UTF-8: a binary file
     if "\0" in text or not text.strip():
-        raise InputError(f"--data '{data}': {path} is " + ("not UTF-8 text (a binary file?)" if text else "empty"))
+        raise InputError(f"--data '{data}': {path} is " + ("empty" if not text.strip() else "not UTF-8 text (a binary file?)"))
     return data if data == "shakespeare" else path.stem, text
 
 
@@ -646,9 +663,8 @@ def get_batch(files, batch_size, block_size, device):
     tokens = files[int(np.searchsorted(ends, torch.randint(int(ends[-1]), ()).item(), side="right"))]
     start = torch.randint(len(tokens) - block_size, (batch_size,)).numpy()
     xy = torch.from_numpy(tokens[start[:, None] + np.arange(block_size + 1)].astype(np.int64))  # (B, T+1)
-    if device.type == "cuda":
-        xy = xy.pin_memory().to(device, non_blocking=True)
-    return xy[:, :-1].to(device), xy[:, 1:].to(device)
+    xy = xy.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else xy.to(device)
+    return xy[:, :-1], xy[:, 1:]
 
 
 def text_batches(args, tokenizer, env):
@@ -707,11 +723,6 @@ def peak_flops(device, dtype):
     return next((f for key, f in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12)) if key in name), None)
 
 
-def step_seed(seed, iter_num, rank):
-    """Each step's batches and dropout come from this seed: a resumed run repeats them exactly."""
-    return ((seed * 1_000_003 + iter_num) * 1_009 + rank) % 2**63
-
-
 def log_metrics(record, env):
     """One line of out_dir/metrics.jsonl, and its numbers to TensorBoard with --tensorboard."""
     with open(env.out_dir / "metrics.jsonl", "a") as f:
@@ -737,14 +748,14 @@ def open_logs(args, iter_num, env):
 
 def sample(model, tokenizer, args, ctx, title):
     """Print --max_new_tokens sampled after --prompt (and after the checkpoint's BOS, if it defines one)."""
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed % 2**63)
     bos = [] if model.config.bos_token_id is None else [model.config.bos_token_id]
     prompt = bos + (tokenizer[1](args.prompt) if tokenizer else []) or [0]  # a long prompt: generate handles it
     with ctx:
         out = model.eval().generate(torch.tensor([prompt], device=next(model.parameters()).device),
                                     args.max_new_tokens, args.temperature, args.top_k or None, args.top_p)[0].tolist()
     if tokenizer is None:  # a checkpoint whose tokenizer is none tiktoken can run (SentencePiece)
-        print(f"no tokenizer tiktoken can read for {args.init_from}: the prompt is not used, the sample is shown as token ids")
+        print(f"no tokenizer tiktoken can read for {args.init_from}: no prompt, the sample shown as token ids")
     print(f"--- {title} ---\n{tokenizer[2](out[len(bos):]) if tokenizer else out}\n---")
 
 
@@ -789,8 +800,7 @@ def train(model, batch, tokenizer, args, ckpt, env):
         state = {k: ckpt[k] for k in state}
     eval_model = train_model = torch.compile(model) if env.compile else model  # `model` stays the plain module
     if env.world > 1:  # buffers need no sync (each rank computes the same); infini's gates may get no gradient
-        train_model = DDP(eval_model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                          broadcast_buffers=False,
+        train_model = DDP(eval_model, broadcast_buffers=False,  # device_ids None: the module's own device
                           find_unused_parameters=getattr(model, "find_unused_parameters", False))
     if env.master:
         open_logs(args, state["iter_num"], env)
@@ -802,7 +812,7 @@ def train(model, batch, tokenizer, args, ckpt, env):
         lr, weight_decay = schedule(state["iter_num"], args)
         for group in optimizer.param_groups:
             group.update(lr=lr * group["lr_scale"], weight_decay=weight_decay if group["decay"] else 0.0)
-        torch.manual_seed(step_seed(args.seed, state["iter_num"], env.rank))
+        torch.manual_seed(((args.seed * 1_000_003 + state["iter_num"]) * 1_009 + env.rank) % 2**63)  # resume: the same
         for micro in range(args.grad_accum):
             x, y = batch("train")
             if env.world > 1:  # all-reduce the gradients only on the last micro-step
@@ -859,9 +869,8 @@ def parse_args(argv):
     p.add_argument("--data", default="shakespeare", help="'shakespeare' or a path to a UTF-8 text file")
     p.add_argument("--out_dir", help=f"checkpoints and metrics (default out/{Path(__file__).stem})")
     p.add_argument("--init_from", default="scratch", help="'scratch', 'resume' (out_dir/ckpt.pt), a hub id or HF dir")
-    for name in ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size", "block_size"):
-        p.add_argument(f"--{name}", type=int)
-    p.add_argument("--warmup_iters", type=int)
+    for n in ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size", "block_size", "warmup_iters"):
+        p.add_argument(f"--{n}", type=int)
     p.add_argument("--lr_decay_iters", type=int, help="the cosine's end (default: max_iters; resumed: the run's own)")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-steps per optimizer step")
     for name, default in (("lr", None), ("min_lr", None), ("weight_decay", 0.1), ("grad_clip", 1.0)):
@@ -898,8 +907,6 @@ def check_args(args):
             raise InputError(f"--{name} must " + ("not be negative" if value < 0 else "be finite") + f", got {value}")
     if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
         raise InputError(f"--top_p must be in (0, 1], got {args.top_p}")
-    if args.seed >= 2**63:
-        raise InputError(f"--seed must be below 2**63, got {args.seed}")
     if args.sample_only and args.init_from == "scratch":
         raise InputError("--sample_only needs --init_from resume, a hub id or an HF directory")
 
@@ -907,9 +914,8 @@ def check_args(args):
 def setup_device(args):
     """The run's device, autocast dtype and context, compile, rank and world size (DDP when torchrun launched us)."""
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    name = args.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    auto = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    name = auto if args.device == "auto" else args.device
     if name != "cpu" and not (torch.cuda.is_available() if name == "cuda" else torch.backends.mps.is_available()):
         raise InputError(f"--device {name}: no {name.upper()} device is available (try --device cpu)")
     device = torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
@@ -949,7 +955,7 @@ def run(args, given):
     for k, v in PRESETS["cuda" if env.device.type == "cuda" else "cpu"].items():
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     check_args(args)
-    torch.manual_seed(args.seed)  # the initial weights; each training step reseeds (see step_seed)
+    torch.manual_seed(args.seed % 2**63)  # the initial weights; each training step reseeds (see train)
     model, tokenizer, note = build_model(args, given, ckpt, env)
     for k, v in asdict(model.config).items():  # a flag typed now must agree with the model it trains
         if k in given and k != "block_size" and getattr(args, k) != v:

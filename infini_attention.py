@@ -138,9 +138,12 @@ class RMSNorm(nn.Module):
 
 
 def rope_frequencies(cfg, device=None):
-    """theta_i = rope_theta^(-2i/d), i = 0..d/2-1 (RoFormer section 3.2.2), rescaled as a converted Llama 3.1
-    checkpoint asks: "llama3" (wavelengths longer than original_max_position_embeddings / low_freq_factor
-    stretched by `factor`, shorter than original / high_freq_factor kept, smooth between) or "linear" (all / factor).
+    """theta_i = rope_theta^(-2i/d), i = 0..d/2-1 (RoFormer section 3.2.2, after eq. 15; the paper's base is
+    10000), rescaled for long context if asked.
+
+    llama3 (Llama 3.1; Meta's released code, the paper does not spell it out): wavelengths 2 pi / theta_i longer than
+    original_max_position_embeddings / low_freq_factor are stretched by `factor`, those shorter than
+    original / high_freq_factor are kept, and the band between is interpolated smoothly. linear: all / factor.
     """
     d = cfg.head_dim
     inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)  # (d/2,)
@@ -152,15 +155,23 @@ def rope_frequencies(cfg, device=None):
         wavelen = 2 * math.pi / inv_freq
         smooth = (old_len / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
         mixed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-        inv_freq = torch.where(wavelen > old_len / s["low_freq_factor"], inv_freq / factor,
-                               torch.where(wavelen < old_len / s["high_freq_factor"], inv_freq, mixed))
+        inv_freq = torch.where(wavelen > old_len / s["low_freq_factor"], inv_freq / factor,      # low frequencies
+                               torch.where(wavelen < old_len / s["high_freq_factor"], inv_freq,  # high ones
+                                           mixed))                                               # in between
     return inv_freq
 
 
 def apply_rotary(x, cos, sin):
-    """Rotate x (B, heads, T, head_dim) by its positions' angles; cos and sin are (T, head_dim), float32. Dimension
-    i is paired with i + d/2 ("rotate half", the Hugging Face layout, so their weights load unchanged):
-        x_i' = x_i cos(m theta_i) - x_{i+d/2} sin(m theta_i),   x_{i+d/2}' = x_{i+d/2} cos(m theta_i) + x_i sin(m theta_i)
+    """Rotate x (B, heads, T, head_dim) by its positions' angles; cos and sin are (T, head_dim), float32.
+
+    RoFormer (section 3.2) reads a query as d/2 complex numbers q_i = x_{2i} + j x_{2i+1} and multiplies each by
+    e^{j m theta_i} at position m, so q_m . k_n depends only on m - n; eq. 34 is the same rotation written with
+    cos and sin on adjacent pairs. Meta's released code does exactly that. Hugging Face checkpoints pair
+    dimension i with i + d/2 instead ("rotate half"): their conversion script permuted the rows of W_q and W_k
+    so that the two layouts give the same scores.
+    We use the half layout, so Hugging Face weights load unchanged:
+        x_i'       = x_i cos(m theta_i) - x_{i+d/2} sin(m theta_i)
+        x_{i+d/2}' = x_{i+d/2} cos(m theta_i) + x_i sin(m theta_i)
     """
     x1, x2 = x.chunk(2, dim=-1)
     return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).type_as(x)
@@ -255,14 +266,15 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU (Shazeer 2020, eq. 6 without biases): W_down (SiLU(x W_gate) * (x W_up)), as Llama."""
+    """SwiGLU (Shazeer 2020, eq. 6 without biases): W_down (SiLU(x W_gate) * (x W_up)). Its width is 8/3 n_embd
+    rather than 4 n_embd in Llama, which keeps the parameter count of a two-matrix MLP (LLaMA paper, section 2)."""
 
-    def __init__(self, cfg):
+    def __init__(self, n_embd, width, dropout=0.0):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=False)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.gate_proj = nn.Linear(n_embd, width, bias=False)
+        self.up_proj = nn.Linear(n_embd, width, bias=False)
+        self.down_proj = nn.Linear(width, n_embd, bias=False)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
         return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
@@ -276,7 +288,7 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.mlp = FeedForward(cfg)
+        self.mlp = FeedForward(cfg.n_embd, cfg.intermediate_size, cfg.dropout)
 
     def forward(self, x, cos, sin, state):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, state)
@@ -296,15 +308,16 @@ class InfiniTransformer(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        # Initialisation as llama2.py: normal, std 0.02, the residual projections scaled by 1/sqrt(2 n_layer)
+        # Initialisation (the papers give none): normal, std 0.02 (Hugging Face's initializer_range); the
+        # projections that write into the residual stream scaled by 1/sqrt(2 n_layer), as GPT-2 does.
         for name, p in self.named_parameters():
-            if p.dim() == 2:
+            if p.dim() >= 2:
                 residual = name.endswith(("o_proj.weight", "down_proj.weight"))
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer) if residual else 0.02)
 
     def num_params(self, non_embedding=True):
-        """Parameters, a tied embedding/head counted once; an untied input embedding (a lookup, no FLOPs)
-        left out by default."""
+        """Parameters a token computes with: a tied embedding/head counted once, lookups (an untied input embedding, a
+        position table) left out by default."""
         n = sum(p.numel() for p in self.parameters())
         return n - self.model.embed_tokens.weight.numel() if non_embedding and not self.config.tie_embeddings else n
 
@@ -882,9 +895,9 @@ def read_text(data):
     try:
         text = path.read_bytes().decode()
     except UnicodeError:
-        text = "\0"
+        text = "\0"  # not UTF-8: a binary file
     if "\0" in text or not text.strip():
-        raise InputError(f"--data '{data}': {path} is " + ("not UTF-8 text (a binary file?)" if text else "empty"))
+        raise InputError(f"--data '{data}': {path} is " + ("empty" if not text.strip() else "not UTF-8 text (a binary file?)"))
     return data if data == "shakespeare" else path.stem, text
 
 
@@ -912,9 +925,8 @@ def get_batch(files, batch_size, block_size, device):
     tokens = files[int(np.searchsorted(ends, torch.randint(int(ends[-1]), ()).item(), side="right"))]
     start = torch.randint(len(tokens) - block_size, (batch_size,)).numpy()
     xy = torch.from_numpy(tokens[start[:, None] + np.arange(block_size + 1)].astype(np.int64))  # (B, T+1)
-    if device.type == "cuda":
-        xy = xy.pin_memory().to(device, non_blocking=True)
-    return xy[:, :-1].to(device), xy[:, 1:].to(device)
+    xy = xy.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else xy.to(device)
+    return xy[:, :-1], xy[:, 1:]
 
 
 def text_batches(args, tokenizer, env):
@@ -973,11 +985,6 @@ def peak_flops(device, dtype):
     return next((f for key, f in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12)) if key in name), None)
 
 
-def step_seed(seed, iter_num, rank):
-    """Each step's batches and dropout come from this seed: a resumed run repeats them exactly."""
-    return ((seed * 1_000_003 + iter_num) * 1_009 + rank) % 2**63
-
-
 def log_metrics(record, env):
     """One line of out_dir/metrics.jsonl, and its numbers to TensorBoard with --tensorboard."""
     with open(env.out_dir / "metrics.jsonl", "a") as f:
@@ -1003,14 +1010,14 @@ def open_logs(args, iter_num, env):
 
 def sample(model, tokenizer, args, ctx, title):
     """Print --max_new_tokens sampled after --prompt (and after the checkpoint's BOS, if it defines one)."""
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed % 2**63)
     bos = [] if model.config.bos_token_id is None else [model.config.bos_token_id]
     prompt = bos + (tokenizer[1](args.prompt) if tokenizer else []) or [0]  # a long prompt: generate handles it
     with ctx:
         out = model.eval().generate(torch.tensor([prompt], device=next(model.parameters()).device),
                                     args.max_new_tokens, args.temperature, args.top_k or None, args.top_p)[0].tolist()
     if tokenizer is None:  # a checkpoint whose tokenizer is none tiktoken can run (SentencePiece)
-        print(f"no tokenizer tiktoken can read for {args.init_from}: the prompt is not used, the sample is shown as token ids")
+        print(f"no tokenizer tiktoken can read for {args.init_from}: no prompt, the sample shown as token ids")
     print(f"--- {title} ---\n{tokenizer[2](out[len(bos):]) if tokenizer else out}\n---")
 
 
@@ -1055,8 +1062,7 @@ def train(model, batch, tokenizer, args, ckpt, env):
         state = {k: ckpt[k] for k in state}
     eval_model = train_model = torch.compile(model) if env.compile else model  # `model` stays the plain module
     if env.world > 1:  # buffers need no sync (each rank computes the same); infini's gates may get no gradient
-        train_model = DDP(eval_model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                          broadcast_buffers=False,
+        train_model = DDP(eval_model, broadcast_buffers=False,  # device_ids None: the module's own device
                           find_unused_parameters=getattr(model, "find_unused_parameters", False))
     if env.master:
         open_logs(args, state["iter_num"], env)
@@ -1068,7 +1074,7 @@ def train(model, batch, tokenizer, args, ckpt, env):
         lr, weight_decay = schedule(state["iter_num"], args)
         for group in optimizer.param_groups:
             group.update(lr=lr * group["lr_scale"], weight_decay=weight_decay if group["decay"] else 0.0)
-        torch.manual_seed(step_seed(args.seed, state["iter_num"], env.rank))
+        torch.manual_seed(((args.seed * 1_000_003 + state["iter_num"]) * 1_009 + env.rank) % 2**63)  # resume: the same
         for micro in range(args.grad_accum):
             x, y = batch("train")
             if env.world > 1:  # all-reduce the gradients only on the last micro-step
@@ -1125,9 +1131,8 @@ def parse_args(argv):
     p.add_argument("--data", default="shakespeare", help="'shakespeare' or a path to a UTF-8 text file")
     p.add_argument("--out_dir", help=f"checkpoints and metrics (default out/{Path(__file__).stem})")
     p.add_argument("--init_from", default="scratch", help="'scratch', 'resume' (out_dir/ckpt.pt), a hub id or HF dir")
-    for name in ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size", "block_size"):
-        p.add_argument(f"--{name}", type=int)
-    p.add_argument("--warmup_iters", type=int)
+    for n in ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size", "block_size", "warmup_iters"):
+        p.add_argument(f"--{n}", type=int)
     p.add_argument("--lr_decay_iters", type=int, help="the cosine's end (default: max_iters; resumed: the run's own)")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-steps per optimizer step")
     for name, default in (("lr", None), ("min_lr", None), ("weight_decay", 0.1), ("grad_clip", 1.0)):
@@ -1164,8 +1169,6 @@ def check_args(args):
             raise InputError(f"--{name} must " + ("not be negative" if value < 0 else "be finite") + f", got {value}")
     if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
         raise InputError(f"--top_p must be in (0, 1], got {args.top_p}")
-    if args.seed >= 2**63:
-        raise InputError(f"--seed must be below 2**63, got {args.seed}")
     if args.sample_only and args.init_from == "scratch":
         raise InputError("--sample_only needs --init_from resume, a hub id or an HF directory")
 
@@ -1173,9 +1176,8 @@ def check_args(args):
 def setup_device(args):
     """The run's device, autocast dtype and context, compile, rank and world size (DDP when torchrun launched us)."""
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    name = args.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    auto = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    name = auto if args.device == "auto" else args.device
     if name != "cpu" and not (torch.cuda.is_available() if name == "cuda" else torch.backends.mps.is_available()):
         raise InputError(f"--device {name}: no {name.upper()} device is available (try --device cpu)")
     device = torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
@@ -1215,7 +1217,7 @@ def run(args, given):
     for k, v in PRESETS["cuda" if env.device.type == "cuda" else "cpu"].items():
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     check_args(args)
-    torch.manual_seed(args.seed)  # the initial weights; each training step reseeds (see step_seed)
+    torch.manual_seed(args.seed % 2**63)  # the initial weights; each training step reseeds (see train)
     model, tokenizer, note = build_model(args, given, ckpt, env)
     for k, v in asdict(model.config).items():  # a flag typed now must agree with the model it trains
         if k in given and k != "block_size" and getattr(args, k) != v:

@@ -125,9 +125,10 @@ class Config:
 # ------------------------------------------------------------------------------------------ model
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * g (Zhang and Sennrich 2019, arXiv 1910.07467, eq. 4), in float32, cast back."""
+    """x / sqrt(mean(x^2) + eps) * g: LayerNorm without the mean and the bias (Zhang and Sennrich 2019, eq. 4).
+    Computed in float32 whatever the input, as the reference does, then cast back."""
 
-    def __init__(self, dim, eps=1e-6):
+    def __init__(self, dim, eps):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
@@ -137,7 +138,7 @@ class RMSNorm(nn.Module):
         return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
 
 
-def rope_frequencies(cfg, device=None):
+def yarn_rope_frequencies(cfg, device=None):
     """(theta_i for the qk_rope_head_dim rotary dimensions, the factor on cos and sin). Plain: theta_i =
     rope_theta^(-2i/d). YaRN (Peng et al. 2023, arXiv 2309.00071, section 3, "NTK-by-parts" interpolation, as
     Hugging Face computes it): frequencies that turn more than beta_fast times over the original context are
@@ -169,12 +170,18 @@ def yarn_mscale(factor, mscale=1.0):
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
-def apply_rotary(x, cos, sin, interleave):
-    """Rotate x (..., T, d) by its positions' angles; cos and sin (T, d). DeepSeek's checkpoints pair adjacent
-    dimensions (x_0, x_1), (x_2, x_3), ... (interleave, as RoFormer eq. 34); they are regrouped as evens then
-    odds, the rotate-half layout, for queries and keys alike, which leaves every q . k unchanged."""
-    if interleave:
-        x = torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
+def apply_rotary(x, cos, sin):
+    """Rotate x (B, heads, T, head_dim) by its positions' angles; cos and sin are (T, head_dim), float32.
+
+    RoFormer (section 3.2) reads a query as d/2 complex numbers q_i = x_{2i} + j x_{2i+1} and multiplies each by
+    e^{j m theta_i} at position m, so q_m . k_n depends only on m - n; eq. 34 is the same rotation written with
+    cos and sin on adjacent pairs. Meta's released code does exactly that. Hugging Face checkpoints pair
+    dimension i with i + d/2 instead ("rotate half"): their conversion script permuted the rows of W_q and W_k
+    so that the two layouts give the same scores.
+    We use the half layout, so Hugging Face weights load unchanged:
+        x_i'       = x_i cos(m theta_i) - x_{i+d/2} sin(m theta_i)
+        x_{i+d/2}' = x_{i+d/2} cos(m theta_i) + x_i sin(m theta_i)
+    """
     x1, x2 = x.chunk(2, dim=-1)
     return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).type_as(x)
 
@@ -213,12 +220,12 @@ class MLA(nn.Module):
         self.n_head, self.dn, self.dr, self.dv, self.r, self.interleave = H, dn, dr, dv, r, cfg.rope_interleave
         if cfg.q_lora_rank:
             self.q_a_proj = nn.Linear(cfg.n_embd, cfg.q_lora_rank, bias=False)       # W_DQ
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, 1e-6)  # as HF: not rms_norm_eps
             self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * (dn + dr), bias=False)  # W_UQ and W_QR
         else:
             self.q_proj = nn.Linear(cfg.n_embd, H * (dn + dr), bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(cfg.n_embd, r + dr, bias=False)       # W_DKV and W_KR
-        self.kv_a_layernorm = RMSNorm(r)
+        self.kv_a_layernorm = RMSNorm(r, 1e-6)
         self.kv_b_proj = nn.Linear(r, H * (dn + dv), bias=False)                   # W_UK and W_UV
         self.o_proj = nn.Linear(H * dv, cfg.n_embd, bias=False)
         self.scale = (dn + dr) ** -0.5 * yarn_mscale((cfg.rope_scaling or {}).get("factor", 1.0),
@@ -233,8 +240,9 @@ class MLA(nn.Module):
         q_nope, q_rope = q.view(B, T, H, dn + dr).transpose(1, 2).split([dn, dr], dim=-1)   # (B, H, T, dn / dr)
         c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([r, dr], dim=-1)                   # (B, T, r), (B, T, dr)
         c_kv = self.kv_a_layernorm(c_kv)
-        q_rope = apply_rotary(q_rope, cos, sin, self.interleave)
-        k_rope = apply_rotary(k_rope, cos, sin, self.interleave)
+        if self.interleave:  # DeepSeek pairs adjacent dimensions (RoFormer eq. 34): evens then odds is the half layout,
+            q_rope, k_rope = (torch.cat((t[..., 0::2], t[..., 1::2]), dim=-1) for t in (q_rope, k_rope))  # same q . k
+        q_rope, k_rope = apply_rotary(q_rope, cos, sin), apply_rotary(k_rope, cos, sin)
         if cache is None:  # expanded: per-head keys and values from the latent, one SDPA call
             k_nope, v = self.kv_b_proj(c_kv).view(B, T, H, dn + dv).transpose(1, 2).split([dn, dv], dim=-1)
             q = torch.cat((q_nope, q_rope), dim=-1)                                       # (B, H, T, dn + dr)
@@ -255,24 +263,29 @@ class MLA(nn.Module):
         return self.resid_dropout(self.o_proj(y.transpose(1, 2).reshape(B, T, H * dv)))
 
 
-class MLP(nn.Module):
-    """SwiGLU (Shazeer 2020, arXiv 2002.05202): the dense layers' feed-forward, and the shared experts'."""
+class FeedForward(nn.Module):
+    """SwiGLU (Shazeer 2020, eq. 6 without biases): W_down (SiLU(x W_gate) * (x W_up)). Its width is 8/3 n_embd
+    rather than 4 n_embd in Llama, which keeps the parameter count of a two-matrix MLP (LLaMA paper, section 2)."""
 
-    def __init__(self, n_embd, width):
+    def __init__(self, n_embd, width, dropout=0.0):
         super().__init__()
         self.gate_proj = nn.Linear(n_embd, width, bias=False)
         self.up_proj = nn.Linear(n_embd, width, bias=False)
         self.down_proj = nn.Linear(width, n_embd, bias=False)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
 
 
 def expert_mlp(xs, w1, w3, w2, end, dt):
     """The SwiGLU of each expert over its own rows: xs (M, d) holds expert e's rows at end[e-1]..end[e]-1
     (rows past end[-1] are padding) -> (M', d), M' >= end[-1]. w1, w3: (E, f, d); w2: (E, d, f), as nn.Linear;
-    dt: the dtype the model's matmuls run in (bf16 under autocast). One grouped matmul per weight where the
-    kernel exists (CUDA in bf16, or eager on CPU); elsewhere a loop over the experts (one host sync)."""
+    dt: the dtype the model's matmuls run in (bf16 under autocast).
+
+    One grouped matmul per weight (a batch of E matmuls of different heights, no host sync) where the kernel
+    exists: CUDA in bf16, or eager on CPU; elsewhere a loop over the experts, which needs the group sizes on the
+    host (one sync per layer)."""
     fits = xs.size(1) % ALIGN == 0 and w1.size(1) % ALIGN == 0  # 16-byte rows in the kernel's memory loads
     if GROUPED_MM and fits and (xs.is_cuda and dt == torch.bfloat16 or xs.device.type == "cpu"
                                 and not torch.compiler.is_compiling()):
@@ -337,7 +350,7 @@ class DeepSeekMoE(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(E, f, d))
         self.up_proj = nn.Parameter(torch.empty(E, f, d))
         self.down_proj = nn.Parameter(torch.empty(E, d, f))
-        self.shared_experts = MLP(d, f * cfg.n_shared_experts) if cfg.n_shared_experts else None
+        self.shared_experts = FeedForward(d, f * cfg.n_shared_experts) if cfg.n_shared_experts else None
 
     def forward(self, x):
         B, T, d = x.shape
@@ -379,7 +392,7 @@ class Block(nn.Module):
         self.self_attn = MLA(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.moe = layer >= cfg.first_k_dense_replace
-        self.mlp = DeepSeekMoE(cfg) if self.moe else MLP(cfg.n_embd, cfg.intermediate_size)
+        self.mlp = DeepSeekMoE(cfg) if self.moe else FeedForward(cfg.n_embd, cfg.intermediate_size)
         self.resid_dropout = nn.Dropout(cfg.dropout)  # on the feed-forward's output, as mixtral.py's experts
 
     def forward(self, x, cos, sin, cache=None, pos=0):
@@ -408,6 +421,8 @@ class DeepSeek(nn.Module):
         self.step_load = 0  # training: the load of the step's micro-batches so far, for after_step
         self.load = 0  # eval mode: the load counted since, for load_report
         self.grad_checkpoint = False  # training: keep only each block's input, recompute the rest in backward
+        # Initialisation (the papers give none): normal, std 0.02 (Hugging Face's initializer_range); the
+        # projections that write into the residual stream scaled by 1/sqrt(2 n_layer), as GPT-2 does.
         for name, p in self.named_parameters():
             if p.dim() >= 2:
                 residual = name.endswith(("o_proj.weight", "down_proj.weight", "down_proj"))
@@ -417,8 +432,9 @@ class DeepSeek(nn.Module):
         return [b.mlp for b in self.model.layers if b.moe]
 
     def num_params(self, non_embedding=True, active=False):
-        """Parameters (an untied input embedding left out by default); active=True counts top_k of the routed
-        experts: what one token computes with."""
+        """Parameters a token computes with: a tied embedding/head counted once, lookups (an untied input embedding, a
+        position table) left out by default; active=True counts top_k of the routed experts
+        only."""
         cfg = self.config
         n = sum(p.numel() for p in self.parameters())
         if non_embedding and not cfg.tie_embeddings:
@@ -428,19 +444,19 @@ class DeepSeek(nn.Module):
             n -= routed * (cfg.n_expert - cfg.top_k_experts) // cfg.n_expert
         return n
 
-    def cache_numbers_per_token(self):
-        """Numbers the latent cache holds per token: (kv_lora_rank + qk_rope_head_dim) x layers; and what MHA with
-        the same heads would hold, 2 x n_head x head dims x layers."""
+    def kv_bytes_per_token(self, itemsize=4):
+        """Bytes the latent cache holds per token: (kv_lora_rank + qk_rope_head_dim) x layers x bytes per number; and
+        what MHA with the same heads would hold, n_head x (query/key and value head dims) x layers x bytes."""
         c = self.config
-        return (c.kv_lora_rank + c.qk_rope_head_dim) * c.n_layer, \
-            c.n_head * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim) * c.n_layer
+        return (c.kv_lora_rank + c.qk_rope_head_dim) * c.n_layer * itemsize, \
+            c.n_head * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim) * c.n_layer * itemsize
 
     def hidden(self, idx, cache=None, pos=0):
         """idx (B, T) token ids at positions pos..pos+T-1 -> final hidden states (B, T, n_embd); sets router_stats."""
         B, T = idx.shape
         if pos + T > self.config.block_size:
             raise ValueError(f"positions up to {pos + T} but block_size is {self.config.block_size}")
-        inv_freq, attention_factor = rope_frequencies(self.config, idx.device)
+        inv_freq, attention_factor = yarn_rope_frequencies(self.config, idx.device)
         angles = torch.arange(pos, pos + T, device=idx.device, dtype=torch.float32)[:, None] * inv_freq
         angles = torch.cat((angles, angles), dim=-1)
         cos, sin = angles.cos() * attention_factor, angles.sin() * attention_factor
@@ -954,10 +970,10 @@ def batches(args, tokenizer, env):  # batch(split) -> (x, y): DeepSeek learns fr
 def show_sample(model, tokenizer, args, env, title):
     """What a run shows at its end (or with --sample_only): the latent cache a token costs, then a sample."""
     cfg, itemsize = model.config, (env.dtype if env.dtype != torch.float32 else model.lm_head.weight.dtype).itemsize
-    latent, mha = model.cache_numbers_per_token()
-    print(f"latent cache: {latent * itemsize:,} bytes/token ((kv_lora_rank {cfg.kv_lora_rank} + rotary key "
+    latent, mha = model.kv_bytes_per_token(itemsize)
+    print(f"latent cache: {latent:,} bytes/token ((kv_lora_rank {cfg.kv_lora_rank} + rotary key "
           f"{cfg.qk_rope_head_dim}) x {cfg.n_layer} layers x {itemsize} bytes); MHA with the same "
-          f"{cfg.n_head} heads would cache {mha * itemsize:,}")
+          f"{cfg.n_head} heads would cache {mha:,}")
     sample(model, tokenizer, args, env.ctx, title)
 
 
@@ -1001,9 +1017,9 @@ def read_text(data):
     try:
         text = path.read_bytes().decode()
     except UnicodeError:
-        text = "\0"
+        text = "\0"  # not UTF-8: a binary file
     if "\0" in text or not text.strip():
-        raise InputError(f"--data '{data}': {path} is " + ("not UTF-8 text (a binary file?)" if text else "empty"))
+        raise InputError(f"--data '{data}': {path} is " + ("empty" if not text.strip() else "not UTF-8 text (a binary file?)"))
     return data if data == "shakespeare" else path.stem, text
 
 
@@ -1031,9 +1047,8 @@ def get_batch(files, batch_size, block_size, device):
     tokens = files[int(np.searchsorted(ends, torch.randint(int(ends[-1]), ()).item(), side="right"))]
     start = torch.randint(len(tokens) - block_size, (batch_size,)).numpy()
     xy = torch.from_numpy(tokens[start[:, None] + np.arange(block_size + 1)].astype(np.int64))  # (B, T+1)
-    if device.type == "cuda":
-        xy = xy.pin_memory().to(device, non_blocking=True)
-    return xy[:, :-1].to(device), xy[:, 1:].to(device)
+    xy = xy.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else xy.to(device)
+    return xy[:, :-1], xy[:, 1:]
 
 
 def text_batches(args, tokenizer, env):
@@ -1092,11 +1107,6 @@ def peak_flops(device, dtype):
     return next((f for key, f in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12)) if key in name), None)
 
 
-def step_seed(seed, iter_num, rank):
-    """Each step's batches and dropout come from this seed: a resumed run repeats them exactly."""
-    return ((seed * 1_000_003 + iter_num) * 1_009 + rank) % 2**63
-
-
 def log_metrics(record, env):
     """One line of out_dir/metrics.jsonl, and its numbers to TensorBoard with --tensorboard."""
     with open(env.out_dir / "metrics.jsonl", "a") as f:
@@ -1122,14 +1132,14 @@ def open_logs(args, iter_num, env):
 
 def sample(model, tokenizer, args, ctx, title):
     """Print --max_new_tokens sampled after --prompt (and after the checkpoint's BOS, if it defines one)."""
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed % 2**63)
     bos = [] if model.config.bos_token_id is None else [model.config.bos_token_id]
     prompt = bos + (tokenizer[1](args.prompt) if tokenizer else []) or [0]  # a long prompt: generate handles it
     with ctx:
         out = model.eval().generate(torch.tensor([prompt], device=next(model.parameters()).device),
                                     args.max_new_tokens, args.temperature, args.top_k or None, args.top_p)[0].tolist()
     if tokenizer is None:  # a checkpoint whose tokenizer is none tiktoken can run (SentencePiece)
-        print(f"no tokenizer tiktoken can read for {args.init_from}: the prompt is not used, the sample is shown as token ids")
+        print(f"no tokenizer tiktoken can read for {args.init_from}: no prompt, the sample shown as token ids")
     print(f"--- {title} ---\n{tokenizer[2](out[len(bos):]) if tokenizer else out}\n---")
 
 
@@ -1174,8 +1184,7 @@ def train(model, batch, tokenizer, args, ckpt, env):
         state = {k: ckpt[k] for k in state}
     eval_model = train_model = torch.compile(model) if env.compile else model  # `model` stays the plain module
     if env.world > 1:  # buffers need no sync (each rank computes the same); infini's gates may get no gradient
-        train_model = DDP(eval_model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                          broadcast_buffers=False,
+        train_model = DDP(eval_model, broadcast_buffers=False,  # device_ids None: the module's own device
                           find_unused_parameters=getattr(model, "find_unused_parameters", False))
     if env.master:
         open_logs(args, state["iter_num"], env)
@@ -1187,7 +1196,7 @@ def train(model, batch, tokenizer, args, ckpt, env):
         lr, weight_decay = schedule(state["iter_num"], args)
         for group in optimizer.param_groups:
             group.update(lr=lr * group["lr_scale"], weight_decay=weight_decay if group["decay"] else 0.0)
-        torch.manual_seed(step_seed(args.seed, state["iter_num"], env.rank))
+        torch.manual_seed(((args.seed * 1_000_003 + state["iter_num"]) * 1_009 + env.rank) % 2**63)  # resume: the same
         for micro in range(args.grad_accum):
             x, y = batch("train")
             if env.world > 1:  # all-reduce the gradients only on the last micro-step
@@ -1244,9 +1253,8 @@ def parse_args(argv):
     p.add_argument("--data", default="shakespeare", help="'shakespeare' or a path to a UTF-8 text file")
     p.add_argument("--out_dir", help=f"checkpoints and metrics (default out/{Path(__file__).stem})")
     p.add_argument("--init_from", default="scratch", help="'scratch', 'resume' (out_dir/ckpt.pt), a hub id or HF dir")
-    for name in ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size", "block_size"):
-        p.add_argument(f"--{name}", type=int)
-    p.add_argument("--warmup_iters", type=int)
+    for n in ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size", "block_size", "warmup_iters"):
+        p.add_argument(f"--{n}", type=int)
     p.add_argument("--lr_decay_iters", type=int, help="the cosine's end (default: max_iters; resumed: the run's own)")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-steps per optimizer step")
     for name, default in (("lr", None), ("min_lr", None), ("weight_decay", 0.1), ("grad_clip", 1.0)):
@@ -1283,8 +1291,6 @@ def check_args(args):
             raise InputError(f"--{name} must " + ("not be negative" if value < 0 else "be finite") + f", got {value}")
     if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
         raise InputError(f"--top_p must be in (0, 1], got {args.top_p}")
-    if args.seed >= 2**63:
-        raise InputError(f"--seed must be below 2**63, got {args.seed}")
     if args.sample_only and args.init_from == "scratch":
         raise InputError("--sample_only needs --init_from resume, a hub id or an HF directory")
 
@@ -1292,9 +1298,8 @@ def check_args(args):
 def setup_device(args):
     """The run's device, autocast dtype and context, compile, rank and world size (DDP when torchrun launched us)."""
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    name = args.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    auto = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    name = auto if args.device == "auto" else args.device
     if name != "cpu" and not (torch.cuda.is_available() if name == "cuda" else torch.backends.mps.is_available()):
         raise InputError(f"--device {name}: no {name.upper()} device is available (try --device cpu)")
     device = torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
@@ -1334,7 +1339,7 @@ def run(args, given):
     for k, v in PRESETS["cuda" if env.device.type == "cuda" else "cpu"].items():
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     check_args(args)
-    torch.manual_seed(args.seed)  # the initial weights; each training step reseeds (see step_seed)
+    torch.manual_seed(args.seed % 2**63)  # the initial weights; each training step reseeds (see train)
     model, tokenizer, note = build_model(args, given, ckpt, env)
     for k, v in asdict(model.config).items():  # a flag typed now must agree with the model it trains
         if k in given and k != "block_size" and getattr(args, k) != v:

@@ -186,7 +186,7 @@ def window_rows(seed, window=64, lengths=(128, 1024), steps=4):
         ids = torch.randint(0, 256, (1, L + steps), generator=torch.Generator().manual_seed(seed + L))
         row = dict(window=window, prompt=L, tokens=L + steps)
         for kind, size in (("rolling", window), ("full", L + steps)):
-            model, cache = models[kind], [mixtral.KVCache(size) for _ in models[kind].model.layers]
+            model, cache = models[kind], [mixtral.RollingKVCache(size) for _ in models[kind].model.layers]
             logits = [model(ids[:, :L], cache=cache)[0][0, -1]]
             logits += [model(ids[:, p:p + 1], cache=cache, pos=p)[0][0, -1] for p in range(L, L + steps)]
             row[f"{kind}_bytes"] = sum(c.k.nbytes + c.v.nbytes for c in cache)

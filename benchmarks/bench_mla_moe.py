@@ -22,7 +22,7 @@ ratio = reference / ours (> 1: ours faster).
                  LatentCache and MLA.forward are swapped for it during the call); ratio = expanded / latent time
                  (reported); the tokens must be identical
   cache bytes    per token, measured from each cache's tensors after the prefill; they must equal
-                 cache_numbers_per_token() x 4 (fp32), [0] latent, [1] expanded. The same at DeepSeek-V3's shape
+                 kv_bytes_per_token(4) (fp32), [0] latent, [1] expanded. The same at DeepSeek-V3's shape
                  (mla_moe.Config() on the meta device: 61 layers, 128 heads, latent 512 + rope 64, nope 128, v 128),
                  in bf16: computed, not measured
   GPU            only with CUDA: training throughput and MFU of a DeepSeek of GPT-2 124M's shape (12 x 768, 12
@@ -66,7 +66,7 @@ VOCAB, CONTEXT, INIT_STD, BIAS_STD = 50257, 1024, 0.1, 0.05
 N_EXPERT, N_SHARED, TOP_K, N_GROUP, TOPK_GROUP, N_DENSE = 16, 1, 4, 4, 2, 1
 # GPU: a DeepSeek of GPT-2 124M's shape; 8 active experts (6 routed + 2 shared) of 256 = the dense SwiGLU's 2048
 DEEPSEEK_GPU = dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768, intermediate_size=2048,
-                    moe_intermediate_size=256, n_routed_experts=64, n_shared_experts=2, top_k_experts=6, n_group=8,
+                    moe_intermediate_size=256, n_expert=64, n_shared_experts=2, top_k_experts=6, n_group=8,
                     topk_group=4, first_k_dense_replace=1, q_lora_rank=384, kv_lora_rank=192, qk_nope_head_dim=64,
                     qk_rope_head_dim=32, v_head_dim=64)
 
@@ -162,7 +162,7 @@ def expanded_cache():
 @torch.no_grad()
 def latent_rows(model, c, rounds, seed):
     """Greedy decode with the latent cache vs the expanded one (a timed row), and each cache's bytes per token."""
-    (P, N), latent_n, mha_n = c["latent_tokens"], *model.cache_numbers_per_token()
+    (P, N), latent_n, mha_n = c["latent_tokens"], *model.kv_bytes_per_token(1)
     prompt = torch.randint(0, VOCAB, (1, P), generator=torch.Generator().manual_seed(seed + 3))
 
     def expanded(n):
@@ -194,7 +194,7 @@ def v3_cache_numbers():
     formula = ((c.kv_lora_rank + c.qk_rope_head_dim) * c.n_layer,
                c.n_head * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim) * c.n_layer)
     return dict(latent=formula[0], expanded=formula[1], params=m.num_params(False),
-                params_active=m.num_params(active=True), match=m.cache_numbers_per_token() == formula)
+                params_active=m.num_params(active=True), match=m.kv_bytes_per_token(1) == formula)
 
 
 def active_flops(model):
@@ -215,7 +215,7 @@ def gpu_rows(batch_size, device="cuda", cfg=None, steps=30, warmup=5):
     with torch.device("meta"):
         m = mla_moe.DeepSeek(mla_moe.Config(**cfg))
     c = m.config
-    shape = (f"DeepSeek {c.n_layer}x{c.n_embd}, {c.n_routed_experts} experts top {c.top_k_experts} + "
+    shape = (f"DeepSeek {c.n_layer}x{c.n_embd}, {c.n_expert} experts top {c.top_k_experts} + "
              f"{c.n_shared_experts} shared, {m.num_params(active=True) / 1e6:.1f}M active of "
              f"{m.num_params() / 1e6:.1f}M params,")
     for g in out.values():
@@ -264,14 +264,14 @@ def main():
     bench = [checks[f"{kind}_bytes_per_token"] for kind in ("latent", "expanded")]
     harness.print_table(("model", "latent B/token", "expanded B/token", "expanded / latent", "how"), [
         (f"bench, {c['n_layer']} x {c['n_embd']}", *(f"{b:,.0f}" + ("" if b == 4 * n else f" MISMATCH ({4 * n:,})")
-                                                      for b, n in zip(bench, ours.cache_numbers_per_token())),
+                                                      for b, n in zip(bench, ours.kv_bytes_per_token(1))),
          f"{bench[1] / bench[0]:.1f}x", "measured, fp32"),
         ("DeepSeek-V3", f"{2 * v3['latent']:,}", f"{2 * v3['expanded']:,}", f"{v3['expanded'] / v3['latent']:.1f}x",
          "computed, bf16")])
 
     gpu, gpu_ok = harness.gpu_section(lambda: gpu_rows(args.batch_size))
     # status 1: logits or losses off HF, different tokens (HF, no cache, expanded cache), a cache size that is not
-    # cache_numbers_per_token, or the GPU rows failed
+    # kv_bytes_per_token, or the GPU rows failed
     harness.finish(T_START, info, args.json, gpu_ok and harness.passed(checks), config=config, rounds=args.rounds,
                    rows=rows + [latent_row], checks=checks, deepseek_v3_cache=v3, gpu=gpu)
 

@@ -143,7 +143,7 @@ def test_cached_generation_equals_uncached(prompt_len, new_tokens):
 def test_cached_forward_matches_full_forward():
     model = tiny_gpt(seed=3)
     idx = ids(300, 2, 32, seed=4)
-    cache = [[] for _ in model.transformer.h]
+    cache = [gpt2.KVCache(32) for _ in model.transformer.h]  # block_size 32
     with torch.no_grad():
         full = model(idx)[0]
         chunks = [(0, 10), (10, 11), (11, 12), (12, 17), (17, 18), (18, 32)]  # single tokens and chunks at pos > 0

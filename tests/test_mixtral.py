@@ -302,7 +302,7 @@ def test_cached_generation_equals_uncached(window, prompt_len, new_tokens):
 def test_rolling_cache_matches_full_forward_and_stays_flat(size):
     model = tiny(seed=3, block=64, sliding_window=6)
     idx = ids(300, 2, 64, seed=4)
-    cache = [mixtral.KVCache(size) for _ in model.model.layers]
+    cache = [mixtral.RollingKVCache(size) for _ in model.model.layers]
     with torch.no_grad():
         full = model(idx)[0]
         part = model(idx[:, :20], cache=cache, pos=0)[0]  # a prompt longer than the window
@@ -314,7 +314,7 @@ def test_rolling_cache_matches_full_forward_and_stays_flat(size):
         if size < 64:
             with pytest.raises(ValueError, match="one by one"):
                 model(idx[:, :3], cache=cache, pos=64)
-    no_window = [mixtral.KVCache(64) for _ in model.model.layers]
+    no_window = [mixtral.RollingKVCache(64) for _ in model.model.layers]
     with torch.no_grad():  # without a window: chunks at pos > 0 work as in llama2.py
         tiny(seed=3, block=64)(idx[:, :10], cache=no_window, pos=0)
         assert tiny(seed=3, block=64)(idx[:, 10:14], cache=no_window, pos=10)[0].shape == (2, 4, 300)

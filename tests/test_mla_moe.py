@@ -84,7 +84,7 @@ def test_yarn_changes_the_model():
     plain = mla_moe.Config(qk_rope_head_dim=64)
     yarn = mla_moe.Config(qk_rope_head_dim=64, rope_scaling=dict(YARN, original_max_position_embeddings=4096,
                                                                  factor=40.0))
-    (f0, a0), (f1, a1) = mla_moe.rope_frequencies(plain), mla_moe.rope_frequencies(yarn)
+    (f0, a0), (f1, a1) = mla_moe.yarn_rope_frequencies(plain), mla_moe.yarn_rope_frequencies(yarn)
     assert torch.equal(f0[:4], f1[:4]) and torch.allclose(f1[-4:], f0[-4:] / 40)  # high kept, low divided
     assert a0 == a1 == 1.0  # mscale = mscale_all_dim: cos and sin unscaled, as DeepSeek-V3's config
     assert mla_moe.yarn_mscale(40.0, 1.0) == pytest.approx(0.1 * torch.log(torch.tensor(40.0)).item() + 1)
@@ -140,8 +140,8 @@ def test_cache_holds_only_the_latent_and_the_rotary_key():
     cfg = model.config
     assert cache[0].c_kv.shape == (3, 20, cfg.kv_lora_rank) and cache[0].k_rope.shape == (3, 20, cfg.qk_rope_head_dim)
     numbers = sum(c.c_kv.numel() + c.k_rope.numel() for c in cache) / (3 * 20)
-    latent, mha = model.cache_numbers_per_token()
-    assert numbers == latent == (16 + 8) * 3 and mha == 4 * (16 + 8 + 16) * 3
+    latent, mha = model.kv_bytes_per_token(4)  # float32
+    assert 4 * numbers == latent == 4 * (16 + 8) * 3 and mha == 4 * 4 * (16 + 8 + 16) * 3
 
 
 @pytest.mark.parametrize("prompt_len, new_tokens", [(5, 12), (8, 40)])  # the second slides past block_size 32
