@@ -563,9 +563,9 @@ def build_model(args, given, ckpt, env):
     Hugging Face GPT-2, or a fresh one of the flags' size."""
     if ckpt is not None:
         model, tokenizer = GPT(Config(**{**ckpt["config"], "dropout": args.dropout})), load_tokenizer(ckpt["tokenizer"])
-    elif args.init_from != "scratch":
-        tokenizer = load_tokenizer("gpt2")
-        model = from_pretrained(args.init_from, dropout=args.dropout)
+    elif args.init_from != "scratch":  # config.json first: a bad --init_from is found before the tokenizer is looked for
+        checkpoint_dir(args.init_from, weights=False)
+        tokenizer, model = load_tokenizer("gpt2"), from_pretrained(args.init_from, dropout=args.dropout)
     else:
         tokenizer = load_tokenizer()
         model = GPT(Config(vocab_size=tokenizer[3], block_size=args.block_size, n_layer=args.n_layer,

@@ -26,7 +26,7 @@ from torch._dynamo.utils import counters
 from transformers.integrations.bitnet import AutoBitLinear, WeightQuant, pack_weights, unpack_weights
 
 import bitnet
-from conftest import (SHAKESPEARE, check_cached_equals_uncached, check_causal, check_greedy_matches_hf, ids, max_diff,
+from conftest import (CORPUS, check_cached_equals_uncached, check_causal, check_greedy_matches_hf, ids, max_diff,
                       randomize, scale_up, script_home, train_tokenizer)
 
 transformers.logging.set_verbosity_error()
@@ -516,8 +516,6 @@ def test_layout_and_weights_disagree(tmp_path):
 def checkpoints(tmp_path, monkeypatch, offline):
     """The same model packed and as master weights, each with a tokenizer.json of 600 tokens; the script's data/
     and out/ under tmp_path."""
-    if not SHAKESPEARE.exists():
-        pytest.skip("needs ../shared/data/tinyshakespeare.txt")
     script_home(bitnet, tmp_path, monkeypatch)
     hf = make_hf(seed=9, vocab_size=600, bos_token_id=0)
     packed, online = save_packed(hf, tmp_path / "packed"), save_online(hf, tmp_path / "online")

@@ -12,7 +12,7 @@ import transformers
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 import llama2
-from conftest import (SHAKESPEARE, check_cached_equals_uncached, check_causal, check_greedy_matches_hf,
+from conftest import (CORPUS, check_cached_equals_uncached, check_causal, check_greedy_matches_hf,
                       check_overfits, check_variant_refused, hf_logits, ids, max_diff, randomize, scale_up,
                       script_home, serve_hub, train_tokenizer)
 
@@ -293,13 +293,12 @@ def test_config_and_init():
 
 # ------------------------------------------------------------------------------------- tokenizer
 
-@pytest.mark.skipif(not SHAKESPEARE.exists(), reason="needs ../shared/data/tinyshakespeare.txt")
 @pytest.mark.parametrize("style", ["llama3", "gpt2"])
 def test_tokenizer_json_matches_tokenizers(tmp_path, style):
     ref = train_tokenizer(tmp_path / "tokenizer.json", style)
     name, encode, decode, n_vocab = llama2.hf_tokenizer(tmp_path / "tokenizer.json")
     assert name == str(tmp_path / "tokenizer.json") and n_vocab == ref.get_vocab_size() == 600
-    text = SHAKESPEARE.read_text()[-20_000:] + "\nnaïve café 12345 ünïcödé — 🙂\r\n\tdon't  WE'LL"  # unseen text too
+    text = CORPUS[-20_000:] + "\nnaïve café 12345 ünïcödé — 🙂\r\n\tdon't  WE'LL"  # unseen text too
     ours = encode(text)
     assert ours == ref.encode(text).ids and len(ours) < 0.6 * len(text.encode())
     assert decode(ours) == text
@@ -314,9 +313,8 @@ def test_unreadable_tokenizers_give_none(tmp_path):
                           "pre_tokenizer": {"type": "Metaspace", "replacement": "▁"}}  # Llama 2 / TinyLlama
     (tmp_path / "t.json").write_text(json.dumps(sentencepiece_like))
     assert llama2.hf_tokenizer(tmp_path / "t.json") is None
-    if SHAKESPEARE.exists():
-        train_tokenizer(tmp_path / "n.json", "gpt2", normalizer="NFKC")
-        assert llama2.hf_tokenizer(tmp_path / "n.json") is None
+    train_tokenizer(tmp_path / "n.json", "gpt2", normalizer="NFKC")
+    assert llama2.hf_tokenizer(tmp_path / "n.json") is None
 
 
 # ------------------------------------------------------------------------------------- command line
@@ -324,8 +322,6 @@ def test_unreadable_tokenizers_give_none(tmp_path):
 @pytest.fixture
 def pretrained(tmp_path, monkeypatch, offline):
     """A Llama checkpoint with a tokenizer.json of 600 tokens, and the script's data/ and out/ under tmp_path."""
-    if not SHAKESPEARE.exists():
-        pytest.skip("needs ../shared/data/tinyshakespeare.txt")
     script_home(llama2, tmp_path, monkeypatch)
     ckpt = tmp_path / "tiny-llama3"
     make_hf(seed=9, scale=1.0, vocab_size=600, bos_token_id=0, rope_theta=500000.0, num_key_value_heads=2).save_pretrained(ckpt)
@@ -382,8 +378,6 @@ def test_large_vocabularies_are_stored_as_uint32(tmp_path, monkeypatch):
 def test_cli_architecture_flags(tmp_path, monkeypatch, offline, capsys):
     """--n_kv_head, --tie_embeddings, --rope_theta and --intermediate_size reach the model and its checkpoint,
     and a resume that contradicts them is refused."""
-    if not SHAKESPEARE.exists():
-        pytest.skip("needs ../shared/data/tinyshakespeare.txt")
     script_home(llama2, tmp_path, monkeypatch)
     llama2.main(["--device", "cpu", "--n_layer", "1", "--n_head", "4", "--n_kv_head", "1", "--n_embd", "32",
                  "--intermediate_size", "48", "--tie_embeddings", "--rope_theta", "500000", "--block_size", "16",

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import transformers
 
 import mamba
-from conftest import (SHAKESPEARE, check_cached_equals_uncached, check_causal, check_greedy_matches_hf,
+from conftest import (CORPUS, check_cached_equals_uncached, check_causal, check_greedy_matches_hf,
                       check_overfits, check_variant_refused, hf_logits, ids, max_diff, randomize, scale_up,
                       serve_hub, train_tokenizer)
 
@@ -425,8 +425,6 @@ def test_configure_optimizer_groups():
 def neox_tokenizer(tmp_path_factory):
     """tokenizer.json as the Mamba checkpoints' (GPT-NeoX's): NFC, then byte-level BPE splitting with GPT-2's
     regex; trained once on tiny-shakespeare with the `tokenizers` package."""
-    if not SHAKESPEARE.exists():
-        pytest.skip("needs ../shared/data/tinyshakespeare.txt")
     path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.json"
     train_tokenizer(path, "gpt2", normalizer="NFC")
     tok = json.loads(path.read_text())
@@ -450,7 +448,7 @@ def test_tokenizer_json_matches_tokenizers(neox_tokenizer, normalizer, tmp_path)
     accents = "naïve café résumé Ångström ünïcödé"
     assert unicodedata.normalize("NFD", accents) != accents
     tail = "\n" + unicodedata.normalize("NFD", accents) + " 12345 — 🙂\r\n\tdon't  WE'LL"
-    text = SHAKESPEARE.read_text()[-20_000:] + tail
+    text = CORPUS[-20_000:] + tail
     ours = encode(text)
     assert ours == ref.encode(text).ids and len(ours) < 0.6 * len(text.encode())
     nfc = unicodedata.normalize("NFC", text)

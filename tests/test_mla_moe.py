@@ -9,7 +9,7 @@ import torch
 import transformers
 
 import mla_moe
-from conftest import (SHAKESPEARE, check_cached_equals_uncached, check_causal, check_greedy_matches_hf,
+from conftest import (CORPUS, check_cached_equals_uncached, check_causal, check_greedy_matches_hf,
                       check_overfits, check_variant_refused, hf_logits, ids, max_diff, randomize, scale_up,
                       script_home)
 
@@ -228,15 +228,13 @@ def test_overfit_one_batch():
 
 
 def test_cli_flags_histogram_and_bias(tmp_path, monkeypatch, offline, capsys):
-    if not SHAKESPEARE.exists():
-        pytest.skip("needs ../shared/data/tinyshakespeare.txt")
     script_home(mla_moe, tmp_path, monkeypatch)
     mla_moe.main(["--device", "cpu", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--n_expert", "8",
                   "--top_k_experts", "2", "--n_group", "2", "--topk_group", "1", "--kv_lora_rank", "8",
                   "--q_lora_rank", "16", "--block_size", "16", "--batch_size", "2", "--max_iters", "4",
                   "--eval_interval", "4", "--eval_iters", "1", "--log_interval", "2", "--max_new_tokens", "8"])
     out = capsys.readouterr().out
-    assert "8 routed experts, top 2, 1 shared" in out.splitlines()[0] and "iter 4 | loss" in out and "balance" in out
+    assert "8 routed experts, top 2, 1 shared" in next(l for l in out.splitlines() if l.startswith("mla_moe |")) and "iter 4 | loss" in out and "balance" in out
     assert "latent cache: 128 bytes/token ((kv_lora_rank 8 + rotary key 8) x 2 layers x 4 bytes)" in out
     hist = out.split("expert load per layer")[1].splitlines()
     assert hist[1].startswith("  layer 1") and "bias" in hist[1]  # the real index: layer 0 is dense
