@@ -51,3 +51,12 @@ def test_same_name_same_text():
     for name in ("RMSNorm", "apply_rotary", "KVCache", "FeedForward", "sample_next", "load_tokenizer", "train", "main"):
         assert name in versions  # the test sees what it claims to check
     assert {"gpt2", "lora"} <= set(sum(versions["GPT"].values(), []))
+
+
+def test_nothing_points_outside_the_repository():
+    """A user's clone has nothing beside it: no script, test, benchmark or document may need the CI machine's shared
+    folder (CI's own script, .ci/run, may use it when it is there)."""
+    outside = "../" + "shared"  # spelt apart, so that this file does not find itself
+    files = [*ROOT.glob("*.py"), *ROOT.glob("*.md"), *ROOT.glob("tests/*.py"), *ROOT.glob("benchmarks/*"),
+             *ROOT.glob("tools/*"), *ROOT.glob("data/*")]
+    assert [f.name for f in files if f.is_file() and outside in f.read_text()] == []
