@@ -36,7 +36,6 @@ import json
 import math
 import os
 import re
-import shutil
 import struct
 import sys
 import time
@@ -860,9 +859,8 @@ def show_sample(model, tokenizer, args, env, title):
 
 
 # ------------------------------------------------------------------------------------------- data
-# From here to the end every file of the project holds the same text (tests/test_harness.py compares them): data,
-# the training loop, checkpoints, the command line. It calls this file's own PRESETS, add_model_flags, build_model,
-# flops_per_token, schedule, batches and show_sample, above.
+# From here on every file holds the same text (tests/test_harness.py): data, training, the command line. It calls
+# the model's own PRESETS, add_model_flags, build_model, flops_per_token, schedule, batches and show_sample (above).
 
 def load_tokenizer(name=None):
     """(name, encode, decode, vocab_size) for "gpt2" (tiktoken's BPE), "bytes" (raw UTF-8, 256 ids) or the path of
@@ -901,7 +899,7 @@ def read_text(data):
     except UnicodeError:
         text = "\0"  # not UTF-8: a binary file
     if "\0" in text or not text.strip():
-        raise InputError(f"--data '{data}': {path} is " + ("empty" if not text.strip() else "not UTF-8 text (a binary file?)"))
+        raise InputError(f"--data '{data}': {path} is " + ("not UTF-8 text (a binary file?)" if text.strip() else "empty"))
     return data if data == "shakespeare" else path.stem, text
 
 
@@ -924,9 +922,12 @@ def prepare_data(data, tokenizer):
 
 
 def get_batch(files, batch_size, block_size, device):
-    """batch_size random windows of one token file (drawn by size): x (B, T) and y (B, T), x shifted by one."""
-    ends = np.cumsum([len(f) - block_size for f in files])
-    tokens = files[int(np.searchsorted(ends, torch.randint(int(ends[-1]), ()).item(), side="right"))]
+    """batch_size random windows of one token file (drawn by size when there are several): x (B, T) and y (B, T),
+    x shifted by one."""
+    tokens = files[0]
+    if len(files) > 1:
+        ends = np.cumsum([len(f) - block_size for f in files])
+        tokens = files[int(np.searchsorted(ends, torch.randint(int(ends[-1]), ()).item(), side="right"))]
     start = torch.randint(len(tokens) - block_size, (batch_size,)).numpy()
     xy = torch.from_numpy(tokens[start[:, None] + np.arange(block_size + 1)].astype(np.int64))  # (B, T+1)
     xy = xy.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else xy.to(device)
@@ -940,9 +941,9 @@ def text_batches(args, tokenizer, env):
     files = prepare_data(args.data, tokenizer)
     if env.master and env.world > 1:
         dist.barrier()
-    if min(len(f) for split in files.values() for f in split) <= args.block_size:
-        raise InputError(f"--data '{args.data}' is too short for --block_size {args.block_size}: "
-                         f"{len(files['train'][0]):,} train and {len(files['val'][0]):,} val tokens")
+    sizes = {split: sum(map(len, f)) for split, f in files.items()}
+    if min(sizes.values()) <= args.block_size:
+        raise InputError(f"--data '{args.data}' is too short for --block_size {args.block_size}: {sizes} tokens")
     return lambda split: get_batch(files[split], args.batch_size, args.block_size, env.device)
 
 
@@ -975,7 +976,7 @@ def configure_optimizer(model, args, device):
 def estimate_loss(model, batch, args, ctx):
     """Mean loss over --eval_iters batches per split; the same batches at every eval (seeded by --seed)."""
     model.eval()
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed % 2**63)
     with ctx:
         out = {split: torch.stack([model(*batch(split))[1].float() for _ in range(args.eval_iters)]).mean().item()
                for split in ("train", "val")}
@@ -1033,11 +1034,10 @@ def evaluate(model, eval_model, batch, optimizer, scaler, state, tokenizer, args
     improved = losses["val"] < state["best_val"]
     state["evals_since_best"] = 0 if improved else state["evals_since_best"] + 1
     state["best_val"] = min(losses["val"], state["best_val"])
-    save_checkpoint(dict(state, model=trained_state(model), optimizer=optimizer.state_dict(), args=vars(args),
-                         scaler=scaler.state_dict(), config=asdict(model.config), tokenizer=tokenizer[0]), ckpt_path)
-    if improved:  # best.pt, a copy: early stopping (and the sample at the end) never lose the best weights
-        shutil.copyfile(ckpt_path, env.out_dir / "best.tmp")
-        os.replace(env.out_dir / "best.tmp", env.out_dir / "best.pt")
+    ckpt = dict(state, model=trained_state(model), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                config=asdict(model.config), args=vars(args), tokenizer=tokenizer[0])
+    for path in [ckpt_path] + [env.out_dir / "best.pt"] * improved:  # best.pt: early stopping never loses the best
+        save_checkpoint(ckpt, path)
     print(f"eval {it} | train {losses['train']:.4f} | val {losses['val']:.4f} | saved {ckpt_path}"
           + (" (best)" if improved else ""))
     report = model.load_report() if hasattr(model, "load_report") else {}  # MoE: the experts' share of the tokens
@@ -1121,10 +1121,6 @@ def train(model, batch, tokenizer, args, ckpt, env):
 
 # ------------------------------------------------------------------------------------------- main
 
-RUN_FLAGS = ("device", "dtype", "compile", "init_from", "sample_only", "out_dir", "tensorboard", "prompt",
-             "max_new_tokens", "temperature", "top_k", "top_p")  # never taken from a checkpoint
-
-
 def parse_args(argv):
     """(args, the flags typed). Flags left at None take the device's PRESETS, or a resumed run's values."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0] + " (see the module docstring)")
@@ -1161,8 +1157,7 @@ def parse_args(argv):
 
 
 def check_args(args):
-    """The flags' bad values, each one line: every float finite and not negative, the run's lengths and sizes
-    positive (Config checks the model's)."""
+    """Bad flag values, one line each: floats finite and not negative, the run's sizes positive (Config: the model's)."""
     positive = ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size", "block_size", "grad_accum",
                 "lr_decay_iters", "max_new_tokens")
     for name, value in vars(args).items():
@@ -1214,10 +1209,12 @@ def run(args, given):
     """Set-up, the model, the data, the loop, and a sample from the best weights: nanoGPT's train.py in steps."""
     env = setup_device(args)
     ckpt = load_checkpoint(env.out_dir / "ckpt.pt") if args.init_from == "resume" else None
-    if ckpt is not None:  # flags not typed now take the checkpointed run's values, its schedule's end included
-        for k in set(ckpt["args"]) - given - set(RUN_FLAGS):
+    if ckpt is not None:  # flags not typed take the checkpointed run's values, but for where to run and the sample
+        for k in set(ckpt["args"]) - given - {"device", "dtype", "compile", "init_from", "sample_only", "out_dir",
+                                              "tensorboard", "prompt", "max_new_tokens", "temperature", "top_k",
+                                              "top_p"}:
             setattr(args, k, ckpt["args"][k])
-        args.lr_decay_iters = args.lr_decay_iters or ckpt["args"]["max_iters"]
+        args.lr_decay_iters = args.lr_decay_iters or ckpt["args"]["max_iters"]  # its schedule's end too
     for k, v in PRESETS["cuda" if env.device.type == "cuda" else "cpu"].items():
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     check_args(args)

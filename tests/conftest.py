@@ -223,7 +223,7 @@ class Server:
     response is cut short (half the body, then the connection closes)."""
 
     def __init__(self, root):
-        self.root, self.ranges, self.cut_once, self.requests = root, [], set(), []
+        self.root, self.ranges, self.cut_once, self.requests, self.tokens = root, [], set(), [], []
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -233,6 +233,7 @@ class Server:
             def do_GET(self):
                 rel = self.path.lstrip("/")
                 server.requests.append(rel)
+                server.tokens.append(self.headers.get("Authorization"))
                 f = server.root / rel
                 if ".." in rel or not f.is_file():
                     self.send_error(404)

@@ -26,7 +26,7 @@ from torch._dynamo.utils import counters
 from transformers.integrations.bitnet import AutoBitLinear, WeightQuant, pack_weights, unpack_weights
 
 import bitnet
-from conftest import (CORPUS, check_cached_equals_uncached, check_causal, check_greedy_matches_hf, ids, max_diff,
+from conftest import (check_cached_equals_uncached, check_causal, check_greedy_matches_hf, ids, max_diff,
                       randomize, scale_up, script_home, train_tokenizer)
 
 transformers.logging.set_verbosity_error()

@@ -126,6 +126,16 @@ def test_download_resumes(m, server, tmp_path):
 
 
 
+def test_hf_token_goes_to_the_hub_only(m, server, tmp_path, monkeypatch):
+    """HF_TOKEN (for gated repos) is sent with requests to HF_ENDPOINT, and to no other host (tiny-shakespeare's)."""
+    (server.root / "f.bin").write_bytes(b"x" * 100)
+    monkeypatch.setenv("HF_TOKEN", "secret")
+    m.download(f"{server.url}/f.bin", tmp_path / "a.bin")  # the server stands for the hub here
+    m.download(server.url.replace("127.0.0.1", "localhost") + "/f.bin", tmp_path / "b.bin")  # another host
+    assert server.tokens == ["Bearer secret", None]
+
+
+
 # ------------------------------------------------------------------------------------------- data
 
 def test_prepare_data_and_get_batch(m, tmp_path, monkeypatch, capsys):

@@ -12,7 +12,7 @@ import transformers
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 import mixtral
-from conftest import (CORPUS, check_cached_equals_uncached, check_causal, check_greedy_matches_hf,
+from conftest import (check_cached_equals_uncached, check_causal, check_greedy_matches_hf,
                       check_overfits, check_variant_refused, hf_logits, ids, max_diff, randomize, scale_up,
                       script_home, serve_hub)
 

@@ -9,7 +9,7 @@ import torch
 import transformers
 
 import mla_moe
-from conftest import (CORPUS, check_cached_equals_uncached, check_causal, check_greedy_matches_hf,
+from conftest import (check_cached_equals_uncached, check_causal, check_greedy_matches_hf,
                       check_overfits, check_variant_refused, hf_logits, ids, max_diff, randomize, scale_up,
                       script_home)
 

@@ -4,7 +4,6 @@ and buffers under DDP, Infini's MFU, DeepSeek-V2's gate, the CUDA presets and th
 the classes of bad input that drew tracebacks."""
 import importlib
 import json
-import math
 import sys
 import types
 
@@ -12,7 +11,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from conftest import SCRIPTS, ids, needs_gpt2_bpe, script_home
+from conftest import SCRIPTS, script_home
 
 TINY = ["--device", "cpu", "--n_layer", "1", "--n_embd", "32", "--block_size", "16", "--batch_size", "2",
         "--eval_iters", "1", "--log_interval", "2", "--max_new_tokens", "8"]
