@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import transformers
 
 import lora
-from conftest import (needs_gpt2_bpe, CORPUS, check_cached_equals_uncached, check_causal, hf_logits, ids,
+from conftest import (needs_gpt2_bpe, check_cached_equals_uncached, check_causal, hf_logits, ids,
                       max_diff, randomize, script_home)
 from test_gpt2 import make_hf
 
