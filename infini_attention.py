@@ -107,6 +107,9 @@ class Config:
         if self.head_dim % 2:
             raise InputError(f"head_dim ({self.head_dim}) must be even: rotary turns pairs of dimensions")
         self.intermediate_size = self.intermediate_size or -(-8 * self.n_embd // 3 // 64) * 64
+        if self.intermediate_size < 0 or self.rope_theta <= 0:
+            raise InputError(f"intermediate_size must not be negative nor rope_theta be 0 or less, got "
+                             f"{self.intermediate_size} and {self.rope_theta}")
         if self.memory_update not in ("linear", "delta"):
             raise InputError(f"memory_update must be 'linear' or 'delta', got '{self.memory_update}'")
         if not 0.0 <= self.dropout < 1.0:

@@ -92,6 +92,9 @@ class Config:
         if self.head_dim % 2:
             raise InputError(f"head_dim ({self.head_dim}) must be even: rotary turns pairs of dimensions")
         self.intermediate_size = self.intermediate_size or -(-8 * self.n_embd // 3 // 64) * 64
+        if self.intermediate_size < 0 or self.rope_theta <= 0:
+            raise InputError(f"intermediate_size must not be negative nor rope_theta be 0 or less, got "
+                             f"{self.intermediate_size} and {self.rope_theta}")
         if not 0.0 <= self.dropout < 1.0:
             raise InputError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.rope_scaling and self.rope_scaling.get("rope_type") not in ("llama3", "linear"):

@@ -109,6 +109,9 @@ class Config:
                              f"topk_group ({self.topk_group}) be in [1, n_group]")
         if self.top_k_experts > self.topk_group * self.n_expert // self.n_group:
             raise InputError("top_k_experts exceeds the experts of topk_group groups")
+        sizes = ("intermediate_size", "moe_intermediate_size", "n_shared_experts", "first_k_dense_replace", "q_lora_rank")
+        if min(getattr(self, name) for name in sizes) < 0 or self.rope_theta <= 0:
+            raise InputError(f"{', '.join(sizes)} must not be negative nor rope_theta be 0 or less")
         if self.scoring not in ("sigmoid", "softmax"):
             raise InputError(f"scoring must be sigmoid or softmax, got {self.scoring}")
         if not 0.0 <= self.dropout < 1.0:

@@ -231,3 +231,16 @@ def test_damaged_hugging_face_files(m, tmp_path):
     (d / "config.json").write_text("[1, 2]")
     with pytest.raises(m.InputError):
         m.from_pretrained(d)
+
+
+@pytest.mark.parametrize("script, flag", [(s, f) for s, flags in (
+    ("llama2", ["--intermediate_size", "-5"]), ("llama2", ["--rope_theta", "0"]), ("bitnet", ["--intermediate_size", "-5"]),
+    ("infini_attention", ["--rope_theta", "0"]), ("mixtral", ["--intermediate_size", "-1"]),
+    ("mla_moe", ["--q_lora_rank", "-1"]), ("mla_moe", ["--n_shared_experts", "-1"]), ("mamba", ["--dt_rank", "-2"]),
+    ("lora", ["--lora_rank", "0"])) if s in SCRIPTS for f in [flags]])
+def test_the_models_own_sizes(script, flag, tmp_path, monkeypatch, offline, capsys):
+    """A size of the model's own that cannot be: refused by Config (or the build), one line, not a failed Linear."""
+    module = importlib.import_module(script)
+    monkeypatch.setattr(module, "CACHE_DIR", tmp_path / "cache")
+    script_home(module, tmp_path, monkeypatch)
+    one_line(module, [*TINY, *heads(script), "--max_iters", "1", "--init_from", "scratch", *flag], capsys)
