@@ -858,7 +858,7 @@ def open_logs(args, iter_num, env):
     env.out_dir.mkdir(parents=True, exist_ok=True)
     path = env.out_dir / "metrics.jsonl"
     lines = path.read_text().splitlines() if iter_num > 0 and path.exists() else []
-    path.write_text("".join(f"{l}\n" for l in lines if l.endswith("}") and json.loads(l)["iter"] <= iter_num))
+    path.write_text("".join(f"{line}\n" for line in lines if line.endswith("}") and json.loads(line)["iter"] <= iter_num))
     try:
         if args.tensorboard:
             from torch.utils.tensorboard import SummaryWriter

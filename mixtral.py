@@ -392,7 +392,9 @@ class Mixtral(nn.Module):
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
         if self.training and loss is not None:
             balance, z, dropped = self.router_stats[:, :3].float().mean(0)
-            self.stats = dict(balance=balance, z_loss=z, dropped=dropped)  # balance is top_k when the load is even
+            self.stats = dict(balance=balance, z_loss=z)  # balance is top_k when the load is even
+            if cfg.capacity_factor:  # the share of (token, choice) pairs over their expert's capacity
+                self.stats["dropped"] = dropped
             loss = loss + cfg.aux_loss_coef * balance + cfg.z_loss_coef * z
         elif not self.training:
             self.load = self.load + self.router_stats[:, 3:].detach().float()
@@ -1004,7 +1006,7 @@ def open_logs(args, iter_num, env):
     env.out_dir.mkdir(parents=True, exist_ok=True)
     path = env.out_dir / "metrics.jsonl"
     lines = path.read_text().splitlines() if iter_num > 0 and path.exists() else []
-    path.write_text("".join(f"{l}\n" for l in lines if l.endswith("}") and json.loads(l)["iter"] <= iter_num))
+    path.write_text("".join(f"{line}\n" for line in lines if line.endswith("}") and json.loads(line)["iter"] <= iter_num))
     try:
         if args.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
