@@ -81,6 +81,7 @@ def cpu_rows(c, rounds, seed):
                            attention_dropout=0.0, sliding_window=None)
     hf = MixtralForCausalLM(hf_cfg)
     ours = harness.load_via_checkpoint(hf, mixtral.from_pretrained)
+    ours.config.aux_loss_coef = ours.config.z_loss_coef = 0.0  # the cross-entropy alone, as HF's loss here
     hf_eager = copy.deepcopy(hf)  # the same weights, HF's loop over the experts
     hf_eager.set_experts_implementation("eager")
     idx = torch.randint(0, VOCAB, (c["batch"], c["seq"]), generator=torch.Generator().manual_seed(seed + 2))

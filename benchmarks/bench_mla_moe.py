@@ -85,6 +85,7 @@ def cpu_rows(c, rounds, seed):
         for layer in hf.model.layers[N_DENSE:]:
             layer.mlp.gate.e_score_correction_bias.normal_(0.0, BIAS_STD)
     ours = harness.load_via_checkpoint(hf, mla_moe.from_pretrained)
+    ours.config.seq_aux_loss_coef = 0.0  # the cross-entropy alone, as HF's loss here
     hf_eager = copy.deepcopy(hf)  # the same weights, HF's loop over the experts
     hf_eager.set_experts_implementation("eager")
     idx = torch.randint(0, VOCAB, (c["batch"], c["seq"]), generator=torch.Generator().manual_seed(seed + 2))
@@ -139,10 +140,12 @@ def expanded_forward(self, x, cos, sin, cache=None, pos=0):
     q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if hasattr(self, "q_a_proj") else self.q_proj(x)
     q_nope, q_rope = q.view(B, T, H, dn + dr).transpose(1, 2).split([dn, dr], dim=-1)
     c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([r, dr], dim=-1)
-    k_rope = mla_moe.apply_rotary(k_rope, cos, sin, self.interleave)
+    if self.interleave:  # as mla_moe.MLA: DeepSeek's adjacent pairs regrouped as evens then odds
+        q_rope, k_rope = (torch.cat((t[..., 0::2], t[..., 1::2]), dim=-1) for t in (q_rope, k_rope))
+    k_rope = mla_moe.apply_rotary(k_rope, cos, sin)
     k_nope, v = self.kv_b_proj(self.kv_a_layernorm(c_kv)).view(B, T, H, dn + dv).transpose(1, 2).split([dn, dv], -1)
     k, v = cache.update(torch.cat((k_nope, k_rope[:, None].expand(B, H, T, dr)), dim=-1), v, pos)
-    q = torch.cat((q_nope, mla_moe.apply_rotary(q_rope, cos, sin, self.interleave)), dim=-1)
+    q = torch.cat((q_nope, mla_moe.apply_rotary(q_rope, cos, sin)), dim=-1)
     mask = None if T == 1 else torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(pos)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
     return self.o_proj(y.transpose(1, 2).reshape(B, T, H * dv))
