@@ -7,8 +7,9 @@ and inference caches only the latent and one shared rotary key per token, attend
 DeepSeekMoE (Dai et al. 2024, arXiv 2401.06066): fine-grained routed experts plus shared experts every token
 uses; DeepSeek-V3 (DeepSeek-AI 2024, arXiv 2412.19437): sigmoid affinities, group-limited top-k routing,
 auxiliary-loss-free balancing (a per-expert bias that only chooses experts, moved after each step against the
-observed load) and a small sequence-wise balance loss; YaRN rope scaling (Peng et al. 2023, arXiv 2309.00071) as
-DeepSeek's config.json gives it. "MLA" here is DeepSeek's attention, not the Perceiver-style latent attention
+observed load) and a small sequence-wise balance loss (`--scoring softmax` gives V2's gate instead: softmax
+affinities, groups ranked by their best expert, weights not renormalised); YaRN rope scaling (Peng et al. 2023,
+arXiv 2309.00071) as DeepSeek's config.json gives it. "MLA" here is DeepSeek's attention, not the Perceiver-style latent attention
 some tutorials call by that name.
 
 Routed experts are dispatched as in mixtral.py: no loop over tokens, one grouped matmul per weight, no host sync.
