@@ -815,9 +815,8 @@ def configure_optimizer(model, args, device):
     """AdamW on the trainable parameters: weight decay on the matrices (linear weights, embeddings), none on the
     vectors (biases, norms) or a parameter marked `no_weight_decay`; `lr_scale` scales a parameter's rate."""
     groups = {}
-    for p in filter(lambda p: p.requires_grad, model.parameters()):
-        key = (p.dim() >= 2 and not getattr(p, "no_weight_decay", False), getattr(p, "lr_scale", 1.0))
-        groups.setdefault(key, []).append(p)
+    for p in filter(lambda p: p.requires_grad, model.parameters()):  # keyed by (decayed?, lr_scale)
+        groups.setdefault((p.dim() >= 2 and not getattr(p, "no_weight_decay", False), getattr(p, "lr_scale", 1)), []).append(p)
     groups = [dict(params=ps, decay=decay, weight_decay=args.weight_decay * decay, lr_scale=scale)
               for (decay, scale), ps in groups.items()]
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
@@ -1036,9 +1035,8 @@ def setup_device(args):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if "RANK" in os.environ:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
-    if dtype is None:  # auto: bf16 where the GPU has it, fp16 (and a GradScaler) where not, float32 off the GPU
-        dtype = torch.float32 if name != "cuda" else torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    fits = torch.float32 if name != "cuda" else torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    dtype = dict(float32=torch.float32, bfloat16=torch.bfloat16, float16=torch.float16, auto=fits)[args.dtype]
     return SimpleNamespace(device=device, dtype=dtype, rank=rank, world=int(os.environ.get("WORLD_SIZE", 1)),
                            master=rank == 0, compile=device.type == "cuda" if args.compile is None else args.compile,
                            ctx=torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext(),
@@ -1047,7 +1045,7 @@ def setup_device(args):
 
 def main(argv=None):
     try:
-        run(*parse_args(sys.argv[1:] if argv is None else argv))
+        run(*parse_args(argv))  # argv None: sys.argv
     except (InputError, OSError) as e:  # OSError: a path, a file or a download that cannot be used
         print(f"{Path(__file__).name}: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, always
         sys.exit(2)
@@ -1098,6 +1096,8 @@ def run(args, given):
         print(f"done | {iter_num} iters | best val {best_val:.4f} | {time.time() - env.t_start:.0f} s")
     if env.writer:
         env.writer.close()
+    if env.world > 1:  # the ranks end together: none leaves while another still uses the process group
+        dist.barrier()
 
 
 if __name__ == "__main__":
