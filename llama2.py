@@ -367,6 +367,24 @@ def read_safetensors(path):
     return tensors
 
 
+def write_safetensors(tensors, path):
+    """{name: tensor} as a .safetensors file (read_safetensors' format; the header padded to 8 bytes, as the package
+    writes it), written to a temporary name first: a kill never leaves half a file."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, t in tensors.items():
+        size = t.numel() * t.element_size()
+        header[name] = dict(dtype={v: k for k, v in SAFETENSORS_DTYPES.items()}[t.dtype], shape=list(t.shape),
+                            data_offsets=[offset, offset + size])
+        offset += size
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path.with_suffix(".tmp"), "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head)
+        for t in tensors.values():
+            f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    os.replace(path.with_suffix(".tmp"), path)
+
+
 def download(url, dest):
     """Fetch url into dest with a progress line. Bytes arrive in dest.part, which a later call resumes
     (HTTP Range), and are renamed to dest only when complete: dest is never half-written."""
@@ -557,6 +575,25 @@ def read_tokens(path):
     return np.memmap(path, dtype=dtype, mode="r", offset=1024)
 
 
+# FineWeb as the GPT-2 speedruns publish it (modded-nanogpt): tokenized with GPT-2's BPE, 100M tokens a token file
+FINEWEB = {"fineweb10B": "kjj0/fineweb10B-gpt2/resolve/main/fineweb",
+           "fineweb-edu10B": "kjj0/finewebedu10B-gpt2/resolve/main/finewebedu"}
+
+
+def fineweb_files(name, tokenizer, shards):
+    """{split: [token files]} of --data fineweb10B or fineweb-edu10B: the validation shard and `shards` training
+    shards, downloaded once into data/<name>/ (through $HF_ENDPOINT, with $HF_TOKEN); GPT-2's tokens only."""
+    if tokenizer[0] != "gpt2":
+        raise InputError(f"--data {name} holds GPT-2's tokens, and this model's tokenizer is {tokenizer[0]}")
+    files = {"val": [f"_val_{0:06d}.bin"], "train": [f"_train_{i:06d}.bin" for i in range(1, shards + 1)]}
+    try:
+        return {split: [read_tokens(download(f"{HF_ENDPOINT}/datasets/{FINEWEB[name]}{f}",
+                                             HERE / "data" / name / f"{FINEWEB[name].rsplit('/', 1)[1]}{f}"))
+                        for f in names] for split, names in files.items()}
+    except requests.RequestException as e:
+        raise InputError(f"cannot fetch --data {name} from {HF_ENDPOINT}: {e}") from None
+
+
 def save_checkpoint(obj, path):
     """torch.save to a temporary file, fsync, then os.replace: a kill mid-save leaves the old file whole."""
     with open(path.with_suffix(".tmp"), "wb") as f:
@@ -638,6 +675,23 @@ def from_pretrained(name_or_path, device="cpu", dtype=torch.float32, dropout=0.0
     return model.eval()
 
 
+def save_pretrained(model, path):
+    """model in the Hugging Face Llama layout in the directory path (config.json and model.safetensors), so that
+    transformers' LlamaForCausalLM (and from_pretrained here) loads it with the same logits."""
+    cfg, path = model.config, Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(dict(
+        model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=cfg.vocab_size,
+        max_position_embeddings=cfg.block_size, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_kv_head, hidden_size=cfg.n_embd, head_dim=cfg.head_dim,
+        intermediate_size=cfg.intermediate_size, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+        rope_scaling=cfg.rope_scaling, tie_word_embeddings=cfg.tie_embeddings, bos_token_id=cfg.bos_token_id,
+        hidden_act="silu", attention_bias=False, mlp_bias=False), indent=2))
+    state = {k: t[:cfg.vocab_size] if k in ("model.embed_tokens.weight", "lm_head.weight") else t
+             for k, t in model.state_dict().items() if not (k == "lm_head.weight" and cfg.tie_embeddings)}
+    write_safetensors(state, path / "model.safetensors")
+
+
 # ----------------------------------------------------------------------------------- Llama on the command line
 # What the shared harness below asks of this model: its presets and flags, how to build it, what a token costs,
 # the schedule, the data and what to show at the end.
@@ -717,8 +771,7 @@ def show_sample(model, tokenizer, args, env, title):
 # the model's own PRESETS, add_model_flags, build_model, flops_per_token, schedule, batches and show_sample (above).
 
 def load_tokenizer(name=None):
-    """(name, encode, decode, vocab_size) for "gpt2" (tiktoken's BPE), "bytes" (raw UTF-8, 256 ids) or the path of
-    a checkpoint's tokenizer.json (hf_tokenizer); None: gpt2 when its files can be had, else bytes."""
+    """(name, encode, decode, vocab) of "gpt2" (tiktoken's), "bytes", a tokenizer.json; None: gpt2, or bytes offline."""
     if name in (None, "gpt2"):
         try:
             enc = tiktoken.get_encoding("gpt2")  # downloads the BPE files once, unless TIKTOKEN_CACHE_DIR has them
@@ -734,20 +787,18 @@ def load_tokenizer(name=None):
 
 
 def read_text(data):
-    """(cache name, text) of --data: 'shakespeare' (downloaded once; offline, the Python standard library's own
-    source, which every machine has) or a UTF-8 text file."""
+    """(cache name, text) of --data: shakespeare (offline: the Python library's own source) or a UTF-8 text file."""
     path = HERE / "data" / "shakespeare" / "input.txt" if data == "shakespeare" else Path(data)
     try:
         if data == "shakespeare":
             download(SHAKESPEARE_URL, path)
     except requests.RequestException as e:
-        print(f"offline: cannot download tiny-shakespeare ({type(e).__name__}); training on the Python standard "
-              "library's source instead")
+        print(f"offline: cannot download tiny-shakespeare ({type(e).__name__}); training on Python's own source")
         text = "".join(p.read_text(errors="ignore") for p in sorted(Path(os.__file__).parent.glob("*.py")))
         return "python_stdlib", text[:1_500_000]
     if not path.is_file():
         raise InputError(f"--data '{data}' is a directory; give a UTF-8 text file" if path.is_dir() else
-                         f"--data '{data}': no such file, and not a dataset name (known: shakespeare)")
+                         f"--data '{data}': no such file, and not a dataset name (shakespeare, {', '.join(FINEWEB)})")
     try:
         text = path.read_bytes().decode()
     except UnicodeError:
@@ -757,9 +808,11 @@ def read_text(data):
     return data if data == "shakespeare" else path.stem, text
 
 
-def prepare_data(data, tokenizer):
-    """{split: [token files]} of --data: its text tokenized once into data/<name>/{train,val}.bin (90/10); meta.json
-    names the text (by a hash) and the tokenizer, and a cache made another way is made again, never misread."""
+def prepare_data(data, tokenizer, shards=1):
+    """{split: [token files]} of --data: FineWeb's, or a text tokenized once into data/<name>/{train,val}.bin (90/10),
+    made again when meta.json names another text (by a hash) or tokenizer."""
+    if data in FINEWEB:
+        return fineweb_files(data, tokenizer, shards)
     name, text = read_text(data)
     out, files = HERE / "data" / name, {split: HERE / "data" / name / f"{split}.bin" for split in ("train", "val")}
     meta = dict(text=hashlib.sha1(text.encode()).hexdigest(), tokenizer=tokenizer[0], vocab_size=tokenizer[3])
@@ -776,12 +829,9 @@ def prepare_data(data, tokenizer):
 
 
 def get_batch(files, batch_size, block_size, device):
-    """batch_size random windows of one token file (drawn by size when there are several): x (B, T) and y (B, T),
-    x shifted by one."""
-    tokens = files[0]
-    if len(files) > 1:
-        ends = np.cumsum([len(f) - block_size for f in files])
-        tokens = files[int(np.searchsorted(ends, torch.randint(int(ends[-1]), ()).item(), side="right"))]
+    """batch_size random windows of a token file (one of several: drawn by size): x (B, T), y = x shifted by one."""
+    ends = np.cumsum([len(f) - block_size for f in files])
+    tokens = files[int(np.searchsorted(ends, torch.randint(int(ends[-1]), ()).item() if len(files) > 1 else 0, "right"))]
     start = torch.randint(len(tokens) - block_size, (batch_size,)).numpy()
     xy = torch.from_numpy(tokens[start[:, None] + np.arange(block_size + 1)].astype(np.int64))  # (B, T+1)
     xy = xy.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else xy.to(device)
@@ -789,14 +839,13 @@ def get_batch(files, batch_size, block_size, device):
 
 
 def text_batches(args, tokenizer, env):
-    """batch(split) -> (x, y) from --data; rank 0 makes the token files while the other ranks wait."""
+    """batch(split) -> (x, y) from --data, whose files (FineWeb: as many as the run needs) rank 0 makes first."""
     if not env.master:
         dist.barrier()
-    files = prepare_data(args.data, tokenizer)
+    files = prepare_data(args.data, tokenizer, args.data_shards or math.ceil(args.max_iters * env.tokens / 1e8))
     if env.master and env.world > 1:
         dist.barrier()
-    sizes = {split: sum(map(len, f)) for split, f in files.items()}
-    if min(sizes.values()) <= args.block_size:
+    if min((sizes := {split: sum(map(len, f)) for split, f in files.items()}).values()) <= args.block_size:
         raise InputError(f"--data '{args.data}' is too short for --block_size {args.block_size}: {sizes} tokens")
     return lambda split: get_batch(files[split], args.batch_size, args.block_size, env.device)
 
@@ -807,22 +856,24 @@ def lr_at(it, args):
     """Linear warmup to --lr, then cosine decay to --min_lr at --lr_decay_iters, flat after."""
     if it < args.warmup_iters:
         return args.lr * (it + 1) / args.warmup_iters
-    decay_iters = args.lr_decay_iters or args.max_iters
-    if it >= decay_iters:
-        return args.min_lr
-    ratio = (it - args.warmup_iters) / max(1, decay_iters - args.warmup_iters)
+    ratio = min(1.0, (it - args.warmup_iters) / max(1, (args.lr_decay_iters or args.max_iters) - args.warmup_iters))
     return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (args.lr - args.min_lr)
 
 
 def configure_optimizer(model, args, device):
-    """AdamW on the trainable parameters: weight decay on the matrices (linear weights, embeddings), none on the
-    vectors (biases, norms) or a parameter marked `no_weight_decay`; `lr_scale` scales a parameter's rate."""
+    """AdamW: weight decay on matrices, not on vectors or `no_weight_decay` ones; `lr_scale` scales a rate. --optimizer
+    muon: Muon (torch's; its update at AdamW's RMS, arXiv 2502.16982, so one --lr serves) on the blocks' 2-D (out, in)
+    matrices, AdamW on the rest, as modded-nanogpt; the MoE files' 3-D stacked experts stay on AdamW."""
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)} | {id(model.lm_head.weight)}
     groups = {}
-    for p in filter(lambda p: p.requires_grad, model.parameters()):  # keyed by (decayed?, lr_scale)
-        groups.setdefault((p.dim() >= 2 and not getattr(p, "no_weight_decay", False), getattr(p, "lr_scale", 1)), []).append(p)
-    groups = [dict(params=ps, decay=decay, weight_decay=args.weight_decay * decay, lr_scale=scale)
-              for (decay, scale), ps in groups.items()]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    for p in filter(lambda p: p.requires_grad, model.parameters()):  # keyed by (Muon?, decayed?, lr_scale)
+        decay = p.dim() >= 2 and not getattr(p, "no_weight_decay", False)
+        muon = args.optimizer == "muon" and decay and p.dim() == 2 and id(p) not in tables
+        groups.setdefault((muon, decay, getattr(p, "lr_scale", 1)), []).append(p)
+    groups = {m: [dict(params=ps, decay=d, weight_decay=args.weight_decay * d, lr_scale=s)
+                  for (muon, d, s), ps in groups.items() if muon == m] for m in (False, True)}
+    return [torch.optim.AdamW(groups[False], lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")] + \
+        ([torch.optim.Muon(groups[True], lr=args.lr, adjust_lr_fn="match_rms_adamw")] if groups[True] else [])
 
 
 @torch.no_grad()
@@ -835,12 +886,6 @@ def estimate_loss(model, batch, args, ctx):
                for split in ("train", "val")}
     model.train()
     return out
-
-
-def peak_flops(device, dtype):
-    """Dense bf16/fp16 tensor-core peak of the GPU, for MFU; None where unknown (and on CPU)."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" and dtype != torch.float32 else ""
-    return next((f for key, f in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12)) if key in name), None)
 
 
 def log_metrics(record, env):
@@ -879,7 +924,7 @@ def sample(model, tokenizer, args, ctx, title):
     print(f"--- {title} ---\n{tokenizer[2](out[len(bos):]) if tokenizer else out}\n---")
 
 
-def evaluate(model, eval_model, batch, optimizer, scaler, state, tokenizer, args, env):
+def evaluate(model, eval_model, batch, optimizers, scaler, state, tokenizer, args, env):
     """Eval both splits, save ckpt.pt (and best.pt when val improved), print and log; True: stop early."""
     losses, it, ckpt_path = estimate_loss(eval_model, batch, args, env.ctx), state["iter_num"], env.out_dir / "ckpt.pt"
     if not all(map(math.isfinite, losses.values())):  # the NaN guard: stop before anything bad is saved
@@ -887,8 +932,8 @@ def evaluate(model, eval_model, batch, optimizer, scaler, state, tokenizer, args
     improved = losses["val"] < state["best_val"]
     state["evals_since_best"] = 0 if improved else state["evals_since_best"] + 1
     state["best_val"] = min(losses["val"], state["best_val"])
-    ckpt = dict(state, model=trained_state(model), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                config=asdict(model.config), args=vars(args), tokenizer=tokenizer[0])
+    ckpt = dict(state, model=trained_state(model), optimizer=[o.state_dict() for o in optimizers], args=vars(args),
+                scaler=scaler.state_dict(), config=asdict(model.config), tokenizer=tokenizer[0])
     for path in [ckpt_path] + [env.out_dir / "best.pt"] * improved:  # best.pt: early stopping never loses the best
         save_checkpoint(ckpt, path)
     print(f"eval {it} | train {losses['train']:.4f} | val {losses['val']:.4f} | saved {ckpt_path}"
@@ -908,13 +953,13 @@ def diverged(line, env):
 
 
 def train(model, batch, tokenizer, args, ckpt, env):
-    """--max_iters optimizer steps of --grad_accum micro-steps, logged every --log_interval, evaluated and saved
-    every --eval_interval; returns the last iteration and the best val loss."""
-    optimizer = configure_optimizer(model, args, env.device)
+    """--max_iters steps of --grad_accum micro-steps, logged, evaluated and saved; (the last iteration, best val)."""
+    optimizers = configure_optimizer(model, args, env.device)
     scaler = torch.amp.GradScaler(env.device.type, enabled=env.dtype == torch.float16)
     state = dict(iter_num=0, best_val=float("inf"), evals_since_best=0)
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        for optimizer, saved in zip(optimizers, ckpt["optimizer"], strict=True):
+            optimizer.load_state_dict(saved)
         scaler.load_state_dict(ckpt["scaler"])
         state = {k: ckpt[k] for k in state}
     eval_model = train_model = torch.compile(model) if env.compile else model  # `model` stays the plain module
@@ -923,47 +968,47 @@ def train(model, batch, tokenizer, args, ckpt, env):
                           find_unused_parameters=getattr(model, "find_unused_parameters", False))
     if env.master:
         open_logs(args, state["iter_num"], env)
-    tokens_per_step = args.batch_size * args.block_size * args.grad_accum * env.world
-    peak, flops = peak_flops(env.device, env.dtype), flops_per_token(model, args.block_size)
+    gpu = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" and env.dtype != torch.float32 else ""
+    peak = next((f for key, f in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12)) if key in gpu), None)  # MFU
     sums, t_log, iters_logged = {}, time.perf_counter(), state["iter_num"]
     train_model.train()
     while state["iter_num"] < args.max_iters:
         lr, weight_decay = schedule(state["iter_num"], args)
-        for group in optimizer.param_groups:
+        for group in (group for optimizer in optimizers for group in optimizer.param_groups):
             group.update(lr=lr * group["lr_scale"], weight_decay=weight_decay if group["decay"] else 0.0)
         torch.manual_seed(((args.seed * 1_000_003 + state["iter_num"]) * 1_009 + env.rank) % 2**63)  # resume: the same
         for micro in range(args.grad_accum):
             x, y = batch("train")
-            if env.world > 1:  # all-reduce the gradients only on the last micro-step
-                train_model.require_backward_grad_sync = micro == args.grad_accum - 1
+            train_model.require_backward_grad_sync = micro == args.grad_accum - 1  # DDP: all-reduce on the last only
             with env.ctx:
                 _, loss = train_model(x, y)
             scaler.scale(loss / args.grad_accum).backward()
             for k, v in dict(loss=loss, **getattr(model, "stats", {})).items():  # MoE: the router's statistics
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / args.grad_accum
-        if args.grad_clip > 0:
+        for optimizer in optimizers:  # fp16: the gradients unscaled, for the clip
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        scaler.step(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
+        for optimizer in optimizers:
+            scaler.step(optimizer)
+            optimizer.zero_grad(set_to_none=True)
         scaler.update()
-        optimizer.zero_grad(set_to_none=True)
         if hasattr(model, "after_step"):  # mla_moe.py: the routing bias follows the step's expert load
             model.after_step()
         state["iter_num"] = it = state["iter_num"] + 1
         if env.master and (it % args.log_interval == 0 or it == args.max_iters):
             means = {k: v.item() / (it - iters_logged) for k, v in sums.items()}  # the host sync, every log_interval
             dt = (time.perf_counter() - t_log) / (it - iters_logged)
-            mfu = flops * tokens_per_step / dt / (peak * env.world) if peak else None
+            mfu = flops_per_token(model, args.block_size) * env.tokens / dt / (peak * env.world) if peak else None
             if not math.isfinite(means["loss"]):
                 diverged(f"iter {it} | loss {means['loss']}", env)
             print(f"iter {it} | " + " | ".join(f"{k} {v:.4f}" for k, v in means.items()) + f" | lr {lr:.2e} | "
-                  f"{dt * 1000:.1f} ms | {tokens_per_step / dt:,.0f} tok/s" + (f" | mfu {mfu:.1%}" if mfu else ""))
-            log_metrics(dict(iter=it, **means, lr=lr, ms=dt * 1000, tok_s=tokens_per_step / dt, mfu=mfu), env)
+                  f"{dt * 1000:.1f} ms | {env.tokens / dt:,.0f} tok/s" + (f" | mfu {mfu:.1%}" if mfu else ""))
+            log_metrics(dict(iter=it, **means, lr=lr, ms=dt * 1000, tok_s=env.tokens / dt, mfu=mfu), env)
             sums, t_log, iters_logged = {}, time.perf_counter(), it
         if it % args.eval_interval == 0 or it == args.max_iters:
             t_eval, stop = time.perf_counter(), torch.zeros((), device=env.device)
             if env.master:
-                stop += evaluate(model, eval_model, batch, optimizer, scaler, state, tokenizer, args, env)
+                stop += evaluate(model, eval_model, batch, optimizers, scaler, state, tokenizer, args, env)
             if env.world > 1:
                 dist.broadcast(stop, src=0)
             if stop.item():
@@ -981,7 +1026,8 @@ def parse_args(argv):
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bf16 autocast on CUDA (fp16 + GradScaler without bf16), float32 elsewhere")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on CUDA only)")
-    p.add_argument("--data", default="shakespeare", help="'shakespeare' or a path to a UTF-8 text file")
+    p.add_argument("--data", default="shakespeare", help="shakespeare, fineweb10B, fineweb-edu10B or a UTF-8 text file")
+    p.add_argument("--data_shards", type=int, help="FineWeb: training shards of 100M tokens (default: as the run needs)")
     p.add_argument("--out_dir", help=f"checkpoints and metrics (default out/{Path(__file__).stem})")
     p.add_argument("--init_from", default="scratch", help="'scratch', 'resume' (out_dir/ckpt.pt), a hub id or HF dir")
     for n in ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size", "block_size", "warmup_iters"):
@@ -990,6 +1036,7 @@ def parse_args(argv):
     p.add_argument("--grad_accum", type=int, default=1, help="micro-steps per optimizer step")
     for name, default in (("lr", None), ("min_lr", None), ("weight_decay", 0.1), ("grad_clip", 1.0)):
         p.add_argument(f"--{name}", type=float, default=default)
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"], help="muon: torch 2.9 or later")
     p.add_argument("--patience", type=int, help="stop after this many evals without a better val loss (0: never)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard under out_dir")
@@ -999,6 +1046,7 @@ def parse_args(argv):
     p.add_argument("--top_k", type=int, default=200, help="sample among the k likeliest tokens (0: all)")
     p.add_argument("--top_p", type=float, help="sample among the likeliest tokens up to this probability mass")
     p.add_argument("--sample_only", action="store_true", help="load --init_from and sample; no training")
+    p.add_argument("--export", metavar="DIR", help="at the end, write the model in the Hugging Face layout there")
     add_model_flags(p)
     for a in filter(lambda a: a.dest in PRESETS["cpu"], p._actions):  # the presets' values in --help
         a.help = f"{a.help or ''} (default {PRESETS['cpu'][a.dest]} on CPU, {PRESETS['cuda'][a.dest]} on CUDA)".strip()
@@ -1021,6 +1069,8 @@ def check_args(args):
             raise InputError(f"--{name} must " + ("not be negative" if value < 0 else "be finite") + f", got {value}")
     if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
         raise InputError(f"--top_p must be in (0, 1], got {args.top_p}")
+    if args.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
+        raise InputError(f"--optimizer muon needs torch 2.9 or later (torch.optim.Muon); this is torch {torch.__version__}")
     if args.sample_only and args.init_from == "scratch":
         raise InputError("--sample_only needs --init_from resume, a hub id or an HF directory")
 
@@ -1064,7 +1114,7 @@ def run(args, given):
     if ckpt is not None:  # flags not typed take the checkpointed run's values, but for where to run and the sample
         for k in set(ckpt["args"]) - given - {"device", "dtype", "compile", "init_from", "sample_only", "out_dir",
                                               "tensorboard", "prompt", "max_new_tokens", "temperature", "top_k",
-                                              "top_p"}:
+                                              "top_p", "export"}:
             setattr(args, k, ckpt["args"][k])
         args.lr_decay_iters = args.lr_decay_iters or ckpt["args"]["max_iters"]  # its schedule's end too
     for k, v in PRESETS["cuda" if env.device.type == "cuda" else "cpu"].items():
@@ -1072,7 +1122,8 @@ def run(args, given):
     check_args(args)
     torch.manual_seed(args.seed % 2**63)  # the initial weights; each training step reseeds (see train)
     model, tokenizer, note = build_model(args, given, ckpt, env)
-    for k, v in asdict(model.config).items():  # a flag typed now must agree with the model it trains
+    fixed = asdict(model.config) | ({"optimizer": ckpt["args"]["optimizer"]} if ckpt else {})  # and its optimizer
+    for k, v in fixed.items():  # a flag typed now must agree with the model it trains
         if k in given and k != "block_size" and getattr(args, k) != v:
             raise InputError(f"--{k} {getattr(args, k)} does not match the model from --init_from {args.init_from}, "
                              f"which has {k} {v}")
@@ -1080,23 +1131,24 @@ def run(args, given):
         raise InputError(f"the tokenizer has {tokenizer[3]:,} tokens, the model only {model.config.vocab_size:,}")
     if ckpt is not None:
         load_trained_state(model, ckpt["model"], env.out_dir / "ckpt.pt")
+    env.tokens = args.batch_size * args.block_size * args.grad_accum * env.world  # per optimizer step
     if env.master:
-        tokens = args.batch_size * args.block_size * args.grad_accum * env.world
         print(f"{Path(__file__).stem} | {env.device} | {str(env.dtype)[6:]} | compile {'on' if env.compile else 'off'}"
-              f" | {model.num_params() / 1e6:.2f}M params | {tokens:,} tokens/step | data {args.data} | tokenizer "
+              f" | {model.num_params() / 1e6:.2f}M params | {env.tokens:,} tokens/step | data {args.data} | tokenizer "
               f"{tokenizer[0] if tokenizer else 'none (token ids)'} | init {args.init_from}"
               + (f" | DDP x{env.world}" if env.world > 1 else "") + note)
     if env.master and (args.sample_only or ckpt is None and args.init_from != "scratch"):  # before any training
         show_sample(model.to(env.device), tokenizer, args, env, f"sample from {args.init_from}"
                     + ("" if args.sample_only else ", the base model before fine-tuning"))
-    if args.sample_only:
-        return
-    iter_num, best_val = train(model.to(env.device), batches(args, tokenizer, env), tokenizer, args, ckpt, env)
-    if env.master:  # the best weights, not the last: past its best val loss a run only overfits
+    if not args.sample_only:
+        iter_num, best_val = train(model.to(env.device), batches(args, tokenizer, env), tokenizer, args, ckpt, env)
+    if env.master and not args.sample_only:  # the best weights, not the last: past its best val loss a run overfits
         best = env.out_dir / "best.pt"
         load_trained_state(model, torch.load(best, map_location=env.device, weights_only=True)["model"], best)
         show_sample(model, tokenizer, args, env, "sample")
         print(f"done | {iter_num} iters | best val {best_val:.4f} | {time.time() - env.t_start:.0f} s")
+    if env.master and args.export:  # for the tools that read Hugging Face checkpoints
+        save_pretrained(model, Path(args.export))
     if env.writer:
         env.writer.close()
     if env.world > 1:  # the ranks end together: none leaves while another still uses the process group

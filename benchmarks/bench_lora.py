@@ -121,7 +121,8 @@ def method_worker(spec):
         lora.add_lora(model, spec["rank"], spec["alpha"], spec["targets"])
     model.to(device).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = lora.configure_optimizer(model, types.SimpleNamespace(lr=spec["lr"], weight_decay=0.1), device)
+    [opt] = lora.configure_optimizer(model, types.SimpleNamespace(lr=spec["lr"], weight_decay=0.1, optimizer="adamw"),
+                                     device)
     x = torch.randint(0, cfg.vocab_size, (spec["batch"], spec["seq"] + 1),
                       generator=torch.Generator().manual_seed(spec["seed"] + 1)).to(device)
     idx, targets = x[:, :-1].contiguous(), x[:, 1:].contiguous()

@@ -351,10 +351,10 @@ def test_configure_optimizer_groups():
     """Matrices decay; norms do not; the gates neither, in their own group at gate_lr (lr_scale = gate_lr / lr). A
     step with zero gradients leaves norms and gates where they were and shrinks the matrices."""
     model = tiny(seed=8, tie_embeddings=True)
-    args = SimpleNamespace(weight_decay=0.1, lr=1e-3, gate_lr=3e-2)
+    args = SimpleNamespace(weight_decay=0.1, lr=1e-3, gate_lr=3e-2, optimizer="adamw")
     for block in model.model.layers:  # as build_model marks them
         block.self_attn.gate.lr_scale = args.gate_lr / args.lr
-    opt = ia.configure_optimizer(model, args, torch.device("cpu"))
+    [opt] = ia.configure_optimizer(model, args, torch.device("cpu"))
     names = {id(p): n for n, p in model.named_parameters()}
     groups = [{names[id(p)] for p in g["params"]} for g in opt.param_groups]
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0, 0.0]
@@ -372,7 +372,7 @@ def test_configure_optimizer_groups():
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n] * (1 - 0.5 * 0.1)) if n in groups[0] else torch.equal(p, before[n]), n
     # one step with a gradient on the gates alone: Adam moves each by lr * lr_scale = gate_lr
-    opt = ia.configure_optimizer(model, args, torch.device("cpu"))
+    [opt] = ia.configure_optimizer(model, args, torch.device("cpu"))
     for g in opt.param_groups:
         g["lr"] = args.lr * g["lr_scale"]
     gate = model.model.layers[0].self_attn.gate
@@ -502,7 +502,7 @@ def test_cli_passkey_table(tmp_path, monkeypatch, offline, capsys):
         assert re.search(rf"^  {row} +(\d+% +){{4}}\d+%$", out, re.M), row
     assert "done | 2 iters" in out
     ckpt = torch.load(tmp_path / "out" / "infini_attention" / "ckpt.pt", map_location="cpu", weights_only=True)
-    matrices, norms, gates = ckpt["optimizer"]["param_groups"]
+    matrices, norms, gates = ckpt["optimizer"][0]["param_groups"]
     assert gates["lr"] == pytest.approx(2e-2) and matrices["lr"] == pytest.approx(1e-3) and gates["weight_decay"] == 0
     assert ckpt["config"]["segment_len"] == 32
 

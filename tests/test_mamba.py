@@ -401,7 +401,8 @@ def test_configure_optimizer_groups():
     with zero gradients leaves those exactly where they were and shrinks the others."""
     torch.manual_seed(0)
     model = mamba.Mamba(mamba.Config(vocab_size=100, n_layer=2, n_embd=16, d_state=4, bias=True))
-    opt = mamba.configure_optimizer(model, SimpleNamespace(weight_decay=0.1, lr=0.1), torch.device("cpu"))
+    [opt] = mamba.configure_optimizer(model, SimpleNamespace(weight_decay=0.1, lr=0.1, optimizer="adamw"),
+                                      torch.device("cpu"))
     names = {id(p): n for n, p in model.named_parameters()}
     decay, no_decay = ({names[id(p)] for p in g["params"]} for g in opt.param_groups)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
