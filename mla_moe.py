@@ -349,7 +349,8 @@ class DeepSeekMoE(nn.Module):
         E, d, f = cfg.n_expert, cfg.n_embd, cfg.moe_intermediate_size
         self.n_expert, self.top_k = E, cfg.top_k_experts
         self.gate = Gate(cfg)
-        # the routed experts' SwiGLU weights stacked on an expert axis (HF: mlp.experts.N.gate_proj / up_proj / down_proj)
+        # the routed experts' SwiGLU weights stacked on an expert axis (HF: mlp.experts.N.gate_proj / up_proj / down_proj);
+        # on AdamW under --optimizer muon, as in mixtral.py: torch's Muon takes 2-D parameters only
         self.gate_proj = nn.Parameter(torch.empty(E, f, d))
         self.up_proj = nn.Parameter(torch.empty(E, f, d))
         self.down_proj = nn.Parameter(torch.empty(E, d, f))
@@ -624,7 +625,7 @@ def download(url, dest):
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.exists() else 0
     headers = {"Range": f"bytes={have}-"} if have else {}
-    if os.environ.get("HF_TOKEN") and url.startswith(HF_ENDPOINT):  # gated repos (meta-llama/*); no one else
+    if os.environ.get("HF_TOKEN") and url.startswith(HF_ENDPOINT + "/"):  # gated repos (meta-llama/*); no one else
         headers["Authorization"] = f"Bearer {os.environ['HF_TOKEN']}"
     with requests.get(url, headers=headers, stream=True, timeout=30) as r:
         if r.status_code != 416:  # 416: nothing left to send, the .part file is already complete
@@ -632,13 +633,15 @@ def download(url, dest):
             have = have if r.status_code == 206 else 0  # 200: the server ignored the Range, start over
             total, shown = have + int(r.headers.get("content-length", 0)), 0.0
             with open(part, "ab" if have else "wb") as f:
-                for chunk in r.iter_content(chunk_size=1 << 20):
-                    f.write(chunk)
-                    have += len(chunk)
-                    if time.time() - shown > 0.5 or have == total:
-                        shown = time.time()
-                        print(f"\r{dest.name}: {have / 1e6:,.1f} / {total / 1e6:,.1f} MB", end="", file=sys.stderr)
-            print(file=sys.stderr)
+                try:
+                    for chunk in r.iter_content(chunk_size=1 << 16):  # a cut connection loses less than a chunk
+                        f.write(chunk)
+                        have += len(chunk)
+                        if time.time() - shown > 0.5 or have == total:
+                            shown = time.time()
+                            print(f"\r{dest.name}: {have / 1e6:,.1f} / {total / 1e6:,.1f} MB", end="", file=sys.stderr)
+                finally:
+                    print(file=sys.stderr)  # the progress line ends, also when the transfer breaks
     os.replace(part, dest)
     return dest
 
@@ -1147,9 +1150,9 @@ def lr_at(it, args):
 
 
 def configure_optimizer(model, args, device):
-    """AdamW: weight decay on matrices, not on vectors or `no_weight_decay` ones; `lr_scale` scales a rate. --optimizer
-    muon: Muon (torch's; its update at AdamW's RMS, arXiv 2502.16982, so one --lr serves) on the blocks' 2-D (out, in)
-    matrices, AdamW on the rest, as modded-nanogpt; the MoE files' 3-D stacked experts stay on AdamW."""
+    """AdamW, weight decay on matrices but `no_weight_decay` ones, `lr_scale` scaling a rate. --optimizer muon: torch's
+    Muon on the blocks' 2-D matrices, AdamW on the rest (modded-nanogpt's split); Muon's step at AdamW's RMS (arXiv
+    2502.16982) lets one --lr serve both, measured as good as a tuned Muon rate (README)."""
     tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)} | {id(model.lm_head.weight)}
     groups = {}
     for p in filter(lambda p: p.requires_grad, model.parameters()):  # keyed by (Muon?, decayed?, lr_scale)
@@ -1158,8 +1161,8 @@ def configure_optimizer(model, args, device):
         groups.setdefault((muon, decay, getattr(p, "lr_scale", 1)), []).append(p)
     groups = {m: [dict(params=ps, decay=d, weight_decay=args.weight_decay * d, lr_scale=s)
                   for (muon, d, s), ps in groups.items() if muon == m] for m in (False, True)}
-    return [torch.optim.AdamW(groups[False], lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")] + \
-        ([torch.optim.Muon(groups[True], lr=args.lr, adjust_lr_fn="match_rms_adamw")] if groups[True] else [])
+    return [torch.optim.Muon(g, lr=args.lr, adjust_lr_fn="match_rms_adamw") if muon else torch.optim.AdamW(
+        g, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda") for muon, g in groups.items() if g]
 
 
 @torch.no_grad()
