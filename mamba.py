@@ -12,7 +12,8 @@ with SiLU(z) and projects back. Per channel the SSM carries an N-dimensional sta
 Because Delta, B and C depend on x, the model cannot be run as a convolution as S4 is; the paper computes the
 recurrence with a hardware-aware scan (section 3.3). This file computes it three ways, in one function,
 `selective_scan`: the recurrence as written (a loop over time, the reference the tests check against); a
-parallel scan for training, in pure PyTorch, 2 log2(T) whole-tensor steps and stable at any length; and
+chunked scan for training, in pure PyTorch: an odd-even parallel scan inside chunks of the sequence, the state
+carried from chunk to chunk, recomputed in backward, so memory grows with T d_inner and not T d_inner N; and
 one step at a time from a cached state for decoding, so each new token costs the same at any context length.
 
 What is here: the model; sampling from the recurrent state; loading `MambaForCausalLM` checkpoints in the
@@ -21,8 +22,8 @@ with a safetensors reader of its own and the checkpoint's tokenizer when tiktoke
 GPT-NeoX byte-level BPE those checkpoints use); training on tiny-shakespeare, FineWeb or any text file with AdamW or Muon,
 warmup + cosine, gradient accumulation, bf16 autocast, torch.compile and DistributedDataParallel; exact resume
 from atomic checkpoints. What is not: the fused CUDA kernels of the reference (the scan here is plain
-PyTorch: its states live in GPU memory, (B, T, d_inner, N) floats per layer, where the kernel keeps them in
-SRAM), Mamba-2's SSD, and the original repos' pytorch_model.bin layout (the -hf repos are the same weights).
+PyTorch: a chunk's states pass through GPU memory, where the kernel keeps them in SRAM), Mamba-2's SSD, and
+the original repos' pytorch_model.bin layout (the -hf repos are the same weights).
 
     python mamba.py                                     # CPU: a tiny model, about three minutes
     python mamba.py --device cuda                       # one GPU: bf16, torch.compile, 12 layers x 384
@@ -125,56 +126,125 @@ class RMSNorm(nn.Module):
         return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
 
 
-def parallel_scan(a, b):
-    """Every h_t = a_t h_{t-1} + b_t, with h_{-1} = 0, for a and b (B, T, d_inner, N), without a loop over t.
+def parallel_scan(a, b, reverse=False):
+    """Every h_t = a_t h_{t-1} + b_t, with h_{-1} = 0, for a and b (B, T, d_inner, N), without a loop over t; reverse:
+    every h_t = a_t h_{t+1} + b_t, with h_T = 0 (what backward needs).
 
     The odd-even recursion (Blelloch 1990, "Prefix sums and their applications", section 1.4): two steps at a time,
     h_{2i+1} = (a_{2i+1} a_{2i}) h_{2i-1} + (a_{2i+1} b_{2i} + b_{2i+1}) is the same recurrence on half the length;
-    solve that, then fill in h_{2i} = a_{2i} h_{2i-1} + b_{2i}. Depth 2 log2(T), O(T) work. Only products of a's
-    are formed, each a in (0, 1], so nothing can overflow at any length (a cumulative-sum-of-logs scan must divide
-    by them and does)."""
+    solve that, then fill in h_{2i} = a_{2i} h_{2i-1} + b_{2i} (reverse: the even steps recurse, the odd ones are
+    filled in from h_{2i+2}). Depth 2 log2(T), O(T) work. Only products of a's are formed, each a in (0, 1], so
+    nothing can overflow at any length (a cumulative-sum-of-logs scan must divide by them and does)."""
     T = a.size(1)
     if T == 1:
         return b
     if T % 2:  # an odd length: one identity step (a = 1, b = 0) at the end, dropped again below
         a, b = F.pad(a, (0, 0, 0, 0, 0, 1), value=1.0), F.pad(b, (0, 0, 0, 0, 0, 1))
-    a_even, a_odd = a.unflatten(1, (-1, 2)).unbind(2)  # (B, T/2, d_inner, N) each: steps 0, 2, ... and 1, 3, ...
-    b_even, b_odd = b.unflatten(1, (-1, 2)).unbind(2)
-    h_odd = parallel_scan(a_odd * a_even, a_odd * b_even + b_odd)                # h_1, h_3, ...
-    h_even = a_even * F.pad(h_odd, (0, 0, 0, 0, 1, -1)) + b_even                 # h_0 = b_0, h_2, ...: h_odd shifted
-    return torch.stack([h_even, h_odd], 2).flatten(1, 2)[:, :T]
+    a_even, a_odd, b_even, b_odd = a[:, 0::2], a[:, 1::2], b[:, 0::2], b[:, 1::2]  # steps 0, 2, ... and 1, 3, ...
+    h = torch.empty_like(b)
+    if not reverse:
+        h[:, 1::2] = parallel_scan(a_odd * a_even, torch.addcmul(b_odd, a_odd, b_even))  # h_1, h_3, ...: half as long
+        h[:, 0::2] = b_even                                                               # h_0 = b_0, then
+        h[:, 2::2].addcmul_(a_even[:, 1:], h[:, 1:-1:2])                                  # h_2i = a_2i h_2i-1 + b_2i
+    else:
+        h[:, 0::2] = parallel_scan(a_even * a_odd, torch.addcmul(b_even, a_even, b_odd), reverse=True)  # h_0, h_2, ...
+        h[:, 1::2] = b_odd                                                                # h_T-1 = b_T-1, then
+        h[:, 1:-2:2].addcmul_(a_odd[:, :-1], h[:, 2::2])                                  # h_2i+1 = a h_2i+2 + b
+    return h[:, :T]
 
 
-def selective_scan(x, delta, A, B, C, D, h0=None, parallel=True):
+def chunk_len(h):
+    """Steps per chunk of ChunkedScan for states like h (B, d_inner, N): a chunk's states of about 2 MB on a CPU (they
+    stay in its caches: 3.5x faster than whole-sequence tensors at T = 4096), 256 MB on a GPU (few chunks: fewer,
+    bigger kernels, and a short graph for torch.compile, which unrolls the loop over chunks)."""
+    return max(16, (2**19 if h.device.type == "cpu" else 2**26) // h.numel())
+
+
+def chunk_states(x, delta, A, B, h0):
+    """The states h_t (B, L, d_inner, N) of one chunk of L steps from the state h0 carried in, and A_bar_t."""
+    dA = torch.exp(delta[..., None] * A)                     # (B, L, d_inner, N): A_bar, each entry in (0, 1]
+    dBx = (delta * x)[..., None] * B[:, :, None, :]          # (B, L, d_inner, N): B_bar x
+    dBx[:, 0] += dA[:, 0] * h0                               # h0 enters the first step: h_0 = A_bar_0 h0 + B_bar_0 x_0
+    return parallel_scan(dA, dBx), dA
+
+
+class ChunkedScan(torch.autograd.Function):
+    """y_t = C_t h_t for h_t = A_bar_t h_{t-1} + B_bar_t x_t, a chunk of the sequence at a time (section 3.3's two
+    ideas without the kernel): only a chunk's states ever exist, each reduced to y inside its chunk, and backward
+    recomputes them from the state saved at the chunk's start instead of keeping them. Backward is the same
+    recurrence run backward in time: with G_t = dL/dh_t = C_t dy_t + K_{t+1}, the gradient that reaches h_{t-1}
+    through step t is K_t = A_bar_t G_t = A_bar_t (K_{t+1} + C_t dy_t)."""
+
+    @staticmethod
+    def forward(ctx, x, delta, A, B, C, h0):
+        """x, delta (B, T, d_inner), A (d_inner, N), B, C (B, T, N), h0 (B, d_inner, N), float32 -> y, h_{T-1}."""
+        L = chunk_len(h0)
+        y, h, starts = torch.empty_like(x), h0, []
+        for t in range(0, x.size(1), L):
+            starts.append(h)
+            hs, _ = chunk_states(x[:, t:t + L], delta[:, t:t + L], A, B[:, t:t + L], h)
+            y[:, t:t + L] = torch.einsum("blen,bln->ble", hs, C[:, t:t + L])
+            h = hs[:, -1]
+        ctx.L = L
+        ctx.save_for_backward(x, delta, A, B, C, torch.stack(starts, 1))  # (B, T / L, d_inner, N): the chunks' starts
+        return y, h
+
+    @staticmethod
+    def backward(ctx, gy, gh):
+        x, delta, A, B, C, starts = ctx.saved_tensors
+        L, gA = ctx.L, torch.zeros_like(A)
+        gx, gdelta, gB, gC = (torch.empty_like(t) for t in (x, delta, B, C))
+        K = gh  # K_T: the gradient from after the chunk (at the end, from the last state)
+        for i in reversed(range(starts.size(1))):
+            c, h0 = slice(i * L, (i + 1) * L), starts[:, i]
+            h, dA = chunk_states(x[:, c], delta[:, c], A, B[:, c], h0)
+            G = gy[:, c, :, None] * C[:, c, None, :]             # C_t dy_t ...
+            G[:, -1] += K
+            K = parallel_scan(dA, dA * G, reverse=True)          # (B, L, d_inner, N)
+            G[:, :-1] += K[:, 1:]                                  # ... + K_{t+1}: G_t, the gradient of B_bar_t x_t
+            K[:, 1:] *= h[:, :-1]                                  # K_t h_{t-1}: the gradient of Delta_t A
+            K, s = K[:, 0].clone(), K
+            s[:, 0] *= h0                                          # K_0, the gradient of h0, goes on to the chunk before
+            GB = torch.einsum("blen,bln->ble", G, B[:, c])        # dL/d(Delta_t x_t)
+            gdelta[:, c] = torch.einsum("blen,en->ble", s, A) + x[:, c] * GB
+            gA += torch.einsum("blen,ble->en", s, delta[:, c])
+            gx[:, c] = delta[:, c] * GB
+            gB[:, c] = torch.einsum("blen,ble->bln", G, delta[:, c] * x[:, c])
+            gC[:, c] = torch.einsum("ble,blen->bln", gy[:, c], h)
+        return gx, gdelta, gA, gB, gC, K
+
+
+def selective_scan(x, delta, A, B, C, D, h0=None, how="scan"):
     """The selective SSM (Algorithm 2, steps 5-6) on x, delta (B, T, d_inner), A (d_inner, N), B and C (B, T, N),
     D (d_inner,), from the state h0 (B, d_inner, N) (None: zeros). Returns y (B, T, d_inner) and the last state.
 
     Discretisation (eq. 4): A_bar = exp(Delta A), the zero-order hold; B_bar x = Delta B x, the Euler step the
     reference code takes in place of ZOH's (Delta A)^-1 (exp(Delta A) - I) Delta B (the two agree to first order
-    in Delta A, and the checkpoints were trained with the Euler one). Then h_t = A_bar_t h_{t-1} + B_bar_t x_t and y_t = C_t h_t + D x_t (eq. 2a, 2b), solved
-    by parallel_scan, or by the loop over t as written (parallel=False: the reference the tests compare with). A
-    decoding step is this with T = 1 from the cached state. All in float32, whatever the autocast dtype."""
+    in Delta A, and the checkpoints were trained with the Euler one). Then h_t = A_bar_t h_{t-1} + B_bar_t x_t and
+    y_t = C_t h_t + D x_t (eq. 2a, 2b), three ways: "loop", the loop over t as written (the reference the tests
+    compare with; autograd keeps all T states); "scan", ChunkedScan, for training (memory of order T d_inner, not
+    T d_inner N); "step", one token (T = 1) from a cached state, which it advances in place (decoding). All in
+    float32, whatever the autocast dtype."""
     dtype = x.dtype
     x, delta, B, C = x.float(), delta.float(), B.float(), C.float()
-    dA = torch.exp(delta[..., None] * A)                     # (B, T, d_inner, N): A_bar, each entry in (0, 1]
-    dBx = (delta * x)[..., None] * B[:, :, None, :]          # (B, T, d_inner, N): B_bar x
-    if parallel:
-        if h0 is not None:  # the state carried in enters the first step: h_0 = A_bar_0 h0 + B_bar_0 x_0
-            dBx = torch.cat([dA[:, :1] * h0[:, None] + dBx[:, :1], dBx[:, 1:]], 1)
-        h = parallel_scan(dA, dBx)
+    h0 = x.new_zeros(x.size(0), x.size(2), A.size(1)) if h0 is None else h0
+    if how == "step":  # h <- A_bar h + B_bar x
+        h = h0.mul_(torch.exp(delta[:, 0, :, None] * A)).addcmul_((delta * x)[:, 0, :, None], B[:, 0, None, :])
+        y = (h @ C[:, 0, :, None]).transpose(1, 2)           # (B, 1, d_inner)
+    elif how == "scan":
+        y, h = ChunkedScan.apply(x, delta, A, B, C, h0)
     else:
-        hs, h_t = [], dBx.new_zeros(dBx[:, 0].shape) if h0 is None else h0
+        dA, dBx, hs, h = torch.exp(delta[..., None] * A), (delta * x)[..., None] * B[:, :, None, :], [], h0
         for dA_t, dBx_t in zip(dA.unbind(1), dBx.unbind(1)):  # unbind, not dA[:, t]: indexing would make backward
-            h_t = dA_t * h_t + dBx_t                           # add a whole (B, T, d_inner, N) zero tensor per step
-            hs.append(h_t)
-        h = torch.stack(hs, 1)                               # (B, T, d_inner, N)
-    y = (h * C[:, :, None, :]).sum(-1) + D * x             # C_t h_t, for every channel
-    return y.to(dtype), h[:, -1]
+            h = dA_t * h + dBx_t                               # add a whole (B, T, d_inner, N) zero tensor per step
+            hs.append(h)
+        y = (torch.stack(hs, 1) * C[:, :, None, :]).sum(-1)  # C_t h_t, for every channel
+    return torch.addcmul(y, D, x).to(dtype), h                # + D x, the skip connection
 
 
 class MambaState:
     """One layer's inference cache, the same size at any context length: the last d_conv - 1 inputs of the
-    convolution (B, d_inner, d_conv - 1) and the SSM state h (B, d_inner, N)."""
+    convolution (B, d_conv - 1, d_inner) and the SSM state h (B, d_inner, N)."""
 
     def __init__(self):
         self.conv, self.ssm = None, None
@@ -203,22 +273,37 @@ class Mixer(nn.Module):
 
     def forward(self, u, state=None, parallel=True):
         """u (B, T, n_embd) -> (B, T, n_embd); state (a MambaState) is read and then advanced to the last token."""
-        Bsz, T, _ = u.shape
         x, z = self.in_proj(u).chunk(2, dim=-1)                  # (B, T, d_inner) each
-        x = x.transpose(1, 2)                                      # (B, d_inner, T): channels first for conv1d
-        k = self.conv1d.kernel_size[0]
-        past = state.conv if state is not None and state.conv is not None else x.new_zeros(Bsz, x.size(1), k - 1)
-        x = torch.cat([past.to(x.dtype), x], dim=-1)               # (B, d_inner, k - 1 + T): zeros before a text
-        if state is not None:
-            state.conv = x[:, :, x.size(-1) - (k - 1):]
-        x = F.silu(F.conv1d(x, self.conv1d.weight, self.conv1d.bias, groups=x.size(1))).transpose(1, 2)
+        step = state is not None and state.conv is not None and u.size(1) == 1  # decoding one token
+        x = F.silu(self.conv_step(x, state) if step else self.conv(x, state))
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.softplus(self.dt_proj(dt))                       # (B, T, d_inner), > 0
+        # Delta (B, T, d_inner) > 0, its bias added in float32 as in the reference's kernel (in bf16 a bias near -6.9
+        # moves in steps of 0.03: Delta off by 2%)
+        delta = F.softplus(F.linear(dt, self.dt_proj.weight).float() + self.dt_proj.bias.float())
         A = -torch.exp(self.A_log.float())                         # (d_inner, N), < 0
-        y, h = selective_scan(x, delta, A, B, C, self.D.float(), None if state is None else state.ssm, parallel)
+        how = "step" if step else "scan" if parallel else "loop"
+        y, h = selective_scan(x, delta, A, B, C, self.D.float(), None if state is None else state.ssm, how)
         if state is not None:
             state.ssm = h
         return self.dropout(self.out_proj(y * F.silu(z)))
+
+    def conv(self, x, state):
+        """The causal depthwise convolution over x (B, T, d_inner), after the cached inputs (zeros before a text)."""
+        k = self.conv1d.kernel_size[0]
+        past = state.conv if state is not None and state.conv is not None else x.new_zeros(x.size(0), k - 1, x.size(2))
+        x = torch.cat([past.to(x.dtype), x], dim=1)                # (B, k - 1 + T, d_inner)
+        if state is not None:
+            state.conv = x[:, x.size(1) - (k - 1):].clone()        # its own storage: conv_step updates it in place
+        x = F.conv1d(x.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, groups=x.size(2))  # channels first
+        return x.transpose(1, 2)
+
+    def conv_step(self, x, state):
+        """The convolution at one new token x (B, 1, d_inner): a dot product of the kernel with the cached d_conv - 1
+        inputs and x, no conv1d call; the cache shifts by one in place."""
+        window = torch.cat([state.conv, x.to(state.conv.dtype)], 1)  # (B, d_conv, d_inner), oldest first
+        state.conv.copy_(window[:, 1:])
+        out = (window * self.conv1d.weight[:, 0].t()).sum(1, keepdim=True)  # (B, 1, d_inner)
+        return out if self.conv1d.bias is None else out + self.conv1d.bias
 
 
 class Block(nn.Module):
@@ -283,7 +368,7 @@ class Mamba(nn.Module):
         x = self.backbone.drop(self.backbone.embeddings(idx))    # (B, T, n_embd); no position embedding
         for i, block in enumerate(self.backbone.layers):
             if self.grad_checkpoint and self.training and states is None:
-                # activation checkpointing: the scan's (B, T, d_inner, N) states of one block at a time, not all
+                # activation checkpointing: keep each block's input, recompute its activations in backward
                 x = torch.utils.checkpoint.checkpoint(block, x, None, parallel, use_reentrant=False)
             else:
                 x = block(x, None if states is None else states[i], parallel)
@@ -718,7 +803,7 @@ def add_model_flags(p):
     p.add_argument("--dt_rank", type=int, default=0, help="rank of Delta's projection (0: ceil(n_embd / 16))")
     p.add_argument("--dropout", type=float, help="on the embedding and the residual branches")
     p.add_argument("--grad_checkpoint", action="store_true",
-                   help="recompute each block's activations in backward (the scan's states take the most memory)")
+                   help="recompute each block's activations in backward: less memory, one more forward")
 
 
 def build_model(args, given, ckpt, env):

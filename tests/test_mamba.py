@@ -1,6 +1,8 @@
 """mamba.py at the model level: HF parity (state size, expansion, Delta's rank, conv width, biases), checkpoint
-formats, the selective scan (parallel and sequential against the recurrence written out in float64, at lengths
-up to 4096 with strong and weak decay), recurrent decoding against the full forward and its constant-size state,
+formats, the selective scan (the chunked scan and the loop against the recurrence written out in float64, at
+lengths up to 4096 with strong and weak decay; the chunked scan's own backward against autograd's, and that no
+whole (B, T, d_inner, N) tensor is kept), recurrent decoding against the full forward (in place, no conv1d call),
+its constant-size state, Delta's bias in float32 under autocast,
 the paper's initialisation, the optimizer's groups, activation checkpointing, causality, training, and the GPT-NeoX
 style tokenizer.json. torch.compile is not tested here: inductor's first compile of a one-layer model takes about
 20 s on this CPU with its cache warm, 100 s cold."""
@@ -220,15 +222,15 @@ def test_scan_equals_the_recurrence(T, from_h0):
     inputs, h0 = scan_inputs(T, seed=T)
     h0 = h0 if from_h0 else None
     y_ref, h_ref = recurrence(*inputs, h0=h0)
-    seq = mamba.selective_scan(*inputs, h0=h0, parallel=False)
-    par = mamba.selective_scan(*inputs, h0=h0, parallel=True)
+    seq = mamba.selective_scan(*inputs, h0=h0, how="loop")
+    par = mamba.selective_scan(*inputs, h0=h0, how="scan")
     assert par[0].shape == (2, T, 6) and par[1].shape == (2, 6, 4) and par[0].dtype == torch.float32
     assert y_ref.abs().max() > 1.0 and h_ref.abs().max() > 1.0
     for y, h in (seq, par):
         assert rel_diff(y, y_ref) < 1e-6 and rel_diff(h, h_ref) < 1e-6
     assert max_diff(par[0], seq[0]) < 1e-5 and max_diff(par[1], seq[1]) < 1e-5
     if from_h0:
-        assert max_diff(par[0][:, 0], mamba.selective_scan(*inputs, parallel=True)[0][:, 0]) > 1e-2
+        assert max_diff(par[0][:, 0], mamba.selective_scan(*inputs, how="scan")[0][:, 0]) > 1e-2
 
 
 def test_scan_is_stable_at_4096_steps():
@@ -245,8 +247,8 @@ def test_scan_is_stable_at_4096_steps():
                        torch.empty(1, 4096, 4).uniform_(5e-4, 2e-3, generator=g)], -1)
     inputs = (x, delta, A, B, C, D)
     y_ref, h_ref = recurrence(*inputs)
-    for parallel in (True, False):
-        y, h = mamba.selective_scan(*inputs, parallel=parallel)
+    for how in ("scan", "loop"):
+        y, h = mamba.selective_scan(*inputs, how=how)
         assert torch.isfinite(y).all() and torch.isfinite(h).all()
         assert rel_diff(y, y_ref) < 1e-6
         for half in (slice(0, 4), slice(4, 8)):  # the weak half's C h is 500 times smaller than the strong half's
@@ -254,22 +256,68 @@ def test_scan_is_stable_at_4096_steps():
             assert rel_diff(h[:, half], h_ref[:, half]) < 1e-4
 
 
+@pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("T", [2, 3, 4095])
-def test_parallel_scan_alone_equals_a_float64_loop(T):
-    """h_t = a_t h_{t-1} + b_t for a in (0, 1] (some exactly 1, some ~0) and any b, including odd lengths at
-    several levels of the recursion (4095 = 2^12 - 1)."""
+def test_parallel_scan_alone_equals_a_float64_loop(T, reverse):
+    """h_t = a_t h_{t-1} + b_t (reverse: h_t = a_t h_{t+1} + b_t) for a in (0, 1] (some exactly 1, some ~0) and any b,
+    including odd lengths at several levels of the recursion (4095 = 2^12 - 1)."""
     g = torch.Generator().manual_seed(T)
     a = torch.exp(-torch.empty(2, T, 3, 4).uniform_(0.0, 3.0, generator=g) ** 3)  # exp(-27) to 1
     a[:, ::5, 0] = 1.0
     b = torch.randn(2, T, 3, 4, generator=g)
     h, hs = torch.zeros(2, 3, 4, dtype=torch.float64), []
-    for t in range(T):
+    for t in reversed(range(T)) if reverse else range(T):
         h = a[:, t].double() * h + b[:, t].double()
         hs.append(h)
-    ref = torch.stack(hs, 1)
-    out = mamba.parallel_scan(a, b)
+    ref = torch.stack(hs[::-1] if reverse else hs, 1)
+    out = mamba.parallel_scan(a, b, reverse=reverse)
     assert out.shape == b.shape and torch.isfinite(out).all()
     assert rel_diff(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("T, L", [(40, 16), (23, 5), (7, 16), (64, 1)])
+def test_chunked_scan_backward_equals_autograd(T, L, monkeypatch):
+    """ChunkedScan's hand-written backward (chunks of L steps, recomputed from each chunk's first state, the last
+    chunk short when L does not divide T) against autograd through the loop, in float64, for every input and from
+    gradients of both y and the last state; its forward against the loop's."""
+    monkeypatch.setattr(mamba, "chunk_len", lambda h: L)
+    (x, delta, A, B, C, _), h0 = scan_inputs(T, seed=T)
+    inputs = [t.double().requires_grad_() for t in (x, delta, A, B, C, h0)]
+    g = torch.Generator().manual_seed(1)
+    wy, wh = torch.randn(2, T, 6, generator=g, dtype=torch.float64), torch.randn(2, 6, 4, generator=g, dtype=torch.float64)
+
+    def loop(x, delta, A, B, C, h):
+        ys = []
+        for t in range(T):
+            h = torch.exp(delta[:, t, :, None] * A) * h + (delta[:, t] * x[:, t])[..., None] * B[:, t, None, :]
+            ys.append((h * C[:, t, None, :]).sum(-1))
+        return torch.stack(ys, 1), h
+
+    grads = []
+    for f in (mamba.ChunkedScan.apply, loop):
+        y, h = f(*inputs)
+        grads.append(torch.autograd.grad((y * wy).sum() + (h * wh).sum(), inputs))
+        if f is loop:
+            assert max_diff(y, y_chunked) < 1e-12 and max_diff(h, h_chunked) < 1e-12
+        y_chunked, h_chunked = y, h
+    for name, a, b in zip(["x", "delta", "A", "B", "C", "h0"], *grads):
+        assert a.shape == b.shape and rel_diff(a, b) < 1e-10, name
+
+
+def test_chunked_scan_keeps_no_whole_state_tensor(monkeypatch):
+    """What backward keeps of the chunked scan: the inputs and the first state of each of its T / L chunks, nothing
+    of the size of the whole sequence's states (B, T, d_inner, N), which the loop keeps step by step."""
+    monkeypatch.setattr(mamba, "chunk_len", lambda h: 16)
+    inputs, _ = scan_inputs(256, Bsz=1)
+    inputs = [t.requires_grad_() for t in inputs]
+    saved = {}
+    for how in ("scan", "loop"):
+        saved[how] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved[how].append(t.numel()) or t, lambda t: t):
+            mamba.selective_scan(*inputs, how=how)[0].sum().backward()
+    whole = 256 * 6 * 4
+    assert max(saved["scan"]) == 256 * 6 and whole // 16 in saved["scan"]  # x (T, d_inner) the largest; the starts
+    assert max(saved["loop"]) == whole
 
 
 # ------------------------------------------------------------------------------------- recurrent decoding
@@ -305,12 +353,45 @@ def test_state_size_is_constant_far_past_block_size():
         full = model(idx)[0]
         model(idx[:, :10], states=states)
         shapes = [(s.conv.shape, s.ssm.shape) for s in states]
-        assert shapes[0] == ((2, 32, 3), (2, 32, 4))  # (B, d_inner, d_conv - 1), (B, d_inner, N)
+        assert shapes[0] == ((2, 3, 32), (2, 32, 4))  # (B, d_conv - 1, d_inner), (B, d_inner, N)
         for t in range(10, 300):
             step = model(idx[:, t:t + 1], states=states)[0]
     assert [(s.conv.shape, s.ssm.shape) for s in states] == shapes
     assert sum(s.conv.nbytes + s.ssm.nbytes for s in states) == 2 * model.state_bytes(4) == 2 * 2 * 32 * (3 + 4) * 4
     assert max_diff(step[:, 0], full[:, -1]) < 1e-4
+
+
+def test_decoding_steps_in_place_without_conv1d(monkeypatch):
+    """After the prompt each token is a dot product with the cached inputs and one update of h: no conv1d call, both
+    states advanced in place (the same storage from the first token to the last), the full forward's logits."""
+    model = tiny(seed=4)
+    idx = ids(300, 2, 30, seed=8)
+    states = [mamba.MambaState() for _ in model.backbone.layers]
+    with torch.no_grad():
+        full = model(idx)[0]
+        model(idx[:, :10], states=states)
+        storage = [(s.conv.data_ptr(), s.ssm.data_ptr()) for s in states]
+        monkeypatch.setattr(mamba.F, "conv1d", None)  # a call would fail
+        steps = torch.cat([model(idx[:, t:t + 1], states=states)[0] for t in range(10, 30)], 1)
+    assert [(s.conv.data_ptr(), s.ssm.data_ptr()) for s in states] == storage
+    assert max_diff(steps, full[:, 10:]) < 1e-4
+
+
+def test_delta_bias_is_added_in_float32_under_autocast(monkeypatch):
+    """Under bf16 autocast Delta keeps dt_proj's bias in float32, as the reference's kernel does: with the weights at
+    0, Delta = softplus(bias) to float32 precision at dt from 1e-3 to 2e-3 (a bias near -6.9, where bf16's step is
+    0.03 and Delta would be off by up to 2%)."""
+    model = tiny(seed=0)
+    mixer = model.backbone.layers[0].mixer
+    dt = torch.linspace(1e-3, 2e-3, mixer.dt_proj.bias.numel())
+    with torch.no_grad():
+        mixer.dt_proj.weight.zero_()
+        mixer.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+    seen, scan = [], mamba.selective_scan
+    monkeypatch.setattr(mamba, "selective_scan", lambda x, delta, *a: seen.append(delta) or scan(x, delta, *a))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(ids(300, 1, 8))
+    assert seen[0].dtype == torch.float32 and ((seen[0] - dt) / dt).abs().max() < 1e-4
 
 
 # ------------------------------------------------------------------------------------- causality, training
