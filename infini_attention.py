@@ -19,9 +19,11 @@ model's logits on any text no longer than one segment; rotary positions restart 
 inside a segment depend only on distances, so this changes nothing there, and no position ever exceeds
 --segment_len, however long the context); with grouped-query attention the memory is per key/value head, read by
 the query heads of its group. Training runs over --block_size = segments x segment_len tokens with gradients
-through the memory (back-propagation through all segments of the sequence). The gates' parameters take no weight
-decay and their own learning rate (--gate_lr): public attempts to reproduce the paper found that at the model's
-rate the gates hardly move.
+through the memory (back-propagation through all segments of the sequence), all segments at once: one causal
+attention call with the segments as a batch (rotary restarts in each), the memories they read as a cumulative sum
+over the segments before (the delta rule's recurrence runs over the d x d memories only). The gates' parameters
+take no weight decay and their own learning rate (--gate_lr): public attempts to reproduce the paper found that at
+the model's rate the gates hardly move.
 
 What is here: the model; `generate` with a state per layer of one segment's keys and values plus the memory, the
 same bytes at 1K and at 100K tokens of context; `from_pretrained` turning a Hugging Face Llama checkpoint into an
@@ -187,27 +189,52 @@ def elu1(x):
 class MemoryState:
     """What one layer carries from call to call: the compressive memory M (B, n_kv_head, d, d) and z
     (B, n_kv_head, d), float32, None while empty; and the keys and values of the current, unfinished segment,
-    (B, n_kv_head, filled, d), without rotary (added at each use). Its size is bounded by one segment."""
+    without rotary (added at each use), in a buffer of segment_len - 1 slots (2, B, n_kv_head, segment_len - 1, d)
+    taken when the segment starts and let go when it is written into the memory: a decoded token writes its key and
+    value into the buffer rather than copying the segment so far. Its size is bounded by one segment."""
 
     def __init__(self):
-        self.M = self.z = self.k = self.v = None
+        self.M = self.z = self.buffer = None
         self.filled = 0  # tokens of the current segment seen so far, < segment_len
 
+    @property
+    def k(self):  # (B, n_kv_head, filled, d): the segment's keys so far, a view of the buffer (None: none yet)
+        return None if self.buffer is None else self.buffer[0, :, :, :self.filled]
+
+    @property
+    def v(self):
+        return None if self.buffer is None else self.buffer[1, :, :, :self.filled]
+
+    def append(self, k, v, segment_len):
+        """k, v (B, n_kv_head, T, d) after the segment so far, which stays unfinished (filled + T < segment_len)."""
+        if self.buffer is None:
+            self.buffer = k.new_empty(2, *k.shape[:2], segment_len - 1, k.size(-1))
+        elif torch.is_grad_enabled():  # autograd may hold the buffer for its backward: write into a copy
+            self.buffer = self.buffer.clone()
+        T = k.size(2)
+        self.buffer[0, :, :, self.filled:self.filled + T] = k
+        self.buffer[1, :, :, self.filled:self.filled + T] = v
+        self.filled += T
+
     def nbytes(self):
-        return sum(t.numel() * t.element_size() for t in (self.M, self.z, self.k, self.v) if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.M, self.z, self.buffer) if t is not None)
 
 
 def retrieve(s, M, z):
-    """A_mem = sigma(q) M / (sigma(q) z) (eq. 3) for features s = sigma(q) (B, H_kv, n, d), each row read by its own
-    key/value head's memory. The denominator is a sum of positive terms once the memory holds a segment; the clamp
-    only guards the exact zeros of an empty row."""
+    """A_mem = sigma(q) M / (sigma(q) z) (eq. 3) for features s = sigma(q) (..., H_kv, n, d), each row read by its own
+    key/value head's memory M (..., H_kv, d, d), z (..., H_kv, d). The denominator is a sum of positive terms once
+    the memory holds a segment; the clamp only guards the exact zeros of an empty row."""
     with torch.autocast(s.device.type, enabled=False):  # the memory is read and written in float32
         return (s @ M) / (s @ z.unsqueeze(-1)).clamp(min=1e-6)
 
 
 class Attention(nn.Module):
     """Infini-attention (Figure 1, section 2.1): local causal attention inside the segment, the memory's retrieval,
-    a gated sum, then o_proj. Projections named as Hugging Face's Llama, so its weights load unchanged."""
+    a gated sum, then o_proj. Projections named as Hugging Face's Llama, so its weights load unchanged.
+
+    A call first finishes the state's unfinished segment (extend: decoding, chunks), then takes every later segment
+    at once (segments): rotary restarts in each segment, so their local attentions are one causal attention with
+    the segments as a batch, and the memory each segment reads is a cumulative sum over the segments before it."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -221,50 +248,102 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, cos, sin, state):
-        """x (B, T, C) continuing `state` (updated in place); T any length: cut at the segment boundaries."""
-        outs, t = [], 0
-        while t < x.size(1):  # a loop over segments (a few), not over tokens
-            n = min(x.size(1) - t, self.cfg.segment_len - state.filled)
-            outs.append(self.segment(x[:, t:t + n], cos, sin, state))
-            t += n
-        return self.resid_dropout(self.o_proj(torch.cat(outs, dim=1)))
-
-    def segment(self, x, cos, sin, state):
-        """x (B, T, C): the next T tokens of the current segment (filled + T <= segment_len) -> (B, T, n_head * d)."""
+        """x (B, T, C) continuing `state` (updated in place); T any length."""
         B, T, _ = x.shape
-        H, Hkv, d, p = self.n_head, self.n_kv_head, self.head_dim, state.filled
-        q = self.q_proj(x).view(B, T, H, d).transpose(1, 2)                   # (B, H, T, d), no position yet
-        k = self.k_proj(x).view(B, T, Hkv, d).transpose(1, 2)                 # (B, Hkv, T, d)
-        v = self.v_proj(x).view(B, T, Hkv, d).transpose(1, 2)
-        if p:
-            k, v = torch.cat((state.k, k), dim=2), torch.cat((state.v, v), dim=2)  # the segment so far
-        # local attention (eq. 2): rotary at positions p..p+T-1 of this segment, causal, keys 0..p+T-1
-        mask = None if p == 0 or T == 1 else torch.ones(T, p + T, dtype=torch.bool, device=x.device).tril(p)
-        a_dot = F.scaled_dot_product_attention(apply_rotary(q, cos[p:p + T], sin[p:p + T]),
-                                               apply_rotary(k, cos[:p + T], sin[:p + T]), v, attn_mask=mask,
-                                               is_causal=p == 0, dropout_p=self.dropout if self.training else 0.0,
-                                               enable_gqa=True)                # (B, H, T, d)
-        if state.M is not None:  # retrieval from the memory of the segments before (none: local attention alone)
-            a_mem = retrieve(elu1(q.reshape(B, Hkv, H // Hkv * T, d)), state.M, state.z)  # kv head's query group
-            g = torch.sigmoid(self.gate.float()).view(1, H, 1, 1)
-            a_dot = (g * a_mem.reshape(B, H, T, d) + (1 - g) * a_dot.float()).type_as(a_dot)  # eq. 6
-        state.k, state.v, state.filled = k, v, p + T
-        if state.filled == self.cfg.segment_len:  # the segment is complete: write it into the memory
-            self.update(state)
-        return a_dot.transpose(1, 2).reshape(B, T, H * d)
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)             # (B, T, H, d), no position yet
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)          # (B, T, Hkv, d)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        n = min(T, self.cfg.segment_len - state.filled) if state.filled else 0  # the rest of the unfinished segment
+        parts = []
+        if n:
+            parts.append(self.extend(q[:, :n], k[:, :n], v[:, :n], cos, sin, state))
+        if T > n:
+            parts.append(self.segments(q[:, n:], k[:, n:], v[:, n:], cos, sin, state))
+        y = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]           # (B, T, H, d)
+        return self.resid_dropout(self.o_proj(y.reshape(B, T, -1)))
 
-    def update(self, state):
-        """Write the finished segment's keys and values into M and z (eqs. 4-5); start an empty segment."""
-        sk, v = elu1(state.k), state.v.float()                                 # (B, Hkv, N, d)
-        if state.M is not None and self.cfg.memory_update == "delta":  # write only what the memory does not
-            v = v - retrieve(sk, state.M, state.z)                              # already return for these keys
-        with torch.autocast(v.device.type, enabled=False):
-            write = sk.transpose(-1, -2) @ v                                   # (B, Hkv, d, d)
-        # the memory before the first segment is M = 0, z = 0: the first write is the memory
-        state.M = write if state.M is None else state.M + write
-        state.z = sk.sum(dim=2) if state.z is None else state.z + sk.sum(dim=2)  # (B, Hkv, d)
-        state.k = state.v = None
-        state.filled = 0
+    def extend(self, q, k, v, cos, sin, state):
+        """q (B, T, H, d), k, v (B, T, Hkv, d): the next T tokens of the unfinished segment (0 < filled,
+        filled + T <= segment_len) -> (B, T, H, d)."""
+        T, p, N = q.size(1), state.filled, self.cfg.segment_len
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)    # (B, heads, T, d)
+        if p + T < N:  # into the buffer, after the segment so far
+            state.append(k, v, N)
+            k, v = state.k, state.v
+        else:  # the segment ends here: its keys and values for the memory, one concatenation per segment
+            k, v = torch.cat((state.k, k), dim=2), torch.cat((state.v, v), dim=2)
+        # local attention (eq. 2): rotary at positions p..p+T-1 of this segment, causal, keys 0..p+T-1
+        mask = None if T == 1 else torch.ones(T, p + T, dtype=torch.bool, device=q.device).tril(p)
+        a = F.scaled_dot_product_attention(apply_rotary(q, cos[p:p + T], sin[p:p + T]),
+                                           apply_rotary(k, cos[:p + T], sin[:p + T]), v, attn_mask=mask,
+                                           dropout_p=self.dropout if self.training else 0.0, enable_gqa=True)
+        if state.M is not None:  # retrieval from the memory of the segments before (none: local attention alone)
+            a = self.gated(a, q, state.M, state.z)
+        if p + T == N:  # the segment is complete: write it into the memory, start an empty one
+            M, z = self.memories(elu1(k).unsqueeze(1), v.float().unsqueeze(1), state.M, state.z)
+            state.M, state.z, state.buffer, state.filled = M[:, 1], z[:, 1], None, 0
+        return a.transpose(1, 2)
+
+    def segments(self, q, k, v, cos, sin, state):
+        """q (B, T, H, d), k, v (B, T, Hkv, d): T tokens from a segment boundary (filled = 0), every segment at
+        once (the last may be unfinished: its keys and values stay in the state) -> (B, T, H, d)."""
+        B, T, H, d = q.shape
+        N = self.cfg.segment_len
+        L = min(T, N)                                    # the fold's segment length (T < N: one short segment)
+        S, full = -(-T // L), T // N                     # segments, finished segments
+
+        def fold(t):  # (B, T, h, d) -> (B, S, h, L, d), zeros after the end: causal, so no real query sees them
+            t = F.pad(t, (0, 0, 0, 0, 0, S * L - T)) if S * L > T else t
+            return t.view(B, S, L, t.size(2), d).transpose(2, 3)
+
+        qs, ks, vs = fold(q), fold(k), fold(v)
+        # local attention (eq. 2) of all segments in one call: rotary restarts at 0 in each, so they are a batch
+        a = F.scaled_dot_product_attention(apply_rotary(qs.flatten(0, 1), cos[:L], sin[:L]),
+                                           apply_rotary(ks.flatten(0, 1), cos[:L], sin[:L]), vs.flatten(0, 1),
+                                           is_causal=True, dropout_p=self.dropout if self.training else 0.0,
+                                           enable_gqa=True).view(B, S, H, L, d)
+        M_in = state.M
+        if full:  # the memory before each segment, and after the last finished one (B, full + 1, Hkv, ...)
+            M, z = self.memories(elu1(ks[:, :full]), vs[:, :full].float(), state.M, state.z)
+            state.M, state.z = M[:, full], z[:, full]
+        elif M_in is not None:
+            M, z = state.M.unsqueeze(1), state.z.unsqueeze(1)
+        first = 0 if M_in is not None else 1  # an empty memory is read as nothing: the local attention alone
+        if S > first:
+            read = self.gated(a[:, first:], qs[:, first:], M[:, first:S], z[:, first:S])
+            a = torch.cat((a[:, :first], read), dim=1) if first else read
+        if T > full * N:  # the unfinished last segment: its keys and values stay in the state
+            state.append(k[:, full * N:].transpose(1, 2), v[:, full * N:].transpose(1, 2), N)
+        return a.transpose(2, 3).reshape(B, S * L, H, d)[:, :T]
+
+    def gated(self, a, q, M, z):
+        """sigmoid(beta) A_mem + (1 - sigmoid(beta)) A_dot (eq. 6), A_mem read by the queries without rotary (eq. 3):
+        a = A_dot and q (..., H, n, d), M (..., Hkv, d, d), z (..., Hkv, d) -> a's shape and dtype."""
+        *lead, H, n, d = q.shape
+        s = elu1(q.reshape(*lead, self.n_kv_head, H // self.n_kv_head * n, d))  # each kv head's query group
+        g = torch.sigmoid(self.gate.float()).view(H, 1, 1)
+        return (g * retrieve(s, M, z).view(q.shape) + (1 - g) * a.float()).type_as(a)
+
+    def memories(self, sk, v, M, z):
+        """Write S finished segments into the memory (eqs. 4-5): sk = sigma(K) and V (B, S, Hkv, N, d), float32,
+        after M (B, Hkv, d, d) and z (B, Hkv, d) (None: empty, read as zeros) -> M and z before each segment and
+        after the last, (B, S + 1, Hkv, d, d) and (B, S + 1, Hkv, d)."""
+        B, S, Hkv, _, d = sk.shape
+        start_empty = M is None
+        M = sk.new_zeros(B, Hkv, d, d) if start_empty else M
+        z = sk.new_zeros(B, Hkv, d) if start_empty else z
+        with torch.autocast(sk.device.type, enabled=False):
+            W = sk.transpose(-1, -2) @ v                                     # sigma(K)^T V (B, S, Hkv, d, d)
+            zs = torch.cat((z.unsqueeze(1), sk.sum(dim=3)), dim=1).cumsum(1)  # z += sum_t sigma(K_t)
+            if self.cfg.memory_update == "linear":  # eq. 4: M_s = M_{s-1} + W_s, an exclusive cumulative sum
+                return torch.cat((M.unsqueeze(1), W), dim=1).cumsum(1), zs
+            # eq. 5: M_s = M_{s-1} + sigma(K)^T (V - sigma(K) M_{s-1} / (sigma(K) z_{s-1})) = M_{s-1} + W_s - A_s M_{s-1}
+            # with A_s = sigma(K)^T diag(1 / sigma(K) z_{s-1}) sigma(K): only the d x d products go segment by segment
+            A = sk.transpose(-1, -2) @ (sk / (sk @ zs[:, :-1].unsqueeze(-1)).clamp(min=1e-6))
+            Ms = [M]
+            for s in range(S):  # the first write into an empty memory is the memory
+                Ms.append(Ms[-1] + W[:, s] if start_empty and s == 0 else Ms[-1] + (W[:, s] - A[:, s] @ Ms[-1]))
+            return torch.stack(Ms, dim=1), zs
 
 
 class FeedForward(nn.Module):

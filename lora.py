@@ -337,7 +337,8 @@ NF4 = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.394917488
 
 class NF4Matmul(torch.autograd.Function):
     """x W^T with W dequantized now and again in backward: the full-precision W is never kept for backward (as
-    bitsandbytes' MatMul4Bit). W is frozen, so only x gets a gradient."""
+    bitsandbytes' MatMul4Bit), so QLoRA's memory is the 4-bit base's; the second dequantization is one gather and
+    one multiply (NF4Linear.weight_as). W is frozen, so only x gets a gradient."""
 
     @staticmethod
     def forward(ctx, x, layer):
@@ -378,11 +379,15 @@ class NF4Linear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
     def weight_as(self, dtype):
-        """The dequantized weight (out, in) in dtype."""
+        """The dequantized weight (out, in) in dtype: code value x block absmax, in float32, rounded to dtype once.
+        Each byte's two values are one 8-byte word of `pairs`, so the lookup is a 1-D gather with an int32 index
+        (no int64 index tensor, no 2-D indexing); the product is written in place, or straight into dtype."""
         n_blocks = self.in_features * self.out_features // self.block_size
         absmax = (self.absmax_q.float() * self.absmax_scale[:, None]).flatten()[:n_blocks] + self.offset
-        w = self.pairs[self.packed.long()].view(n_blocks, self.block_size) * absmax[:, None]
-        return w.view(self.out_features, self.in_features).to(dtype)
+        words = self.pairs.view(torch.int64).view(-1).index_select(0, self.packed.int())  # (numel / 2,) int64
+        w = words.view(torch.float32).view(n_blocks, self.block_size)                      # the codes' values
+        out = w if dtype == torch.float32 else torch.empty(w.shape, dtype=dtype, device=w.device)
+        return torch.mul(w, absmax[:, None], out=out).view(self.out_features, self.in_features)
 
     def dequantized(self):
         """A plain nn.Linear holding the dequantized weight (float32)."""

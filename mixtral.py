@@ -17,8 +17,9 @@ step, the overflow skips the layer through the residual, and every shape is stat
 Dispatch has no loop over tokens and, with a torch that has F.grouped_mm (on CUDA in bf16), no host sync:
 the (token, expert) pairs are laid out grouped by expert and each weight matrix of all experts is applied in
 one grouped matmul (dropless, exact: Mixtral's own way, used for sampling and parity), or in one batched
-matmul over fixed-size expert buffers (capacity mode). What is not here: expert parallelism across GPUs, the
-SentencePiece tokenizer of the released checkpoints (they sample as token ids), instruction tuning.
+matmul over fixed-size expert buffers (capacity mode). Decoding (eval, k N <= n_expert pairs) runs each pair
+through its chosen expert alone, the ids read on the host (chosen_experts). What is not here: expert parallelism
+across GPUs, the SentencePiece tokenizer of the released checkpoints (they sample as token ids), instruction tuning.
 
     python mixtral.py                                      # CPU: a tiny model, about three minutes
     python mixtral.py --device cuda                        # one GPU: bf16, torch.compile, 6 layers x 384, 8 experts
@@ -215,6 +216,30 @@ class Attention(nn.Module):
         return self.resid_dropout(self.o_proj(y.transpose(1, 2).reshape(B, T, -1)))
 
 
+def expert_rank(e, count):
+    """e (M,): the expert of each (token, choice) pair; count (E,): the pairs of each expert -> (M,) each pair's place in
+    its expert's queue, the pairs keeping their order. A stable sort lays the pairs out grouped by expert in that order,
+    so a pair's rank is its place in the sorted order less the pairs of the experts before its own: O(M) memory where a
+    one-hot and its running sum take (M, E) (268 MB per layer at DeepSeek-V3's E = 256, k = 8, 16K tokens)."""
+    grouped, order = e.sort(stable=True)                # (M,) the pairs grouped by expert, each group in order
+    start = count.cumsum(0) - count                     # (E,) where each expert's group begins in `order`
+    return torch.empty_like(e).scatter_(0, order, torch.arange(e.numel(), device=e.device) - start[grouped])
+
+
+def chosen_experts(x, expert, weight, w1, w3, w2):
+    """Few tokens (decoding): y_n = sum_j weight[n, j] SwiGLU_expert[n, j](x_n) for x (N, d), expert and weight (N, k)
+    -> (N, d); each (token, choice) pair through its own expert's weights, read in place, so only the chosen experts
+    do any work (the grouped dispatch pads each group to ALIGN rows and visits all E). Reading the chosen experts'
+    ids on the host is a sync: decoding, batch 1, can afford it, a training step never takes this path."""
+    ys = []
+    for xn, wn, chosen in zip(x, weight, expert.tolist()):
+        yn = 0
+        for j, i in enumerate(chosen):
+            yn = yn + F.linear(F.silu(F.linear(xn, w1[i])) * F.linear(xn, w3[i]), w2[i]) * wn[j, None]
+        ys.append(yn)
+    return torch.stack(ys)
+
+
 def expert_mlp(xs, w1, w3, w2, end, dt):
     """The SwiGLU of each expert over its own rows: xs (M, d) holds expert e's rows at end[e-1]..end[e]-1
     (rows past end[-1] are padding) -> (M', d), M' >= end[-1]. w1, w3: (E, f, d); w2: (E, d, f), as nn.Linear;
@@ -269,25 +294,27 @@ class SparseMoE(nn.Module):
         # Each (token, choice) pair gets a row: choice-major order (all first choices, then all second ones),
         # so when an expert is full its tokens' first choices won (GShard's priority).
         e = expert.t().reshape(-1)                          # (k N,) the expert of each pair
-        onehot = F.one_hot(e, E)                            # (k N, E)
-        count = onehot.sum(0)                               # (E,) pairs per expert
-        rank = (onehot.cumsum(0) * onehot).sum(-1) - 1      # (k N,) the pair's place in its expert's queue
-        if self.training and self.capacity_factor:          # capacity: C rows per expert, the overflow dropped
-            C = math.ceil(self.capacity_factor * k * N / E)
-            kept = rank < C
-            row = torch.where(kept, e * C + rank, E * C)    # row E C: a spare row the dropped pairs write to
-            xs = x.new_zeros(E * C + 1, d).index_copy(0, row, x.repeat(k, 1))[:-1].view(E, C, d)
-            h = F.silu(xs @ self.w1.transpose(1, 2)) * (xs @ self.w3.transpose(1, 2))     # (E, C, f)
-            ys = torch.cat([(h @ self.w2.transpose(1, 2)).reshape(E * C, d), x.new_zeros(1, d)])
-            dropped = 1 - kept.float().mean()
-        else:                                               # dropless: every group as long as it needs
-            size = (count + ALIGN - 1) // ALIGN * ALIGN     # padded group sizes
-            end = size.cumsum(0)
-            row = end[e] - size[e] + rank
-            xs = x.new_zeros(k * N + E * (ALIGN - 1), d).index_copy(0, row, x.repeat(k, 1))  # a static bound
-            ys = expert_mlp(xs, self.w1, self.w3, self.w2, end, dt)
-            dropped = logits.new_zeros(())
-        y = (ys[row] * weight.t().reshape(-1, 1)).view(k, N, d).sum(0)  # a dropped pair reads the spare row: 0
+        count = e.new_zeros(E).index_add_(0, e, torch.ones_like(e))  # (E,) pairs per expert: bincount, no host sync
+        if not self.training and k * N <= E:                # decoding: each pair through its own expert alone
+            y, dropped = chosen_experts(x, expert, weight, self.w1, self.w3, self.w2), logits.new_zeros(())
+        else:
+            rank = expert_rank(e, count)                    # (k N,) the pair's place in its expert's queue
+            if self.training and self.capacity_factor:      # capacity: C rows per expert, the overflow dropped
+                C = math.ceil(self.capacity_factor * k * N / E)
+                kept = rank < C
+                row = torch.where(kept, e * C + rank, E * C)    # row E C: a spare row the dropped pairs write to
+                xs = x.new_zeros(E * C + 1, d).index_copy(0, row, x.repeat(k, 1))[:-1].view(E, C, d)
+                h = F.silu(xs @ self.w1.transpose(1, 2)) * (xs @ self.w3.transpose(1, 2))     # (E, C, f)
+                ys = torch.cat([(h @ self.w2.transpose(1, 2)).reshape(E * C, d), x.new_zeros(1, d)])
+                dropped = 1 - kept.float().mean()
+            else:                                           # dropless: every group as long as it needs
+                size = (count + ALIGN - 1) // ALIGN * ALIGN     # padded group sizes
+                end = size.cumsum(0)
+                row = end[e] - size[e] + rank
+                xs = x.new_zeros(k * N + E * (ALIGN - 1), d).index_copy(0, row, x.repeat(k, 1))  # a static bound
+                ys = expert_mlp(xs, self.w1, self.w3, self.w2, end, dt)
+                dropped = logits.new_zeros(())
+            y = (ys[row] * weight.t().reshape(-1, 1)).view(k, N, d).sum(0)  # a dropped pair reads the spare row: 0
         return self.dropout(y.to(x.dtype)).view(B, T, d), self.stats(logits, count, dropped)
 
     def stats(self, logits, count, dropped):

@@ -281,6 +281,30 @@ class FeedForward(nn.Module):
         return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
 
 
+def expert_rank(e, count):
+    """e (M,): the expert of each (token, choice) pair; count (E,): the pairs of each expert -> (M,) each pair's place in
+    its expert's queue, the pairs keeping their order. A stable sort lays the pairs out grouped by expert in that order,
+    so a pair's rank is its place in the sorted order less the pairs of the experts before its own: O(M) memory where a
+    one-hot and its running sum take (M, E) (268 MB per layer at DeepSeek-V3's E = 256, k = 8, 16K tokens)."""
+    grouped, order = e.sort(stable=True)                # (M,) the pairs grouped by expert, each group in order
+    start = count.cumsum(0) - count                     # (E,) where each expert's group begins in `order`
+    return torch.empty_like(e).scatter_(0, order, torch.arange(e.numel(), device=e.device) - start[grouped])
+
+
+def chosen_experts(x, expert, weight, w1, w3, w2):
+    """Few tokens (decoding): y_n = sum_j weight[n, j] SwiGLU_expert[n, j](x_n) for x (N, d), expert and weight (N, k)
+    -> (N, d); each (token, choice) pair through its own expert's weights, read in place, so only the chosen experts
+    do any work (the grouped dispatch pads each group to ALIGN rows and visits all E). Reading the chosen experts'
+    ids on the host is a sync: decoding, batch 1, can afford it, a training step never takes this path."""
+    ys = []
+    for xn, wn, chosen in zip(x, weight, expert.tolist()):
+        yn = 0
+        for j, i in enumerate(chosen):
+            yn = yn + F.linear(F.silu(F.linear(xn, w1[i])) * F.linear(xn, w3[i]), w2[i]) * wn[j, None]
+        ys.append(yn)
+    return torch.stack(ys)
+
+
 def expert_mlp(xs, w1, w3, w2, end, dt):
     """The SwiGLU of each expert over its own rows: xs (M, d) holds expert e's rows at end[e-1]..end[e]-1
     (rows past end[-1] are padding) -> (M', d), M' >= end[-1]. w1, w3: (E, f, d); w2: (E, d, f), as nn.Linear;
@@ -342,7 +366,8 @@ class DeepSeekMoE(nn.Module):
     """DeepSeekMoE (Dai et al. 2024, arXiv 2401.06066, eq. 9-11): many fine-grained routed experts, k of them per
     token, plus n_shared_experts that every token goes through; h = x + shared(x) + sum_i g_i expert_i(x) (the
     block adds x). The routed experts are dispatched as in mixtral.py: each (token, choice) pair gets a row in a
-    buffer grouped by expert, one grouped matmul per weight, no loop over tokens, no host sync."""
+    buffer grouped by expert, one grouped matmul per weight, no loop over tokens, no host sync; decoding (eval, k N <=
+    n_expert pairs) runs each pair through its chosen expert alone (chosen_experts, one host sync)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -364,15 +389,18 @@ class DeepSeekMoE(nn.Module):
         autocast = torch.is_autocast_enabled(x.device.type)  # the experts' matmul dtype: bf16 under autocast
         dt = torch.get_autocast_dtype(x.device.type) if autocast else self.gate_proj.dtype
         e = expert.t().reshape(-1)                          # (k N,) the expert of each (token, choice) pair
-        onehot = F.one_hot(e, E)                            # (k N, E)
-        count = onehot.sum(0)                               # (E,) pairs per expert
-        rank = (onehot.cumsum(0) * onehot).sum(-1) - 1      # (k N,) the pair's place in its expert's group
-        size = (count + ALIGN - 1) // ALIGN * ALIGN
-        end = size.cumsum(0)
-        row = end[e] - size[e] + rank
-        xs = xf.new_zeros(k * N + E * (ALIGN - 1), d).index_copy(0, row, xf.repeat(k, 1))
-        ys = expert_mlp(xs, self.gate_proj, self.up_proj, self.down_proj, end, dt)
-        y = (ys[row] * weight.t().reshape(-1, 1)).view(k, N, d).sum(0).to(x.dtype).view(B, T, d)
+        count = e.new_zeros(E).index_add_(0, e, torch.ones_like(e))  # (E,) pairs per expert: bincount, no host sync
+        if not self.training and k * N <= E:                # decoding: each pair through its own expert alone
+            y = chosen_experts(xf, expert, weight, self.gate_proj, self.up_proj, self.down_proj)
+        else:
+            rank = expert_rank(e, count)                    # (k N,) the pair's place in its expert's group
+            size = (count + ALIGN - 1) // ALIGN * ALIGN
+            end = size.cumsum(0)
+            row = end[e] - size[e] + rank
+            xs = xf.new_zeros(k * N + E * (ALIGN - 1), d).index_copy(0, row, xf.repeat(k, 1))
+            ys = expert_mlp(xs, self.gate_proj, self.up_proj, self.down_proj, end, dt)
+            y = (ys[row] * weight.t().reshape(-1, 1)).view(k, N, d).sum(0)
+        y = y.to(x.dtype).view(B, T, d)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y, self.stats(s.view(B, T, E), count, expert.view(B, T, k))
@@ -382,7 +410,7 @@ class DeepSeekMoE(nn.Module):
         over the sequences, f_i = E / (k T) x the tokens of the sequence routed to i, P_i the mean of the
         normalised affinities s_i / sum_j s_j; and each expert's share of the (token, choice) pairs."""
         B, T, E = s.shape
-        f = F.one_hot(expert, E).sum((1, 2)).float() * E / (self.top_k * T)                 # (B, E)
+        f = s.new_zeros(B, E).scatter_add_(1, expert.view(B, -1), s.new_ones(B, T * self.top_k)) * E / (self.top_k * T)
         P = (s / s.sum(-1, keepdim=True)).mean(1)                                            # (B, E)
         return torch.cat([(f * P).sum(-1).mean()[None], count.float() / count.sum()])
 

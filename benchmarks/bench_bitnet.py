@@ -43,14 +43,21 @@ weights, where a Llama rounds nothing.
                integration wraps its quantizers in @torch.compile; HF runs eager here (torch._dynamo disabled
                for this section), as does ours.
   decode       greedy, batch 1, KV cache: bitnet.py from its master weights against HF (target >= 1x); bitnet.py
-               packed (bitnet.pack: each call unpacks the 2-bit codes of every linear) against itself from the
-               master weights (reported: what the unpacking costs, as tokens/s); ours with its cache against
+               packed (bitnet.pack: int8 codes unpacked once, torch._int_mm on a CPU) against itself from the
+               master weights (reported, as tokens/s); ours with its cache against
                recomputing the prefix (reported). Packed and master tokens must be identical (the same codes
                and scales, the same arithmetic). HF's tokens and ours with and without the cache are compared
                and reported, not required: 8-bit activation quantization rounds x * 127 / max|x|, and where two
                correct implementations differ by one float rounding next to a .5 boundary one activation code
                flips and the logits move by ~1% from there on; the logits of HF and ours on ours' decoded text
                (one forward each) are shown beside it.
+  before/after issue 19's changes, each in the same rounds: the train step (as above) at two shapes, issue 19's
+               (4 x 256, vocab 4096, batch 4 x 128; --quick: 2 x 64, vocab 512) and this section's, before and after
+               against HF (target after >= 1x) and after against before; the packed model's greedy decode and its
+               forward over a batch (4 x 64 tokens) after against before. Before is bitnet.py as it was, rebuilt here
+               (before_issue19): the straight-through estimator as q.detach() + (z - z.detach()) with z = x * s, max|x|
+               as abs then amax, and the packed codes unpacked to float32 at every call. Before and after must agree
+               bit for bit (losses, every gradient, packed logits and tokens).
   GPU          only with CUDA: training throughput and MFU of a BitNet of GPT-2 124M's shape (12 x 768, 12 heads,
                4 kv heads, vocab 50257, T=1024) and of llama2.py's Llama of the same shape, the same helper timing
                both (harness.train_throughput: bf16 autocast, torch.compile, fused AdamW, warmup excluded).
@@ -79,7 +86,7 @@ import subprocess
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -116,6 +123,9 @@ CONFIGS = {
     "default": dict(n_layer=6, n_head=4, n_kv_head=2, n_embd=256, batch=4, seq=256, prompt=8, decode=64, kv_tokens=64),
     "quick": dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, batch=2, seq=64, prompt=8, decode=8, kv_tokens=8),
 }
+# the second train-step shape (issue 19, where bitnet.py was measured slowest against HF): 4 x 256, vocab 4096, 4 x 128
+ISSUE19 = {"default": dict(n_layer=4, n_head=4, n_kv_head=2, n_embd=256, batch=4, seq=128, vocab=4096),
+           "quick": dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, batch=2, seq=32, vocab=512)}
 # GPU: GPT-2 124M's shape (12 layers, 768 wide, 12 heads), GQA with 4 kv heads, untied head; bitnet and llama2 alike
 GPU_SHAPE = dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_kv_head=4, n_embd=768)
 
@@ -277,15 +287,15 @@ def print_val_table(runs, v):
 
 # ---------------------------------------------------------------------------------------- CPU speed
 
-def hf_twin(c, seed):
+def hf_twin(c, seed, vocab=VOCAB):
     """A random BitNetForCausalLM (seeded, weights std INIT_STD, norms perturbed so that their weights matter),
     written with save_pretrained and its config given the online quantization_config, then read back by both
     transformers (AutoBitLinear, master weights) and bitnet.from_pretrained: (hf, ours), the same fp32 weights."""
     torch.manual_seed(seed)
-    hf_cfg = BitNetConfig(vocab_size=VOCAB, max_position_embeddings=CONTEXT, num_hidden_layers=c["n_layer"],
+    hf_cfg = BitNetConfig(vocab_size=vocab, max_position_embeddings=CONTEXT, num_hidden_layers=c["n_layer"],
                           num_attention_heads=c["n_head"], num_key_value_heads=c["n_kv_head"], hidden_size=c["n_embd"],
                           intermediate_size=ffn_width(c["n_embd"]), initializer_range=INIT_STD, attention_dropout=0.0,
-                          bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1)
+                          bos_token_id=vocab - 1, eos_token_id=vocab - 1)
     hf = BitNetForCausalLM(hf_cfg)
     with torch.no_grad():
         for name, p in hf.named_parameters():
@@ -345,7 +355,7 @@ def speed_rows(c, rounds, seed):
     times, outs = harness.run_rounds(cases, rounds, name="round (llama2, packed)")
     rows += [harness.ratio_row("train_llama", f"train step, {c['batch']}x{c['seq']} tok", "llama2.Llama fp32", None,
                                *times["train_llama"]),
-             harness.ratio_row("decode_packed", f"greedy decode {c['decode']} tok, packed (unpacks per call)",
+             harness.ratio_row("decode_packed", f"greedy decode {c['decode']} tok, packed (int8 codes)",
                                "master weights", None, *times["decode_packed"])]
     for r in rows:
         if r["key"].startswith("decode"):
@@ -370,6 +380,110 @@ def speed_rows(c, rounds, seed):
                   llama_params=llama.num_params(), hf_attn_implementation=hf.config._attn_implementation,
                   hf_linear=type(hf.model.layers[0].mlp.up_proj).__name__, seed=seed)
     return rows, checks, config
+
+
+# ------------------------------------------------------------------------------------- before / after
+
+def old_ste(z, q):
+    """bitnet.py's straight-through estimator before issue 19: q.detach() + (z - z.detach()), three passes."""
+    return q.detach() + (z - z.detach())
+
+
+def old_quantize_activations(x):
+    x = x.float()
+    s = (127.0 / x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)).detach()
+    z = x * s
+    return old_ste(z, z.round().clamp(-128, 127)), s
+
+
+def old_quantize_weights(w, bits):
+    w = w.float()
+    s = (1.0 / w.abs().mean().clamp(min=1e-5)).detach()
+    z = w * s
+    return old_ste(z, torch.where(w > w.mean(), 1.0, -1.0) if bits == 1 else z.round().clamp(-1, 1)), s
+
+
+def old_packed_forward(self, x):
+    """PackedBitLinear.forward before issue 19: the 2-bit bytes unpacked to float32 codes at every call."""
+    return bitnet.bit_matmul(x, bitnet.unpack_ternary(self.weight, self.out_features).float(), self.weight_scale)
+
+
+@contextmanager
+def before_issue19():
+    """bitnet.py as it ran before issue 19 (the same numbers, bit for bit: checked by the rows' callers)."""
+    saved = bitnet.quantize_activations, bitnet.quantize_weights, bitnet.PackedBitLinear.forward
+    bitnet.quantize_activations, bitnet.quantize_weights = old_quantize_activations, old_quantize_weights
+    bitnet.PackedBitLinear.forward = old_packed_forward
+    try:
+        yield
+    finally:
+        bitnet.quantize_activations, bitnet.quantize_weights, bitnet.PackedBitLinear.forward = saved
+
+
+def run_before(fn):
+    """n -> fn(n) run inside before_issue19()."""
+    def run(n):
+        with before_issue19():
+            return fn(n)
+    return run
+
+
+def hf_train_step(hf, idx):
+    """n -> the loss of one forward + backward of HF (labels = idx, as harness.lm_rows)."""
+    def step(_):
+        hf.train()
+        torch.manual_seed(0)
+        hf.zero_grad(set_to_none=True)
+        loss = hf(input_ids=idx, labels=idx, use_cache=False).loss
+        loss.backward()
+        return loss.item()
+    return step
+
+
+def before_after_rows(quick, rounds, seed):
+    """Issue 19's rows, each timed in the same rounds: the train step (fwd + bwd) at the issue's shape and at the
+    speed section's, before and after against HF, and after against before; the packed model's greedy decode and
+    its forward over a batch, after (int8 codes unpacked once, torch._int_mm) against before (unpacked to float32 at
+    every call). Returns rows and checks (before and after agree bit for bit: losses, gradients, logits, tokens)."""
+    rows, checks = [], {}
+    for name, c in (("issue19", ISSUE19[quick]), ("speed", dict(CONFIGS[quick], vocab=VOCAB))):
+        hf, ours = hf_twin(c, seed, c["vocab"])
+        x = torch.randint(0, c["vocab"], (c["batch"], c["seq"] + 1), generator=torch.Generator().manual_seed(seed))
+        idx, targets = x[:, :-1].contiguous(), x[:, 1:].clone()
+        targets[:, -1] = -1
+        after = train_step(ours, idx, targets, seed)
+        grads = lambda: [p.grad.clone() for p in ours.parameters()]  # noqa: E731
+        checks[f"before_after_{name}_train_loss_identical"] = after(0) == run_before(after)(0)
+        g_before = grads()
+        after(0)
+        checks[f"before_after_{name}_train_grads_identical"] = all(torch.equal(a, b) for a, b in zip(g_before, grads()))
+        cases = {"after_hf": (0, after, hf_train_step(hf, idx)),
+                 "before_hf": (0, run_before(after), hf_train_step(hf, idx)),
+                 "after_before": (0, after, run_before(after))}
+        times, _ = harness.run_rounds(cases, rounds, name=f"round (train, {name} shape)")
+        what = f"train step, {c['n_layer']} x {c['n_embd']}, vocab {c['vocab']}, {c['batch']}x{c['seq']} tok"
+        rows += [harness.ratio_row(f"train_{name}_after", f"{what}: after", "HF", 1.0, *times["after_hf"]),
+                 harness.ratio_row(f"train_{name}_before", f"{what}: before", "HF", None, *times["before_hf"]),
+                 harness.ratio_row(f"train_{name}_gain", f"{what}: after", "before", None, *times["after_before"])]
+    c = CONFIGS[quick]
+    packed = bitnet.pack(copy.deepcopy(ours)).eval()
+    prompt = torch.randint(0, VOCAB, (1, c["prompt"]), generator=torch.Generator().manual_seed(seed + 1))
+    batch = idx[:, :c["seq"] // 4]
+
+    def forward(n):
+        with torch.no_grad():
+            return packed(batch)[0]
+
+    cases = {"decode": (c["decode"], harness.greedy(packed, prompt), run_before(harness.greedy(packed, prompt))),
+             "forward": (0, forward, run_before(forward))}
+    times, outs = harness.run_rounds(cases, rounds, name="round (packed, before/after)")
+    checks["before_after_packed_tokens_identical"] = torch.equal(*outs["decode"])
+    checks["before_after_packed_logits_identical"] = torch.equal(*outs["forward"])
+    rows += [harness.ratio_row("packed_decode_gain", f"packed greedy decode {c['decode']} tok: after", "before", None,
+                               *times["decode"]),
+             harness.ratio_row("packed_forward_gain", f"packed forward {batch.size(0)}x{batch.size(1)} tok: after",
+                               "before", None, *times["forward"])]
+    return rows, checks
 
 
 # ------------------------------------------------------------------------------------------- GPU
@@ -457,13 +571,21 @@ def main():
           f"{100 * checks['hf_argmax_agree']:.1f}% of positions, max |logit diff| "
           f"{checks['hf_logits_max_rel_diff']:.1e} of max |logit| | ours with and without the KV cache: {cache_same} "
           "(reported, not required: see the docstring)")
+    with torch._dynamo.config.patch(disable=True):
+        issue_rows, issue_checks = before_after_rows(quick, args.rounds, args.seed)
+    checks.update(issue_checks)
+    print("issue 19, before / after (before: the straight-through estimator as q.detach() + (z - z.detach()), the "
+          "packed codes unpacked to float32 at every call; the same numbers bit for bit: "
+          f"{all(issue_checks.values())}):")
+    harness.print_ratio_table(issue_rows)
     harness.print_legend(args.quick)
 
     gpu, gpu_ok = harness.gpu_section(lambda: gpu_rows(args.batch_size))
     # status 1: a size off packed_size or over 1/7, a val run failed or the runs tokenized differently, packed tokens
     # not the master's, or the GPU rows failed
     harness.finish(T_START, info, args.json, ok and gpu_ok and harness.passed(checks), sizes=sizes,
-                   val=dict(config=vc, runs=runs), config=config, rounds=args.rounds, rows=rows, checks=checks,
+                   val=dict(config=vc, runs=runs), config=config, rounds=args.rounds, rows=rows + issue_rows,
+                   checks=checks,
                    gpu=gpu)
 
 

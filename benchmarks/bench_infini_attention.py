@@ -27,19 +27,29 @@ each op for the other); the ratios below do not depend on it.
                (no T x T matrix is materialised: the table shows what one would take, per layer, fp32), so both
                are O(T) in memory; what differs is full attention's O(T^2) time against Infini's
                O(T x segment).
+  fwd+bwd A/B  forward + backward at T = 1K (batch 1, with the loss, train mode, dropout 0, gradients set to None
+               before each pass), timed in this process with harness.run_rounds (5 rounds + 1 warmup, the order of
+               the pair flipping each round, medians, range = the per-round ratios), Infini with segments of 256
+               (4 segments: the CUDA preset's) and of 512 (this bench's), each against llama2.py's Llama (target:
+               no slower, ratio >= 1) and against infini_attention.py as it was before issue 19
+               (commit BEFORE_19, read with git show and imported under another name; skipped when this checkout's
+               history lacks it), whose forward looped over the segments; same weights, and their losses must
+               agree (1e-5)
   decode       greedy, batch 1, each model from its own cache, after a context of L = 1K, 4K, 16K tokens: a random
                prompt of L - 32 tokens is prefilled once (not timed), then 64 tokens are decoded one at a time
                (hidden() on the last token + lm_head + argmax, what generate does per token) and timed as two
                rows: positions L - 32 .. L - 1, the last 32 of an Infini segment (its local attention over up to
                512 keys, and at the last one the segment written into the memory), and L .. L + 31, the first
                32 of the next (a nearly empty segment). Each round restores the state the row starts from
-               (Infini: the MemoryState tensors, which a step replaces rather than changes; llama2: its KVCache,
-               whose slots from the row's first position are rewritten). harness.run_rounds: 5 rounds + 1
+               (Infini: M and z, which a step replaces, and the unfinished segment's buffer, which a step writes
+               into: copied back from a copy, 0.5 MB a layer once per row of 32 tokens, inside the timing; llama2: its KVCache, whose slots from
+               the row's first position are rewritten). harness.run_rounds: 5 rounds + 1
                warmup, the order of the two models flipping each round, medians; ratio = llama2 / Infini (> 1:
                Infini faster). The 65 tokens must equal those of each model's generate(prompt, 65, 0), and
                the logits of the prefill must be finite. Cache bytes when the row starts: Infini's
-               state_bytes(state) (M and z per layer and key/value head, fp32, plus the keys and values of the
-               unfinished segment: must equal that formula, and be the same at every L at a segment's start),
+               state_bytes(state) (M and z per layer and key/value head, fp32, plus, inside a segment, the buffer
+               of its keys and values, segment_len - 1 slots: must equal that formula, and be the same at every L
+               at a segment's start),
                llama2's kv_bytes_per_token(4) x the tokens it holds (its KVCache buffers, allocated for the
                prompt + 65, are checked against kv_bytes_per_token too)
   checks       Infini with and without its cache (generate's use_cache) gives the same 16 greedy tokens after a
@@ -51,24 +61,34 @@ each op for the other); the ratios below do not depend on it.
                autocast over fp32 weights, at T = 1K, 4K, 16K, 64K, for a Llama of GPT-2 124M's shape (12 x 768,
                12 heads, 4 kv heads, Llama 2's vocabulary of 32000) and an Infini model holding its weights with
                the paper's segments of 2048 tokens. Untested: no GPU was available when this was written; its
-               code path is smoke-tested on the CPU with a tiny model (gpu_rows(device="cpu", ...), peaks n/a)
+               code path is smoke-tested on the CPU with a tiny model (gpu_rows(device="cpu", ...), peaks n/a).
+               Then training throughput at infini_attention.py's CUDA preset shape (6 x 384, 6 heads, 2 kv heads,
+               GPT-2's vocabulary, T = 1024, Infini in 4 segments of 256, the delta memory, --batch_size 8 by
+               default, dropout 0): llama2.Llama and Infini through harness.train_throughput (bf16 autocast,
+               torch.compile, fused AdamW, 5 warmup steps + 30 timed), target (issue 19): Infini's tokens/s >= 0.7
+               x llama2's. Also untested on a GPU (none lent while it was written); smoke-tested on the CPU with a
+               tiny model and compile=False
 
-    python benchmarks/bench_infini_attention.py                  # about 4 minutes on 2 shared CPU cores
+    python benchmarks/bench_infini_attention.py                  # about 5 minutes on 2 shared CPU cores
     python benchmarks/bench_infini_attention.py --quick          # tiny model, a smoke test: 25 s, 50 s when the
                                                                  # other core is busy (6 processes importing torch)
     python benchmarks/bench_infini_attention.py --json out.json  # also write the results as JSON
-    python -c "import bench_infini_attention as b; b.gpu_rows()"  # from benchmarks/: the GPU rows alone
+    python -c "import bench_infini_attention as b; b.gpu_rows()"  # from benchmarks/: the GPU forward rows alone
+    python -c "import bench_infini_attention as b; b.gpu_train_rows(8)"  # the GPU training throughput alone
 """
 import time
 
 T_START = time.perf_counter()  # the wall time printed at the end includes the imports
 
 import argparse
+import importlib.util
 import inspect
 import json
 import math
 import subprocess
 import sys
+import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -85,16 +105,20 @@ import llama2  # noqa: E402
 CONFIGS = {
     "default": dict(shape=dict(vocab_size=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=256), segment_len=512,
                     fwd_T=(1024, 4096, 16384), fwd_reps=2, fwd_budget_s=20.0, ctx=(1024, 4096, 16384), ctx_new=32,
-                    short_new=16),
+                    short_new=16, ab_T=1024, ab_segments=(256, 512)),
     "quick": dict(shape=dict(vocab_size=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=64), segment_len=64,
                   fwd_T=(256, 512, 1024), fwd_reps=1, fwd_budget_s=2.0, ctx=(256, 512, 1024), ctx_new=8,
-                  short_new=8),
+                  short_new=8, ab_T=256, ab_segments=(64,)),
 }
 INIT_STD, MEMORY_UPDATE = 0.1, "delta"
 MODELS = ("llama2", "infini")  # the reference, then ours (harness's ratios: reference / ours)
 # GPU: a Llama of GPT-2 124M's shape (bench_llama2.py's), Llama 2's vocabulary, the paper's segments of 2048
 GPU_SHAPE = dict(vocab_size=32000, n_layer=12, n_head=12, n_kv_head=4, n_embd=768)
 GPU_SEGMENT, GPU_T = 2048, (1024, 4096, 16384, 65536)
+# GPU training throughput (issue 19's target: Infini >= 0.7 x llama2's tokens/s): infini_attention.py's CUDA preset
+# (6 x 384, 6 heads, 2 kv heads, 4 segments of 256 per sequence of 1024), GPT-2's vocabulary, batch --batch_size
+GPU_PRESET = dict(vocab_size=50257, n_layer=6, n_head=6, n_kv_head=2, n_embd=384)
+GPU_PRESET_SEGMENT, GPU_PRESET_T, GPU_TRAIN_TARGET = 256, 1024, 0.7
 
 
 def build_models(shape, segment_len, block_size, seed, init_std, memory_update):
@@ -231,13 +255,73 @@ def print_forward_table(rows, scores_column=True):
          + ((mib(r["scores_bytes"]),) if scores_column else ()) for r in rows])
 
 
+# ------------------------------------------------------------------------------- fwd+bwd A/B (issue 19)
+
+BEFORE_19 = "7702f9aa244b37f1e599d71cf914f92246a8fac8"  # the last commit whose forward looped over segments
+
+
+def looped_module():
+    """infini_attention.py at BEFORE_19, imported as infini_attention_before_19; None when git cannot give it."""
+    try:
+        r = subprocess.run(["git", "show", f"{BEFORE_19}:infini_attention.py"], cwd=HERE.parent, capture_output=True,
+                           text=True)
+    except OSError:
+        return None
+    if r.returncode != 0:
+        return None
+    path = Path(tempfile.mkdtemp()) / "infini_attention_before_19.py"
+    path.write_text(r.stdout)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def train_rows(c, rounds, seed):
+    """Forward + backward at T = c["ab_T"], A/B in this process: Infini (segments of each c["ab_segments"]) against
+    llama2.Llama and against the looped Infini of BEFORE_19, all holding the same weights. Returns rows, checks."""
+    T, V = c["ab_T"], c["shape"]["vocab_size"]
+    x = torch.randint(0, V, (1, T + 1), generator=torch.Generator().manual_seed(seed + 3))
+    idx, targets = x[:, :-1].contiguous(), x[:, 1:].contiguous()
+    looped = looped_module()
+
+    def step(model):
+        def run(_):
+            model.train().zero_grad(set_to_none=True)
+            loss = model(idx, targets)[1]
+            loss.backward()
+            return loss.item()
+        return run
+
+    cases, specs = {}, []
+    for S in c["ab_segments"]:
+        llama, infini = build_models(c["shape"], S, T, seed, INIT_STD, MEMORY_UPDATE)
+        cases[f"seg{S}_llama2"] = (0, step(infini), step(llama))
+        specs.append((f"seg{S}_llama2", f"fwd+bwd T={T:,}, Infini segments of {S}", "llama2.py", 1.0))
+        if looped is not None:
+            old = looped.InfiniTransformer(looped.Config(**asdict(infini.config)))
+            old.load_state_dict(infini.state_dict())
+            cases[f"seg{S}_looped"] = (0, step(infini), step(old))
+            specs.append((f"seg{S}_looped", f"fwd+bwd T={T:,}, segments of {S}", "before issue 19", None))
+    times, outputs = harness.run_rounds(cases, rounds, name="fwd+bwd round")
+    rows = [harness.ratio_row(key, label, ref, target, *times[key]) for key, label, ref, target in specs]
+    for r in rows:
+        r["tokens_per_s_ours"], r["tokens_per_s_ref"] = T / r["ours_median_s"], T / r["ref_median_s"]
+    checks = {"ab_losses_finite": all(math.isfinite(v) for pair in outputs.values() for v in pair),
+              "ab_looped_available": looped is not None}
+    checks.update({f"{key}_loss_match": abs(a - b) <= 1e-5 for key, (a, b) in outputs.items() if "looped" in key})
+    return rows, checks
+
+
 # ---------------------------------------------------------------------------------------- decode
 
 def infini_decoder(model, prompt, n):
     """Prefill prompt (1, P) into a fresh state (its last position gives the first new token); returns
     dict(first, finite, end, start, tokens, end_state_bytes, start_state_bytes, filled): end(k) / start(k) decode
     k greedy tokens one at a time from the state after the prompt / after the prompt + n tokens, restoring it
-    first (a step replaces the state's tensors, never writes into them)."""
+    first (a step replaces M and z, and writes its key and value into the unfinished segment's buffer: that is
+    restored from a copy, one copy of the buffer per call, outside the per-token cost)."""
     V = model.config.vocab_size
     state = model.new_state()
 
@@ -245,13 +329,14 @@ def infini_decoder(model, prompt, n):
         return model.lm_head(model.hidden(idx, state)[:, -1])[:, :V].argmax(-1, keepdim=True)
 
     def snapshot():
-        return [(s.M, s.z, s.k, s.v, s.filled) for s in state]
+        return [(s.M, s.z, None if s.buffer is None else s.buffer.clone(), s.filled) for s in state]
 
     def runner(tok0, snap):
         @torch.no_grad()
         def run(k):
-            for s, (M, z, k_seg, v_seg, filled) in zip(state, snap):
-                s.M, s.z, s.k, s.v, s.filled = M, z, k_seg, v_seg, filled
+            for s, (M, z, buffer, filled) in zip(state, snap):
+                s.M, s.z, s.filled = M, z, filled
+                s.buffer = None if buffer is None else buffer.clone()
             tok, out = tok0, []
             for _ in range(k):
                 tok = next_token(tok)
@@ -300,9 +385,11 @@ def llama_decoder(model, prompt, n):
 
 
 def infini_state_formula(cfg, filled, itemsize=4):
-    """M (d x d) and z (d) per layer and key/value head, fp32, plus K and V of `filled` tokens of the segment."""
+    """M (d x d) and z (d) per layer and key/value head, fp32, plus, inside a segment (filled > 0), the buffer of
+    its keys and values: segment_len - 1 slots of K and V."""
     d, kv = cfg.head_dim, cfg.n_kv_head
-    return cfg.n_layer * kv * (d * d + d) * 4 + 2 * cfg.n_layer * kv * filled * d * itemsize
+    slots = cfg.segment_len - 1 if filled else 0
+    return cfg.n_layer * kv * (d * d + d) * 4 + 2 * cfg.n_layer * kv * slots * d * itemsize
 
 
 def decode_rows(c, llama, infini, rounds, seed):
@@ -431,11 +518,39 @@ def gpu_rows(device="cuda", shape=None, segment_len=GPU_SEGMENT, lengths=GPU_T, 
     return dict(device=name, shape=shape, segment_len=segment_len, rows=rows)
 
 
+def gpu_train_rows(batch_size, device="cuda", shape=None, segment_len=GPU_PRESET_SEGMENT, T=GPU_PRESET_T, steps=30,
+                   warmup=5, compile=True):
+    """Training throughput (harness.train_throughput: bf16 autocast, torch.compile, fused AdamW) of llama2.Llama and
+    of Infini at the CUDA preset's shape, printed with Infini's tokens/s over llama2's against GPU_TRAIN_TARGET.
+    (device, shape, the step counts and compile exist only to smoke-test this on a CPU with a tiny model.)"""
+    shape = shape or GPU_PRESET
+
+    def infini():
+        model = infini_attention.InfiniTransformer(infini_attention.Config(segment_len=segment_len,
+                                                                           memory_update=MEMORY_UPDATE, **shape))
+        model.config.block_size = T  # the sequence length train_throughput reads (Infini's Config has no such field)
+        return model
+
+    builds = {"llama2": lambda: llama2.Llama(llama2.Config(block_size=T, **shape)), "infini": infini}
+    options = {"llama2": dict(compile=compile),
+               "infini": dict(compile=compile, flops_per_token=lambda m: infini_attention.flops_per_token(m, T))}
+    out = harness.train_throughputs(builds, batch_size, device, steps, warmup, options)
+    for name, g in out.items():
+        print(harness.gpu_line(f"{name} {shape['n_layer']}x{shape['n_embd']}, {shape['n_head']} heads, "
+                               f"{shape['n_kv_head']} kv heads" + (f", segments of {segment_len}," if name == "infini"
+                                                                    else ","), g))
+    ratio = out["infini"]["tokens_per_s"] / out["llama2"]["tokens_per_s"]
+    print(f"GPU train tokens/s infini / llama2: {ratio:.2f} (target >= {GPU_TRAIN_TARGET}: "
+          f"{'yes' if ratio >= GPU_TRAIN_TARGET else 'NO'})")
+    return dict(throughput=out, ratio=ratio, target=GPU_TRAIN_TARGET)
+
+
 def main():
     p = harness.common_args(argparse.ArgumentParser(
         description="infini_attention.py vs llama2.py's full attention: forward time and peak memory at 1K-16K "
                     "tokens, decoding cost and cache bytes after 1K-16K tokens (see the docstring)"))
     p.set_defaults(threads=1)  # one torch thread: see the docstring (--threads 0: torch's own choice)
+    p.set_defaults(batch_size=8)  # the GPU training rows: the CUDA preset's batch
     args = harness.parse_args(p)
     c = CONFIGS["quick" if args.quick else "default"]
     block_size = max(max(c["fwd_T"]), max(c["ctx"]) + c["ctx_new"] + 1)
@@ -456,6 +571,15 @@ def main():
           f"fwd+bwd; time = median of up to {c['fwd_reps']} passes after the first (per token = / T); peak = peak "
           f"resident size over the first pass minus the size before it (VmHWM reset through /proc/self/clear_refs):")
     print_forward_table(fwd)
+
+    ab, ab_checks = train_rows(c, args.rounds, args.seed)
+    checks.update(ab_checks)
+    print(f"forward + backward, batch 1, T={c['ab_T']:,}, with the loss, in this process: {args.rounds} rounds + 1 "
+          f"warmup, each pair alternating, medians, range = the per-round ratios:")
+    harness.print_ratio_table(ab)
+    harness.print_legend(args.quick)
+    print(f"before issue 19 (commit {BEFORE_19[:7]}) available: {ab_checks['ab_looped_available']} | losses equal "
+          f"to it: {harness.passed(ab_checks)} | losses finite: {ab_checks['ab_losses_finite']}")
 
     dec, dec_checks = decode_rows(c, llama, infini, args.rounds, args.seed)
     checks.update(dec_checks)
@@ -484,12 +608,12 @@ def main():
           f"{more['one_segment_logits_max_abs_diff']:.1e}, {more['one_segment_logits_match']} | forward losses "
           f"finite: {checks['forward_losses_finite']}")
 
-    gpu, gpu_ok = harness.gpu_section(gpu_rows)
+    gpu, gpu_ok = harness.gpu_section(lambda: dict(forward=gpu_rows(), train=gpu_train_rows(args.batch_size)))
     ok = gpu_ok and harness.passed(checks) and all(v for k, v in checks.items() if k.endswith("finite"))
     # status 1: tokens off generate's or cached off uncached, a cache size off its formula, Infini off llama2 on
     # one segment, a loss or logits not finite, or the GPU rows failed
-    harness.finish(T_START, info, args.json, ok, config=config, rounds=args.rounds, forward=fwd, decode=dec,
-                   checks=checks, gpu=gpu)
+    harness.finish(T_START, info, args.json, ok, config=config, rounds=args.rounds, forward=fwd, fwd_bwd_ab=ab,
+                   decode=dec, checks=checks, gpu=gpu)
 
 
 if __name__ == "__main__":

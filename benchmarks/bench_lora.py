@@ -31,16 +31,27 @@ Per method, in that process:
   checkpoint     torch.save into a BytesIO: the whole state_dict (full: the model; LoRA/QLoRA: base + adapters, an
                  NF4 base as its codes and scales) and lora_state_dict(model), what an adapter-only checkpoint holds
   NF4            (QLoRA) bits per weight of the NF4 layers (codes, int8 scales, their float32 scales, the offset),
-                 and the time to dequantize all of them once (a step does it twice: forward and backward)
+                 and the time to dequantize all of them once (a step does it twice: forward and backward; on a
+                 CPU the CPU time of one thread, time.thread_time, which load on the machine barely changes)
+  QLoRA int64    a fourth method, for issue 19's before/after: QLoRA with NF4Linear.weight_as replaced by
+                 weight_as_int64 below, lora.py's dequantization before issue 19 (an int64 copy of the codes indexing
+                 the (256, 2) pair table in 2-D, then a multiply into a new tensor): the same outputs bit for bit,
+                 its peak RSS and step time beside the others
+  A/B            issue 19's row: LoRA, QLoRA and QLoRA int64 built in this process and stepped in turn, round after
+                 round (interleaved, so load falls on all three alike), one torch thread (with 2 threads a loaded
+                 machine stalls each op at its barrier): per method the median (range) of the step's wall and CPU
+                 time (time.thread_time), and QLoRA's / LoRA's per round: the median (range) of those ratios;
+                 target QLoRA / LoRA <= 1.3x (it was 1.9x). Check: QLoRA's losses are QLoRA int64's, bit for bit
 Checks (exit status 1 if one fails): LoRA's trainable count is n_layer x rank x 16 x n_embd (the four adapted
 layers per block); LoRA's first loss equals full fine-tuning's (B starts at zero, so the function is the base's);
-every loss is finite; the optimizer state is 8 bytes per trainable parameter plus the step counters.
+every loss is finite; the optimizer state is 8 bytes per trainable parameter plus the step counters; in the A/B,
+QLoRA's losses are QLoRA int64's.
 
-  GPU    only with CUDA: the same three, each in a fresh process, bf16 autocast (float32 weights, the NF4 base
+  GPU    only with CUDA: the same four, each in a fresh process, bf16 autocast (float32 weights, the NF4 base
          dequantized to bf16), fused AdamW, no torch.compile, B=--batch_size x T=1024: step time (median of 20
          after 5 warmup, torch.cuda.synchronize() around each) and torch.cuda.max_memory_allocated over the steps
 
-    python benchmarks/bench_lora.py                  # about 4 minutes on 2 CPU cores
+    python benchmarks/bench_lora.py                  # about 6 minutes on 2 CPU cores
     python benchmarks/bench_lora.py --quick          # tiny model, a smoke test (~40 s)
     python benchmarks/bench_lora.py --json out.json  # also write the results as JSON
     python benchmarks/bench_lora.py --rounds 9       # timed steps per method (default 5; 2 with --quick)
@@ -53,8 +64,10 @@ T_START = time.perf_counter()  # the wall time printed at the end includes the i
 import argparse
 import inspect
 import json
+import statistics
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import torch
@@ -70,10 +83,19 @@ CONFIGS = {
     "default": dict(model=dict(), batch=1, seq=256, warmup=2),
     "quick": dict(model=dict(n_layer=2, n_head=2, n_embd=64, block_size=256), batch=1, seq=64, warmup=1),
 }
-METHODS = ("full", "lora", "qlora")
-NAMES = {"full": "full fine-tuning", "lora": "LoRA", "qlora": "QLoRA"}
+METHODS = ("full", "lora", "qlora", "qlora_int64")
+NAMES = {"full": "full fine-tuning", "lora": "LoRA", "qlora": "QLoRA", "qlora_int64": "QLoRA int64 (before #19)"}
 LORA = dict(rank=8, alpha=16, targets=("c_attn", "c_proj", "c_fc"))
-LR = {"full": 1e-4, "lora": 1e-3, "qlora": 1e-3}  # as lora.py: adapters (B starting at 0) take a higher rate
+LR = {"full": 1e-4, "lora": 1e-3, "qlora": 1e-3, "qlora_int64": 1e-3}  # adapters (B at 0) take a higher rate
+
+
+def weight_as_int64(self, dtype):
+    """lora.NF4Linear.weight_as before issue 19, verbatim: an int64 copy of the codes indexes the (256, 2) pair
+    table, the product is a new float32 tensor, then cast to dtype."""
+    n_blocks = self.in_features * self.out_features // self.block_size
+    absmax = (self.absmax_q.float() * self.absmax_scale[:, None]).flatten()[:n_blocks] + self.offset
+    w = self.pairs[self.packed.long()].view(n_blocks, self.block_size) * absmax[:, None]
+    return w.view(self.out_features, self.in_features).to(dtype)
 
 
 def method_worker(spec):
@@ -90,6 +112,10 @@ def method_worker(spec):
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     method = spec["method"]
+    if spec["weight_as"]:  # QLoRA int64: the dequantization before issue 19 (weight_as_int64's source)
+        ns = dict(torch=torch)
+        exec(spec["weight_as"], ns)
+        lora.NF4Linear.weight_as = ns["weight_as_int64"]
 
     def status(key):  # KiB, the kernel's accounting of this process's resident memory
         return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key + ":"))
@@ -115,9 +141,9 @@ def method_worker(spec):
     cfg = lora.Config(**spec["model"])
     model = lora.GPT(cfg)
     total = sum(p.numel() for p in model.parameters())  # the tied wte/lm_head once
-    if method == "qlora":
+    if method.startswith("qlora"):
         lora.quantize_nf4(model, 64, spec["targets"])
-    if method in ("lora", "qlora"):
+    if method != "full":
         lora.add_lora(model, spec["rank"], spec["alpha"], spec["targets"])
     model.to(device).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -173,15 +199,19 @@ def method_worker(spec):
         out.update(nf4_layers=len(nf4), nf4_weights=n,
                    nf4_bits_per_weight=sum(m.bits_per_weight() * m.in_features * m.out_features for m in nf4) / n)
         dtype = torch.bfloat16 if spec["autocast"] else torch.float32
+        clock = time.perf_counter if cuda else time.thread_time  # CPU: one thread's CPU time (load stalls 2+ threads)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(threads if cuda else 1)
         times = []
         with torch.no_grad():
             for _ in range(spec["steps"] + 1):  # the first warms up
                 sync()
-                t = time.perf_counter()
+                t = clock()
                 for m in nf4:
                     m.weight_as(dtype)
                 sync()
-                times.append(time.perf_counter() - t)
+                times.append(clock() - t)
+        torch.set_num_threads(threads)
         out["nf4_dequant_all_s"] = statistics.median(times[1:])
     if spec["sizes"]:  # after the peak: these buffers are not in it
         def saved(obj):
@@ -208,7 +238,8 @@ def run_methods(c, steps, seed, device="cpu", autocast=False, sizes=True):
         spec = dict(method=method, model=c["model"], batch=c["batch"], seq=c["seq"], warmup=c["warmup"], steps=steps,
                     seed=seed, lr=LR[method], device=device, autocast=autocast, sizes=sizes,
                     threads=torch.get_num_threads() if device == "cpu" else 0, root=str(HERE.parent),
-                    rank=LORA["rank"], alpha=LORA["alpha"], targets=LORA["targets"])
+                    rank=LORA["rank"], alpha=LORA["alpha"], targets=LORA["targets"],
+                    weight_as=inspect.getsource(weight_as_int64) if method == "qlora_int64" else None)
         t = time.perf_counter()
         out[method] = r = run_worker(spec)
         print(f"{NAMES[method]}: {harness.fmt_s(r['step_median_s'])}/step, process {time.perf_counter() - t:.1f} s",
@@ -269,10 +300,63 @@ def print_cpu_tables(res, c):
          for m, r in res.items()])
 
 
+def dequant_ab(c, rounds, seed):
+    """Issue 19's A/B (see the docstring): {"wall_s"/"cpu_s": {method: [per round]}, "ratio_wall"/"ratio_cpu":
+    {method: [step / LoRA's step, per round]}, "losses": {method: [...]}} for LoRA, QLoRA and QLoRA int64."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cfg = lora.Config(**c["model"])
+    x = torch.randint(0, cfg.vocab_size, (c["batch"], c["seq"] + 1), generator=torch.Generator().manual_seed(seed + 1))
+    idx, targets = x[:, :-1].contiguous(), x[:, 1:].contiguous()
+    runs = {}
+    for method in ("lora", "qlora", "qlora_int64"):
+        torch.manual_seed(seed)  # the same base weights as the workers'
+        model = lora.GPT(cfg)
+        if method != "lora":
+            lora.quantize_nf4(model, 64, LORA["targets"])
+        lora.add_lora(model, LORA["rank"], LORA["alpha"], LORA["targets"]).train()
+        for m in model.modules():
+            if method == "qlora_int64" and isinstance(m, lora.NF4Linear):
+                m.weight_as = types.MethodType(weight_as_int64, m)
+        opt_args = types.SimpleNamespace(lr=LR[method], weight_decay=0.1, optimizer="adamw")
+        runs[method] = (model, *lora.configure_optimizer(model, opt_args, torch.device("cpu")))
+    out = {k: {m: [] for m in runs} for k in ("wall_s", "cpu_s", "losses")}
+    for r in range(c["warmup"] + rounds):
+        for method, (model, opt) in runs.items():
+            t, t_cpu = time.perf_counter(), time.thread_time()
+            opt.zero_grad(set_to_none=True)
+            _, loss = model(idx, targets)
+            loss.backward()
+            opt.step()
+            if r >= c["warmup"]:
+                out["wall_s"][method].append(time.perf_counter() - t)
+                out["cpu_s"][method].append(time.thread_time() - t_cpu)
+            out["losses"][method].append(loss.item())
+    torch.set_num_threads(threads)
+    for k in ("wall", "cpu"):
+        out["ratio_" + k] = {m: [a / b for a, b in zip(v, out[k + "_s"]["lora"])] for m, v in out[k + "_s"].items()}
+    return out
+
+
+def print_ab(ab):
+    def cell(v, fmt):
+        return f"{fmt(statistics.median(v))} ({fmt(min(v))}-{fmt(max(v))})"
+
+    def ratio(v):
+        return f"{v:.2f}x"
+
+    print(f"issue 19, interleaved A/B in one process, 1 torch thread, {len(ab['wall_s']['lora'])} rounds "
+          f"(target: QLoRA / LoRA <= 1.3x; before issue 19 ~1.9x):")
+    harness.print_table(
+        ("method", "step wall: median (range)", "step CPU time", "/ LoRA's, per round: wall", "CPU time"),
+        [(NAMES[m], cell(ab["wall_s"][m], harness.fmt_s), cell(ab["cpu_s"][m], harness.fmt_s),
+          cell(ab["ratio_wall"][m], ratio), cell(ab["ratio_cpu"][m], ratio)) for m in ab["wall_s"]])
+
+
 # ------------------------------------------------------------------------------------------- GPU
 
 def gpu_rows(batch_size, device="cuda", cfg=None, seq=None, steps=20, warmup=5):
-    """{method: method_worker result} for the three at GPT-2 124M's shape, bf16 autocast, B=batch_size x T=1024,
+    """{method: method_worker result} for the four (METHODS) at GPT-2 124M's shape, bf16 autocast, B=batch_size x T=1024,
     each in a fresh process, printed. (device, cfg, seq and the step counts exist only to smoke-test this on a CPU
     with a tiny model.)"""
     cfg = dict(cfg or {})
@@ -304,7 +388,9 @@ def main():
 
     info = harness.machine()
     res = run_methods(c, args.rounds, args.seed)
+    ab = dequant_ab(c, args.rounds, args.seed)
     checks = checks_of(res, c)
+    checks["qlora_int64_losses_identical"] = ab["losses"]["qlora"] == ab["losses"]["qlora_int64"]
     full, lo, q = res["full"], res["lora"], res["qlora"]
     cfg = lora.Config(**c["model"])
     print(f"model: GPT-2 124M's shape, random weights (no download): {cfg.n_layer} layers x {cfg.n_embd}, "
@@ -324,8 +410,10 @@ def main():
     n = q["nf4_weights"]
     print(f"QLoRA NF4: {q['nf4_layers']} layers, {n:,} weights at {q['nf4_bits_per_weight']:.3f} bits each "
           f"({n * q['nf4_bits_per_weight'] / 8e6:,.1f} MB against {4 * n / 1e6:,.1f} MB in float32); dequantizing "
-          f"all of them to float32 once: {harness.fmt_s(q['nf4_dequant_all_s'])} (a step does it twice: forward, "
-          f"and again in backward)")
+          f"all of them to float32 once: {harness.fmt_s(q['nf4_dequant_all_s'])} CPU time, 1 thread (a step does it "
+          f"twice: forward, and again in backward; before issue 19: "
+          f"{harness.fmt_s(res['qlora_int64']['nf4_dequant_all_s'])})")
+    print_ab(ab)
     print(f"checkpoint: adapters {lo['adapter_file_bytes']:,} bytes vs the full model's state_dict "
           f"{full['state_dict_file_bytes']:,} bytes ({full['state_dict_file_bytes'] / lo['adapter_file_bytes']:.0f}x "
           f"smaller); QLoRA's whole state_dict (NF4 base + adapters): {q['state_dict_file_bytes']:,} bytes")
@@ -333,7 +421,8 @@ def main():
         f"{NAMES[m]} {checks['initial_losses'][m]:.4f} -> {checks['final_losses'][m]:.4f}" for m in METHODS))
     print(f"checks: LoRA trainable = n_layer x r x 16 x n_embd: {checks['lora_trainable_match']} | LoRA first loss = "
           f"full's: {checks['lora_initial_loss_match']} | optimizer state = 8 B/param + step counters: "
-          f"{checks['optim_state_bytes_match']} | losses finite: {checks['losses_finite_match']}")
+          f"{checks['optim_state_bytes_match']} | losses finite: {checks['losses_finite_match']} | QLoRA's losses "
+          f"= QLoRA int64's (A/B): {checks['qlora_int64_losses_identical']}")
     if args.quick:
         print("--quick: a smoke test, its sizes are too small for the numbers to mean anything")
 
@@ -341,7 +430,7 @@ def main():
     # status 1: a check above failed, or the GPU rows failed
     harness.finish(T_START, info, args.json, gpu_ok and harness.passed(checks),
                    config=dict(c, lora=LORA, lr=LR, seed=args.seed, total_params=full["total_params"]),
-                   rounds=args.rounds, methods=res, checks=checks, gpu=gpu)
+                   rounds=args.rounds, methods=res, checks=checks, dequant_ab=ab, gpu=gpu)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ per implementation, the order flipping each round, round 0 a warmup; ratio = ref
                  against HF with the experts implementation transformers picks by default (grouped_mm)
   train, eager   the same against HF with experts_implementation="eager": its loop over the experts
   decode         greedy, batch 1, both with their KV cache; the generated tokens must be identical
+  decode, vocab  the same at issue 19's shape: the same layers, vocab 4096, a 16-token prompt, 64 new tokens (a
+                 smaller head: the experts weigh more); tokens identical. One token routes to k N = 2 <= 8
+                 pairs, so mixtral.py decodes through chosen_experts (the chosen experts only, read in place)
   KV cache       mixtral.py with its cache vs mixtral.py recomputing the whole prefix at every token (reported)
   MoE layer      forward + backward of one mixtral.SparseMoE on (B, T, n_embd) against a per-expert Python loop
                  over the same weights and routing (each expert: gather its tokens, SwiGLU, scale by the routing
@@ -101,6 +104,32 @@ def cpu_rows(c, rounds, seed):
                   hf_experts_implementation=hf.config._experts_implementation,
                   hf_eager_experts_implementation=hf_eager.config._experts_implementation, seed=seed)
     return rows, checks, config
+
+
+def decode_vocab_rows(c, rounds, seed, vocab=4096, prompt_len=16):
+    """Greedy decode, batch 1, against HF at c's layers with a vocabulary of `vocab` (issue 19's shape): a row and the
+    check that the tokens are identical."""
+    torch.manual_seed(seed)
+    hf = MixtralForCausalLM(MixtralConfig(
+        vocab_size=vocab, max_position_embeddings=CONTEXT, num_hidden_layers=c["n_layer"],
+        num_attention_heads=c["n_head"], num_key_value_heads=c["n_kv_head"], hidden_size=c["n_embd"],
+        intermediate_size=swiglu_width(c["n_embd"]),
+        num_local_experts=N_EXPERT, num_experts_per_tok=TOP_K, initializer_range=INIT_STD, attention_dropout=0.0,
+        sliding_window=None)).eval()
+    ours = harness.load_via_checkpoint(hf, mixtral.from_pretrained)
+    prompt = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(seed + 1))
+    eos = hf.generation_config.eos_token_id
+
+    def gen_hf(n):
+        return hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=eos,
+                           attention_mask=torch.ones_like(prompt))
+
+    n = c["decode"] // 2
+    cases = {"decode_vocab": (n, harness.greedy(ours, prompt), gen_hf)}
+    times, outputs = harness.run_rounds(cases, rounds, "decode round")
+    row = harness.ratio_row("decode_vocab", f"greedy decode {n} tok after {prompt_len}, vocab {vocab}", "HF", 1.0,
+                            *times["decode_vocab"])
+    return [row], {"decode_vocab_tokens_identical": torch.equal(*outputs["decode_vocab"])}
 
 
 def loop_moe(moe, x):
@@ -240,6 +269,9 @@ def main():
           f"{config['params_with_embedding'] / 1e6:.1f}M with the input embedding) | init std {INIT_STD} | fp32 | "
           f"HF attention {config['hf_attn_implementation']}, experts {config['hf_experts_implementation']} "
           f"(and {config['hf_eager_experts_implementation']}) | {args.rounds} rounds + 1 warmup, alternating, medians")
+    decode, decode_checks = decode_vocab_rows(c, args.rounds, args.seed)
+    rows += decode
+    checks.update(decode_checks)
     moe, moe_checks = moe_rows(c, args.rounds, args.seed)
     checks.update(moe_checks)
     harness.print_ratio_table(rows + moe)
@@ -247,7 +279,8 @@ def main():
           f"HF {checks['train_loss_ref']:.6f}, HF eager {checks['train_eager_loss_ref']:.6f} | train throughput: "
           f"ours {rows[0]['tokens_per_s_ours']:,.0f} tok/s, HF {rows[0]['tokens_per_s_ref']:,.0f} tok/s")
     print(f"greedy tokens identical to HF: {checks['decode_tokens_identical']} "
-          f"({checks['decode_distinct_tokens']} distinct of {c['decode']}) | "
+          f"({checks['decode_distinct_tokens']} distinct of {c['decode']}; vocab 4096: "
+          f"{checks['decode_vocab_tokens_identical']}) | "
           f"with and without the KV cache: {checks['kv_cache_tokens_identical']}")
     print(f"MoE layer vs loop: output max diff {checks['moe_out_max_diff']:.1e}, gradients max rel diff "
           f"{checks['moe_grad_max_rel_diff']:.1e} (GROUPED_MM = False: {checks['moe_no_grouped_mm_out_max_diff']:.1e}, "

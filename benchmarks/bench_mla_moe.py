@@ -21,6 +21,12 @@ ratio = reference / ours (> 1: ours faster).
                  k_rope) (B, H, L, dn + dr) and v (B, H, L, dv) from kv_b_proj, SDPA over them; generate's
                  LatentCache and MLA.forward are swapped for it during the call); ratio = expanded / latent time
                  (reported); the tokens must be identical
+  dispatch       the routed experts' ranking (each (token, choice) pair's place in its expert's queue, and the
+                 pairs per expert), mla_moe.expert_rank after a count by index_add_, against the one-hot
+                 (k N, E) and its running sum it replaced (written here); at DeepSeek-V3's E = 256, k = 8 over
+                 16K tokens, and at this bench's 16 experts top 4 over 1024 tokens (quick: smaller); the ranks
+                 must be equal. Peak memory of one call from torch.profiler's allocation events (their running
+                 sum's maximum; the expert ids, allocated before, not counted)
   cache bytes    per token, measured from each cache's tensors after the prefill; they must equal
                  kv_bytes_per_token(4) (fp32), [0] latent, [1] expanded. The same at DeepSeek-V3's shape
                  (mla_moe.Config() on the meta device: 61 layers, 128 heads, latent 512 + rope 64, nope 128, v 128),
@@ -110,6 +116,50 @@ def cpu_rows(c, rounds, seed):
                   hf_experts_implementation=hf.config._experts_implementation,
                   hf_eager_experts_implementation=hf_eager.config._experts_implementation)
     return ours, rows, checks, config
+
+
+def one_hot_rank(expert, E):
+    """The ranking mla_moe.py had before expert_rank: a one-hot of the pairs and its running sum, O(k N E) memory."""
+    e = expert.t().reshape(-1)
+    onehot = F.one_hot(e, E)
+    return onehot.sum(0), (onehot.cumsum(0) * onehot).sum(-1) - 1
+
+
+def sort_rank(expert, E):
+    """mla_moe.DeepSeekMoE's ranking: the count (a bincount by index_add_), then expert_rank's stable sort."""
+    e = expert.t().reshape(-1)
+    count = e.new_zeros(E).index_add_(0, e, torch.ones_like(e))
+    return count, mla_moe.expert_rank(e, count)
+
+
+def peak_cpu_bytes(fn):
+    """The most bytes torch holds on the CPU during fn(), over what it held before: allocation events in order."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    held = peak = 0
+    for event in sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start):
+        held += event.self_cpu_memory_usage
+        peak = max(peak, held)
+    return peak
+
+
+def dispatch_rows(rounds, seed, quick):
+    """The ranking at DeepSeek-V3's scale and at this bench's: time rows (one-hot / sort), peak bytes, equal ranks."""
+    shapes = [(2048, 64, 8), (256, N_EXPERT, TOP_K)] if quick else [(16384, 256, 8), (1024, N_EXPERT, TOP_K)]
+    rows, checks, cases, experts = [], {}, {}, {}
+    for N, E, k in shapes:
+        g = torch.Generator().manual_seed(seed + N)
+        expert = experts[N, E, k] = torch.rand(N, E, generator=g).topk(k, dim=-1).indices  # k distinct experts
+        cases[f"dispatch_{E}"] = (0, lambda _, x=expert, E=E: sort_rank(x, E),
+                                  lambda _, x=expert, E=E: one_hot_rank(x, E))
+    times, outputs = harness.run_rounds(cases, rounds, "dispatch round")
+    for (N, E, k), key in zip(shapes, cases):
+        rows.append(harness.ratio_row(key, f"MoE ranking, {N} tok, {E} experts top {k}", "one-hot", None, *times[key]))
+        ours, ref = outputs[key]
+        checks[f"{key}_ranks_match"] = torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])
+        checks[f"{key}_peak_bytes"] = peak_cpu_bytes(lambda: sort_rank(experts[N, E, k], E))
+        checks[f"{key}_one_hot_peak_bytes"] = peak_cpu_bytes(lambda: one_hot_rank(experts[N, E, k], E))
+    return rows, checks, shapes
 
 
 class ExpandedCache:
@@ -246,7 +296,9 @@ def main():
           f"{config['hf_eager_experts_implementation']}) | {args.rounds} rounds + 1 warmup, alternating, medians")
     latent_row, latent_checks = latent_rows(ours, c, args.rounds, args.seed)
     checks.update(latent_checks)
-    harness.print_ratio_table(rows + [latent_row])
+    dispatch, dispatch_checks, shapes = dispatch_rows(args.rounds, args.seed, args.quick)
+    checks.update(dispatch_checks)
+    harness.print_ratio_table(rows + [latent_row] + dispatch)
     print(f"logits vs HF: max diff {checks['logits_max_diff']:.1e} | train loss: ours {checks['train_loss_ours']:.6f}, "
           f"HF {checks['train_loss_ref']:.6f}, HF eager {checks['train_eager_loss_ref']:.6f} | train throughput: "
           f"ours {rows[0]['tokens_per_s_ours']:,.0f} tok/s, HF {rows[0]['tokens_per_s_ref']:,.0f} tok/s | gate bias "
@@ -255,6 +307,10 @@ def main():
           f"({checks['decode_distinct_tokens']} distinct of {c['decode']}) | with and without the latent cache: "
           f"{checks['kv_cache_tokens_identical']} | latent vs expanded cache: "
           f"{checks['latent_vs_expanded_tokens_identical']}")
+    print("MoE ranking, peak bytes of one call (torch.profiler's allocations), stable sort vs one-hot: " + ", ".join(
+        f"{N} tok x {E} experts top {k}: {checks[f'dispatch_{E}_peak_bytes'] / 2**20:.2f} MiB vs "
+        f"{checks[f'dispatch_{E}_one_hot_peak_bytes'] / 2**20:.1f} MiB" for N, E, k in shapes)
+          + f" | ranks equal: {all(checks[f'dispatch_{E}_ranks_match'] for _, E, _ in shapes)}")
     harness.print_legend(args.quick)
 
     v3 = v3_cache_numbers()
@@ -276,7 +332,7 @@ def main():
     # status 1: logits or losses off HF, different tokens (HF, no cache, expanded cache), a cache size that is not
     # kv_bytes_per_token, or the GPU rows failed
     harness.finish(T_START, info, args.json, gpu_ok and harness.passed(checks), config=config, rounds=args.rounds,
-                   rows=rows + [latent_row], checks=checks, deepseek_v3_cache=v3, gpu=gpu)
+                   rows=rows + [latent_row] + dispatch, checks=checks, deepseek_v3_cache=v3, gpu=gpu)
 
 
 if __name__ == "__main__":

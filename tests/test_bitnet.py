@@ -23,6 +23,7 @@ import torch
 import torch._dynamo
 import transformers
 from torch._dynamo.utils import counters
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.integrations.bitnet import AutoBitLinear, WeightQuant, pack_weights, unpack_weights
 
 import bitnet
@@ -352,6 +353,110 @@ def test_straight_through_gradients():
     (ref(x_ref) * g).sum().backward()
     assert torch.allclose(layer.weight.grad, ref.weight.grad, atol=1e-5)
     assert torch.allclose(x.grad, x_ref.grad, atol=1e-5)
+
+
+class AtenOps(TorchDispatchMode):
+    """The names of the aten operators run while active (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def textbook_quantizers(monkeypatch):
+    """bitnet's quantizers replaced by the textbook straight-through estimator, q.detach() + (z - z.detach()) with
+    z = x * s (what bitnet.py ran before issue 19)."""
+    def activations(x):
+        x = x.float()
+        s = (127.0 / x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)).detach()
+        z = x * s
+        return z.round().clamp(-128, 127).detach() + (z - z.detach()), s
+
+    def weights(w, bits):
+        w = w.float()
+        s = (1.0 / w.abs().mean().clamp(min=1e-5)).detach()
+        z = w * s
+        q = torch.where(w > w.mean(), 1.0, -1.0) if bits == 1 else z.round().clamp(-1, 1)
+        return q.detach() + (z - z.detach()), s
+    monkeypatch.setattr(bitnet, "quantize_activations", activations)
+    monkeypatch.setattr(bitnet, "quantize_weights", weights)
+
+
+@pytest.mark.parametrize("bits", [1.58, 1])
+def test_straight_through_node_is_the_textbook_estimator(bits, monkeypatch):
+    """A train step (loss and every gradient) gives the textbook estimator's numbers bit for bit, and a BitLinear
+    runs no subtraction or addition for it (the textbook form's two extra passes over each tensor) and computes
+    max|x| in one pass."""
+    model = tiny(seed=6, bits=bits).train()
+    idx = ids(300, 2, 24, seed=6)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss = model(idx[:, :-1], idx[:, 1:])[1]
+        loss.backward()
+        return loss, [p.grad.clone() for p in model.parameters()]
+
+    loss, grads = step()
+    with monkeypatch.context() as m:
+        textbook_quantizers(m)
+        ref_loss, ref_grads = step()
+    assert loss.item() == ref_loss.item() and all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+    layer = bitnet.BitLinear(40, 24, bits)
+    x = torch.randn(2, 7, 40, requires_grad=True)
+    with AtenOps() as seen:
+        layer(x).sum().backward()
+    assert not {"sub", "add", "rsub"} & set(seen.ops), seen.ops
+    assert "linalg_vector_norm" in seen.ops and "amax" not in seen.ops
+
+
+def test_packed_codes_are_unpacked_once():
+    """A PackedBitLinear holds its codes as int8 (out, in), unpacked from its bytes when they are packed or loaded
+    (load_state_dict refreshes them), not at every call, and not saved: the state keeps the 2-bit bytes, a quarter
+    of the codes' size."""
+    model = tiny(seed=8, intermediate_size=96)
+    packed = bitnet.pack(copy.deepcopy(model))
+    for m in block_linears(packed).values():
+        assert m.codes.dtype == torch.int8 and m.codes.shape == (m.out_features, m.in_features)
+        assert torch.equal(m.codes, bitnet.unpack_ternary(m.weight, m.out_features))
+        assert m.codes.nbytes == 4 * m.weight.nbytes
+    assert not any(k.endswith("codes") for k in packed.state_dict())
+    idx = ids(300, 2, 16, seed=8)
+    expected = logits_of(packed, idx)
+    other = bitnet.pack(tiny(seed=9, intermediate_size=96))
+    packed.load_state_dict(other.state_dict())
+    for m, o in zip(block_linears(packed).values(), block_linears(other).values()):
+        assert torch.equal(m.codes, o.codes)
+    packed.load_state_dict(bitnet.pack(copy.deepcopy(model)).state_dict())
+
+    def no_unpacking(*args):
+        raise AssertionError("unpacked at a call")
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(bitnet, "unpack_ternary", no_unpacking)
+        assert torch.equal(logits_of(packed, idx), expected)
+
+
+@pytest.mark.parametrize("shape", [(1, 64, 96), (5, 33, 7), (2, 9, 4096, 24), (3, 131072, 4)])  # (tokens..., in, out)
+def test_int_matmul_is_exact(shape):
+    """int_matmul (torch._int_mm on a CPU) gives F.linear's float32 numbers bit for bit, at any shape: one token,
+    odd sizes, leading batch dimensions, and sums as large as 127 * in_features with in_features up to 131072, float32's
+    last exact integers (the extreme codes +-127 and +-1 in every place where the random ones are not)."""
+    *lead, n_in, n_out = shape
+    g = torch.Generator().manual_seed(n_in)
+    x_q = torch.randint(-128, 128, (*lead, n_in), generator=g).float()
+    codes = torch.randint(-1, 2, (n_out, n_in), generator=g, dtype=torch.int8)
+    x_q[..., 0, :] = 127.0
+    codes[0] = 1
+    calls = []
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(torch, "_int_mm", lambda a, b: calls.append(a.shape) or torch.ops.aten._int_mm(a, b))
+        y = bitnet.int_matmul(x_q, codes)
+    assert calls and y.dtype == torch.float32 and y.shape == (*lead, n_out)
+    assert torch.equal(y, torch.nn.functional.linear(x_q, codes.float()))
+    assert y[..., 0, 0].eq(127 * n_in).all()
 
 
 # ------------------------------------------------------------------------------------- cache, causality

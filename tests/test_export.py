@@ -23,9 +23,13 @@ CONFIGS = {  # script: (its Config's fields, the transformers class of its famil
     "mamba": (dict(SMALL, d_state=8), "MambaForCausalLM"),
     "bitnet": (dict(HEADS, tie_embeddings=True), "BitNetForCausalLM"),
     "infini_attention": (dict(SMALL, segment_len=32, n_head=4, n_kv_head=2), "LlamaForCausalLM"),  # one segment
+    "mamba2": (dict(SMALL, d_state=8, headdim=16, ngroups=2, chunk_size=16), "Mamba2ForCausalLM"),
+    "jamba": (dict(HEADS, intermediate_size=48, n_expert=4, attn_layer_period=2, attn_layer_offset=1, d_state=8),
+              "JambaForCausalLM"),
 }
 MODEL_CLASS = {"gpt2": "GPT", "lora": "GPT", "llama2": "Llama", "mixtral": "Mixtral", "mla_moe": "DeepSeek",
-               "mamba": "Mamba", "bitnet": "BitNet", "infini_attention": "InfiniTransformer"}
+               "mamba": "Mamba", "bitnet": "BitNet", "infini_attention": "InfiniTransformer", "jamba": "Jamba",
+               "mamba2": "Mamba2"}
 
 
 def ours(script, seed=0):

@@ -1,13 +1,18 @@
 """infini_attention.py at the model level: a converted Llama gives transformers' logits on one segment (GQA, MHA,
 MQA, tied, rope theta, llama3 scaling) and, with the gates shut, on every segment alone; one attention layer against
 the paper's equations written out here (eqs. 2-6, both update rules, GQA, a partial last segment, fed whole and in
-chunks); the segment-wise forward against token-by-token decoding and cached against uncached generation; a state
-that does not grow with the context; 64 segments without NaN; causality across segments; gradients through the
-memory; the optimizer's gate group; the passkey data and metric; and the command line in-process (the common
-command-line tests, end to end, resume, DDP and bad inputs, are in test_scripts.py)."""
+chunks); the segment-wise forward against token-by-token decoding and cached against uncached generation; decoding
+into one buffer per segment; all segments at once against the loop over segments of the code before issue 19
+(logits and gradients); a state that does not grow with the context; 64 segments without NaN; causality across
+segments; gradients through the memory; the optimizer's gate group; the passkey data and metric; and the command
+line in-process (the common command-line tests, end to end, resume, DDP and bad inputs, are in test_scripts.py)."""
+import importlib.util
 import math
 import re
+import subprocess
+import sys
 from contextlib import nullcontext
+from dataclasses import asdict
 from types import SimpleNamespace
 
 import pytest
@@ -17,8 +22,8 @@ import torch.nn.functional as F
 import transformers
 
 import infini_attention as ia
-from conftest import (needs_gpt2_bpe, check_cached_equals_uncached, check_causal, check_overfits, hf_logits, ids, max_diff,
-                      randomize, scale_up, script_home)
+from conftest import (ROOT, needs_gpt2_bpe, check_cached_equals_uncached, check_causal, check_overfits, hf_logits, ids,
+                      max_diff, randomize, scale_up, script_home)
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -251,6 +256,30 @@ def test_forward_equals_token_by_token_and_chunks(rule):
         assert max_diff(model(idx[:, :8])[0], full[:, :8]) < 1e-6  # a fresh call starts from an empty state
 
 
+def test_decoding_writes_into_one_buffer_per_segment():
+    """Token by token (no grad, as generate) each token's key and value go into the state's buffer, whose storage
+    stays put from the segment's first token to its last unfinished one (the code before issue 19 copied the
+    segment so far with torch.cat at every token); it is let go when the segment is written into the memory. The
+    logits equal those of one forward over the whole text."""
+    model = tiny(seed=12, segment_len=8)
+    idx = ids(300, 2, 21, seed=13)
+    with torch.no_grad():
+        full = model(idx)[0]
+        state, outs, storage = model.new_state(), [], {}
+        for t in range(21):
+            outs.append(model(idx[:, t:t + 1], state=state)[0])
+            for i, s in enumerate(state):
+                assert s.filled == (t + 1) % 8
+                if s.filled == 0:
+                    assert s.k is None and s.v is None
+                    continue
+                assert s.k.shape == (2, 2, s.filled, 8)
+                ptr = (s.k.untyped_storage().data_ptr(), s.v.untyped_storage().data_ptr())
+                assert storage.setdefault((i, t // 8), ptr) == ptr, (i, t)  # the segment's first token's storage
+    assert len(storage) == 2 * 3  # two layers, three segments begun
+    assert max_diff(torch.cat(outs, dim=1), full) < 1e-5
+
+
 @pytest.mark.parametrize("rule", ["linear", "delta"])
 def test_cached_generation_equals_uncached(rule):
     """Greedy (and seeded sampled) tokens with the state equal those of re-reading the whole text each time:
@@ -309,6 +338,61 @@ def test_64_segments_stay_finite(rule):
 def test_causality(t):
     """Segments of 8: changes at t inside, at and just after a boundary change nothing before t."""
     check_causal(tiny(seed=5, segment_len=8), 300, t)
+
+
+# ---------------------------------------------------------------- all segments at once (issue 19)
+
+BEFORE_19 = "7702f9aa244b37f1e599d71cf914f92246a8fac8"  # the last commit whose forward looped over segments
+
+
+@pytest.fixture(scope="module")
+def looped(tmp_path_factory):
+    """infini_attention.py as it was at BEFORE_19, imported under another name (skip: not in this git history)."""
+    r = subprocess.run(["git", "show", f"{BEFORE_19}:infini_attention.py"], cwd=ROOT, capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"infini_attention.py at {BEFORE_19[:7]} is not in this checkout's git history")
+    path = tmp_path_factory.mktemp("before_19") / "infini_attention_before_19.py"
+    path.write_text(r.stdout)
+    spec = importlib.util.spec_from_file_location("infini_attention_before_19", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+@pytest.mark.parametrize("rule", ["linear", "delta"])
+def test_segments_at_once_equal_the_loop_over_segments(rule, looped):
+    """The forward without a loop over segments (one local attention call for all of them, the memory as a
+    cumulative sum, the delta rule's recurrence over d x d matrices only) gives the logits and gradients of the loop
+    over segments it replaced, on the same weights, in train mode: T a multiple of segment_len (4 segments), not
+    one (3 and 5/8), shorter than one, and a state continued in chunks with autograd on (a chunk inside the
+    unfinished segment twice, one that finishes it and goes on)."""
+    new = tiny(seed=10, memory_update=rule).train()
+    old = looped.InfiniTransformer(looped.Config(**asdict(new.config))).train()
+    old.load_state_dict(new.state_dict())
+    idx = ids(300, 2, 42, seed=11)
+    for sizes in ([32], [29], [5], [13, 1, 1, 26]):
+        T = sum(sizes)
+        grads = []
+        for model in (new, old):
+            model.zero_grad(set_to_none=True)
+            state, outs, t = model.new_state(), [], 0
+            for n in (sizes if model is new else [T]):
+                outs.append(model(idx[:, t:t + n], state=state)[0])
+                t += n
+            logits = torch.cat(outs, dim=1)
+            F.cross_entropy(logits.flatten(0, 1), idx[:, 1:T + 1].flatten()).backward()
+            grads.append((logits.detach(), {name: p.grad for name, p in model.named_parameters()}))
+        (ours, ours_grad), (ref, ref_grad) = grads
+        assert max_diff(ours, ref) < 1e-5, sizes
+        for name, g in ref_grad.items():
+            if g is None:  # the gates of a text of one segment: the memory is never read
+                assert T <= 8 and ours_grad[name] is None, name
+                continue
+            assert max_diff(ours_grad[name], g) < 1e-5 * max(1.0, g.abs().max().item()), (sizes, name)
+        if T > 8:
+            assert max(ref_grad[f"model.layers.{i}.self_attn.gate"].abs().max() for i in (0, 1)) > 1e-4
 
 
 # ----------------------------------------------------------------------------------------- training

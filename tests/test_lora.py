@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import transformers
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import lora
 from conftest import (needs_gpt2_bpe, check_cached_equals_uncached, check_causal, hf_logits, ids,
@@ -372,6 +373,56 @@ def test_nf4_backward_is_a_float_linears():
     y2.backward(g)
     assert max_diff(y, y2) < 1e-6 and max_diff(x.grad, x2.grad) < 1e-6
     assert (96, 64) not in saved and (64, 96) not in saved
+
+
+class Created(TorchDispatchMode):
+    """Records the aten ops run under it: ops, the bytes of the new tensors they make (views make none) and the
+    dtypes of the index tensors given to index and index_select."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        op = str(func.overloadpacket)
+        given = {a.untyped_storage().data_ptr() for a in (*args, *kwargs.values()) if torch.is_tensor(a)}  # out=
+        self.ops.append(op)
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in given:
+                self.bytes += t.numel() * t.element_size()
+        if op == "aten.index_select":
+            self.index_dtypes.append(args[2].dtype)
+        if op == "aten.index":
+            self.index_dtypes += [i.dtype for i in args[1] if i is not None]
+        return out
+
+    def __enter__(self):
+        self.ops, self.bytes, self.index_dtypes = [], 0, []
+        return super().__enter__()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_nf4_dequantization_is_one_gather_bit_for_bit(dtype):
+    """Issue 19: weight_as is code value x stored absmax in float32, rounded to dtype once, bit for bit (the old
+    code's arithmetic); NF4Linear's forward and x's gradient are exactly x W^T + b and g W with that W (under
+    autocast too). The lookup makes no int64 tensor and no 2-D advanced index (the old code made an int64 copy of
+    the codes and indexed the pair table with it), and allocates at most 2 + 4 + 2 bytes per weight (the int32
+    index, the looked-up values, the dtype copy) where the old code allocated 12 to 14, the dequantized weight made
+    once in forward and once in backward."""
+    torch.manual_seed(0)
+    layer = lora.NF4Linear(nn.Linear(128, 192))
+    ref = (lora.NF4[unpack(layer)].view(-1, 64) * stored_absmax(layer)[:, None]).view(192, 128).to(dtype)
+    with Created() as made:
+        w = layer.weight_as(dtype)
+    assert w.dtype == dtype and torch.equal(w, ref)
+    assert "aten.index" not in made.ops and made.index_dtypes == [torch.int32]
+    assert made.bytes <= (2 + 4 + 2 * (dtype != torch.float32)) * w.numel() + 8192  # + the scales
+    x = torch.randn(3, 5, 128, requires_grad=True)
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32), Created() as made:
+        y = layer(x)
+        g = torch.randn_like(y)
+        y.backward(g)
+    xc = x.detach().to(dtype)
+    assert torch.equal(y, xc @ ref.t() + layer.bias.to(dtype)) and torch.equal(x.grad, (g @ ref).float())
+    assert made.index_dtypes == [torch.int32] * 2  # dequantized in forward and again in backward: never kept
 
 
 def test_qlora_trains_adapters_alone():

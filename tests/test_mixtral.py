@@ -8,6 +8,7 @@ import pytest
 import safetensors.torch
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 import transformers
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
@@ -195,6 +196,56 @@ def test_dropless_dispatch_equals_a_per_expert_loop(n_expert, top_k, grouped, mo
     ours = torch.autograd.grad(y, [x, *moe.parameters()], grad)
     theirs = torch.autograd.grad(ref, [x, *moe.parameters()], grad)
     for a, b in zip(ours, theirs):
+        assert max_diff(a, b) < 1e-4
+
+
+def one_hot_rank(e, count):
+    """The rank as mixtral.py computed it before expert_rank: a one-hot (k N, E) and its running sum."""
+    onehot = F.one_hot(e, count.numel())
+    return (onehot.cumsum(0) * onehot).sum(-1) - 1
+
+
+@pytest.mark.parametrize("N, E, k", [(1, 8, 2), (7, 4, 4), (300, 8, 2), (512, 256, 8)])
+def test_expert_rank_equals_the_one_hot_running_sum(N, E, k):
+    """Each pair's place in its expert's queue, choice-major: the stable sort's rank is the one-hot's running sum."""
+    expert = torch.rand(N, E, generator=torch.Generator().manual_seed(N)).topk(k, dim=-1).indices
+    e = expert.t().reshape(-1)
+    count = torch.bincount(e, minlength=E)
+    assert torch.equal(mixtral.expert_rank(e, count), one_hot_rank(e, count))
+
+
+@pytest.mark.parametrize("capacity", [0.0, 0.5])
+def test_dispatch_equals_the_one_hot_dispatch_exactly(capacity, monkeypatch):
+    """Training (dropless, and capacity mode dropping pairs): outputs, statistics and gradients are bit for bit
+    those of the one-hot ranking."""
+    moe = moe_layer(n_expert=8, top_k=2, capacity_factor=capacity).train()
+    x = torch.randn(2, 24, 32, generator=torch.Generator().manual_seed(7), requires_grad=True)
+    grad = torch.randn(2, 24, 32, generator=torch.Generator().manual_seed(8))
+    runs = []
+    for rank in (mixtral.expert_rank, one_hot_rank):
+        monkeypatch.setattr(mixtral, "expert_rank", rank)
+        y, stats = moe(x)
+        runs.append([y, stats, *torch.autograd.grad(y, [x, *moe.parameters()], grad)])
+    assert capacity == 0 or runs[0][1][2] > 0  # capacity 0.5 drops some pairs
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("N, n_expert, top_k", [(1, 8, 2), (2, 4, 2), (1, 4, 4)])
+def test_decoding_computes_only_the_chosen_experts(N, n_expert, top_k, monkeypatch):
+    """k N <= E pairs in eval mode: no grouped dispatch (expert_mlp is never called), and the matmul FLOPs are the
+    router's and the chosen experts' SwiGLUs exactly; outputs, statistics and gradients as the grouped path's."""
+    moe = moe_layer(n_expert=n_expert, top_k=top_k)
+    x = torch.randn(1, N, 32, generator=torch.Generator().manual_seed(9), requires_grad=True)
+    grouped = moe.train()(x)  # train mode, no noise, dropless: the grouped dispatch over the same pairs
+    ref = loop_reference(moe, x)
+    monkeypatch.setattr(mixtral, "expert_mlp", None)  # calling it fails
+    with FlopCounterMode(display=False) as flops:
+        y, stats = moe.eval()(x)
+    f = moe.w1.size(1)
+    assert flops.get_total_flops() == 2 * N * 32 * n_expert + N * top_k * 3 * 2 * 32 * f
+    assert max_diff(y, grouped[0]) < 1e-5 and max_diff(y, ref) < 1e-5 and ref.abs().max() > 0.5
+    assert torch.allclose(stats, grouped[1])
+    for a, b in zip(*(torch.autograd.grad(out, [x, *moe.parameters()], torch.ones_like(out)) for out in (y, ref))):
         assert max_diff(a, b) < 1e-4
 
 

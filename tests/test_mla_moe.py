@@ -6,7 +6,9 @@ import json
 import pytest
 import safetensors.torch
 import torch
+import torch.nn.functional as F
 import transformers
+from torch.utils.flop_counter import FlopCounterMode
 
 import mla_moe
 from conftest import (check_cached_equals_uncached, check_causal, check_greedy_matches_hf,
@@ -208,6 +210,45 @@ def test_sequence_balance_loss_formula():
         total += sum(f[i] * sn[:, i].mean().item() for i in range(E))
     assert stats[0].item() == pytest.approx(total / 3, rel=1e-5)
     assert stats[1:].sum().item() == pytest.approx(1.0)
+
+
+def one_hot_rank(e, count):
+    """The rank as mla_moe.py computed it before expert_rank: a one-hot (k N, E) and its running sum."""
+    onehot = F.one_hot(e, count.numel())
+    return (onehot.cumsum(0) * onehot).sum(-1) - 1
+
+
+def test_dispatch_equals_the_one_hot_dispatch_exactly(monkeypatch):
+    """Training: outputs, statistics and gradients bit for bit those of the one-hot ranking."""
+    moe = tiny(seed=5, n_layer=2).moe_layers()[0].train()
+    x = torch.randn(2, 24, 64, generator=torch.Generator().manual_seed(7), requires_grad=True)
+    grad = torch.randn(2, 24, 64, generator=torch.Generator().manual_seed(8))
+    runs = []
+    for rank in (mla_moe.expert_rank, one_hot_rank):
+        monkeypatch.setattr(mla_moe, "expert_rank", rank)
+        y, stats = moe(x)
+        runs.append([y, stats, *torch.autograd.grad(y, [x, *moe.parameters()], grad)])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("N", [1, 4])  # 4 tokens x top 2 = 8 pairs: as many as experts
+def test_decoding_computes_only_the_chosen_experts(N, monkeypatch):
+    """k N <= E pairs in eval mode: no grouped dispatch (expert_mlp is never called), and the matmul FLOPs are the
+    gate's, the shared expert's and the chosen experts' exactly; outputs, statistics and gradients as the grouped
+    path's (train mode: the same routing)."""
+    moe = tiny(seed=6, n_layer=2).moe_layers()[0]
+    x = torch.randn(1, N, 64, generator=torch.Generator().manual_seed(9), requires_grad=True)
+    grouped = moe.train()(x)
+    monkeypatch.setattr(mla_moe, "expert_mlp", None)  # calling it fails
+    with FlopCounterMode(display=False) as flops:
+        y, stats = moe.eval()(x)
+    d, f, E, k = 64, 32, 8, 2  # tiny(): moe_intermediate_size 32, one shared expert of that width
+    assert flops.get_total_flops() == 2 * N * d * E + 3 * 2 * N * d * f + N * k * 3 * 2 * d * f
+    assert max_diff(y, grouped[0]) < 1e-5 and grouped[0].abs().max() > 0.1
+    assert torch.allclose(stats, grouped[1])
+    for a, b in zip(*(torch.autograd.grad(out, [x, *moe.parameters()], torch.ones_like(out))
+                      for out in (y, grouped[0]))):
+        assert max_diff(a, b) < 1e-4
 
 
 # ------------------------------------------------------------------------------------- causality, training, CLI

@@ -153,7 +153,7 @@ BAD_INPUTS = [
     (["--init_from", "./no_such_dir"], "not a checkpoint directory"),
     (["--sample_only"], "--sample_only needs"),
 ]
-HEAD_INPUTS = [(["--n_embd", "30", "--n_head", "4"], "multiple of n_head"), (["--n_head", "-2"], "n_head must be positive")]
+HEAD_INPUTS = [(["--n_embd", "30", "--n_head", "8"], "multiple of n_head"), (["--n_head", "-2"], "n_head must be positive")]
 STATE_INPUTS = [(["--d_state", "0"], "d_state must be positive"), (["--d_conv", "-1"], "d_conv must be positive"),
                 (["--n_head", "2"], "no attention heads")]
 BAD_CASES = [pytest.param(script, argv, message, id=f"{script}-{' '.join(argv)}") for script in SCRIPTS

@@ -1,0 +1,1613 @@
+"""Jamba in one file: the hybrid Transformer-Mamba mixture of experts, its pretrained weights, data, training, sampling.
+
+Paper: Lieber et al. 2024, "Jamba: A Hybrid Transformer-Mamba Language Model", arXiv 2403.19887.
+A Jamba is a stack of layers, each a sequence mixer and a feed-forward part in pre-RMSNorm residual blocks
+(section 2, Figure 1):
+
+    x = x + Mixer(RMSNorm(x))        Mixer: attention in one layer of every attn_layer_period, Mamba in the others
+    x = x + FFN(RMSNorm(x))          FFN: a mixture of experts in one layer of every expert_layer_period, else an MLP
+
+The released model has one attention layer in eight (a:m = 1:7, at offset 4) and 16 experts, top 2, in every
+other layer (section 3). The attention is grouped-query with no positional encoding at all: the Mamba layers
+carry the order of the tokens (section 6, "Jamba does not require explicit positional information"). The Mamba
+layer is Mamba-1 (Gu and Dao 2023, arXiv 2312.00752: mamba.py's Mixer and its selective scan, the same text)
+with the RMSNorms Jamba adds on Delta's input, B and C for stability at scale (section 6, "Stabilizing Mamba
+at large scale"). The mixture of experts is mixtral.py's (the same dropless dispatch, SwiGLU experts and
+load-balancing loss) with Jamba's router weights: the top k of a softmax over all the experts, not
+renormalised. Decoding keeps a hybrid cache: keys and values for the attention layers, the convolution's last
+inputs and the SSM state for the Mamba layers, whose size does not grow with the text: the paper's point
+(Table 1: a 256K-token cache of 4 GB where Mixtral's is 32 GB). The start of every sample prints it.
+
+What is here: the model; sampling with the hybrid cache; loading `JambaForCausalLM` checkpoints in the Hugging
+Face layout (ai21labs/Jamba-tiny-dev, ai21labs/AI21-Jamba-Mini-1.5, Jamba-v0.1, or anything `save_pretrained`
+writes; one matrix per expert, as the hub stores them, or stacked; one file or shards) with a safetensors
+reader of its own; training on tiny-shakespeare, FineWeb or any text file with AdamW or Muon, warmup + cosine,
+gradient accumulation, bf16 autocast, torch.compile and DistributedDataParallel; exact resume from atomic
+checkpoints. What is not: the fused CUDA kernels of the Mamba reference (the scan is plain PyTorch, see
+mamba.py), and Jamba's tokenizer: its tokenizer.json is a SentencePiece one, which tiktoken cannot run, so a
+released checkpoint samples from token ids and prints token ids (--sample_only), and is not trained on text.
+
+    python jamba.py                                     # CPU: a tiny model, about three minutes
+    python jamba.py --device cuda                       # one GPU: bf16, torch.compile, 8 layers x 384
+    torchrun --standalone --nproc_per_node 8 jamba.py   # DDP on 8 GPUs
+    python jamba.py --init_from ai21labs/Jamba-tiny-dev --sample_only --temperature 0   # token ids in, token ids out
+
+Offline (no download, no tiktoken files) it says so and carries on: the Python standard library's own source
+as the text, raw UTF-8 bytes as the tokens. Every step's randomness (batches, dropout) is drawn from a seed
+made of (--seed, iteration, rank), so `--init_from resume` continues exactly as an uninterrupted run would.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import struct
+import sys
+import time
+import unicodedata
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import requests
+import tiktoken
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+HERE = Path(__file__).resolve().parent
+HF_ENDPOINT = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+CACHE_DIR = Path(os.environ.get("ONEFILE_CACHE", "~/.cache/onefile")).expanduser()
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+GROUPED_MM = hasattr(F, "grouped_mm")  # recent torch: one kernel for a matmul per expert over jagged groups
+ALIGN = 8  # rows of an expert's group are padded to a multiple of this: grouped GEMMs want 16-byte offsets in bf16
+
+
+class InputError(Exception):
+    """Bad input from the user: the command line prints it as one line and exits with status 2."""
+
+
+# ----------------------------------------------------------------------------------------- config
+
+@dataclass
+class Config:
+    vocab_size: int = 65536              # vocab_size: real tokens; the embedding is padded to a multiple of 64
+    block_size: int = 262144             # max_position_embeddings: no positions anywhere, so only the training
+                                         # context; decoding goes on past it with the same cache
+    n_layer: int = 32                    # num_hidden_layers
+    n_head: int = 32                     # num_attention_heads (query heads)
+    n_kv_head: int = 8                   # num_key_value_heads: n_head is MHA, 1 is MQA, in between GQA
+    n_embd: int = 4096                   # hidden_size
+    intermediate_size: int = 14336       # intermediate_size: the MLP's and each expert's SwiGLU width (0: 8/3 n_embd
+                                         # rounded up to 64)
+    n_expert: int = 16                   # num_experts (1: no MoE layer at all, as the reference)
+    top_k_experts: int = 2               # num_experts_per_tok
+    attn_layer_period: int = 8           # attn_layer_period: layer i attends when i % period == offset, else Mamba
+    attn_layer_offset: int = 4           # attn_layer_offset
+    expert_layer_period: int = 2         # expert_layer_period: layer i's FFN is the MoE when i % period == offset
+    expert_layer_offset: int = 1         # expert_layer_offset
+    d_state: int = 16                    # mamba_d_state (Mamba's N)
+    d_conv: int = 4                      # mamba_d_conv: width of the causal depthwise convolution
+    expand: int = 2                      # mamba_expand: d_inner = expand * n_embd
+    dt_rank: int = 0                     # mamba_dt_rank: Delta's low-rank projection (0: "auto", ceil(n_embd / 16))
+    conv_bias: bool = True               # mamba_conv_bias
+    bias: bool = False                   # mamba_proj_bias: biases in the Mamba layers' in_proj and out_proj
+    norm_eps: float = 1e-6               # rms_norm_eps: every RMSNorm, the three inside the Mamba layers too
+    tie_embeddings: bool = False         # tie_word_embeddings
+    bos_token_id: int | None = None      # bos_token_id: put before the prompt when sampling (a checkpoint's own)
+    dropout: float = 0.0                 # attention_dropout; also on the residual branches here (Jamba uses none)
+    dt_min: float = 0.001                # initialisation only (mamba.py): Delta log-uniform in [dt_min, dt_max]
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    router_noise: float = 0.0            # mixtral.py's router jitter, which Jamba does not have: always 0
+    capacity_factor: float = 0.0         # training only (no HF counterpart): 0 is dropless, > 0 caps each expert
+    aux_loss_coef: float = 0.001         # router_aux_loss_coef: the load-balancing loss's weight
+    z_loss_coef: float = 0.0             # training only: the router z-loss's weight (Jamba's reference has none)
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "n_expert", "d_state",
+                     "d_conv", "expand", "attn_layer_period", "expert_layer_period"):
+            if getattr(self, name) <= 0:
+                raise InputError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise InputError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        if self.n_head % self.n_kv_head:
+            raise InputError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+        for kind in ("attn", "expert"):
+            if not 0 <= getattr(self, f"{kind}_layer_offset") < getattr(self, f"{kind}_layer_period"):
+                raise InputError(f"{kind}_layer_offset must be in [0, {kind}_layer_period), got "
+                                 f"{getattr(self, f'{kind}_layer_offset')} and {getattr(self, f'{kind}_layer_period')}")
+        if not 1 <= self.top_k_experts <= self.n_expert:
+            raise InputError(f"top_k_experts must be in [1, n_expert = {self.n_expert}], got {self.top_k_experts}")
+        if min(self.dt_rank, self.intermediate_size, self.capacity_factor, self.aux_loss_coef, self.z_loss_coef) < 0:
+            raise InputError("dt_rank, intermediate_size, capacity_factor, aux_loss_coef and z_loss_coef must not be "
+                             "negative")
+        self.dt_rank = self.dt_rank or math.ceil(self.n_embd / 16)
+        self.intermediate_size = self.intermediate_size or -(-8 * self.n_embd // 3 // 64) * 64
+        if not 0.0 < self.dt_min <= self.dt_max:
+            raise InputError(f"need 0 < dt_min <= dt_max, got {self.dt_min} and {self.dt_max}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise InputError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.router_noise:
+            raise InputError("router_noise: Jamba's router has no jitter")
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+    @property
+    def d_inner(self):
+        return self.expand * self.n_embd
+
+    @property
+    def padded_vocab_size(self):  # 50257 -> 50304: matmul shapes that tile well on GPUs (65536 stays)
+        return -(-self.vocab_size // 64) * 64
+
+    def is_attention(self, i):  # layer i's mixer: attention or Mamba (the reference's layers_block_type)
+        return i % self.attn_layer_period == self.attn_layer_offset
+
+    def is_moe(self, i):  # layer i's feed-forward part: the MoE or the MLP (the reference's layers_num_experts)
+        return self.n_expert > 1 and i % self.expert_layer_period == self.expert_layer_offset
+
+
+# ------------------------------------------------------------------------------------------ model
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * g: LayerNorm without the mean and the bias (Zhang and Sennrich 2019, eq. 4).
+    Computed in float32 whatever the input, as the reference does, then cast back."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+
+
+class KVCache:
+    """The keys and values of one layer for the tokens so far: (B, n_kv_head, length, head_dim) buffers, filled
+    from position 0 on. Only the n_kv_head shared heads are stored: GQA's saving is a cache n_head / n_kv_head
+    times smaller."""
+
+    def __init__(self, length):
+        self.length, self.k, self.v = length, None, None
+
+    def update(self, k, v, pos):
+        """Write k, v (B, n_kv_head, T, head_dim) at positions pos..pos+T-1; return all keys and values so far."""
+        if self.k is None:
+            B, H, _, D = k.shape
+            self.k, self.v = k.new_zeros(B, H, self.length, D), v.new_zeros(B, H, self.length, D)
+        T = k.size(2)
+        self.k[:, :, pos:pos + T], self.v[:, :, pos:pos + T] = k, v
+        return self.k[:, :, :pos + T], self.v[:, :, :pos + T]
+
+
+class Attention(nn.Module):
+    """Grouped-query attention (Ainslie et al. 2023) without any positional encoding: no rotary, no position table.
+    Jamba's attention layers sit after Mamba layers, whose recurrence already tells tokens apart by their place,
+    and the paper found explicit positions add nothing (section 6, "Jamba does not require explicit positional
+    information"); the cache can then grow past block_size with nothing to re-encode. One
+    scaled_dot_product_attention call for all heads."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim, self.dropout = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.dropout
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cache=None, pos=0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, n_head, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(k, v, pos)
+        # Query i sits at position pos + i and sees keys 0..pos + i: the causal mask from pos 0, no mask for one
+        # new token, and for a chunk after a cache the mask shifted by pos (SDPA's is_causal aligns it top-left).
+        mask = None if pos == 0 or T == 1 else torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(pos)
+        # softmax(q k^T / sqrt(head_dim)) v; enable_gqa: kv head h // (n_head / n_kv_head) serves query head h
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=pos == 0,
+                                           dropout_p=self.dropout if self.training else 0.0, enable_gqa=True)
+        return self.resid_dropout(self.o_proj(y.transpose(1, 2).reshape(B, T, -1)))
+
+
+def parallel_scan(a, b, reverse=False):
+    """Every h_t = a_t h_{t-1} + b_t, with h_{-1} = 0, for a and b (B, T, d_inner, N), without a loop over t; reverse:
+    every h_t = a_t h_{t+1} + b_t, with h_T = 0 (what backward needs).
+
+    The odd-even recursion (Blelloch 1990, "Prefix sums and their applications", section 1.4): two steps at a time,
+    h_{2i+1} = (a_{2i+1} a_{2i}) h_{2i-1} + (a_{2i+1} b_{2i} + b_{2i+1}) is the same recurrence on half the length;
+    solve that, then fill in h_{2i} = a_{2i} h_{2i-1} + b_{2i} (reverse: the even steps recurse, the odd ones are
+    filled in from h_{2i+2}). Depth 2 log2(T), O(T) work. Only products of a's are formed, each a in (0, 1], so
+    nothing can overflow at any length (a cumulative-sum-of-logs scan must divide by them and does)."""
+    T = a.size(1)
+    if T == 1:
+        return b
+    if T % 2:  # an odd length: one identity step (a = 1, b = 0) at the end, dropped again below
+        a, b = F.pad(a, (0, 0, 0, 0, 0, 1), value=1.0), F.pad(b, (0, 0, 0, 0, 0, 1))
+    a_even, a_odd, b_even, b_odd = a[:, 0::2], a[:, 1::2], b[:, 0::2], b[:, 1::2]  # steps 0, 2, ... and 1, 3, ...
+    h = torch.empty_like(b)
+    if not reverse:
+        h[:, 1::2] = parallel_scan(a_odd * a_even, torch.addcmul(b_odd, a_odd, b_even))  # h_1, h_3, ...: half as long
+        h[:, 0::2] = b_even                                                               # h_0 = b_0, then
+        h[:, 2::2].addcmul_(a_even[:, 1:], h[:, 1:-1:2])                                  # h_2i = a_2i h_2i-1 + b_2i
+    else:
+        h[:, 0::2] = parallel_scan(a_even * a_odd, torch.addcmul(b_even, a_even, b_odd), reverse=True)  # h_0, h_2, ...
+        h[:, 1::2] = b_odd                                                                # h_T-1 = b_T-1, then
+        h[:, 1:-2:2].addcmul_(a_odd[:, :-1], h[:, 2::2])                                  # h_2i+1 = a h_2i+2 + b
+    return h[:, :T]
+
+
+def chunk_len(h):
+    """Steps per chunk of ChunkedScan for states like h (B, d_inner, N): a chunk's states of about 2 MB on a CPU (they
+    stay in its caches: 3.5x faster than whole-sequence tensors at T = 4096), 256 MB on a GPU (few chunks: fewer,
+    bigger kernels, and a short graph for torch.compile, which unrolls the loop over chunks)."""
+    return max(16, (2**19 if h.device.type == "cpu" else 2**26) // h.numel())
+
+
+def chunk_states(x, delta, A, B, h0):
+    """The states h_t (B, L, d_inner, N) of one chunk of L steps from the state h0 carried in, and A_bar_t."""
+    dA = torch.exp(delta[..., None] * A)                     # (B, L, d_inner, N): A_bar, each entry in (0, 1]
+    dBx = (delta * x)[..., None] * B[:, :, None, :]          # (B, L, d_inner, N): B_bar x
+    dBx[:, 0] += dA[:, 0] * h0                               # h0 enters the first step: h_0 = A_bar_0 h0 + B_bar_0 x_0
+    return parallel_scan(dA, dBx), dA
+
+
+class ChunkedScan(torch.autograd.Function):
+    """y_t = C_t h_t for h_t = A_bar_t h_{t-1} + B_bar_t x_t, a chunk of the sequence at a time (section 3.3's two
+    ideas without the kernel): only a chunk's states ever exist, each reduced to y inside its chunk, and backward
+    recomputes them from the state saved at the chunk's start instead of keeping them. Backward is the same
+    recurrence run backward in time: with G_t = dL/dh_t = C_t dy_t + K_{t+1}, the gradient that reaches h_{t-1}
+    through step t is K_t = A_bar_t G_t = A_bar_t (K_{t+1} + C_t dy_t)."""
+
+    @staticmethod
+    def forward(ctx, x, delta, A, B, C, h0):
+        """x, delta (B, T, d_inner), A (d_inner, N), B, C (B, T, N), h0 (B, d_inner, N), float32 -> y, h_{T-1}."""
+        L = chunk_len(h0)
+        y, h, starts = torch.empty_like(x), h0, []
+        for t in range(0, x.size(1), L):
+            starts.append(h)
+            hs, _ = chunk_states(x[:, t:t + L], delta[:, t:t + L], A, B[:, t:t + L], h)
+            y[:, t:t + L] = torch.einsum("blen,bln->ble", hs, C[:, t:t + L])
+            h = hs[:, -1]
+        ctx.L = L
+        ctx.save_for_backward(x, delta, A, B, C, torch.stack(starts, 1))  # (B, T / L, d_inner, N): the chunks' starts
+        return y, h
+
+    @staticmethod
+    def backward(ctx, gy, gh):
+        x, delta, A, B, C, starts = ctx.saved_tensors
+        L, gA = ctx.L, torch.zeros_like(A)
+        gx, gdelta, gB, gC = (torch.empty_like(t) for t in (x, delta, B, C))
+        K = gh  # K_T: the gradient from after the chunk (at the end, from the last state)
+        for i in reversed(range(starts.size(1))):
+            c, h0 = slice(i * L, (i + 1) * L), starts[:, i]
+            h, dA = chunk_states(x[:, c], delta[:, c], A, B[:, c], h0)
+            G = gy[:, c, :, None] * C[:, c, None, :]             # C_t dy_t ...
+            G[:, -1] += K
+            K = parallel_scan(dA, dA * G, reverse=True)          # (B, L, d_inner, N)
+            G[:, :-1] += K[:, 1:]                                  # ... + K_{t+1}: G_t, the gradient of B_bar_t x_t
+            K[:, 1:] *= h[:, :-1]                                  # K_t h_{t-1}: the gradient of Delta_t A
+            K, s = K[:, 0].clone(), K
+            s[:, 0] *= h0                                          # K_0, the gradient of h0, goes on to the chunk before
+            GB = torch.einsum("blen,bln->ble", G, B[:, c])        # dL/d(Delta_t x_t)
+            gdelta[:, c] = torch.einsum("blen,en->ble", s, A) + x[:, c] * GB
+            gA += torch.einsum("blen,ble->en", s, delta[:, c])
+            gx[:, c] = delta[:, c] * GB
+            gB[:, c] = torch.einsum("blen,ble->bln", G, delta[:, c] * x[:, c])
+            gC[:, c] = torch.einsum("ble,blen->bln", gy[:, c], h)
+        return gx, gdelta, gA, gB, gC, K
+
+
+def selective_scan(x, delta, A, B, C, D, h0=None, how="scan"):
+    """The selective SSM (Algorithm 2, steps 5-6) on x, delta (B, T, d_inner), A (d_inner, N), B and C (B, T, N),
+    D (d_inner,), from the state h0 (B, d_inner, N) (None: zeros). Returns y (B, T, d_inner) and the last state.
+
+    Discretisation (eq. 4): A_bar = exp(Delta A), the zero-order hold; B_bar x = Delta B x, the Euler step the
+    reference code takes in place of ZOH's (Delta A)^-1 (exp(Delta A) - I) Delta B (the two agree to first order
+    in Delta A, and the checkpoints were trained with the Euler one). Then h_t = A_bar_t h_{t-1} + B_bar_t x_t and
+    y_t = C_t h_t + D x_t (eq. 2a, 2b), three ways: "loop", the loop over t as written (the reference the tests
+    compare with; autograd keeps all T states); "scan", ChunkedScan, for training (memory of order T d_inner, not
+    T d_inner N); "step", one token (T = 1) from a cached state, which it advances in place (decoding). All in
+    float32, whatever the autocast dtype."""
+    dtype = x.dtype
+    x, delta, B, C = x.float(), delta.float(), B.float(), C.float()
+    h0 = x.new_zeros(x.size(0), x.size(2), A.size(1)) if h0 is None else h0
+    if how == "step":  # h <- A_bar h + B_bar x
+        h = h0.mul_(torch.exp(delta[:, 0, :, None] * A)).addcmul_((delta * x)[:, 0, :, None], B[:, 0, None, :])
+        y = (h @ C[:, 0, :, None]).transpose(1, 2)           # (B, 1, d_inner)
+    elif how == "scan":
+        y, h = ChunkedScan.apply(x, delta, A, B, C, h0)
+    else:
+        dA, dBx, hs, h = torch.exp(delta[..., None] * A), (delta * x)[..., None] * B[:, :, None, :], [], h0
+        for dA_t, dBx_t in zip(dA.unbind(1), dBx.unbind(1)):  # unbind, not dA[:, t]: indexing would make backward
+            h = dA_t * h + dBx_t                               # add a whole (B, T, d_inner, N) zero tensor per step
+            hs.append(h)
+        y = (torch.stack(hs, 1) * C[:, :, None, :]).sum(-1)  # C_t h_t, for every channel
+    return torch.addcmul(y, D, x).to(dtype), h                # + D x, the skip connection
+
+
+class MambaState:
+    """One layer's inference cache, the same size at any context length: the last d_conv - 1 inputs of the
+    convolution (B, d_conv - 1, d_inner) and the SSM state h (B, d_inner, N)."""
+
+    def __init__(self):
+        self.conv, self.ssm = None, None
+
+
+class JambaMixer(nn.Module):
+    """The Mamba layer: mamba.py's Mixer (Mamba's Figure 3, Algorithm 2: in_proj to x and the gate z, a causal
+    depthwise conv1d and SiLU, x_proj to (Delta's low-rank input, B, C), dt_proj and softplus to Delta, the
+    selective scan, y * SiLU(z), out_proj), with Jamba's three RMSNorms on Delta's low-rank input, B and C (section
+    6: without them large Mamba layers' activations grew and the loss spiked). The Hugging Face names
+    (JambaMambaMixer), so checkpoints load as they are."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        E, N, R = cfg.d_inner, cfg.d_state, cfg.dt_rank
+        self.d_state, self.dt_rank = N, R
+        self.in_proj = nn.Linear(cfg.n_embd, 2 * E, bias=cfg.bias)
+        self.conv1d = nn.Conv1d(E, E, cfg.d_conv, groups=E, bias=cfg.conv_bias)  # no padding: the state is the past
+        self.x_proj = nn.Linear(E, R + 2 * N, bias=False)
+        self.dt_layernorm = RMSNorm(R, cfg.norm_eps)  # Jamba's addition
+        self.b_layernorm = RMSNorm(N, cfg.norm_eps)
+        self.c_layernorm = RMSNorm(N, cfg.norm_eps)
+        self.dt_proj = nn.Linear(R, E, bias=True)
+        # S4D-Real (Mamba, section 3.6): A = -(1, 2, ..., N) in every channel, kept as log(-A) so that A stays < 0
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(E, 1))  # (E, N)
+        self.A_log.no_weight_decay = True  # as the reference: decay would pull every A = -exp(A_log) to -1
+        self.D = nn.Parameter(torch.ones(E))
+        self.out_proj = nn.Linear(E, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, u, state=None, parallel=True):
+        """u (B, T, n_embd) -> (B, T, n_embd); state (a MambaState) is read and then advanced to the last token."""
+        x, z = self.in_proj(u).chunk(2, dim=-1)                  # (B, T, d_inner) each
+        step = state is not None and state.conv is not None and u.size(1) == 1  # decoding one token
+        x = F.silu(self.conv_step(x, state) if step else self.conv(x, state))
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)  # Jamba: RMSNorm on each
+        # Delta (B, T, d_inner) > 0, its bias added in float32 as in the reference's kernel (mamba.py)
+        delta = F.softplus(F.linear(dt, self.dt_proj.weight).float() + self.dt_proj.bias.float())
+        A = -torch.exp(self.A_log.float())                         # (d_inner, N), < 0
+        how = "step" if step else "scan" if parallel else "loop"
+        y, h = selective_scan(x, delta, A, B, C, self.D.float(), None if state is None else state.ssm, how)
+        if state is not None:
+            state.ssm = h
+        return self.dropout(self.out_proj(y * F.silu(z)))
+
+    def conv(self, x, state):
+        """The causal depthwise convolution over x (B, T, d_inner), after the cached inputs (zeros before a text)."""
+        k = self.conv1d.kernel_size[0]
+        past = state.conv if state is not None and state.conv is not None else x.new_zeros(x.size(0), k - 1, x.size(2))
+        x = torch.cat([past.to(x.dtype), x], dim=1)                # (B, k - 1 + T, d_inner)
+        if state is not None:
+            state.conv = x[:, x.size(1) - (k - 1):].clone()        # its own storage: conv_step updates it in place
+        x = F.conv1d(x.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, groups=x.size(2))  # channels first
+        return x.transpose(1, 2)
+
+    def conv_step(self, x, state):
+        """The convolution at one new token x (B, 1, d_inner): a dot product of the kernel with the cached d_conv - 1
+        inputs and x, no conv1d call; the cache shifts by one in place."""
+        window = torch.cat([state.conv, x.to(state.conv.dtype)], 1)  # (B, d_conv, d_inner), oldest first
+        state.conv.copy_(window[:, 1:])
+        out = (window * self.conv1d.weight[:, 0].t()).sum(1, keepdim=True)  # (B, 1, d_inner)
+        return out if self.conv1d.bias is None else out + self.conv1d.bias
+
+
+class FeedForward(nn.Module):
+    """SwiGLU (Shazeer 2020, eq. 6 without biases): W_down (SiLU(x W_gate) * (x W_up)). Its width is 8/3 n_embd
+    rather than 4 n_embd in Llama, which keeps the parameter count of a two-matrix MLP (LLaMA paper, section 2)."""
+
+    def __init__(self, n_embd, width, dropout=0.0):
+        super().__init__()
+        self.gate_proj = nn.Linear(n_embd, width, bias=False)
+        self.up_proj = nn.Linear(n_embd, width, bias=False)
+        self.down_proj = nn.Linear(width, n_embd, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+
+
+def expert_rank(e, count):
+    """e (M,): the expert of each (token, choice) pair; count (E,): the pairs of each expert -> (M,) each pair's place in
+    its expert's queue, the pairs keeping their order. A stable sort lays the pairs out grouped by expert in that order,
+    so a pair's rank is its place in the sorted order less the pairs of the experts before its own: O(M) memory where a
+    one-hot and its running sum take (M, E) (268 MB per layer at DeepSeek-V3's E = 256, k = 8, 16K tokens)."""
+    grouped, order = e.sort(stable=True)                # (M,) the pairs grouped by expert, each group in order
+    start = count.cumsum(0) - count                     # (E,) where each expert's group begins in `order`
+    return torch.empty_like(e).scatter_(0, order, torch.arange(e.numel(), device=e.device) - start[grouped])
+
+
+def chosen_experts(x, expert, weight, w1, w3, w2):
+    """Few tokens (decoding): y_n = sum_j weight[n, j] SwiGLU_expert[n, j](x_n) for x (N, d), expert and weight (N, k)
+    -> (N, d); each (token, choice) pair through its own expert's weights, read in place, so only the chosen experts
+    do any work (the grouped dispatch pads each group to ALIGN rows and visits all E). Reading the chosen experts'
+    ids on the host is a sync: decoding, batch 1, can afford it, a training step never takes this path."""
+    ys = []
+    for xn, wn, chosen in zip(x, weight, expert.tolist()):
+        yn = 0
+        for j, i in enumerate(chosen):
+            yn = yn + F.linear(F.silu(F.linear(xn, w1[i])) * F.linear(xn, w3[i]), w2[i]) * wn[j, None]
+        ys.append(yn)
+    return torch.stack(ys)
+
+
+def expert_mlp(xs, w1, w3, w2, end, dt):
+    """The SwiGLU of each expert over its own rows: xs (M, d) holds expert e's rows at end[e-1]..end[e]-1
+    (rows past end[-1] are padding) -> (M', d), M' >= end[-1]. w1, w3: (E, f, d); w2: (E, d, f), as nn.Linear;
+    dt: the dtype the model's matmuls run in (bf16 under autocast).
+
+    One grouped matmul per weight (a batch of E matmuls of different heights, no host sync) where the kernel
+    exists: CUDA in bf16, or eager on CPU; elsewhere a loop over the experts, which needs the group sizes on the
+    host (one sync per layer)."""
+    fits = xs.size(1) % ALIGN == 0 and w1.size(1) % ALIGN == 0  # 16-byte rows in the kernel's memory loads
+    if GROUPED_MM and fits and (xs.is_cuda and dt == torch.bfloat16 or xs.device.type == "cpu"
+                                and not torch.compiler.is_compiling()):
+        offs = end.to(torch.int32)
+        xs, w1, w3, w2 = xs.to(dt), w1.to(dt), w3.to(dt), w2.to(dt)
+        h = F.silu(F.grouped_mm(xs, w1.transpose(1, 2), offs=offs)) * F.grouped_mm(xs, w3.transpose(1, 2), offs=offs)
+        return F.grouped_mm(h, w2.transpose(1, 2), offs=offs)
+    sizes = torch.diff(end, prepend=end.new_zeros(1)).tolist()
+    return torch.cat([F.linear(F.silu(F.linear(x, a)) * F.linear(x, c), b)
+                      for x, a, c, b in zip(xs.split([*sizes, xs.size(0) - sum(sizes)]), w1, w3, w2)])
+
+
+class SparseMoE(nn.Module):
+    """Mixtral's feed-forward (section 2.1, eq. 1-2): y = sum over the top-k experts i of
+    softmax(TopK(x W_g))_i SwiGLU_i(x). Each token pays for k experts; the layer holds n_expert of them.
+
+    The (token, choice) pairs are dispatched in one pass: every pair gets a row in a buffer grouped by expert,
+    the experts run over the buffer (expert_mlp, or a batched matmul), and each pair reads its output row back.
+    forward also returns the router statistics of the step (see `stats`)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        E, d, f = cfg.n_expert, cfg.n_embd, cfg.intermediate_size
+        self.n_expert, self.top_k, self.capacity_factor, self.noise = E, cfg.top_k_experts, cfg.capacity_factor, cfg.router_noise
+        self.gate = nn.Linear(d, E, bias=False)       # the router W_g (HF: block_sparse_moe.gate)
+        # The experts' SwiGLU weights stacked on a leading expert axis (HF: experts.N.w1 / w3 / w2). --optimizer muon
+        # leaves them on AdamW: torch's Muon takes 2-D parameters only, and one parameter per expert would undo the
+        # stacking the grouped matmul needs (the README measures what that costs Muon)
+        self.w1 = nn.Parameter(torch.empty(E, f, d))  # gate projection, inside the SiLU
+        self.w3 = nn.Parameter(torch.empty(E, f, d))  # up projection
+        self.w2 = nn.Parameter(torch.empty(E, d, f))  # down projection
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        B, T, d = x.shape
+        x = x.reshape(-1, d)  # (N, d): the router sees tokens, not sequences
+        N, E, k = x.size(0), self.n_expert, self.top_k
+        jitter = self.training and self.noise  # multiplicative noise on the router's input only (Switch, 2.4)
+        logits = self.gate(x * torch.empty_like(x).uniform_(1 - self.noise, 1 + self.noise) if jitter else x)
+        dt, logits = logits.dtype, logits.float()           # (N, E); routing decided in float32
+        top, expert = logits.topk(k, dim=-1)                # (N, k): the k largest logits and their experts
+        weight = top.softmax(dim=-1)                        # softmax over the chosen k only (eq. 2)
+
+        # Each (token, choice) pair gets a row: choice-major order (all first choices, then all second ones),
+        # so when an expert is full its tokens' first choices won (GShard's priority).
+        e = expert.t().reshape(-1)                          # (k N,) the expert of each pair
+        count = e.new_zeros(E).index_add_(0, e, torch.ones_like(e))  # (E,) pairs per expert: bincount, no host sync
+        if not self.training and k * N <= E:                # decoding: each pair through its own expert alone
+            y, dropped = chosen_experts(x, expert, weight, self.w1, self.w3, self.w2), logits.new_zeros(())
+        else:
+            rank = expert_rank(e, count)                    # (k N,) the pair's place in its expert's queue
+            if self.training and self.capacity_factor:      # capacity: C rows per expert, the overflow dropped
+                C = math.ceil(self.capacity_factor * k * N / E)
+                kept = rank < C
+                row = torch.where(kept, e * C + rank, E * C)    # row E C: a spare row the dropped pairs write to
+                xs = x.new_zeros(E * C + 1, d).index_copy(0, row, x.repeat(k, 1))[:-1].view(E, C, d)
+                h = F.silu(xs @ self.w1.transpose(1, 2)) * (xs @ self.w3.transpose(1, 2))     # (E, C, f)
+                ys = torch.cat([(h @ self.w2.transpose(1, 2)).reshape(E * C, d), x.new_zeros(1, d)])
+                dropped = 1 - kept.float().mean()
+            else:                                           # dropless: every group as long as it needs
+                size = (count + ALIGN - 1) // ALIGN * ALIGN     # padded group sizes
+                end = size.cumsum(0)
+                row = end[e] - size[e] + rank
+                xs = x.new_zeros(k * N + E * (ALIGN - 1), d).index_copy(0, row, x.repeat(k, 1))  # a static bound
+                ys = expert_mlp(xs, self.w1, self.w3, self.w2, end, dt)
+                dropped = logits.new_zeros(())
+            y = (ys[row] * weight.t().reshape(-1, 1)).view(k, N, d).sum(0)  # a dropped pair reads the spare row: 0
+        return self.dropout(y.to(x.dtype)).view(B, T, d), self.stats(logits, count, dropped)
+
+    def stats(self, logits, count, dropped):
+        """(balance, z, dropped, load_1..load_E) of this layer for this batch, no host sync.
+
+        balance: E sum_i f_i P_i (Switch eq. 4-6), f_i the fraction of tokens sent to expert i (counting all k
+        choices, as Hugging Face does; the f_i sum to k), P_i the mean router probability of expert i. It is
+        k when the load is even, up to E when the router has collapsed; only P carries a gradient. z: mean of logsumexp(logits)^2
+        (ST-MoE eq. 5), keeping the router's logits small. load: each expert's share of the pairs."""
+        N = logits.size(0)
+        f = count.float() / N
+        balance = self.n_expert * (f * logits.softmax(-1).mean(0)).sum()
+        z = logits.logsumexp(-1).pow(2).mean()
+        return torch.cat([balance[None], z[None], dropped[None], f / self.top_k])
+
+
+class JambaMoE(SparseMoE):
+    """Jamba's mixture of experts: mixtral.py's SparseMoE (its dropless dispatch, SwiGLU experts and router
+    statistics, the same text) with Jamba's router weights. Mixtral renormalises the chosen experts' weights,
+    softmax(TopK(x W_g)); Jamba's reference keeps the top k of the softmax over all E experts, p_i = softmax(x W_g)_i,
+    which sum to less than 1. Restricted to the top k, a softmax over all is the softmax over the top k times the
+    chosen experts' share of the probability, s = sum_{j in TopK} p_j, one number per token: so Jamba's output is
+    SparseMoE's times s. The router is the Hugging Face router.weight, W_g."""
+
+    def forward(self, x):
+        y, stats = super().forward(x)
+        p = self.gate(x).float().softmax(dim=-1)                       # (B, T, E): the router over all experts
+        s = p.topk(self.top_k, dim=-1).values.sum(-1, keepdim=True)    # (B, T, 1): the chosen experts' share
+        return y * s.to(y.dtype), stats
+
+
+class Block(nn.Module):
+    """One Jamba layer (section 2, Figure 1): x + Mixer(RMSNorm(x)), then x + FFN(RMSNorm(x)), the mixer attention or
+    Mamba, the FFN the MoE or a SwiGLU MLP, as the layer's index says. The Hugging Face names."""
+
+    def __init__(self, cfg, i):
+        super().__init__()
+        self.attends, self.routes = cfg.is_attention(i), cfg.is_moe(i)
+        self.input_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        if self.attends:
+            self.self_attn = Attention(cfg)
+        else:
+            self.mamba = JambaMixer(cfg)
+        self.pre_ff_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.feed_forward = JambaMoE(cfg) if self.routes else FeedForward(cfg.n_embd, cfg.intermediate_size, cfg.dropout)
+
+    def forward(self, x, cache=None, pos=0, parallel=True):
+        """x (B, T, n_embd) -> (x, the router's statistics or None); cache: this layer's KVCache or MambaState."""
+        h = self.input_layernorm(x)
+        x = x + (self.self_attn(h, cache, pos) if self.attends else self.mamba(h, cache, parallel))
+        h = self.pre_ff_layernorm(x)
+        y, stats = self.feed_forward(h) if self.routes else (self.feed_forward(h), None)
+        return x + y, stats
+
+
+class Jamba(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.model = nn.ModuleDict(dict(  # the Hugging Face names: model.embed_tokens, model.layers.N, final_layernorm
+            embed_tokens=nn.Embedding(cfg.padded_vocab_size, cfg.n_embd),
+            drop=nn.Dropout(cfg.dropout),
+            layers=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer)),
+            final_layernorm=RMSNorm(cfg.n_embd, cfg.norm_eps),
+        ))
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.moe_layers = [i for i in range(cfg.n_layer) if cfg.is_moe(i)]
+        self.router_stats = None  # (MoE layers, 3 + n_expert) from the last forward: see SparseMoE.stats
+        self.load = 0  # the expert load counted in eval mode, (MoE layers, n_expert): see load_report
+        # Initialisation (the paper gives none): matrices normal with std 0.02 (Hugging Face's initializer_range),
+        # those that write into the residual stream scaled by 1/sqrt(2 n_layer) as GPT-2 does; the Mamba layers'
+        # own as mamba.py (the conv PyTorch's default, A and D as built, Delta's projection for steps in
+        # [dt_min, dt_max]).
+        for name, p in self.named_parameters():
+            if p.dim() >= 2 and "conv1d" not in name and "A_log" not in name and "dt_proj" not in name:
+                residual = name.endswith(("o_proj.weight", "down_proj.weight", "out_proj.weight", "w2"))
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer) if residual else 0.02)
+            elif name.endswith(("in_proj.bias", "out_proj.bias")):
+                nn.init.zeros_(p)
+        for block in self.model.layers:
+            if not block.attends:
+                m = block.mamba
+                with torch.no_grad():
+                    nn.init.uniform_(m.dt_proj.weight, -cfg.dt_rank ** -0.5, cfg.dt_rank ** -0.5)
+                    dt = torch.exp(torch.rand(cfg.d_inner) * (math.log(cfg.dt_max) - math.log(cfg.dt_min))
+                                   + math.log(cfg.dt_min)).clamp(min=cfg.dt_init_floor)
+                    m.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+
+    def num_params(self, non_embedding=True, active=False):
+        """Parameters a token computes with: a tied embedding/head counted once, lookups (an untied input embedding, a
+        position table) left out by default; active=True counts top_k of the experts only."""
+        cfg = self.config
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and not cfg.tie_embeddings:
+            n -= self.model.embed_tokens.weight.numel()
+        if active:
+            experts = sum(p.numel() for name, p in self.named_parameters() if name.endswith(("w1", "w2", "w3")))
+            n -= experts * (cfg.n_expert - cfg.top_k_experts) // cfg.n_expert
+        return n
+
+    def cache_bytes(self, T, itemsize=4):
+        """(bytes of this model's decoding cache for one sequence of T tokens, those of an all-attention model of the
+        same shape). An attention layer keeps K and V: 2 n_kv_head head_dim numbers a token; a Mamba layer keeps the
+        convolution's last d_conv - 1 inputs and the SSM state (float32), d_inner x each, at any T (mamba.py)."""
+        cfg = self.config
+        kv = 2 * cfg.n_kv_head * cfg.head_dim * T * itemsize
+        ssm = cfg.d_inner * ((cfg.d_conv - 1) * itemsize + cfg.d_state * 4)
+        n_attn = sum(block.attends for block in self.model.layers)
+        return n_attn * kv + (cfg.n_layer - n_attn) * ssm, cfg.n_layer * kv
+
+    def new_cache(self, length):
+        """The hybrid cache for up to `length` tokens: a KVCache per attention layer, a MambaState per Mamba layer."""
+        return [KVCache(length) if block.attends else MambaState() for block in self.model.layers]
+
+    def hidden(self, idx, cache=None, pos=0, parallel=True):
+        """idx (B, T) token ids at positions pos..pos+T-1, after the pos tokens the cache holds -> final hidden states
+        (B, T, n_embd); sets self.router_stats."""
+        x = self.model.drop(self.model.embed_tokens(idx))              # (B, T, n_embd); no positions anywhere
+        stats = []
+        for i, block in enumerate(self.model.layers):
+            x, s = block(x, None if cache is None else cache[i], pos, parallel)
+            if s is not None:
+                stats.append(s)
+        self.router_stats = torch.stack(stats) if stats else None
+        return self.model.final_layernorm(x)
+
+    def forward(self, idx, targets=None, cache=None, pos=0, parallel=True):
+        """idx (B, T) token ids -> logits (B, T, vocab_size), loss or None.
+
+        The loss is the next-token cross-entropy; in training, plus the load-balancing loss averaged over the MoE
+        layers and weighted by aux_loss_coef, as the reference adds it (and a z-loss if z_loss_coef > 0). self.stats
+        holds the router's terms for the log; in eval mode self.load adds up the expert load."""
+        cfg, V, Vp = self.config, self.config.vocab_size, self.config.padded_vocab_size
+        pad = None
+        if Vp > V:  # the padding rows are no tokens: a bias of -inf gives them probability exactly 0
+            pad = torch.zeros(Vp, device=idx.device, dtype=self.lm_head.weight.dtype)
+            pad[V:] = float("-inf")
+        logits = F.linear(self.hidden(idx, cache, pos, parallel), self.lm_head.weight, pad)  # (B, T, padded_vocab_size)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+        if self.router_stats is not None and self.training and loss is not None:
+            balance, z, dropped = self.router_stats[:, :3].float().mean(0)
+            self.stats = dict(balance=balance)  # balance is top_k when the load is even
+            if cfg.z_loss_coef:
+                self.stats["z_loss"] = z
+            if cfg.capacity_factor:  # the share of (token, choice) pairs over their expert's capacity
+                self.stats["dropped"] = dropped
+            loss = loss + cfg.aux_loss_coef * balance + cfg.z_loss_coef * z
+        elif self.router_stats is not None and not self.training:
+            self.load = self.load + self.router_stats[:, 3:].detach().float()
+        return logits[..., :V], loss
+
+    def train(self, mode=True):
+        if not mode:  # an evaluation begins: its expert load is counted afresh (load_report)
+            self.load = 0
+        return super().train(mode)
+
+    def load_report(self):
+        """Print the expert load counted since the model went into eval mode, each MoE layer a row of bars: each
+        expert's share of the routed (token, choice) pairs, the even share 1/n_expert drawn half high. Collapse
+        shows as a few full bars. Returns it for the metrics."""
+        if not self.moe_layers or not torch.is_tensor(self.load):
+            return {}
+        load = (self.load / self.load.sum(-1, keepdim=True).clamp_min(1e-9)).tolist()
+        E, bars = self.config.n_expert, " ▁▂▃▄▅▆▇█"
+        print(f"expert load per MoE layer (even: {100 / E:.1f}% each, drawn ▄; █ is twice that or more)")
+        for i, shares in zip(self.moe_layers, load):
+            row = "".join(bars[min(8, round(4 * E * s))] for s in shares)
+            print(f"  layer {i:<3d}{row}  min {100 * min(shares):4.1f}%  max {100 * max(shares):4.1f}%")
+        return dict(expert_load=load)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True):
+        """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 is greedy. Routing is dropless.
+
+        With the hybrid cache the prompt goes through the model once, leaving each attention layer's keys and values
+        and each Mamba layer's state; every new token is then one position: attention over the cached keys, one
+        recurrent step in the Mamba layers. Nothing depends on a position, so there is no window: the text may grow
+        past block_size and the cache holds the whole of it. Without the cache every step runs the whole text
+        again (the same tokens, quadratic time)."""
+        cache, pos = self.new_cache(idx.size(1) + max_new_tokens) if use_cache else None, 0
+        for _ in range(max_new_tokens):
+            x = self.hidden(idx[:, pos:], cache, pos)
+            pos = idx.size(1) if use_cache else 0
+            logits = self.lm_head(x[:, -1])[:, :self.config.vocab_size]  # only the last position is sampled
+            idx = torch.cat([idx, sample_next(logits.float(), temperature, top_k, top_p)], dim=1)
+        return idx
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
+    """logits (B, V) -> next token ids (B, 1)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:  # nucleus sampling (Holtzman et al. 2019, arXiv 1904.09751)
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        outside = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this token already reaches top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
+
+
+# -------------------------------------------------------------- files: checkpoints, token files, downloads
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """{name: tensor} from a .safetensors file: 8-byte little-endian header size, JSON header, raw bytes.
+
+    The tensors are memory-mapped views of the file (copy-on-write): reading a 16 GB file costs no RAM
+    until a tensor is copied out of it.
+    """
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > os.path.getsize(path) - 8:
+            raise ValueError(f"a header of {n:,} bytes in a file of {os.path.getsize(path):,}")
+        header = json.loads(f.read(n))
+    data = np.memmap(path, dtype=np.uint8, mode="c", offset=8 + n)
+    tensors = {}
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = t["data_offsets"]
+        tensors[name] = torch.from_numpy(data[begin:end]).view(SAFETENSORS_DTYPES[t["dtype"]]).reshape(t["shape"])
+    return tensors
+
+
+def write_safetensors(tensors, path):
+    """{name: tensor} as a .safetensors file (read_safetensors' format; the header padded to 8 bytes, as the package
+    writes it), written to a temporary name first: a kill never leaves half a file."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, t in tensors.items():
+        size = t.numel() * t.element_size()
+        header[name] = dict(dtype={v: k for k, v in SAFETENSORS_DTYPES.items()}[t.dtype], shape=list(t.shape),
+                            data_offsets=[offset, offset + size])
+        offset += size
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path.with_suffix(".tmp"), "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head)
+        for t in tensors.values():
+            f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    os.replace(path.with_suffix(".tmp"), path)
+
+
+def download(url, dest):
+    """Fetch url into dest with a progress line. Bytes arrive in dest.part, which a later call resumes
+    (HTTP Range), and are renamed to dest only when complete: dest is never half-written."""
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    if os.environ.get("HF_TOKEN") and url.startswith(HF_ENDPOINT + "/"):  # gated repos (meta-llama/*); no one else
+        headers["Authorization"] = f"Bearer {os.environ['HF_TOKEN']}"
+    with requests.get(url, headers=headers, stream=True, timeout=30) as r:
+        if r.status_code != 416:  # 416: nothing left to send, the .part file is already complete
+            r.raise_for_status()
+            have = have if r.status_code == 206 else 0  # 200: the server ignored the Range, start over
+            total, shown = have + int(r.headers.get("content-length", 0)), 0.0
+            with open(part, "ab" if have else "wb") as f:
+                try:
+                    for chunk in r.iter_content(chunk_size=1 << 16):  # a cut connection loses less than a chunk
+                        f.write(chunk)
+                        have += len(chunk)
+                        if time.time() - shown > 0.5 or have == total:
+                            shown = time.time()
+                            print(f"\r{dest.name}: {have / 1e6:,.1f} / {total / 1e6:,.1f} MB", end="", file=sys.stderr)
+                finally:
+                    print(file=sys.stderr)  # the progress line ends, also when the transfer breaks
+    os.replace(part, dest)
+    return dest
+
+
+def checkpoint_dir(name_or_path, weights=True):
+    """A local checkpoint directory for --init_from: the path itself, or a hub repo's config.json, tokenizer.json
+    (if it has one) and weights (one file or sharded; weights=False: not yet) downloaded into CACHE_DIR/<repo>."""
+    name_or_path = str(name_or_path)
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if path.exists() or name_or_path.startswith((".", "/", "~")):
+        raise InputError(f"'{name_or_path}' is not a checkpoint directory")
+    local = CACHE_DIR / name_or_path
+
+    def get(fname, optional=False):
+        try:
+            return download(f"{HF_ENDPOINT}/{name_or_path}/resolve/main/{fname}", local / fname)
+        except requests.HTTPError as e:
+            if optional and e.response is not None and e.response.status_code == 404:
+                return None
+            raise
+
+    try:
+        if not (local / "config.json").exists():  # once: tokenizer.json if there is one (a 404 is asked once)
+            get("tokenizer.json", optional=True)
+        get("config.json")
+        if weights and get("model.safetensors", optional=True) is None:
+            index = json.loads(get("model.safetensors.index.json").read_text())
+            for shard in sorted(set(index["weight_map"].values())):
+                get(shard)
+    except (requests.RequestException, ValueError, KeyError) as e:
+        raise InputError(f"cannot fetch '{name_or_path}' from {HF_ENDPOINT}: {e}") from None
+    return local
+
+
+class HFConfig(dict):
+    """A checkpoint's config.json: a key the model needs and the file lacks is bad input, not a KeyError."""
+
+    def __missing__(self, key):
+        raise InputError(f"config.json lacks '{key}'")
+
+
+def read_checkpoint(name_or_path):
+    """(directory, config.json, {name: tensor} of all its safetensors files, one or sharded) of a hub id or a
+    directory as save_pretrained writes it; a file that cannot be read is one line of bad input."""
+    path = checkpoint_dir(name_or_path)
+    try:
+        hf = HFConfig(json.loads((path / "config.json").read_text()))
+        index = path / "model.safetensors.index.json"
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
+            else ["model.safetensors"]
+        tensors = {}
+        for fname in files:
+            tensors.update(read_safetensors(path / fname))
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, struct.error) as e:
+        raise InputError(f"cannot read the checkpoint in {path} ({type(e).__name__}: {e})") from None
+    return path, hf, tensors
+
+
+def load_weights(model, state, path, device, dtype):
+    """Put state's tensors into model (built on the meta device) on device, the parameters in dtype, after checking
+    that every name and shape fits: a checkpoint that does not is one line of bad input."""
+    wanted, params = model.state_dict(), {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    for name, t in state.items():
+        if name not in wanted:
+            raise InputError(f"{path}: unexpected tensor '{name}'")
+        if t.shape != wanted[name].shape or t.is_floating_point() != wanted[name].is_floating_point():
+            raise InputError(f"{path}: '{name}' is {str(t.dtype)[6:]} {tuple(t.shape)}, config.json implies "
+                             f"{str(wanted[name].dtype)[6:]} {tuple(wanted[name].shape)} (another shape or kind)")
+        state[name] = t.to(device=device, dtype=dtype if name in params else wanted[name].dtype,  # buffers keep theirs
+                           memory_format=torch.contiguous_format, copy=True)
+    missing = sorted(set(wanted) - set(state))
+    if missing:
+        raise InputError(f"{path}: checkpoint lacks {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+    model.load_state_dict(state, assign=True)
+    return model
+
+
+GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def byte_decoder():
+    """GPT-2's table from the printable characters that byte-level BPE vocabularies are written in back
+    to bytes: printable Latin-1 bytes stand for themselves, the other 68 bytes for chr(256 + n)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+
+
+def hf_tokenizer(path):
+    """tiktoken Encoding for a Hugging Face tokenizer.json holding a byte-level BPE (GPT-2 style, as GPT-2's and
+    GPT-NeoX's, or Llama 3 style), or None when the file is something tiktoken cannot run (SentencePiece, as
+    Llama 2's and Mixtral's, or a normalizer other than NFC, which is applied here before encoding).
+
+    tiktoken merges the adjacent pair whose result has the lowest rank; tokenizer.json lists merges in
+    priority order. The two agree when a token's id is its rank and ids grow along the merge list (checked
+    here), as for Llama 3, whose tokenizer.json was converted from tiktoken's own file, and byte-level BPEs
+    trained with the `tokenizers` package (the tests show it). Added tokens are decoded but never produced by
+    encoding: GPT-NeoX's tokens for runs of spaces come out as smaller pieces."""
+    try:
+        tok = json.loads(Path(path).read_text())
+        model, pre = tok["model"], tok.get("pre_tokenizer") or {}
+        steps = pre.get("pretokenizers", [pre])
+        kinds = [s.get("type") for s in steps]
+        if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+            pattern = GPT2_SPLIT  # GPT-2 style: the byte-level step splits with GPT-2's regex
+        elif kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True) \
+                and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert"):
+            pattern = steps[0]["pattern"]["Regex"]  # Llama 3 style: a regex split, then bytes to characters
+        else:
+            return None
+        normalizer = tok.get("normalizer")
+        if model.get("type") != "BPE" or normalizer not in (None, {"type": "NFC"}) or steps[-1].get("add_prefix_space"):
+            return None
+        to_byte, vocab = byte_decoder(), model["vocab"]
+        specials = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
+        ranks = {bytes(to_byte[c] for c in s): i for s, i in vocab.items() if s not in specials}
+        last = -1
+        for merge in model["merges"]:
+            a, b = merge.split(" ") if isinstance(merge, str) else merge
+            if vocab[a + b] < last:
+                return None
+            last = vocab[a + b]
+        enc = tiktoken.Encoding(Path(path).parent.name or "tokenizer", pat_str=pattern, mergeable_ranks=ranks,
+                                special_tokens=specials)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    known = set(ranks.values()) | set(specials.values())
+    encode = enc.encode_ordinary if normalizer is None else lambda s: enc.encode_ordinary(unicodedata.normalize("NFC", s))
+    return (str(path), encode, lambda ids: enc.decode([i for i in ids if i in known], errors="replace"),
+            enc.n_vocab)
+
+
+def pretrained_tokenizer(path, sample_only):
+    """A checkpoint's own tokenizer, from its tokenizer.json when tiktoken can run it; None (token ids) will do
+    for --sample_only, but not for training on text."""
+    tokenizer = hf_tokenizer(path / "tokenizer.json")
+    if tokenizer is None and not sample_only:
+        raise InputError(f"{path} has no tokenizer.json that tiktoken can read (SentencePiece ones, as Llama 2's "
+                         "and Mixtral's, it cannot), so it cannot be trained on text; --sample_only shows token ids")
+    return tokenizer
+
+
+# Token files as llm.c writes them (and modded-nanogpt's FineWeb shards): a header of 256 int32 (magic, version,
+# token count), then the tokens, uint16 where the vocabulary fits (GPT-2's), uint32 where it does not (Llama 3's).
+TOKEN_FILES = {np.uint16: (20240520, 1), np.uint32: (20240801, 7)}
+
+
+def write_tokens(path, ids, vocab_size):
+    """ids as a token file at path, written whole or not at all."""
+    dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
+    header = np.array([*TOKEN_FILES[dtype], len(ids)] + [0] * 253, np.int32)
+    path.with_suffix(".tmp").write_bytes(header.tobytes() + np.array(ids, dtype).tobytes())
+    os.replace(path.with_suffix(".tmp"), path)  # never half a file under the real name
+
+
+def read_tokens(path):
+    """A token file's tokens, memory-mapped, once its header checks out: a damaged file is one line of bad input."""
+    header = np.fromfile(path, np.int32, count=256)
+    dtype = next((d for d, magic in TOKEN_FILES.items() if len(header) == 256 and tuple(header[:2]) == magic), None)
+    if dtype is None or path.stat().st_size != 1024 + int(header[2]) * np.dtype(dtype).itemsize:
+        raise InputError(f"{path} is not a whole token file (damaged? delete it, and it is made again)")
+    return np.memmap(path, dtype=dtype, mode="r", offset=1024)
+
+
+# FineWeb as the GPT-2 speedruns publish it (modded-nanogpt): tokenized with GPT-2's BPE, 100M tokens a token file
+FINEWEB = {"fineweb10B": "kjj0/fineweb10B-gpt2/resolve/main/fineweb",
+           "fineweb-edu10B": "kjj0/finewebedu10B-gpt2/resolve/main/finewebedu"}
+
+
+def fineweb_files(name, tokenizer, shards):
+    """{split: [token files]} of --data fineweb10B or fineweb-edu10B: the validation shard and `shards` training
+    shards, downloaded once into data/<name>/ (through $HF_ENDPOINT, with $HF_TOKEN); GPT-2's tokens only."""
+    if tokenizer[0] != "gpt2":
+        raise InputError(f"--data {name} holds GPT-2's tokens, and this model's tokenizer is {tokenizer[0]}")
+    files = {"val": [f"_val_{0:06d}.bin"], "train": [f"_train_{i:06d}.bin" for i in range(1, shards + 1)]}
+    try:
+        return {split: [read_tokens(download(f"{HF_ENDPOINT}/datasets/{FINEWEB[name]}{f}",
+                                             HERE / "data" / name / f"{FINEWEB[name].rsplit('/', 1)[1]}{f}"))
+                        for f in names] for split, names in files.items()}
+    except requests.RequestException as e:
+        raise InputError(f"cannot fetch --data {name} from {HF_ENDPOINT}: {e}") from None
+
+
+def save_checkpoint(obj, path):
+    """torch.save to a temporary file, fsync, then os.replace: a kill mid-save leaves the old file whole."""
+    with open(path.with_suffix(".tmp"), "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path.with_suffix(".tmp"), path)
+
+
+def load_checkpoint(path):
+    """Our checkpoint at path (see the harness's evaluate), checked: a missing, cut or foreign file (another file's
+    model) is one line of bad input."""
+    if not path.exists():
+        raise InputError(f"--init_from resume: no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        keys = {"model", "optimizer", "scaler", "config", "args", "iter_num", "best_val", "evals_since_best", "tokenizer"}
+        if not keys <= set(ckpt) or set(ckpt["config"]) != {f.name for f in fields(Config)}:
+            raise ValueError(f"not a checkpoint of {Path(__file__).name}")
+    except Exception as e:  # a truncated zip, a foreign pickle, a missing key: all mean "not our checkpoint"
+        raise InputError(f"--init_from resume: {path} is not a readable checkpoint ({type(e).__name__}: "
+                         f"{str(e)[:200]})") from None
+    return ckpt
+
+
+def trained_state(model):
+    """What a checkpoint keeps: the trainable parameters, and the buffers of the modules that train (mla_moe.py's
+    routing bias); lora.py's frozen base, NF4 codes included, comes back from --init_from."""
+    trains = {name for name, m in model.named_modules() if any(p.requires_grad for p in m.parameters(recurse=False))}
+    return {k: v.detach() for k, v in model.state_dict(keep_vars=True).items()
+            if v.requires_grad or not isinstance(v, nn.Parameter) and k.rpartition(".")[0] in trains}
+
+
+def load_trained_state(model, state, path):
+    """trained_state's tensors back into model; a name or shape it does not have is one line of bad input."""
+    try:
+        model.load_state_dict({**model.state_dict(), **state})  # the frozen parameters: the model's own
+    except RuntimeError as e:  # a name or a shape the model does not have
+        raise InputError(f"{path} does not fit the model: {str(e).strip().splitlines()[-1].strip()}") from None
+
+
+def from_pretrained(name_or_path, device="cpu", dtype=torch.float32, dropout=0.0):
+    """A Jamba from a Hugging Face checkpoint: a hub id ("ai21labs/Jamba-tiny-dev", "ai21labs/AI21-Jamba-Mini-1.5",
+    ...) or a local directory with config.json and model.safetensors (or shards + model.safetensors.index.json),
+    in the layout the hub checkpoints and `JambaForCausalLM.save_pretrained` write: one gate/up/down_proj per expert
+    (model.layers.L.feed_forward.experts.N.gate_proj.weight), stacked here into one tensor per layer; the stacked
+    layout of transformers' own modules (experts.gate_up_proj, experts.down_proj) loads too. Weights are converted
+    to `dtype` on the way in. Returns the model in eval mode."""
+    path, hf, tensors = read_checkpoint(name_or_path)
+    if hf.get("model_type") != "jamba":
+        raise InputError(f"{path} holds a '{hf.get('model_type')}' model, not Jamba")
+    n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
+    for key, value, allowed in (("hidden_act", hf.get("hidden_act", "silu"), "silu"),
+                                ("head_dim", hf.get("head_dim", n_embd // n_head), n_embd // n_head)):
+        if value != allowed:  # a variant this file does not implement must not load as Jamba
+            raise InputError(f"{path}: {key} = {value} is a Jamba variant this file does not implement")
+    rank = hf.get("mamba_dt_rank", "auto")
+    cfg = Config(vocab_size=hf["vocab_size"], block_size=hf.get("max_position_embeddings", 262144),
+                 n_layer=hf["num_hidden_layers"], n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head,
+                 n_embd=n_embd, intermediate_size=hf["intermediate_size"], n_expert=hf.get("num_experts", 16),
+                 top_k_experts=min(hf.get("num_experts_per_tok", 2), hf.get("num_experts", 16)),  # 1 expert: no MoE
+                 attn_layer_period=hf.get("attn_layer_period", 8),
+                 attn_layer_offset=hf.get("attn_layer_offset", 4), expert_layer_period=hf.get("expert_layer_period", 2),
+                 expert_layer_offset=hf.get("expert_layer_offset", 1), d_state=hf.get("mamba_d_state", 16),
+                 d_conv=hf.get("mamba_d_conv", 4), expand=hf.get("mamba_expand", 2),
+                 dt_rank=0 if rank == "auto" else rank, conv_bias=hf.get("mamba_conv_bias", True),
+                 bias=hf.get("mamba_proj_bias", False), norm_eps=hf.get("rms_norm_eps", 1e-6),
+                 tie_embeddings=hf.get("tie_word_embeddings", False), bos_token_id=hf.get("bos_token_id"),
+                 aux_loss_coef=hf.get("router_aux_loss_coef", 0.001), dropout=dropout)
+    state, experts = {}, {}
+    for name, t in tensors.items():
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            continue  # a tied head is the embedding
+        name = name.replace(".feed_forward.router.", ".feed_forward.gate.")  # the router W_g
+        expert = re.fullmatch(r"(.*\.feed_forward)\.experts\.(\d+)\.(gate|up|down)_proj\.weight", name)
+        stacked = re.fullmatch(r"(.*\.feed_forward)\.experts\.(gate_up|down)_proj", name)
+        if expert:  # a matrix per expert in the file, one (n_expert, ...) tensor per layer here
+            w = dict(gate="w1", up="w3", down="w2")[expert[3]]
+            experts.setdefault(f"{expert[1]}.{w}", {})[int(expert[2])] = t
+        elif stacked and stacked[2] == "gate_up":  # transformers' (E, 2 f, d): gate rows, then up rows
+            state[f"{stacked[1]}.w1"], state[f"{stacked[1]}.w3"] = t.chunk(2, dim=1)
+        elif stacked:
+            state[f"{stacked[1]}.w2"] = t
+        elif name in ("model.embed_tokens.weight", "lm_head.weight"):  # pad the vocabulary rows with zeros
+            state[name] = F.pad(t, (0, 0, 0, cfg.padded_vocab_size - t.size(0)))
+        else:
+            state[name] = t
+    for name, per_expert in experts.items():
+        if max(per_expert) >= cfg.n_expert:
+            raise InputError(f"{path}: unexpected tensor for expert {max(per_expert)} of '{name}' ({cfg.n_expert} experts)")
+        if len(per_expert) == cfg.n_expert and len({t.shape for t in per_expert.values()}) > 1:
+            raise InputError(f"{path}: the experts of '{name}' differ in shape")
+        if len(per_expert) == cfg.n_expert:  # an expert missing: load_weights says which layer lacks one
+            state[name] = torch.stack([per_expert[i] for i in range(cfg.n_expert)])
+    if cfg.tie_embeddings and "model.embed_tokens.weight" in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    with torch.device("meta"):
+        model = Jamba(cfg)  # shapes only: the weights come from the file, no time is spent on a random init
+    load_weights(model, state, path, device, dtype)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight  # assign=True replaced both: tie them again
+    for block in model.model.layers:
+        if not block.attends:
+            block.mamba.A_log.no_weight_decay = True  # and made new parameters: mark A_log again
+    return model.eval()
+
+
+def save_pretrained(model, path):
+    """model in the Hugging Face Jamba layout in the directory path, as the hub checkpoints and transformers'
+    save_pretrained write it: one feed_forward.experts.N.gate/up/down_proj per expert, feed_forward.router, so that
+    transformers' JambaForCausalLM (and from_pretrained here) loads it with the same logits."""
+    cfg, path = model.config, Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(dict(
+        model_type="jamba", architectures=["JambaForCausalLM"], vocab_size=cfg.vocab_size,
+        max_position_embeddings=cfg.block_size, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_kv_head, hidden_size=cfg.n_embd, intermediate_size=cfg.intermediate_size,
+        num_experts=cfg.n_expert, num_experts_per_tok=cfg.top_k_experts, attn_layer_period=cfg.attn_layer_period,
+        attn_layer_offset=cfg.attn_layer_offset, expert_layer_period=cfg.expert_layer_period,
+        expert_layer_offset=cfg.expert_layer_offset, mamba_d_state=cfg.d_state, mamba_d_conv=cfg.d_conv,
+        mamba_expand=cfg.expand, mamba_dt_rank=cfg.dt_rank, mamba_conv_bias=cfg.conv_bias,
+        mamba_proj_bias=cfg.bias, rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
+        bos_token_id=cfg.bos_token_id, hidden_act="silu", router_aux_loss_coef=cfg.aux_loss_coef), indent=2))
+    state = {}
+    for k, t in model.state_dict().items():
+        if k.endswith(("w1", "w2", "w3")):  # (n_expert, ...) to one matrix per expert
+            proj = dict(w1="gate_proj", w3="up_proj", w2="down_proj")[k[-2:]]
+            state.update({f"{k[:-3]}.experts.{i}.{proj}.weight": w for i, w in enumerate(t)})
+        elif not (k == "lm_head.weight" and cfg.tie_embeddings):
+            k, t = k.replace(".feed_forward.gate.", ".feed_forward.router."), t
+            state[k] = t[:cfg.vocab_size] if k in ("model.embed_tokens.weight", "lm_head.weight") else t
+    write_safetensors(state, path / "model.safetensors")
+
+
+# ----------------------------------------------------------------------------------- Jamba on the command line
+# What the shared harness below asks of this model: its presets and flags, how to build it, what a token costs,
+# the schedule, the data and what to show at the end.
+
+# Defaults sized so that a bare run takes about three minutes: tiny on a CPU (where the 50K-token output layer
+# costs more than the whole model), small on a GPU. On the CPU four layers with one attention layer (at 2) and
+# the MoE in every other layer (1 and 3); on the GPU eight layers in the paper's ratio, one attention layer in
+# eight at offset 4 (section 3), the MoE in every other layer; both 16 experts, top 2, as Jamba, and GQA with two
+# key/value heads. On a GPU 400 steps of 8K tokens are 11 epochs of tiny-shakespeare, with an eval every 1.3
+# epochs and early stopping after 3 evals without a better val loss (--patience), as the other files (not
+# measured on a GPU for this file). The end's sample comes from the best weights.
+PRESETS = {
+    "cpu": dict(n_layer=4, n_head=4, n_kv_head=2, n_embd=128, attn_layer_period=4, attn_layer_offset=2,
+                block_size=64, batch_size=8, max_iters=200, eval_interval=100, eval_iters=10, log_interval=25,
+                lr=3e-3, min_lr=3e-4, warmup_iters=20, dropout=0.0, patience=0),
+    "cuda": dict(n_layer=8, n_head=6, n_kv_head=2, n_embd=384, attn_layer_period=8, attn_layer_offset=4,
+                 block_size=256, batch_size=32, max_iters=400, eval_interval=50, eval_iters=50, log_interval=25,
+                 lr=1e-3, min_lr=1e-4, warmup_iters=40, dropout=0.2, patience=3),
+}
+RUN_TIME = ("dropout", "capacity_factor", "aux_loss_coef", "z_loss_coef")  # Config fields a run sets
+
+
+def add_model_flags(p):
+    p.add_argument("--n_layer", type=int)
+    p.add_argument("--n_head", type=int, help="query heads of the attention layers")
+    p.add_argument("--n_kv_head", type=int, help="key/value heads: n_head is MHA, 1 is MQA")
+    p.add_argument("--n_embd", type=int)
+    p.add_argument("--attn_layer_period", type=int, help="one attention layer in every this many (Jamba: 8)")
+    p.add_argument("--attn_layer_offset", type=int, help="the attention layer's place in its period (Jamba: 4)")
+    p.add_argument("--expert_layer_period", type=int, default=2, help="one MoE layer in every this many")
+    p.add_argument("--expert_layer_offset", type=int, default=1, help="the MoE layer's place in its period")
+    p.add_argument("--intermediate_size", type=int, help="the MLP's and each expert's SwiGLU width (default: 8/3 "
+                   "n_embd rounded up to a multiple of 64)")
+    p.add_argument("--n_expert", type=int, default=16, help="experts per MoE layer (1: no MoE)")
+    p.add_argument("--top_k_experts", type=int, default=2, help="experts each token is routed to")
+    p.add_argument("--d_state", type=int, default=16, help="N: the SSM state per channel of the Mamba layers")
+    p.add_argument("--expand", type=int, default=2, help="d_inner = expand x n_embd")
+    p.add_argument("--d_conv", type=int, default=4, help="width of the Mamba layers' causal depthwise convolution")
+    p.add_argument("--dt_rank", type=int, default=0, help="rank of Delta's projection (0: ceil(n_embd / 16))")
+    p.add_argument("--capacity_factor", type=float, default=0.0,
+                   help="0: dropless routing; > 0: each expert takes at most this x its even share of a step's "
+                        "tokens, the rest skip the layer (static shapes); evaluation and sampling stay dropless")
+    p.add_argument("--aux_loss_coef", type=float, default=0.001, help="load-balancing loss weight (Jamba: 0.001)")
+    p.add_argument("--z_loss_coef", type=float, default=0.0, help="router z-loss weight (Jamba: none)")
+    p.add_argument("--dropout", type=float, help="on the attention weights and the residual branches")
+
+
+def build_model(args, given, ckpt, env):
+    """(model, tokenizer, note) for --init_from: our checkpoint's model (resume; the harness loads its weights), a
+    Hugging Face Jamba (its tokenizer, SentencePiece, is none tiktoken runs: token ids), or a fresh one."""
+    run_time = {k: getattr(args, k) for k in RUN_TIME}
+    if ckpt is not None:
+        model, tokenizer = Jamba(Config(**{**ckpt["config"], **run_time})), load_tokenizer(ckpt["tokenizer"])
+    elif args.init_from != "scratch":  # sampling keeps the weights in the run's dtype (bf16 on CUDA), training in fp32
+        tokenizer = pretrained_tokenizer(checkpoint_dir(args.init_from, weights=False), args.sample_only)
+        model = from_pretrained(args.init_from, env.device, env.dtype if args.sample_only else torch.float32, args.dropout)
+    else:
+        tokenizer = load_tokenizer()
+        model = Jamba(Config(vocab_size=tokenizer[3], block_size=args.block_size, n_layer=args.n_layer,
+                             n_head=args.n_head, n_kv_head=args.n_kv_head, n_embd=args.n_embd,
+                             intermediate_size=args.intermediate_size or 0, n_expert=args.n_expert,
+                             top_k_experts=args.top_k_experts, attn_layer_period=args.attn_layer_period,
+                             attn_layer_offset=args.attn_layer_offset, expert_layer_period=args.expert_layer_period,
+                             expert_layer_offset=args.expert_layer_offset, d_state=args.d_state, expand=args.expand,
+                             d_conv=args.d_conv, dt_rank=args.dt_rank, bos_token_id=None, **run_time))
+    cfg = model.config
+    layers = "".join("A" if cfg.is_attention(i) else "M" for i in range(cfg.n_layer))
+    moe = ", ".join(map(str, model.moe_layers)) or "none"
+    return model, tokenizer, (f" | {model.num_params(active=True) / 1e6:.2f}M active | layers {layers} (A attention, "
+                              f"M Mamba) | MoE in layers {moe}: {cfg.n_expert} experts, top {cfg.top_k_experts}, "
+                              + (f"capacity {cfg.capacity_factor:g}" if cfg.capacity_factor else "dropless"))
+
+
+def flops_per_token(model, T):
+    """Training FLOPs per token at context T, for MFU: 6 per parameter a token computes with (the top_k of the
+    experts), plus the attention layers' scores over T keys (PaLM, appendix B). The scan's elementwise work is left
+    out, as mamba.py does: MFU counts the matmuls."""
+    cfg = model.config
+    n_attn = sum(cfg.is_attention(i) for i in range(cfg.n_layer))
+    return 6 * model.num_params(active=True) + 12 * n_attn * cfg.n_head * cfg.head_dim * T
+
+
+def schedule(it, args):  # (learning rate, weight decay) of step it: warmup and cosine, a constant weight decay
+    return lr_at(it, args), args.weight_decay
+
+
+def batches(args, tokenizer, env):  # batch(split) -> (x, y): Jamba learns from --data's text
+    return text_batches(args, tokenizer, env)
+
+
+def show_sample(model, tokenizer, args, env, title):
+    """What a run shows at its end (or with --sample_only): the hybrid cache a sequence costs at 1K and 256K tokens
+    next to an all-attention model of the same shape (the paper's Table 1), then a sample."""
+    cfg, itemsize = model.config, (env.dtype if env.dtype != torch.float32 else model.lm_head.weight.dtype).itemsize
+    n_attn = sum(cfg.is_attention(i) for i in range(cfg.n_layer))
+    for T in (1024, 262144):
+        hybrid, full = model.cache_bytes(T, itemsize)
+        print(f"cache at {T // 1024}K tokens: {hybrid:,} bytes ({n_attn} attention layers' K and V + {cfg.n_layer - n_attn} "
+              f"Mamba states), all-attention of the same shape {full:,} bytes: {full / hybrid:.1f}x more")
+    sample(model, tokenizer, args, env.ctx, title)
+
+
+# ------------------------------------------------------------------------------------------- data
+# From here on every file holds the same text (tests/test_harness.py): data, training, the command line. It calls
+# the model's own PRESETS, add_model_flags, build_model, flops_per_token, schedule, batches and show_sample (above).
+
+def load_tokenizer(name=None):
+    """(name, encode, decode, vocab) of "gpt2" (tiktoken's), "bytes", a tokenizer.json; None: gpt2, or bytes offline."""
+    if name in (None, "gpt2"):
+        try:
+            enc = tiktoken.get_encoding("gpt2")  # downloads the BPE files once, unless TIKTOKEN_CACHE_DIR has them
+            return "gpt2", enc.encode_ordinary, lambda ids: enc.decode(ids, errors="replace"), enc.n_vocab
+        except Exception as e:  # tiktoken raises whatever its download raised
+            if name == "gpt2":
+                raise InputError(f"the gpt2 tokenizer is needed but its files cannot be had ({type(e).__name__}); "
+                                 "set TIKTOKEN_CACHE_DIR to a folder that holds them") from None
+            print(f"offline: tiktoken's gpt2 files cannot be had ({type(e).__name__}); using raw UTF-8 bytes as tokens")
+    if name in (None, "bytes"):
+        return "bytes", lambda s: list(s.encode()), lambda ids: bytes(ids).decode(errors="replace"), 256
+    return pretrained_tokenizer(Path(name).parent, sample_only=False)  # the tokenizer.json a checkpoint names
+
+
+def read_text(data):
+    """(cache name, text) of --data: shakespeare (offline: the Python library's own source) or a UTF-8 text file."""
+    path = HERE / "data" / "shakespeare" / "input.txt" if data == "shakespeare" else Path(data)
+    try:
+        if data == "shakespeare":
+            download(SHAKESPEARE_URL, path)
+    except requests.RequestException as e:
+        print(f"offline: cannot download tiny-shakespeare ({type(e).__name__}); training on Python's own source")
+        text = "".join(p.read_text(errors="ignore") for p in sorted(Path(os.__file__).parent.glob("*.py")))
+        return "python_stdlib", text[:1_500_000]
+    if not path.is_file():
+        raise InputError(f"--data '{data}' is a directory; give a UTF-8 text file" if path.is_dir() else
+                         f"--data '{data}': no such file, and not a dataset name (shakespeare, {', '.join(FINEWEB)})")
+    try:
+        text = path.read_bytes().decode()
+    except UnicodeError:
+        text = "\0"  # not UTF-8: a binary file
+    if "\0" in text or not text.strip():
+        raise InputError(f"--data '{data}': {path} is " + ("not UTF-8 text (a binary file?)" if text.strip() else "empty"))
+    return data if data == "shakespeare" else path.stem, text
+
+
+def prepare_data(data, tokenizer, shards=1):
+    """{split: [token files]} of --data: FineWeb's, or a text tokenized once into data/<name>/{train,val}.bin (90/10),
+    made again when meta.json names another text (by a hash) or tokenizer."""
+    if data in FINEWEB:
+        return fineweb_files(data, tokenizer, shards)
+    name, text = read_text(data)
+    out, files = HERE / "data" / name, {split: HERE / "data" / name / f"{split}.bin" for split in ("train", "val")}
+    meta = dict(text=hashlib.sha1(text.encode()).hexdigest(), tokenizer=tokenizer[0], vocab_size=tokenizer[3])
+    if not all(f.exists() for f in files.values()) or not (out / "meta.json").exists() \
+            or (out / "meta.json").read_text() != json.dumps(meta):
+        ids = tokenizer[1](text)
+        n = int(0.9 * len(ids))
+        out.mkdir(parents=True, exist_ok=True)
+        write_tokens(files["train"], ids[:n], tokenizer[3])
+        write_tokens(files["val"], ids[n:], tokenizer[3])
+        (out / "meta.json").write_text(json.dumps(meta))  # written last: the cache is valid once it is there
+        print(f"tokenized {name} with {tokenizer[0]}: {n:,} train and {len(ids) - n:,} val tokens in {out}")
+    return {split: [read_tokens(f)] for split, f in files.items()}
+
+
+def get_batch(files, batch_size, block_size, device):
+    """batch_size random windows of a token file (one of several: drawn by size): x (B, T), y = x shifted by one."""
+    ends = np.cumsum([len(f) - block_size for f in files])
+    tokens = files[int(np.searchsorted(ends, torch.randint(int(ends[-1]), ()).item() if len(files) > 1 else 0, "right"))]
+    start = torch.randint(len(tokens) - block_size, (batch_size,)).numpy()
+    xy = torch.from_numpy(tokens[start[:, None] + np.arange(block_size + 1)].astype(np.int64))  # (B, T+1)
+    xy = xy.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else xy.to(device)
+    return xy[:, :-1], xy[:, 1:]
+
+
+def text_batches(args, tokenizer, env):
+    """batch(split) -> (x, y) from --data, whose files (FineWeb: as many as the run needs) rank 0 makes first."""
+    if not env.master:
+        dist.barrier()
+    files = prepare_data(args.data, tokenizer, args.data_shards or math.ceil(args.max_iters * env.tokens / 1e8))
+    if env.master and env.world > 1:
+        dist.barrier()
+    if min((sizes := {split: sum(map(len, f)) for split, f in files.items()}).values()) <= args.block_size:
+        raise InputError(f"--data '{args.data}' is too short for --block_size {args.block_size}: {sizes} tokens")
+    return lambda split: get_batch(files[split], args.batch_size, args.block_size, env.device)
+
+
+# --------------------------------------------------------------------------------------- training
+
+def lr_at(it, args):
+    """Linear warmup to --lr, then cosine decay to --min_lr at --lr_decay_iters, flat after."""
+    if it < args.warmup_iters:
+        return args.lr * (it + 1) / args.warmup_iters
+    ratio = min(1.0, (it - args.warmup_iters) / max(1, (args.lr_decay_iters or args.max_iters) - args.warmup_iters))
+    return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (args.lr - args.min_lr)
+
+
+def configure_optimizer(model, args, device):
+    """AdamW, weight decay on matrices but `no_weight_decay` ones, `lr_scale` scaling a rate. --optimizer muon: torch's
+    Muon on the blocks' 2-D matrices, AdamW on the rest (modded-nanogpt's split); Muon's step at AdamW's RMS (arXiv
+    2502.16982) lets one --lr serve both, measured as good as a tuned Muon rate (README)."""
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)} | {id(model.lm_head.weight)}
+    groups = {}
+    for p in filter(lambda p: p.requires_grad, model.parameters()):  # keyed by (Muon?, decayed?, lr_scale)
+        decay = p.dim() >= 2 and not getattr(p, "no_weight_decay", False)
+        muon = args.optimizer == "muon" and decay and p.dim() == 2 and id(p) not in tables
+        groups.setdefault((muon, decay, getattr(p, "lr_scale", 1)), []).append(p)
+    groups = {m: [dict(params=ps, decay=d, weight_decay=args.weight_decay * d, lr_scale=s)
+                  for (muon, d, s), ps in groups.items() if muon == m] for m in (False, True)}
+    return [torch.optim.Muon(g, lr=args.lr, adjust_lr_fn="match_rms_adamw") if muon else torch.optim.AdamW(
+        g, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda") for muon, g in groups.items() if g]
+
+
+@torch.no_grad()
+def estimate_loss(model, batch, args, ctx):
+    """Mean loss over --eval_iters batches per split; the same batches at every eval (seeded by --seed)."""
+    model.eval()
+    torch.manual_seed(args.seed % 2**63)
+    with ctx:
+        out = {split: torch.stack([model(*batch(split))[1].float() for _ in range(args.eval_iters)]).mean().item()
+               for split in ("train", "val")}
+    model.train()
+    return out
+
+
+def log_metrics(record, env):
+    """One line of out_dir/metrics.jsonl, and its numbers to TensorBoard with --tensorboard."""
+    with open(env.out_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    for k, v in record.items():
+        if env.writer and k != "iter" and isinstance(v, (int, float)):
+            env.writer.add_scalar(k, v, record["iter"])
+
+
+def open_logs(args, iter_num, env):
+    """metrics.jsonl, kept up to iter_num when resuming (a line cut short by a kill dropped), and TensorBoard."""
+    env.out_dir.mkdir(parents=True, exist_ok=True)
+    path = env.out_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if iter_num > 0 and path.exists() else []
+    path.write_text("".join(f"{line}\n" for line in lines if line.endswith("}") and json.loads(line)["iter"] <= iter_num))
+    try:
+        if args.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            env.writer = SummaryWriter(str(env.out_dir))
+    except ImportError:
+        print("--tensorboard: the tensorboard package is not installed (pip install tensorboard); skipping it")
+
+
+def sample(model, tokenizer, args, ctx, title):
+    """Print --max_new_tokens sampled after --prompt (and after the checkpoint's BOS, if it defines one)."""
+    torch.manual_seed(args.seed % 2**63)
+    bos = [] if model.config.bos_token_id is None else [model.config.bos_token_id]
+    prompt = bos + (tokenizer[1](args.prompt) if tokenizer else []) or [0]  # a long prompt: generate handles it
+    with ctx:
+        out = model.eval().generate(torch.tensor([prompt], device=next(model.parameters()).device),
+                                    args.max_new_tokens, args.temperature, args.top_k or None, args.top_p)[0].tolist()
+    if tokenizer is None:  # a checkpoint whose tokenizer is none tiktoken can run (SentencePiece)
+        print(f"no tokenizer tiktoken can read for {args.init_from}: no prompt, the sample shown as token ids")
+    print(f"--- {title} ---\n{tokenizer[2](out[len(bos):]) if tokenizer else out}\n---")
+
+
+def evaluate(model, eval_model, batch, optimizers, scaler, state, tokenizer, args, env):
+    """Eval both splits, save ckpt.pt (and best.pt when val improved), print and log; True: stop early."""
+    losses, it, ckpt_path = estimate_loss(eval_model, batch, args, env.ctx), state["iter_num"], env.out_dir / "ckpt.pt"
+    if not all(map(math.isfinite, losses.values())):  # the NaN guard: stop before anything bad is saved
+        diverged(f"eval {it} | train {losses['train']} | val {losses['val']}", env)
+    improved = losses["val"] < state["best_val"]
+    state["evals_since_best"] = 0 if improved else state["evals_since_best"] + 1
+    state["best_val"] = min(losses["val"], state["best_val"])
+    ckpt = dict(state, model=trained_state(model), optimizer=[o.state_dict() for o in optimizers], args=vars(args),
+                scaler=scaler.state_dict(), config=asdict(model.config), tokenizer=tokenizer[0])
+    for path in [ckpt_path] + [env.out_dir / "best.pt"] * improved:  # best.pt: early stopping never loses the best
+        save_checkpoint(ckpt, path)
+    print(f"eval {it} | train {losses['train']:.4f} | val {losses['val']:.4f} | saved {ckpt_path}"
+          + (" (best)" if improved else ""))
+    report = model.load_report() if hasattr(model, "load_report") else {}  # MoE: the experts' share of the tokens
+    log_metrics(dict(iter=it, **losses, **report), env)
+    if args.patience and state["evals_since_best"] >= args.patience:
+        print(f"early stop: no better val loss in {args.patience} evals (best {state['best_val']:.4f}, in best.pt)")
+        return True
+    return False
+
+
+def diverged(line, env):
+    """The NaN guard: stop (exit 1) before anything bad is saved."""
+    print(f"{line}: training diverged; stopping. The last good checkpoint is {env.out_dir}/ckpt.pt", file=sys.stderr)
+    sys.exit(1)
+
+
+def train(model, batch, tokenizer, args, ckpt, env):
+    """--max_iters steps of --grad_accum micro-steps, logged, evaluated and saved; (the last iteration, best val)."""
+    optimizers = configure_optimizer(model, args, env.device)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=env.dtype == torch.float16)
+    state = dict(iter_num=0, best_val=float("inf"), evals_since_best=0)
+    if ckpt is not None:
+        for optimizer, saved in zip(optimizers, ckpt["optimizer"], strict=True):
+            optimizer.load_state_dict(saved)
+        scaler.load_state_dict(ckpt["scaler"])
+        state = {k: ckpt[k] for k in state}
+    eval_model = train_model = torch.compile(model) if env.compile else model  # `model` stays the plain module
+    if env.world > 1:  # buffers need no sync (each rank computes the same); infini's gates may get no gradient
+        train_model = DDP(eval_model, broadcast_buffers=False,  # device_ids None: the module's own device
+                          find_unused_parameters=getattr(model, "find_unused_parameters", False))
+    if env.master:
+        open_logs(args, state["iter_num"], env)
+    gpu = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" and env.dtype != torch.float32 else ""
+    peak = next((f for key, f in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12)) if key in gpu), None)  # MFU
+    sums, t_log, iters_logged = {}, time.perf_counter(), state["iter_num"]
+    train_model.train()
+    while state["iter_num"] < args.max_iters:
+        lr, weight_decay = schedule(state["iter_num"], args)
+        for group in (group for optimizer in optimizers for group in optimizer.param_groups):
+            group.update(lr=lr * group["lr_scale"], weight_decay=weight_decay if group["decay"] else 0.0)
+        torch.manual_seed(((args.seed * 1_000_003 + state["iter_num"]) * 1_009 + env.rank) % 2**63)  # resume: the same
+        for micro in range(args.grad_accum):
+            x, y = batch("train")
+            train_model.require_backward_grad_sync = micro == args.grad_accum - 1  # DDP: all-reduce on the last only
+            with env.ctx:
+                _, loss = train_model(x, y)
+            scaler.scale(loss / args.grad_accum).backward()
+            for k, v in dict(loss=loss, **getattr(model, "stats", {})).items():  # MoE: the router's statistics
+                sums[k] = sums.get(k, 0.0) + v.detach().float() / args.grad_accum
+        for optimizer in optimizers:  # fp16: the gradients unscaled, for the clip
+            scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
+        for optimizer in optimizers:
+            scaler.step(optimizer)
+            optimizer.zero_grad(set_to_none=True)
+        scaler.update()
+        if hasattr(model, "after_step"):  # mla_moe.py: the routing bias follows the step's expert load
+            model.after_step()
+        state["iter_num"] = it = state["iter_num"] + 1
+        if env.master and (it % args.log_interval == 0 or it == args.max_iters):
+            means = {k: v.item() / (it - iters_logged) for k, v in sums.items()}  # the host sync, every log_interval
+            dt = (time.perf_counter() - t_log) / (it - iters_logged)
+            mfu = flops_per_token(model, args.block_size) * env.tokens / dt / (peak * env.world) if peak else None
+            if not math.isfinite(means["loss"]):
+                diverged(f"iter {it} | loss {means['loss']}", env)
+            print(f"iter {it} | " + " | ".join(f"{k} {v:.4f}" for k, v in means.items()) + f" | lr {lr:.2e} | "
+                  f"{dt * 1000:.1f} ms | {env.tokens / dt:,.0f} tok/s" + (f" | mfu {mfu:.1%}" if mfu else ""))
+            log_metrics(dict(iter=it, **means, lr=lr, ms=dt * 1000, tok_s=env.tokens / dt, mfu=mfu), env)
+            sums, t_log, iters_logged = {}, time.perf_counter(), it
+        if it % args.eval_interval == 0 or it == args.max_iters:
+            t_eval, stop = time.perf_counter(), torch.zeros((), device=env.device)
+            if env.master:
+                stop += evaluate(model, eval_model, batch, optimizers, scaler, state, tokenizer, args, env)
+            if env.world > 1:
+                dist.broadcast(stop, src=0)
+            if stop.item():
+                break
+            t_log += time.perf_counter() - t_eval  # eval time is not training time
+    return state["iter_num"], state["best_val"]
+
+
+# ------------------------------------------------------------------------------------------- main
+
+def parse_args(argv):
+    """(args, the flags typed). Flags left at None take the device's PRESETS, or a resumed run's values."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0] + " (see the module docstring)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, mps or cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bf16 autocast on CUDA (fp16 + GradScaler without bf16), float32 elsewhere")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on CUDA only)")
+    p.add_argument("--data", default="shakespeare", help="shakespeare, fineweb10B, fineweb-edu10B or a UTF-8 text file")
+    p.add_argument("--data_shards", type=int, help="FineWeb: training shards of 100M tokens (default: as the run needs)")
+    p.add_argument("--out_dir", help=f"checkpoints and metrics (default out/{Path(__file__).stem})")
+    p.add_argument("--init_from", default="scratch", help="'scratch', 'resume' (out_dir/ckpt.pt), a hub id or HF dir")
+    for n in ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size", "block_size", "warmup_iters"):
+        p.add_argument(f"--{n}", type=int)
+    p.add_argument("--lr_decay_iters", type=int, help="the cosine's end (default: max_iters; resumed: the run's own)")
+    p.add_argument("--grad_accum", type=int, default=1, help="micro-steps per optimizer step")
+    for name, default in (("lr", None), ("min_lr", None), ("weight_decay", 0.1), ("grad_clip", 1.0)):
+        p.add_argument(f"--{name}", type=float, default=default)
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"], help="muon: torch 2.9 or later")
+    p.add_argument("--patience", type=int, help="stop after this many evals without a better val loss (0: never)")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard under out_dir")
+    p.add_argument("--prompt", default="\n", help="the start of the sample printed at the end")
+    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top_k", type=int, default=200, help="sample among the k likeliest tokens (0: all)")
+    p.add_argument("--top_p", type=float, help="sample among the likeliest tokens up to this probability mass")
+    p.add_argument("--sample_only", action="store_true", help="load --init_from and sample; no training")
+    p.add_argument("--export", metavar="DIR", help="at the end, write the model in the Hugging Face layout there")
+    add_model_flags(p)
+    for a in filter(lambda a: a.dest in PRESETS["cpu"], p._actions):  # the presets' values in --help
+        a.help = f"{a.help or ''} (default {PRESETS['cpu'][a.dest]} on CPU, {PRESETS['cuda'][a.dest]} on CUDA)".strip()
+    args = p.parse_args(argv)
+    for action in p._actions:  # parse again with no defaults: which flags did the user actually type?
+        action.default = argparse.SUPPRESS
+    p._defaults.clear()  # set_defaults' too
+    return args, set(vars(p.parse_args(argv)))
+
+
+def check_args(args):
+    """Bad flag values, one line each: floats finite and not negative, the run's sizes positive (Config: the model's)."""
+    positive = ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size", "block_size", "grad_accum",
+                "lr_decay_iters", "max_new_tokens")
+    for name, value in vars(args).items():
+        if name in positive and value is not None and value <= 0:
+            raise InputError(f"--{name} must be positive, got {value}")
+        counts = name in ("warmup_iters", "patience", "top_k", "seed")
+        if (type(value) is float or counts) and not 0 <= value < math.inf:
+            raise InputError(f"--{name} must " + ("not be negative" if value < 0 else "be finite") + f", got {value}")
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+        raise InputError(f"--top_p must be in (0, 1], got {args.top_p}")
+    if args.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
+        raise InputError(f"--optimizer muon needs torch 2.9 or later (torch.optim.Muon); this is torch {torch.__version__}")
+    if args.sample_only and args.init_from == "scratch":
+        raise InputError("--sample_only needs --init_from resume, a hub id or an HF directory")
+
+
+def setup_device(args):
+    """The run's device, autocast dtype and context, compile, rank and world size (DDP when torchrun launched us)."""
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    auto = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    name = auto if args.device == "auto" else args.device
+    if name != "cpu" and not (torch.cuda.is_available() if name == "cuda" else torch.backends.mps.is_available()):
+        raise InputError(f"--device {name}: no {name.upper()} device is available (try --device cpu)")
+    device = torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if "RANK" in os.environ:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    fits = torch.float32 if name != "cuda" else torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    dtype = dict(float32=torch.float32, bfloat16=torch.bfloat16, float16=torch.float16, auto=fits)[args.dtype]
+    return SimpleNamespace(device=device, dtype=dtype, rank=rank, world=int(os.environ.get("WORLD_SIZE", 1)),
+                           master=rank == 0, compile=device.type == "cuda" if args.compile is None else args.compile,
+                           ctx=torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext(),
+                           out_dir=Path(args.out_dir or f"out/{Path(__file__).stem}"), writer=None, t_start=time.time())
+
+
+def main(argv=None):
+    try:
+        run(*parse_args(argv))  # argv None: sys.argv
+    except (InputError, OSError) as e:  # OSError: a path, a file or a download that cannot be used
+        print(f"{Path(__file__).name}: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, always
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(args, given):
+    """Set-up, the model, the data, the loop, and a sample from the best weights: nanoGPT's train.py in steps."""
+    env = setup_device(args)
+    ckpt = load_checkpoint(env.out_dir / "ckpt.pt") if args.init_from == "resume" else None
+    if ckpt is not None:  # flags not typed take the checkpointed run's values, but for where to run and the sample
+        for k in set(ckpt["args"]) - given - {"device", "dtype", "compile", "init_from", "sample_only", "out_dir",
+                                              "tensorboard", "prompt", "max_new_tokens", "temperature", "top_k",
+                                              "top_p", "export"}:
+            setattr(args, k, ckpt["args"][k])
+        args.lr_decay_iters = args.lr_decay_iters or ckpt["args"]["max_iters"]  # its schedule's end too
+    for k, v in PRESETS["cuda" if env.device.type == "cuda" else "cpu"].items():
+        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
+    check_args(args)
+    torch.manual_seed(args.seed % 2**63)  # the initial weights; each training step reseeds (see train)
+    model, tokenizer, note = build_model(args, given, ckpt, env)
+    fixed = asdict(model.config) | ({"optimizer": ckpt["args"]["optimizer"]} if ckpt else {})  # and its optimizer
+    for k, v in fixed.items():  # a flag typed now must agree with the model it trains
+        if k in given and k != "block_size" and getattr(args, k) != v:
+            raise InputError(f"--{k} {getattr(args, k)} does not match the model from --init_from {args.init_from}, "
+                             f"which has {k} {v}")
+    if tokenizer is not None and tokenizer[3] > model.config.vocab_size:
+        raise InputError(f"the tokenizer has {tokenizer[3]:,} tokens, the model only {model.config.vocab_size:,}")
+    if ckpt is not None:
+        load_trained_state(model, ckpt["model"], env.out_dir / "ckpt.pt")
+    env.tokens = args.batch_size * args.block_size * args.grad_accum * env.world  # per optimizer step
+    if env.master:
+        print(f"{Path(__file__).stem} | {env.device} | {str(env.dtype)[6:]} | compile {'on' if env.compile else 'off'}"
+              f" | {model.num_params() / 1e6:.2f}M params | {env.tokens:,} tokens/step | data {args.data} | tokenizer "
+              f"{tokenizer[0] if tokenizer else 'none (token ids)'} | init {args.init_from}"
+              + (f" | DDP x{env.world}" if env.world > 1 else "") + note)
+    if env.master and (args.sample_only or ckpt is None and args.init_from != "scratch"):  # before any training
+        show_sample(model.to(env.device), tokenizer, args, env, f"sample from {args.init_from}"
+                    + ("" if args.sample_only else ", the base model before fine-tuning"))
+    if not args.sample_only:
+        iter_num, best_val = train(model.to(env.device), batches(args, tokenizer, env), tokenizer, args, ckpt, env)
+    if env.master and not args.sample_only:  # the best weights, not the last: past its best val loss a run overfits
+        best = env.out_dir / "best.pt"
+        load_trained_state(model, torch.load(best, map_location=env.device, weights_only=True)["model"], best)
+        show_sample(model, tokenizer, args, env, "sample")
+        print(f"done | {iter_num} iters | best val {best_val:.4f} | {time.time() - env.t_start:.0f} s")
+    if env.master and args.export:  # for the tools that read Hugging Face checkpoints
+        save_pretrained(model, Path(args.export))
+    if env.writer:
+        env.writer.close()
+    if env.world > 1:  # the ranks end together: none leaves while another still uses the process group
+        dist.barrier()
+
+
+if __name__ == "__main__":
+    main()

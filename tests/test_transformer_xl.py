@@ -1,0 +1,267 @@
+"""transformer_xl.py: no maintained reference implementation exists (transformers dropped TransfoXL), so the paper's
+equations are written out here, naively, and the model is held to them: the relative shift against explicit indexing,
+the attention scores against the four terms for every (i, j), a segment with memory against [memory; segment] run
+with the mask and distances written out, the recurrence (segments one by one) against the segments side by side, no
+gradient into the memory, decoding against the full forward; then causality, overfitting, the saved layout and bad
+input. The command line, the harness and the common functions are tested in test_scripts.py / test_common.py."""
+import math
+
+import pytest
+import torch
+
+import transformer_xl as tx
+from conftest import check_cached_equals_uncached, check_causal, check_overfits, ids, max_diff
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+V = 300
+
+
+def tiny(seed=0, std=0.1, segment_len=4, mem_len=6, **kw):
+    """A random TransformerXL in eval mode, every weight but the norms' of std `std`, u and v and the biases too (so
+    that the four terms all count); untied, so that greedy decoding wanders."""
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=V, segment_len=segment_len, mem_len=mem_len, n_layer=2, n_head=4, n_embd=32,
+               tie_embeddings=False)
+    model = tx.TransformerXL(tx.Config(**{**cfg, **kw}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0.0, std)
+            else:
+                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.1)
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------ the paper's equations, naively
+
+def R(distance, d):
+    """R_k (section 3.3; Vaswani et al.'s sinusoid): [sin(k / 10000^(2i/d)), cos(k / 10000^(2i/d))], i < d/2."""
+    i = torch.arange(d // 2, dtype=torch.float64)
+    angle = distance / 10000 ** (2 * i / d)
+    return torch.cat((angle.sin(), angle.cos())).float()
+
+
+def four_terms(att, E_i, E_j, distance):
+    """A^rel_{i,j} (section 3.3), term by term, for one query's and one key's hidden states (B, d): (B, H) each."""
+    H, hd = att.n_head, att.head_dim
+    W_q = att.q_net.weight.view(H, hd, -1)
+    W_kE = att.kv_net.weight[:H * hd].view(H, hd, -1)
+    W_kR = att.r_net.weight.view(H, hd, -1)
+    q = torch.einsum("hkd,bd->bhk", W_q, E_i)           # W_q E_{x_i}
+    k_E = torch.einsum("hkd,bd->bhk", W_kE, E_j)        # W_{k,E} E_{x_j}
+    k_R = torch.einsum("hkd,d->hk", W_kR, R(distance, E_i.size(-1)))  # W_{k,R} R_{i-j}
+    a = (q * k_E).sum(-1)
+    b = (q * k_R).sum(-1)
+    c = (att.u * k_E).sum(-1)
+    d = (att.v * k_R).sum(-1)
+    return a, b, c, d
+
+
+def naive_attention(att, h, mem):
+    """Relative attention of a segment h (B, L, d) over [mem; h], mem (B, P, d): query i (at position P+i of the
+    concatenation) sees keys j <= P+i, at distance P+i-j; every score from four_terms, one (i, j) at a time."""
+    B, L, d = h.shape
+    H, hd, P = att.n_head, att.head_dim, mem.size(1)
+    cat = torch.cat((mem, h), dim=1)
+    W_v = att.kv_net.weight[H * hd:].view(H, hd, d)
+    out = torch.zeros(B, L, H, hd)
+    for i in range(L):
+        scores = torch.stack([sum(four_terms(att, h[:, i], cat[:, j], P + i - j)) for j in range(P + i + 1)], -1)
+        p = (scores / math.sqrt(hd)).softmax(-1)                                      # (B, H, P+i+1)
+        values = torch.einsum("hkd,bjd->bhjk", W_v, cat[:, :P + i + 1])               # (B, H, P+i+1, hd)
+        out[:, i] = (p[..., None] * values).sum(2)
+    return att.o_net(out.reshape(B, L, H * hd))
+
+
+def naive_segment(model, idx, mems, mem_len):
+    """One segment idx (B, L) after the memory mems (per layer (B, P, d), or None), the blocks written out with
+    naive_attention: (final hidden states, the next memory: the last mem_len inputs of each layer)."""
+    x = model.embed(idx) * model.config.n_embd ** 0.5
+    new = []
+    for n, block in enumerate(model.layers):
+        mem = mems[n] if mems is not None else x[:, :0]
+        new.append(torch.cat((mem, x), dim=1)[:, -mem_len:] if mem_len else x[:, :0])
+        if model.config.pre_lnorm:
+            x = x + naive_attention(block.attn, block.attn_norm(x), block.attn_norm(mem))
+            x = x + block.ff(block.ff_norm(x))
+        else:
+            x = block.attn_norm(x + naive_attention(block.attn, x, mem))
+            x = block.ff_norm(x + block.ff(x))
+    return x, new
+
+
+def test_rel_shift_is_explicit_indexing():
+    """rel_shift moves (query i, distance column c) to (query i, key j) with c = j + L-1-i, for every key query i may
+    see (j <= M+i): the released code's pad-reshape-drop trick against explicit indexing."""
+    L, M = 5, 7
+    x = torch.randn(2, 3, L, M + L)
+    out = tx.rel_shift(x)
+    expected = torch.full_like(x, float("nan"))
+    for i in range(L):
+        for j in range(M + i + 1):
+            expected[..., i, j] = x[..., i, j + L - 1 - i]
+    seen = ~expected.isnan()
+    assert seen.sum() == 2 * 3 * sum(M + i + 1 for i in range(L))
+    assert torch.equal(out[seen], expected[seen])
+    assert not torch.equal(out, x)  # a real shift: the identity would fail above, but say it
+
+
+def test_sinusoid_is_R():
+    d = 32
+    table = tx.sinusoid(torch.arange(9, -1, -1), d)
+    for k in range(10):
+        assert max_diff(table[9 - k], R(k, d)) < 1e-5
+
+
+@pytest.mark.parametrize("P", [6, 3])
+def test_scores_are_the_four_terms(P):
+    """Attention.scores, for two segments side by side after a memory of P positions (of M = 6 slots), equals
+    (a) + (b) + (c) + (d) of section 3.3 computed for every (i, j) a query may see; u, v and all four terms matter."""
+    model = tiny(seed=1)
+    att, L, M = model.layers[0].attn, 4, 6
+    g = torch.Generator().manual_seed(0)
+    h, mem = torch.randn(2, 2 * L, 32, generator=g), torch.randn(2, M, 32, generator=g)
+    mem[:, :M - P] = 0.0  # slots before the given memory, as hidden() fills them (masked)
+    q, k, _ = att.heads(h, mem, L)
+    with torch.no_grad():
+        scores = att.scores(q, k, tx.sinusoid(torch.arange(M + L - 1, -1, -1), 32))  # (B, S, H, L, M+L)
+        full = torch.cat((mem, h), dim=1)
+        checked, sizes = 0, torch.zeros(4)
+        for s in range(2):
+            for i in range(L):
+                for j in range(max(0, M - P - s * L), M + i + 1):  # keys that exist and query i may see
+                    terms = four_terms(att, h[:, s * L + i], full[:, s * L + j], M + i - j)
+                    assert max_diff(scores[:, s, :, i, j], sum(terms) / math.sqrt(8)) < 1e-5, (s, i, j)
+                    sizes += torch.stack([t.abs().mean() for t in terms])
+                    checked += 1
+    assert checked == sum(len(range(max(0, M - P - s * L), M + i + 1)) for s in range(2) for i in range(L))
+    assert (sizes / checked > 0.05).all(), sizes / checked  # each term is a real part of the score
+
+
+@pytest.mark.parametrize("pre_lnorm", [False, True])
+def test_segments_with_memory_equal_the_recurrence_written_out(pre_lnorm):
+    """hidden() on three segments at once (no memory given) and again after a memory of 5 positions equals feeding the
+    segments one at a time, each run naively over [memory; segment] with its mask and distances, the memory carried
+    from segment to segment; and the memory changes the later segments (it is used)."""
+    model = tiny(seed=2, pre_lnorm=pre_lnorm)
+    L, M = 4, 6
+    idx = ids(V, 2, 3 * L + 2, seed=3)  # the last segment shorter
+    with torch.no_grad():
+        h, mems = model.hidden(idx)
+        ref, naive_mems = [], None
+        for t in range(0, idx.size(1), L):
+            x, naive_mems = naive_segment(model, idx[:, t:t + L], naive_mems, M)
+            ref.append(x)
+        assert max_diff(h, torch.cat(ref, 1)) < 1e-4
+        assert all(max_diff(a, b) < 1e-4 for a, b in zip(mems, naive_mems)) and mems[0].shape == (2, M, 32)
+        assert max_diff(h[:, L:], model.hidden(idx, mem_len=0)[0][:, L:]) > 1e-2  # memory matters
+        # after a memory of 5 positions (fewer than M), then with a longer memory than training's (M = 10)
+        for mem_len, start in ((M, 5), (10, 9)):
+            h0, mems = model.hidden(idx[:, :start], mem_len=mem_len)
+            h, _ = model.hidden(idx[:, start:], mems, mem_len=mem_len)
+            ref, naive_mems = [], [m.clone() for m in mems]
+            for t in range(start, idx.size(1), L):
+                x, naive_mems = naive_segment(model, idx[:, t:t + L], naive_mems, mem_len)
+                ref.append(x)
+            assert max_diff(h, torch.cat(ref, 1)) < 1e-4, mem_len
+
+
+def test_no_gradient_into_the_memory():
+    """SG(h_{tau-1}) (section 3.2): the loss of the second segment of a window sends no gradient into the first
+    segment's tokens (their embedding rows), though it depends on them; W_{k,E} and W_v do learn from the memory.
+    The memory handed to hidden() is never differentiated either."""
+    model = tiny(seed=4).train()
+    L = 4
+    idx = ids(V, 2, 2 * L, seed=5)
+    idx[:, L:] = (idx[:, L:] % 150) + 150  # the two segments share no token
+    idx[:, :L] = idx[:, :L] % 150
+    targets = idx.roll(-1, 1)
+    targets[:, :L] = -1  # the loss of the second segment only
+    _, loss = model(idx, targets)
+    loss.backward()
+    first = idx[:, :L].unique()
+    assert model.embed.weight.grad[first].abs().max() == 0.0
+    assert model.embed.weight.grad[idx[:, L:].unique()].abs().max() > 0
+    with torch.no_grad():  # and yet the second segment's loss depends on the first segment's tokens
+        other = idx.clone()
+        other[:, :L] = (other[:, :L] + 7) % 150
+        assert abs(model.eval()(other, targets)[1] - model(idx, targets)[1]) > 1e-3
+    model.zero_grad()
+    model.train()
+    _, mems = model.hidden(idx[:, :L])
+    assert not any(m.requires_grad for m in mems)  # the memory handed on is detached
+    mems = [m.clone().requires_grad_() for m in mems]  # leaves that would collect a gradient
+    model(idx[:, L:], targets[:, L:], mems)[1].backward()
+    assert all(m.grad is None for m in mems)
+    assert model.layers[0].attn.kv_net.weight.grad.abs().max() > 0
+
+
+def test_decoding_equals_the_full_forward():
+    """Decoding: each new token a segment of one, its memory the cache; the logits of every step equal those of the
+    whole text run at once (its one-token segments side by side), and the cache stays mem_len positions long."""
+    model = tiny(seed=6)
+    idx = ids(V, 2, 20, seed=7)
+    M = 7
+    with torch.no_grad():
+        full = model.lm_head(model.hidden(idx, None, 1, M)[0])
+        x, mems = model.hidden(idx[:, :5], None, 1, M)
+        steps = [model.lm_head(x)]
+        for t in range(5, 20):
+            x, mems = model.hidden(idx[:, t:t + 1], mems, 1, M)
+            steps.append(model.lm_head(x))
+            assert all(m.shape == (2, min(t + 1, M), 32) for m in mems)
+    assert max_diff(torch.cat(steps, 1), full) < 1e-4
+
+
+def test_cached_generation_equals_uncached():
+    check_cached_equals_uncached(tiny(seed=8), V, prompt_len=5, new_tokens=24)
+
+
+def test_causal():
+    check_causal(tiny(seed=9), V, t=13, T=32)
+
+
+def test_overfits_one_batch():
+    torch.manual_seed(0)
+    model = tx.TransformerXL(tx.Config(vocab_size=V, segment_len=8, mem_len=8, n_layer=2, n_head=4, n_embd=32))
+    check_overfits(model, V)
+
+
+def test_stream_loss_carries_the_memory_across_windows():
+    """stream_loss reads the text as parallel streams with the memory carried from window to window: windows of one
+    segment give the loss of windows of four (the recurrence is the same); no memory gives another loss."""
+    model = tiny(seed=10, std=0.05)
+    tokens = ids(V, 1, 400, seed=11)[0].numpy()
+    ctx = torch.autocast("cpu", enabled=False)
+    a, b = (tx.stream_loss(model, tokens, 3, window, 6, ctx) for window in (4, 16))
+    assert a == pytest.approx(b, abs=1e-5)
+    assert abs(tx.stream_loss(model, tokens, 3, 16, 0, ctx) - a) > 1e-3
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    """save_pretrained writes config.json and model.safetensors; from_pretrained reads them back to the same logits,
+    tied or not; another model_type is refused."""
+    for tie in (False, True):
+        model = tiny(seed=12, tie_embeddings=tie, pre_lnorm=tie)
+        tx.save_pretrained(model, tmp_path / str(tie))
+        back = tx.from_pretrained(tmp_path / str(tie))
+        assert not back.training and back.config == model.config
+        assert (back.lm_head.weight is back.embed.weight) == tie
+        idx = ids(V, 2, 17, seed=13)
+        with torch.no_grad():
+            assert max_diff(model(idx)[0], back(idx)[0]) == 0.0
+    config = (tmp_path / "False" / "config.json")
+    config.write_text(config.read_text().replace('"transformer_xl"', '"llama"'))
+    with pytest.raises(tx.InputError, match="not this file's Transformer-XL"):
+        tx.from_pretrained(tmp_path / "False")
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(segment_len=0), "segment_len must be positive"),
+    (dict(mem_len=-1), "must not be negative"),
+    (dict(n_embd=30, n_head=4), "multiple of n_head"),
+    (dict(dropout=1.0), "dropout must be in"),
+])
+def test_bad_config(bad, message):
+    with pytest.raises(tx.InputError, match=message):
+        tx.Config(**{**dict(n_embd=32, n_head=4), **bad})

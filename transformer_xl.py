@@ -1,0 +1,1167 @@
+"""Transformer-XL in one file: the model, data, training with a memory across segments, sampling with the memory.
+
+Paper: Dai, Yang, Yang, Carbonell, Le and Salakhutdinov 2019, "Transformer-XL: Attentive Language Models Beyond a
+Fixed-Length Context", arXiv 1901.02860. The first language model to carry hidden states across segments: each layer
+attends over the hidden states the layer below computed for the previous --mem_len positions (kept, with no gradient
+through them: section 3.2) plus the current segment, so that the context grows with depth and segments. Absolute
+positions would clash across segments, hence the relative positional encoding (section 3.3): a sinusoid R_{i-j} of
+the distance and two learned global biases u and v, the score being four terms (content-content, content-position,
+a global content bias and a global position bias), computed for all (query, distance) pairs at once and moved to
+(query, key) by the "relative shift".
+
+What is here: the model, post-norm as the released code's default (kimiyoung/transformer-xl, pytorch/
+mem_transformer.py, pre_lnorm=False; --pre_lnorm gives its pre-norm variant); u and v per layer (its untie_r, as
+the released wt103 model has them); the segments of a training window computed all at once, each with the detached
+memory of the segments before it (exactly the recurrence, see TransformerXL.hidden); evaluation over the validation
+text as parallel streams whose memory is carried from window to window, at memory lengths longer than training's
+(printed at the end of a run); sampling with the memory as the cache; save_pretrained / from_pretrained in this
+file's own layout (config.json and model.safetensors); training on tiny-shakespeare, FineWeb or any text file with
+AdamW or Muon, warmup + cosine, gradient accumulation, bf16 autocast, torch.compile and DistributedDataParallel;
+exact resume from atomic checkpoints. What is not: the adaptive input and softmax (Baevski and Auli 2018; a plain
+softmax over GPT-2's BPE here, as in the other files), the released transfo-xl-wt103 weights (a pickle, a 267K-word
+vocabulary and an adaptive softmax: out of scope, and transformers no longer maintains its TransfoXL), the
+same_length and clamp_len options of the released code.
+
+    python transformer_xl.py                                     # CPU: a tiny model, about three minutes
+    python transformer_xl.py --device cuda                       # one GPU: bf16, torch.compile, 6 layers x 384
+    torchrun --standalone --nproc_per_node 8 transformer_xl.py   # DDP on 8 GPUs
+    python transformer_xl.py --mem_len 64 --block_size 256      # a longer memory, windows of 8 segments of 32
+
+Offline (no download, no tiktoken files) it says so and carries on: the Python standard library's own source as the
+text, raw UTF-8 bytes as the tokens. Every step's randomness (batches, dropout) is drawn from a seed made of (--seed,
+iteration, rank), so `--init_from resume` continues exactly as an uninterrupted run would.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import struct
+import sys
+import time
+import unicodedata
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import requests
+import tiktoken
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+HERE = Path(__file__).resolve().parent
+HF_ENDPOINT = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+CACHE_DIR = Path(os.environ.get("ONEFILE_CACHE", "~/.cache/onefile")).expanduser()
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+
+
+class InputError(Exception):
+    """Bad input from the user: the command line prints it as one line and exits with status 2."""
+
+
+# ----------------------------------------------------------------------------------------- config
+
+@dataclass
+class Config:
+    vocab_size: int = 50257          # real tokens; the embedding is padded to a multiple of 64
+    segment_len: int = 128           # L, the released code's tgt_len: tokens per segment
+    mem_len: int = 128               # M: hidden states kept per layer from the segments before (training's)
+    n_layer: int = 16
+    n_head: int = 10
+    n_embd: int = 410                # d_model
+    head_dim: int = 0                # d_head (0: n_embd // n_head)
+    d_inner: int = 0                 # the feed-forward's width (0: 4 n_embd)
+    norm_eps: float = 1e-5           # the LayerNorms' epsilon
+    pre_lnorm: bool = False          # False: post-norm, LayerNorm(x + f(x)), as the released code's default
+    tie_embeddings: bool = True      # the output head is the embedding, as the released code's tie_weight
+    dropout: float = 0.0             # on the embedding, R, the attention weights and the residual branches
+    bos_token_id: int | None = None  # put before the prompt when sampling
+
+    def __post_init__(self):
+        for name in ("vocab_size", "segment_len", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) <= 0:
+                raise InputError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.mem_len < 0 or self.head_dim < 0 or self.d_inner < 0:
+            raise InputError(f"mem_len, head_dim and d_inner must not be negative, got {self.mem_len}, "
+                             f"{self.head_dim} and {self.d_inner}")
+        if not self.head_dim and self.n_embd % self.n_head:
+            raise InputError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        self.head_dim = self.head_dim or self.n_embd // self.n_head
+        self.d_inner = self.d_inner or 4 * self.n_embd
+        if not 0.0 <= self.dropout < 1.0:
+            raise InputError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def padded_vocab_size(self):  # 50257 -> 50304: matmul shapes that tile well on GPUs
+        return -(-self.vocab_size // 64) * 64
+
+
+# ------------------------------------------------------------------------------------------ model
+
+def sinusoid(distances, dim):
+    """R (section 3.3): the sinusoid of Vaswani et al. 2017 at each distance, (K,) -> (K, dim), sines then cosines as
+    the released code lays them out (no learned parameters: R generalises to distances longer than training's)."""
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, dim, 2, device=distances.device, dtype=torch.float32) / dim)
+    angles = distances.float()[:, None] * inv_freq  # (K, dim/2)
+    return torch.cat((angles.sin(), angles.cos()), dim=-1)
+
+
+def rel_shift(x):
+    """(..., L, K) scores in the (query, distance) layout -> the (query, key) layout, K = M + L keys.
+
+    Column c of row i holds the score of distance K-1-c (R runs from the longest distance down to 0). Key j of query i
+    is M + i - j away, so the score that belongs at (i, j) sits at column j + L-1-i: row i must move left by L-1-i,
+    each row one less than the row above it. The released code's trick does that without indexing: a zero column put
+    in front makes rows K+1 long; the same numbers read as rows K long (the .view) start one place later each row, i.e.
+    row i of that reading starts at old row i-1, position K+1 - i..; dropping the first row and reading the rest as
+    (L, K) again leaves out[i, j] = x[i, j + L-1-i] for every j <= M + i (the keys query i may see). The entries
+    above that diagonal are left-overs of other rows (or the zeros): the causal mask removes them."""
+    *lead, L, K = x.shape
+    x = F.pad(x, (1, 0)).view(*lead, K + 1, L)  # a zero column in front, read as K+1 rows of L
+    return x[..., 1:, :].reshape(*lead, L, K)   # drop the first row, read back as (L, K)
+
+
+class Attention(nn.Module):
+    """Relative multi-head attention over [SG(memory); segment] (section 3.3, the equation of A^rel_{i,j} and the
+    computational procedure of appendix B's "efficient computation"):
+        A_{i,j} = q_i . k_{E,j}  (a)  +  q_i . W_{k,R} R_{i-j}  (b)  +  u . k_{E,j}  (c)  +  v . W_{k,R} R_{i-j}  (d)
+    with q_i = W_q E_i and k_{E,j} = W_{k,E} E_j, i.e. (a) + (c) = (q_i + u) . k_j and (b) + (d) = (q_i + v) . r_{i-j}.
+    The segments of a window are computed side by side: segment s's keys are the memory (detached hidden states of
+    the M positions before it) and its own L positions."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.head_dim, self.dropout = cfg.n_head, cfg.head_dim, cfg.dropout
+        inner = cfg.n_head * cfg.head_dim
+        self.q_net = nn.Linear(cfg.n_embd, inner, bias=False)       # W_q
+        self.kv_net = nn.Linear(cfg.n_embd, 2 * inner, bias=False)  # W_{k,E} and W_v
+        self.r_net = nn.Linear(cfg.n_embd, inner, bias=False)       # W_{k,R}: the distances' keys
+        self.o_net = nn.Linear(inner, cfg.n_embd, bias=False)
+        self.u = nn.Parameter(torch.zeros(cfg.n_head, cfg.head_dim))  # the global content bias, term (c)
+        self.v = nn.Parameter(torch.zeros(cfg.n_head, cfg.head_dim))  # the global position bias, term (d)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def heads(self, h, mem, L):
+        """q (B, S, H, L, hd), keys and values (B, S, H, M+L, hd) of h (B, S*L, d) and mem (B, M, d): segment s's keys
+        are positions sL-M..sL+L-1 of [mem; h], those before sL (the memory) with no gradient into the hidden
+        states (SG, section 3.2; W_{k,E} and W_v still learn from them)."""
+        B, T, _ = h.shape
+        S, M, H, hd = T // L, mem.size(1), self.n_head, self.head_dim
+        q = self.q_net(h).view(B, S, L, H, hd).transpose(2, 3)
+        kv = self.kv_net(h).view(B, S, L, 2 * H * hd)                            # each segment's own positions
+        if M:
+            before = torch.arange(S, device=h.device)[:, None] * L + torch.arange(M, device=h.device)  # (S, M)
+            kv_mem = self.kv_net(torch.cat((mem, h[:, :T - L]), dim=1).detach())[:, before]  # (B, S, M, 2 H hd)
+            kv = torch.cat((kv_mem, kv), dim=2)                                   # (B, S, M+L, 2 H hd)
+        k, v = kv.view(B, S, M + L, 2, H, hd).permute(3, 0, 1, 4, 2, 5)           # each (B, S, H, M+L, hd)
+        return q, k, v
+
+    def scores(self, q, k, R):
+        """A^rel (B, S, H, L, M+L), scaled by 1/sqrt(hd), unmasked: (a) + (c) by the keys, (b) + (d) by the distances
+        R (M+L, d), longest first, moved to the keys by rel_shift."""
+        r = self.r_net(R).view(-1, self.n_head, self.head_dim).transpose(0, 1)  # (H, M+L, hd): W_{k,R} R
+        ac = (q + self.u[:, None]) @ k.transpose(-1, -2)                         # (a) + (c): (B, S, H, L, M+L)
+        bd = rel_shift((q + self.v[:, None]) @ r.transpose(-1, -2))              # (b) + (d), now (query, key)
+        return (ac + bd) * self.head_dim ** -0.5
+
+    def forward(self, h, mem, R, mask):
+        """h (B, S*L, d) the segments, mem (B, M, d) the memory before them, R (M+L, d), mask (S, L, M+L) True where
+        a query sees a key -> (B, S*L, d)."""
+        B, T, _ = h.shape
+        q, k, v = self.heads(h, mem, mask.size(1))
+        att = self.scores(q, k, R).masked_fill(~mask[:, None], float("-inf")).float().softmax(dim=-1).type_as(q)
+        att = F.dropout(att, self.dropout, self.training)
+        y = (att @ v).transpose(2, 3).reshape(B, T, -1)  # (B, S, H, L, hd) -> (B, S*L, H hd)
+        return self.resid_dropout(self.o_net(y))
+
+
+class PositionwiseFF(nn.Module):
+    """The feed-forward of the released code: ReLU between two biased linear maps."""
+
+    def __init__(self, n_embd, width, dropout=0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(n_embd, width)
+        self.fc2 = nn.Linear(width, n_embd)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.dropout(self.fc2(self.dropout(F.relu(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Post-norm, x = LayerNorm(x + f(x)), as the released code's default (pre_lnorm=False; Vaswani et al.'s
+    order); pre_lnorm: x = x + f(LayerNorm(x)), the memory normed by the same LayerNorm before its keys are made."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.pre_lnorm = cfg.pre_lnorm
+        self.attn_norm = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ff_norm = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.ff = PositionwiseFF(cfg.n_embd, cfg.d_inner, cfg.dropout)
+
+    def forward(self, x, mem, R, mask):
+        if self.pre_lnorm:
+            x = x + self.attn(self.attn_norm(x), self.attn_norm(mem), R, mask)
+            return x + self.ff(self.ff_norm(x))
+        x = self.attn_norm(x + self.attn(x, mem, R, mask))
+        return self.ff_norm(x + self.ff(x))
+
+
+class TransformerXL(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.padded_vocab_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        # Initialisation: normal, std 0.02, for the matrices and u, v (the released code's init_std), the projections
+        # that write into the residual stream scaled by 1/sqrt(2 n_layer) as GPT-2 does; biases 0, norms 1.
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                residual = name.endswith(("o_net.weight", "fc2.weight"))
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer) if residual else 0.02)
+
+    def num_params(self, non_embedding=True):
+        """Parameters a token computes with: a tied embedding/head counted once, an untied input embedding left out
+        by default."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed.weight.numel() if non_embedding and not self.config.tie_embeddings else n
+
+    def memory_bytes_per_token(self, itemsize=4):
+        """Bytes the memory holds per position: one hidden state per layer (keys and values are made from it)."""
+        return self.config.n_layer * self.config.n_embd * itemsize
+
+    def hidden(self, idx, mems=None, segment_len=None, mem_len=None):
+        """idx (B, T), mems (None, or one (B, P, d) per layer: the hidden states entering that layer at the P
+        positions before idx) -> (final hidden states (B, T, d), the memory for what follows: the last mem_len
+        positions of [mems; this input] per layer, detached).
+
+        idx is cut into segments of segment_len (the last one may be shorter), each seeing the mem_len hidden states
+        before it at every layer (section 3.2). Segment s's memory at layer n is the input of layer n at the
+        positions before it, which earlier segments computed; so all segments of idx run side by side, each layer
+        once, and give exactly what feeding them one by one with the memory carried would (the tests check it),
+        without a Python loop over segments. The memory is not differentiated through, as SG(h_{tau-1}) says."""
+        cfg = self.config
+        L = segment_len or cfg.segment_len
+        M = cfg.mem_len if mem_len is None else mem_len
+        B, T = idx.shape
+        P = 0 if mems is None or M == 0 else min(mems[0].size(1), M)  # memory positions given
+        S = -(-T // L)
+        x = self.drop(self.embed(F.pad(idx, (0, S * L - T))) * cfg.n_embd ** 0.5)  # (B, S*L, d), scaled as released
+        R = self.drop(sinusoid(torch.arange(M + L - 1, -1, -1, device=idx.device), cfg.n_embd).to(x.dtype))
+        i, j = torch.arange(L, device=idx.device)[:, None], torch.arange(M + L, device=idx.device)
+        s = torch.arange(S, device=idx.device)[:, None, None]
+        mask = (j <= M + i) & (j >= M - P - s * L)  # (S, L, M+L): causal, and no key before the given memory
+        new_mems = []
+        for n, block in enumerate(self.layers):
+            mem = x.new_zeros(B, M - P, cfg.n_embd)  # positions that do not exist (masked), then the given memory
+            mem = torch.cat((mem, mems[n][:, -P:].to(x.dtype)), dim=1) if P else mem
+            new_mems.append(torch.cat((mem[:, M - P:], x[:, :T]), dim=1)[:, max(0, P + T - M):].detach())
+            x = block(x, mem, R, mask)
+        return x[:, :T], new_mems
+
+    def forward(self, idx, targets=None, mems=None, segment_len=None, mem_len=None):
+        """idx (B, T) token ids -> logits (B, T, vocab_size), loss or None. Without mems the first segment starts
+        with an empty memory; the later ones see those before them (a training window of several segments)."""
+        V, Vp = self.config.vocab_size, self.config.padded_vocab_size
+        pad = None
+        if Vp > V:  # the padding rows are no tokens: a bias of -inf gives them probability exactly 0
+            pad = torch.zeros(Vp, device=idx.device, dtype=self.lm_head.weight.dtype)
+            pad[V:] = float("-inf")
+        logits = F.linear(self.hidden(idx, mems, segment_len, mem_len)[0], self.lm_head.weight, pad)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+        return logits[..., :V], loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True, mem_len=None):
+        """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 is greedy.
+
+        Decoding is the recurrence with segments of one token: each token's context at every layer is the memory,
+        the hidden states of the mem_len positions before it (default mem_len + segment_len - 1 of the config: as
+        many keys as training's last query saw). With the cache the memory is kept and each token costs mem_len
+        keys, however long the text; without it the whole text is run again (all its one-token segments side by
+        side), giving the same tokens."""
+        M = self.config.mem_len + self.config.segment_len - 1 if mem_len is None else mem_len
+        mems, fed = None, 0
+        for _ in range(max_new_tokens):
+            if use_cache:
+                x, mems = self.hidden(idx[:, fed:], mems, 1, M)
+                fed = idx.size(1)
+            else:
+                x = self.hidden(idx, None, 1, M)[0]
+            logits = self.lm_head(x[:, -1])[:, :self.config.vocab_size]  # only the last position is sampled
+            idx = torch.cat([idx, sample_next(logits.float(), temperature, top_k, top_p)], dim=1)
+        return idx
+
+
+@torch.no_grad()
+def stream_loss(model, tokens, batch_size, window, mem_len, ctx):
+    """Mean next-token loss over tokens (1-D) read as batch_size parallel streams (the released code's ordered
+    iterator), window tokens at a time, the memory carried from window to window: every segment sees mem_len positions
+    before it, however far back they lie (the paper's evaluation, section 3.2 and table 6)."""
+    n = (len(tokens) - 1) // batch_size
+    xy = torch.as_tensor(np.asarray(tokens[:n * batch_size + 1], dtype=np.int64))
+    device = next(model.parameters()).device
+    x, y = xy[:-1].view(batch_size, n).to(device), xy[1:].view(batch_size, n).to(device)
+    mems, total = None, 0.0
+    model.eval()
+    for t in range(0, n, window):  # the recurrence across windows; inside one, the segments run side by side
+        with ctx:
+            h, mems = model.hidden(x[:, t:t + window], mems, mem_len=mem_len)
+            logits = model.lm_head(h)[..., :model.config.vocab_size].float()
+        total += F.cross_entropy(logits.flatten(0, 1), y[:, t:t + window].flatten(), reduction="sum").item()
+    return total / (n * batch_size)
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
+    """logits (B, V) -> next token ids (B, 1)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:  # nucleus sampling (Holtzman et al. 2019, arXiv 1904.09751)
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        outside = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this token already reaches top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
+
+
+# -------------------------------------------------------------- files: checkpoints, token files, downloads
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """{name: tensor} from a .safetensors file: 8-byte little-endian header size, JSON header, raw bytes.
+
+    The tensors are memory-mapped views of the file (copy-on-write): reading a 16 GB file costs no RAM
+    until a tensor is copied out of it.
+    """
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > os.path.getsize(path) - 8:
+            raise ValueError(f"a header of {n:,} bytes in a file of {os.path.getsize(path):,}")
+        header = json.loads(f.read(n))
+    data = np.memmap(path, dtype=np.uint8, mode="c", offset=8 + n)
+    tensors = {}
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = t["data_offsets"]
+        tensors[name] = torch.from_numpy(data[begin:end]).view(SAFETENSORS_DTYPES[t["dtype"]]).reshape(t["shape"])
+    return tensors
+
+
+def write_safetensors(tensors, path):
+    """{name: tensor} as a .safetensors file (read_safetensors' format; the header padded to 8 bytes, as the package
+    writes it), written to a temporary name first: a kill never leaves half a file."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, t in tensors.items():
+        size = t.numel() * t.element_size()
+        header[name] = dict(dtype={v: k for k, v in SAFETENSORS_DTYPES.items()}[t.dtype], shape=list(t.shape),
+                            data_offsets=[offset, offset + size])
+        offset += size
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path.with_suffix(".tmp"), "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head)
+        for t in tensors.values():
+            f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    os.replace(path.with_suffix(".tmp"), path)
+
+
+def download(url, dest):
+    """Fetch url into dest with a progress line. Bytes arrive in dest.part, which a later call resumes
+    (HTTP Range), and are renamed to dest only when complete: dest is never half-written."""
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    if os.environ.get("HF_TOKEN") and url.startswith(HF_ENDPOINT + "/"):  # gated repos (meta-llama/*); no one else
+        headers["Authorization"] = f"Bearer {os.environ['HF_TOKEN']}"
+    with requests.get(url, headers=headers, stream=True, timeout=30) as r:
+        if r.status_code != 416:  # 416: nothing left to send, the .part file is already complete
+            r.raise_for_status()
+            have = have if r.status_code == 206 else 0  # 200: the server ignored the Range, start over
+            total, shown = have + int(r.headers.get("content-length", 0)), 0.0
+            with open(part, "ab" if have else "wb") as f:
+                try:
+                    for chunk in r.iter_content(chunk_size=1 << 16):  # a cut connection loses less than a chunk
+                        f.write(chunk)
+                        have += len(chunk)
+                        if time.time() - shown > 0.5 or have == total:
+                            shown = time.time()
+                            print(f"\r{dest.name}: {have / 1e6:,.1f} / {total / 1e6:,.1f} MB", end="", file=sys.stderr)
+                finally:
+                    print(file=sys.stderr)  # the progress line ends, also when the transfer breaks
+    os.replace(part, dest)
+    return dest
+
+
+def checkpoint_dir(name_or_path, weights=True):
+    """A local checkpoint directory for --init_from: the path itself, or a hub repo's config.json, tokenizer.json
+    (if it has one) and weights (one file or sharded; weights=False: not yet) downloaded into CACHE_DIR/<repo>."""
+    name_or_path = str(name_or_path)
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if path.exists() or name_or_path.startswith((".", "/", "~")):
+        raise InputError(f"'{name_or_path}' is not a checkpoint directory")
+    local = CACHE_DIR / name_or_path
+
+    def get(fname, optional=False):
+        try:
+            return download(f"{HF_ENDPOINT}/{name_or_path}/resolve/main/{fname}", local / fname)
+        except requests.HTTPError as e:
+            if optional and e.response is not None and e.response.status_code == 404:
+                return None
+            raise
+
+    try:
+        if not (local / "config.json").exists():  # once: tokenizer.json if there is one (a 404 is asked once)
+            get("tokenizer.json", optional=True)
+        get("config.json")
+        if weights and get("model.safetensors", optional=True) is None:
+            index = json.loads(get("model.safetensors.index.json").read_text())
+            for shard in sorted(set(index["weight_map"].values())):
+                get(shard)
+    except (requests.RequestException, ValueError, KeyError) as e:
+        raise InputError(f"cannot fetch '{name_or_path}' from {HF_ENDPOINT}: {e}") from None
+    return local
+
+
+class HFConfig(dict):
+    """A checkpoint's config.json: a key the model needs and the file lacks is bad input, not a KeyError."""
+
+    def __missing__(self, key):
+        raise InputError(f"config.json lacks '{key}'")
+
+
+def read_checkpoint(name_or_path):
+    """(directory, config.json, {name: tensor} of all its safetensors files, one or sharded) of a hub id or a
+    directory as save_pretrained writes it; a file that cannot be read is one line of bad input."""
+    path = checkpoint_dir(name_or_path)
+    try:
+        hf = HFConfig(json.loads((path / "config.json").read_text()))
+        index = path / "model.safetensors.index.json"
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
+            else ["model.safetensors"]
+        tensors = {}
+        for fname in files:
+            tensors.update(read_safetensors(path / fname))
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, struct.error) as e:
+        raise InputError(f"cannot read the checkpoint in {path} ({type(e).__name__}: {e})") from None
+    return path, hf, tensors
+
+
+def load_weights(model, state, path, device, dtype):
+    """Put state's tensors into model (built on the meta device) on device, the parameters in dtype, after checking
+    that every name and shape fits: a checkpoint that does not is one line of bad input."""
+    wanted, params = model.state_dict(), {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    for name, t in state.items():
+        if name not in wanted:
+            raise InputError(f"{path}: unexpected tensor '{name}'")
+        if t.shape != wanted[name].shape or t.is_floating_point() != wanted[name].is_floating_point():
+            raise InputError(f"{path}: '{name}' is {str(t.dtype)[6:]} {tuple(t.shape)}, config.json implies "
+                             f"{str(wanted[name].dtype)[6:]} {tuple(wanted[name].shape)} (another shape or kind)")
+        state[name] = t.to(device=device, dtype=dtype if name in params else wanted[name].dtype,  # buffers keep theirs
+                           memory_format=torch.contiguous_format, copy=True)
+    missing = sorted(set(wanted) - set(state))
+    if missing:
+        raise InputError(f"{path}: checkpoint lacks {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+    model.load_state_dict(state, assign=True)
+    return model
+
+
+GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def byte_decoder():
+    """GPT-2's table from the printable characters that byte-level BPE vocabularies are written in back
+    to bytes: printable Latin-1 bytes stand for themselves, the other 68 bytes for chr(256 + n)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+
+
+def hf_tokenizer(path):
+    """tiktoken Encoding for a Hugging Face tokenizer.json holding a byte-level BPE (GPT-2 style, as GPT-2's and
+    GPT-NeoX's, or Llama 3 style), or None when the file is something tiktoken cannot run (SentencePiece, as
+    Llama 2's and Mixtral's, or a normalizer other than NFC, which is applied here before encoding).
+
+    tiktoken merges the adjacent pair whose result has the lowest rank; tokenizer.json lists merges in
+    priority order. The two agree when a token's id is its rank and ids grow along the merge list (checked
+    here), as for Llama 3, whose tokenizer.json was converted from tiktoken's own file, and byte-level BPEs
+    trained with the `tokenizers` package (the tests show it). Added tokens are decoded but never produced by
+    encoding: GPT-NeoX's tokens for runs of spaces come out as smaller pieces."""
+    try:
+        tok = json.loads(Path(path).read_text())
+        model, pre = tok["model"], tok.get("pre_tokenizer") or {}
+        steps = pre.get("pretokenizers", [pre])
+        kinds = [s.get("type") for s in steps]
+        if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+            pattern = GPT2_SPLIT  # GPT-2 style: the byte-level step splits with GPT-2's regex
+        elif kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True) \
+                and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert"):
+            pattern = steps[0]["pattern"]["Regex"]  # Llama 3 style: a regex split, then bytes to characters
+        else:
+            return None
+        normalizer = tok.get("normalizer")
+        if model.get("type") != "BPE" or normalizer not in (None, {"type": "NFC"}) or steps[-1].get("add_prefix_space"):
+            return None
+        to_byte, vocab = byte_decoder(), model["vocab"]
+        specials = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
+        ranks = {bytes(to_byte[c] for c in s): i for s, i in vocab.items() if s not in specials}
+        last = -1
+        for merge in model["merges"]:
+            a, b = merge.split(" ") if isinstance(merge, str) else merge
+            if vocab[a + b] < last:
+                return None
+            last = vocab[a + b]
+        enc = tiktoken.Encoding(Path(path).parent.name or "tokenizer", pat_str=pattern, mergeable_ranks=ranks,
+                                special_tokens=specials)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    known = set(ranks.values()) | set(specials.values())
+    encode = enc.encode_ordinary if normalizer is None else lambda s: enc.encode_ordinary(unicodedata.normalize("NFC", s))
+    return (str(path), encode, lambda ids: enc.decode([i for i in ids if i in known], errors="replace"),
+            enc.n_vocab)
+
+
+def pretrained_tokenizer(path, sample_only):
+    """A checkpoint's own tokenizer, from its tokenizer.json when tiktoken can run it; None (token ids) will do
+    for --sample_only, but not for training on text."""
+    tokenizer = hf_tokenizer(path / "tokenizer.json")
+    if tokenizer is None and not sample_only:
+        raise InputError(f"{path} has no tokenizer.json that tiktoken can read (SentencePiece ones, as Llama 2's "
+                         "and Mixtral's, it cannot), so it cannot be trained on text; --sample_only shows token ids")
+    return tokenizer
+
+
+# Token files as llm.c writes them (and modded-nanogpt's FineWeb shards): a header of 256 int32 (magic, version,
+# token count), then the tokens, uint16 where the vocabulary fits (GPT-2's), uint32 where it does not (Llama 3's).
+TOKEN_FILES = {np.uint16: (20240520, 1), np.uint32: (20240801, 7)}
+
+
+def write_tokens(path, ids, vocab_size):
+    """ids as a token file at path, written whole or not at all."""
+    dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
+    header = np.array([*TOKEN_FILES[dtype], len(ids)] + [0] * 253, np.int32)
+    path.with_suffix(".tmp").write_bytes(header.tobytes() + np.array(ids, dtype).tobytes())
+    os.replace(path.with_suffix(".tmp"), path)  # never half a file under the real name
+
+
+def read_tokens(path):
+    """A token file's tokens, memory-mapped, once its header checks out: a damaged file is one line of bad input."""
+    header = np.fromfile(path, np.int32, count=256)
+    dtype = next((d for d, magic in TOKEN_FILES.items() if len(header) == 256 and tuple(header[:2]) == magic), None)
+    if dtype is None or path.stat().st_size != 1024 + int(header[2]) * np.dtype(dtype).itemsize:
+        raise InputError(f"{path} is not a whole token file (damaged? delete it, and it is made again)")
+    return np.memmap(path, dtype=dtype, mode="r", offset=1024)
+
+
+# FineWeb as the GPT-2 speedruns publish it (modded-nanogpt): tokenized with GPT-2's BPE, 100M tokens a token file
+FINEWEB = {"fineweb10B": "kjj0/fineweb10B-gpt2/resolve/main/fineweb",
+           "fineweb-edu10B": "kjj0/finewebedu10B-gpt2/resolve/main/finewebedu"}
+
+
+def fineweb_files(name, tokenizer, shards):
+    """{split: [token files]} of --data fineweb10B or fineweb-edu10B: the validation shard and `shards` training
+    shards, downloaded once into data/<name>/ (through $HF_ENDPOINT, with $HF_TOKEN); GPT-2's tokens only."""
+    if tokenizer[0] != "gpt2":
+        raise InputError(f"--data {name} holds GPT-2's tokens, and this model's tokenizer is {tokenizer[0]}")
+    files = {"val": [f"_val_{0:06d}.bin"], "train": [f"_train_{i:06d}.bin" for i in range(1, shards + 1)]}
+    try:
+        return {split: [read_tokens(download(f"{HF_ENDPOINT}/datasets/{FINEWEB[name]}{f}",
+                                             HERE / "data" / name / f"{FINEWEB[name].rsplit('/', 1)[1]}{f}"))
+                        for f in names] for split, names in files.items()}
+    except requests.RequestException as e:
+        raise InputError(f"cannot fetch --data {name} from {HF_ENDPOINT}: {e}") from None
+
+
+def save_checkpoint(obj, path):
+    """torch.save to a temporary file, fsync, then os.replace: a kill mid-save leaves the old file whole."""
+    with open(path.with_suffix(".tmp"), "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path.with_suffix(".tmp"), path)
+
+
+def load_checkpoint(path):
+    """Our checkpoint at path (see the harness's evaluate), checked: a missing, cut or foreign file (another file's
+    model) is one line of bad input."""
+    if not path.exists():
+        raise InputError(f"--init_from resume: no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        keys = {"model", "optimizer", "scaler", "config", "args", "iter_num", "best_val", "evals_since_best", "tokenizer"}
+        if not keys <= set(ckpt) or set(ckpt["config"]) != {f.name for f in fields(Config)}:
+            raise ValueError(f"not a checkpoint of {Path(__file__).name}")
+    except Exception as e:  # a truncated zip, a foreign pickle, a missing key: all mean "not our checkpoint"
+        raise InputError(f"--init_from resume: {path} is not a readable checkpoint ({type(e).__name__}: "
+                         f"{str(e)[:200]})") from None
+    return ckpt
+
+
+def trained_state(model):
+    """What a checkpoint keeps: the trainable parameters, and the buffers of the modules that train (mla_moe.py's
+    routing bias); lora.py's frozen base, NF4 codes included, comes back from --init_from."""
+    trains = {name for name, m in model.named_modules() if any(p.requires_grad for p in m.parameters(recurse=False))}
+    return {k: v.detach() for k, v in model.state_dict(keep_vars=True).items()
+            if v.requires_grad or not isinstance(v, nn.Parameter) and k.rpartition(".")[0] in trains}
+
+
+def load_trained_state(model, state, path):
+    """trained_state's tensors back into model; a name or shape it does not have is one line of bad input."""
+    try:
+        model.load_state_dict({**model.state_dict(), **state})  # the frozen parameters: the model's own
+    except RuntimeError as e:  # a name or a shape the model does not have
+        raise InputError(f"{path} does not fit the model: {str(e).strip().splitlines()[-1].strip()}") from None
+
+
+def from_pretrained(name_or_path, device="cpu", dtype=torch.float32, dropout=0.0):
+    """A Transformer-XL from a directory (or hub id) in the layout save_pretrained below writes: config.json
+    (model_type "transformer_xl") and model.safetensors (or shards + model.safetensors.index.json). No maintained
+    Hugging Face layout exists any more (transformers dropped TransfoXL), and the released transfo-xl-wt103 weights
+    (a pickle, a 267K-word vocabulary, an adaptive softmax) are out of scope. Weights are converted to `dtype` on the
+    way in. Returns the model in eval mode."""
+    path, hf, tensors = read_checkpoint(name_or_path)
+    if hf.get("model_type") != "transformer_xl":
+        raise InputError(f"{path} holds a '{hf.get('model_type')}' model, not this file's Transformer-XL layout")
+    cfg = Config(vocab_size=hf["vocab_size"], segment_len=hf["tgt_len"], mem_len=hf["mem_len"],
+                 n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["d_model"], head_dim=hf["d_head"],
+                 d_inner=hf["d_inner"], norm_eps=hf.get("layer_norm_epsilon", 1e-5), pre_lnorm=hf["pre_lnorm"],
+                 tie_embeddings=hf.get("tie_word_embeddings", True), dropout=dropout,
+                 bos_token_id=hf.get("bos_token_id"))
+    state = {}
+    for name, t in tensors.items():
+        if name in ("embed.weight", "lm_head.weight"):  # pad the vocabulary rows with zeros
+            t = F.pad(t, (0, 0, 0, cfg.padded_vocab_size - t.size(0)))
+        state[name] = t
+    if cfg.tie_embeddings and "embed.weight" in state:
+        state["lm_head.weight"] = state["embed.weight"]
+    with torch.device("meta"):
+        model = TransformerXL(cfg)  # shapes only: the weights come from the file, no time is spent on a random init
+    load_weights(model, state, path, device, dtype)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed.weight  # assign=True replaced both: tie them again
+    return model.eval()
+
+
+def save_pretrained(model, path):
+    """model in the directory path: config.json (the released code's names for the sizes: d_model, d_head, d_inner,
+    tgt_len, mem_len, pre_lnorm) and model.safetensors in this file's parameter names, as from_pretrained reads it."""
+    cfg, path = model.config, Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(dict(
+        model_type="transformer_xl", vocab_size=cfg.vocab_size, tgt_len=cfg.segment_len, mem_len=cfg.mem_len,
+        n_layer=cfg.n_layer, n_head=cfg.n_head, d_model=cfg.n_embd, d_head=cfg.head_dim, d_inner=cfg.d_inner,
+        layer_norm_epsilon=cfg.norm_eps, pre_lnorm=cfg.pre_lnorm, tie_word_embeddings=cfg.tie_embeddings,
+        untie_r=True, bos_token_id=cfg.bos_token_id), indent=2))
+    state = {k: t[:cfg.vocab_size] if k in ("embed.weight", "lm_head.weight") else t
+             for k, t in model.state_dict().items() if not (k == "lm_head.weight" and cfg.tie_embeddings)}
+    write_safetensors(state, path / "model.safetensors")
+
+
+# --------------------------------------------------------------------------- Transformer-XL on the command line
+# What the shared harness below asks of this model: its presets and flags, how to build it, what a token costs,
+# the schedule, the data and what to show at the end.
+#
+# The memory across segments and the shared training loop: the loop calls model(x, y) on batches and keeps nothing
+# between steps. A training window of --block_size tokens is cut into segments of --segment_len, and each segment
+# sees the detached memory of the --mem_len positions before it, as the paper's recurrence (TransformerXL.hidden runs
+# them side by side, exactly equal to feeding them one by one). The memory restarts at each window rather than being
+# carried from step to step: a step's batch is independent of the last one, so a resumed run is the same run, DDP
+# ranks and torch.compile see no state, and only the first segment of each window starts without memory. Evaluation
+# with the memory carried along the whole text (stream_loss) is printed at the end, at memory lengths up to 4 x
+# training's: the paper's point, a context longer at evaluation than in training.
+
+# Sized as llama2.py's presets, the same tokens per step and model width: on the CPU windows of 4 segments of 32
+# (llama2.py: blocks of 64, twice as many of them); on a GPU 4 segments of 128.
+PRESETS = {
+    "cpu": dict(n_layer=4, n_head=4, n_embd=128, segment_len=32, mem_len=32, block_size=128, batch_size=4,
+                max_iters=200, eval_interval=100, eval_iters=10, log_interval=25, lr=3e-3, min_lr=3e-4, warmup_iters=20,
+                dropout=0.0, patience=0),
+    "cuda": dict(n_layer=6, n_head=6, n_embd=384, segment_len=128, mem_len=128, block_size=512, batch_size=16,
+                 max_iters=400, eval_interval=50, eval_iters=50, log_interval=25, lr=1e-3, min_lr=1e-4, warmup_iters=40,
+                 dropout=0.2, patience=3),
+}
+EVAL_MEMORIES = (0, 1, 2, 4)  # the end's table: memory lengths at evaluation, in training segments
+
+
+def add_model_flags(p):
+    p.add_argument("--segment_len", type=int, help="L: tokens per segment; a --block_size window is cut into segments")
+    p.add_argument("--mem_len", type=int, help="M: positions of memory per layer while training (0: none)")
+    p.add_argument("--n_layer", type=int)
+    p.add_argument("--n_head", type=int)
+    p.add_argument("--n_embd", type=int)
+    p.add_argument("--d_inner", type=int, help="the feed-forward's width (default 4 n_embd)")
+    p.add_argument("--pre_lnorm", action=argparse.BooleanOptionalAction,
+                   help="LayerNorm before each sub-block (default: after, as the released code)")
+    p.add_argument("--tie_embeddings", action=argparse.BooleanOptionalAction,
+                   help="share the embedding with the output head (default: tied, as the released code)")
+    p.add_argument("--dropout", type=float, help="on the embedding, R, the attention weights and the residual branches")
+
+
+def build_model(args, given, ckpt, env):
+    """(model, tokenizer, note) for --init_from: our checkpoint's model (resume; the harness loads its weights), a
+    directory save_pretrained wrote, or a fresh one of the flags' size."""
+    if ckpt is not None:
+        cfg = {**ckpt["config"], "dropout": args.dropout}
+        model, tokenizer = TransformerXL(Config(**cfg)), load_tokenizer(ckpt["tokenizer"])
+    elif args.init_from != "scratch":  # sampling keeps the weights in the run's dtype (bf16 on CUDA), training in fp32
+        tokenizer = pretrained_tokenizer(checkpoint_dir(args.init_from, weights=False), args.sample_only)
+        model = from_pretrained(args.init_from, env.device, env.dtype if args.sample_only else torch.float32, args.dropout)
+    else:
+        tokenizer = load_tokenizer()
+        model = TransformerXL(Config(vocab_size=tokenizer[3], segment_len=args.segment_len, mem_len=args.mem_len,
+                                     n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                                     d_inner=args.d_inner or 0, pre_lnorm=bool(args.pre_lnorm),
+                                     tie_embeddings=args.tie_embeddings is not False, dropout=args.dropout))
+    cfg = model.config
+    return model, tokenizer, (f" | segments of {cfg.segment_len}, memory {cfg.mem_len}, "
+                              f"{'pre' if cfg.pre_lnorm else 'post'}-norm")
+
+
+def flops_per_token(model, T):
+    """Training FLOPs per token, for MFU: 6 per parameter, plus attention (PaLM, appendix B) over the mem_len + L keys
+    a query may see, with three score-sized products (the keys', the distances', the values'), not two."""
+    cfg = model.config
+    return 6 * model.num_params() + 18 * cfg.n_layer * cfg.n_head * cfg.head_dim * (cfg.mem_len + min(T, cfg.segment_len))
+
+
+def schedule(it, args):  # (learning rate, weight decay) of step it: warmup and cosine, a constant weight decay
+    return lr_at(it, args), args.weight_decay
+
+
+def batches(args, tokenizer, env):  # batch(split) -> (x, y): windows of --block_size tokens of --data's text
+    return text_batches(args, tokenizer, env)
+
+
+def show_sample(model, tokenizer, args, env, title):
+    """What a run shows at its end (or with --sample_only): the validation loss with the memory carried along the text
+    at several memory lengths (after training), the memory a token costs, then a sample."""
+    cfg, itemsize = model.config, (env.dtype if env.dtype != torch.float32 else model.lm_head.weight.dtype).itemsize
+    if not args.sample_only:
+        val = prepare_data(args.data, tokenizer)["val"][0][:args.eval_iters * args.batch_size * args.block_size]  # an eval's
+        lens = [k * cfg.segment_len for k in EVAL_MEMORIES]
+        losses = [stream_loss(model, val, min(args.batch_size, len(val) // 2), args.block_size, M, env.ctx) for M in lens]
+        print(f"val loss, memory carried along the first {len(val):,} val tokens (segments of {cfg.segment_len}, "
+              f"trained with memory {cfg.mem_len}): " + " | ".join(f"mem {M} {v:.4f}" for M, v in zip(lens, losses)))
+    M = cfg.mem_len + cfg.segment_len - 1
+    print(f"memory: {model.memory_bytes_per_token(itemsize):,} bytes/position ({cfg.n_layer} layers x {cfg.n_embd} x "
+          f"{itemsize} bytes), {M * model.memory_bytes_per_token(itemsize):,} bytes per sequence for the {M} positions "
+          "a sampled token sees, at any length of text")
+    sample(model, tokenizer, args, env.ctx, title)
+
+
+# ------------------------------------------------------------------------------------------- data
+# From here on every file holds the same text (tests/test_harness.py): data, training, the command line. It calls
+# the model's own PRESETS, add_model_flags, build_model, flops_per_token, schedule, batches and show_sample (above).
+
+def load_tokenizer(name=None):
+    """(name, encode, decode, vocab) of "gpt2" (tiktoken's), "bytes", a tokenizer.json; None: gpt2, or bytes offline."""
+    if name in (None, "gpt2"):
+        try:
+            enc = tiktoken.get_encoding("gpt2")  # downloads the BPE files once, unless TIKTOKEN_CACHE_DIR has them
+            return "gpt2", enc.encode_ordinary, lambda ids: enc.decode(ids, errors="replace"), enc.n_vocab
+        except Exception as e:  # tiktoken raises whatever its download raised
+            if name == "gpt2":
+                raise InputError(f"the gpt2 tokenizer is needed but its files cannot be had ({type(e).__name__}); "
+                                 "set TIKTOKEN_CACHE_DIR to a folder that holds them") from None
+            print(f"offline: tiktoken's gpt2 files cannot be had ({type(e).__name__}); using raw UTF-8 bytes as tokens")
+    if name in (None, "bytes"):
+        return "bytes", lambda s: list(s.encode()), lambda ids: bytes(ids).decode(errors="replace"), 256
+    return pretrained_tokenizer(Path(name).parent, sample_only=False)  # the tokenizer.json a checkpoint names
+
+
+def read_text(data):
+    """(cache name, text) of --data: shakespeare (offline: the Python library's own source) or a UTF-8 text file."""
+    path = HERE / "data" / "shakespeare" / "input.txt" if data == "shakespeare" else Path(data)
+    try:
+        if data == "shakespeare":
+            download(SHAKESPEARE_URL, path)
+    except requests.RequestException as e:
+        print(f"offline: cannot download tiny-shakespeare ({type(e).__name__}); training on Python's own source")
+        text = "".join(p.read_text(errors="ignore") for p in sorted(Path(os.__file__).parent.glob("*.py")))
+        return "python_stdlib", text[:1_500_000]
+    if not path.is_file():
+        raise InputError(f"--data '{data}' is a directory; give a UTF-8 text file" if path.is_dir() else
+                         f"--data '{data}': no such file, and not a dataset name (shakespeare, {', '.join(FINEWEB)})")
+    try:
+        text = path.read_bytes().decode()
+    except UnicodeError:
+        text = "\0"  # not UTF-8: a binary file
+    if "\0" in text or not text.strip():
+        raise InputError(f"--data '{data}': {path} is " + ("not UTF-8 text (a binary file?)" if text.strip() else "empty"))
+    return data if data == "shakespeare" else path.stem, text
+
+
+def prepare_data(data, tokenizer, shards=1):
+    """{split: [token files]} of --data: FineWeb's, or a text tokenized once into data/<name>/{train,val}.bin (90/10),
+    made again when meta.json names another text (by a hash) or tokenizer."""
+    if data in FINEWEB:
+        return fineweb_files(data, tokenizer, shards)
+    name, text = read_text(data)
+    out, files = HERE / "data" / name, {split: HERE / "data" / name / f"{split}.bin" for split in ("train", "val")}
+    meta = dict(text=hashlib.sha1(text.encode()).hexdigest(), tokenizer=tokenizer[0], vocab_size=tokenizer[3])
+    if not all(f.exists() for f in files.values()) or not (out / "meta.json").exists() \
+            or (out / "meta.json").read_text() != json.dumps(meta):
+        ids = tokenizer[1](text)
+        n = int(0.9 * len(ids))
+        out.mkdir(parents=True, exist_ok=True)
+        write_tokens(files["train"], ids[:n], tokenizer[3])
+        write_tokens(files["val"], ids[n:], tokenizer[3])
+        (out / "meta.json").write_text(json.dumps(meta))  # written last: the cache is valid once it is there
+        print(f"tokenized {name} with {tokenizer[0]}: {n:,} train and {len(ids) - n:,} val tokens in {out}")
+    return {split: [read_tokens(f)] for split, f in files.items()}
+
+
+def get_batch(files, batch_size, block_size, device):
+    """batch_size random windows of a token file (one of several: drawn by size): x (B, T), y = x shifted by one."""
+    ends = np.cumsum([len(f) - block_size for f in files])
+    tokens = files[int(np.searchsorted(ends, torch.randint(int(ends[-1]), ()).item() if len(files) > 1 else 0, "right"))]
+    start = torch.randint(len(tokens) - block_size, (batch_size,)).numpy()
+    xy = torch.from_numpy(tokens[start[:, None] + np.arange(block_size + 1)].astype(np.int64))  # (B, T+1)
+    xy = xy.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else xy.to(device)
+    return xy[:, :-1], xy[:, 1:]
+
+
+def text_batches(args, tokenizer, env):
+    """batch(split) -> (x, y) from --data, whose files (FineWeb: as many as the run needs) rank 0 makes first."""
+    if not env.master:
+        dist.barrier()
+    files = prepare_data(args.data, tokenizer, args.data_shards or math.ceil(args.max_iters * env.tokens / 1e8))
+    if env.master and env.world > 1:
+        dist.barrier()
+    if min((sizes := {split: sum(map(len, f)) for split, f in files.items()}).values()) <= args.block_size:
+        raise InputError(f"--data '{args.data}' is too short for --block_size {args.block_size}: {sizes} tokens")
+    return lambda split: get_batch(files[split], args.batch_size, args.block_size, env.device)
+
+
+# --------------------------------------------------------------------------------------- training
+
+def lr_at(it, args):
+    """Linear warmup to --lr, then cosine decay to --min_lr at --lr_decay_iters, flat after."""
+    if it < args.warmup_iters:
+        return args.lr * (it + 1) / args.warmup_iters
+    ratio = min(1.0, (it - args.warmup_iters) / max(1, (args.lr_decay_iters or args.max_iters) - args.warmup_iters))
+    return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (args.lr - args.min_lr)
+
+
+def configure_optimizer(model, args, device):
+    """AdamW, weight decay on matrices but `no_weight_decay` ones, `lr_scale` scaling a rate. --optimizer muon: torch's
+    Muon on the blocks' 2-D matrices, AdamW on the rest (modded-nanogpt's split); Muon's step at AdamW's RMS (arXiv
+    2502.16982) lets one --lr serve both, measured as good as a tuned Muon rate (README)."""
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)} | {id(model.lm_head.weight)}
+    groups = {}
+    for p in filter(lambda p: p.requires_grad, model.parameters()):  # keyed by (Muon?, decayed?, lr_scale)
+        decay = p.dim() >= 2 and not getattr(p, "no_weight_decay", False)
+        muon = args.optimizer == "muon" and decay and p.dim() == 2 and id(p) not in tables
+        groups.setdefault((muon, decay, getattr(p, "lr_scale", 1)), []).append(p)
+    groups = {m: [dict(params=ps, decay=d, weight_decay=args.weight_decay * d, lr_scale=s)
+                  for (muon, d, s), ps in groups.items() if muon == m] for m in (False, True)}
+    return [torch.optim.Muon(g, lr=args.lr, adjust_lr_fn="match_rms_adamw") if muon else torch.optim.AdamW(
+        g, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda") for muon, g in groups.items() if g]
+
+
+@torch.no_grad()
+def estimate_loss(model, batch, args, ctx):
+    """Mean loss over --eval_iters batches per split; the same batches at every eval (seeded by --seed)."""
+    model.eval()
+    torch.manual_seed(args.seed % 2**63)
+    with ctx:
+        out = {split: torch.stack([model(*batch(split))[1].float() for _ in range(args.eval_iters)]).mean().item()
+               for split in ("train", "val")}
+    model.train()
+    return out
+
+
+def log_metrics(record, env):
+    """One line of out_dir/metrics.jsonl, and its numbers to TensorBoard with --tensorboard."""
+    with open(env.out_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    for k, v in record.items():
+        if env.writer and k != "iter" and isinstance(v, (int, float)):
+            env.writer.add_scalar(k, v, record["iter"])
+
+
+def open_logs(args, iter_num, env):
+    """metrics.jsonl, kept up to iter_num when resuming (a line cut short by a kill dropped), and TensorBoard."""
+    env.out_dir.mkdir(parents=True, exist_ok=True)
+    path = env.out_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if iter_num > 0 and path.exists() else []
+    path.write_text("".join(f"{line}\n" for line in lines if line.endswith("}") and json.loads(line)["iter"] <= iter_num))
+    try:
+        if args.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            env.writer = SummaryWriter(str(env.out_dir))
+    except ImportError:
+        print("--tensorboard: the tensorboard package is not installed (pip install tensorboard); skipping it")
+
+
+def sample(model, tokenizer, args, ctx, title):
+    """Print --max_new_tokens sampled after --prompt (and after the checkpoint's BOS, if it defines one)."""
+    torch.manual_seed(args.seed % 2**63)
+    bos = [] if model.config.bos_token_id is None else [model.config.bos_token_id]
+    prompt = bos + (tokenizer[1](args.prompt) if tokenizer else []) or [0]  # a long prompt: generate handles it
+    with ctx:
+        out = model.eval().generate(torch.tensor([prompt], device=next(model.parameters()).device),
+                                    args.max_new_tokens, args.temperature, args.top_k or None, args.top_p)[0].tolist()
+    if tokenizer is None:  # a checkpoint whose tokenizer is none tiktoken can run (SentencePiece)
+        print(f"no tokenizer tiktoken can read for {args.init_from}: no prompt, the sample shown as token ids")
+    print(f"--- {title} ---\n{tokenizer[2](out[len(bos):]) if tokenizer else out}\n---")
+
+
+def evaluate(model, eval_model, batch, optimizers, scaler, state, tokenizer, args, env):
+    """Eval both splits, save ckpt.pt (and best.pt when val improved), print and log; True: stop early."""
+    losses, it, ckpt_path = estimate_loss(eval_model, batch, args, env.ctx), state["iter_num"], env.out_dir / "ckpt.pt"
+    if not all(map(math.isfinite, losses.values())):  # the NaN guard: stop before anything bad is saved
+        diverged(f"eval {it} | train {losses['train']} | val {losses['val']}", env)
+    improved = losses["val"] < state["best_val"]
+    state["evals_since_best"] = 0 if improved else state["evals_since_best"] + 1
+    state["best_val"] = min(losses["val"], state["best_val"])
+    ckpt = dict(state, model=trained_state(model), optimizer=[o.state_dict() for o in optimizers], args=vars(args),
+                scaler=scaler.state_dict(), config=asdict(model.config), tokenizer=tokenizer[0])
+    for path in [ckpt_path] + [env.out_dir / "best.pt"] * improved:  # best.pt: early stopping never loses the best
+        save_checkpoint(ckpt, path)
+    print(f"eval {it} | train {losses['train']:.4f} | val {losses['val']:.4f} | saved {ckpt_path}"
+          + (" (best)" if improved else ""))
+    report = model.load_report() if hasattr(model, "load_report") else {}  # MoE: the experts' share of the tokens
+    log_metrics(dict(iter=it, **losses, **report), env)
+    if args.patience and state["evals_since_best"] >= args.patience:
+        print(f"early stop: no better val loss in {args.patience} evals (best {state['best_val']:.4f}, in best.pt)")
+        return True
+    return False
+
+
+def diverged(line, env):
+    """The NaN guard: stop (exit 1) before anything bad is saved."""
+    print(f"{line}: training diverged; stopping. The last good checkpoint is {env.out_dir}/ckpt.pt", file=sys.stderr)
+    sys.exit(1)
+
+
+def train(model, batch, tokenizer, args, ckpt, env):
+    """--max_iters steps of --grad_accum micro-steps, logged, evaluated and saved; (the last iteration, best val)."""
+    optimizers = configure_optimizer(model, args, env.device)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=env.dtype == torch.float16)
+    state = dict(iter_num=0, best_val=float("inf"), evals_since_best=0)
+    if ckpt is not None:
+        for optimizer, saved in zip(optimizers, ckpt["optimizer"], strict=True):
+            optimizer.load_state_dict(saved)
+        scaler.load_state_dict(ckpt["scaler"])
+        state = {k: ckpt[k] for k in state}
+    eval_model = train_model = torch.compile(model) if env.compile else model  # `model` stays the plain module
+    if env.world > 1:  # buffers need no sync (each rank computes the same); infini's gates may get no gradient
+        train_model = DDP(eval_model, broadcast_buffers=False,  # device_ids None: the module's own device
+                          find_unused_parameters=getattr(model, "find_unused_parameters", False))
+    if env.master:
+        open_logs(args, state["iter_num"], env)
+    gpu = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" and env.dtype != torch.float32 else ""
+    peak = next((f for key, f in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12)) if key in gpu), None)  # MFU
+    sums, t_log, iters_logged = {}, time.perf_counter(), state["iter_num"]
+    train_model.train()
+    while state["iter_num"] < args.max_iters:
+        lr, weight_decay = schedule(state["iter_num"], args)
+        for group in (group for optimizer in optimizers for group in optimizer.param_groups):
+            group.update(lr=lr * group["lr_scale"], weight_decay=weight_decay if group["decay"] else 0.0)
+        torch.manual_seed(((args.seed * 1_000_003 + state["iter_num"]) * 1_009 + env.rank) % 2**63)  # resume: the same
+        for micro in range(args.grad_accum):
+            x, y = batch("train")
+            train_model.require_backward_grad_sync = micro == args.grad_accum - 1  # DDP: all-reduce on the last only
+            with env.ctx:
+                _, loss = train_model(x, y)
+            scaler.scale(loss / args.grad_accum).backward()
+            for k, v in dict(loss=loss, **getattr(model, "stats", {})).items():  # MoE: the router's statistics
+                sums[k] = sums.get(k, 0.0) + v.detach().float() / args.grad_accum
+        for optimizer in optimizers:  # fp16: the gradients unscaled, for the clip
+            scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
+        for optimizer in optimizers:
+            scaler.step(optimizer)
+            optimizer.zero_grad(set_to_none=True)
+        scaler.update()
+        if hasattr(model, "after_step"):  # mla_moe.py: the routing bias follows the step's expert load
+            model.after_step()
+        state["iter_num"] = it = state["iter_num"] + 1
+        if env.master and (it % args.log_interval == 0 or it == args.max_iters):
+            means = {k: v.item() / (it - iters_logged) for k, v in sums.items()}  # the host sync, every log_interval
+            dt = (time.perf_counter() - t_log) / (it - iters_logged)
+            mfu = flops_per_token(model, args.block_size) * env.tokens / dt / (peak * env.world) if peak else None
+            if not math.isfinite(means["loss"]):
+                diverged(f"iter {it} | loss {means['loss']}", env)
+            print(f"iter {it} | " + " | ".join(f"{k} {v:.4f}" for k, v in means.items()) + f" | lr {lr:.2e} | "
+                  f"{dt * 1000:.1f} ms | {env.tokens / dt:,.0f} tok/s" + (f" | mfu {mfu:.1%}" if mfu else ""))
+            log_metrics(dict(iter=it, **means, lr=lr, ms=dt * 1000, tok_s=env.tokens / dt, mfu=mfu), env)
+            sums, t_log, iters_logged = {}, time.perf_counter(), it
+        if it % args.eval_interval == 0 or it == args.max_iters:
+            t_eval, stop = time.perf_counter(), torch.zeros((), device=env.device)
+            if env.master:
+                stop += evaluate(model, eval_model, batch, optimizers, scaler, state, tokenizer, args, env)
+            if env.world > 1:
+                dist.broadcast(stop, src=0)
+            if stop.item():
+                break
+            t_log += time.perf_counter() - t_eval  # eval time is not training time
+    return state["iter_num"], state["best_val"]
+
+
+# ------------------------------------------------------------------------------------------- main
+
+def parse_args(argv):
+    """(args, the flags typed). Flags left at None take the device's PRESETS, or a resumed run's values."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0] + " (see the module docstring)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, mps or cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bf16 autocast on CUDA (fp16 + GradScaler without bf16), float32 elsewhere")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on CUDA only)")
+    p.add_argument("--data", default="shakespeare", help="shakespeare, fineweb10B, fineweb-edu10B or a UTF-8 text file")
+    p.add_argument("--data_shards", type=int, help="FineWeb: training shards of 100M tokens (default: as the run needs)")
+    p.add_argument("--out_dir", help=f"checkpoints and metrics (default out/{Path(__file__).stem})")
+    p.add_argument("--init_from", default="scratch", help="'scratch', 'resume' (out_dir/ckpt.pt), a hub id or HF dir")
+    for n in ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size", "block_size", "warmup_iters"):
+        p.add_argument(f"--{n}", type=int)
+    p.add_argument("--lr_decay_iters", type=int, help="the cosine's end (default: max_iters; resumed: the run's own)")
+    p.add_argument("--grad_accum", type=int, default=1, help="micro-steps per optimizer step")
+    for name, default in (("lr", None), ("min_lr", None), ("weight_decay", 0.1), ("grad_clip", 1.0)):
+        p.add_argument(f"--{name}", type=float, default=default)
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"], help="muon: torch 2.9 or later")
+    p.add_argument("--patience", type=int, help="stop after this many evals without a better val loss (0: never)")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard under out_dir")
+    p.add_argument("--prompt", default="\n", help="the start of the sample printed at the end")
+    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top_k", type=int, default=200, help="sample among the k likeliest tokens (0: all)")
+    p.add_argument("--top_p", type=float, help="sample among the likeliest tokens up to this probability mass")
+    p.add_argument("--sample_only", action="store_true", help="load --init_from and sample; no training")
+    p.add_argument("--export", metavar="DIR", help="at the end, write the model in the Hugging Face layout there")
+    add_model_flags(p)
+    for a in filter(lambda a: a.dest in PRESETS["cpu"], p._actions):  # the presets' values in --help
+        a.help = f"{a.help or ''} (default {PRESETS['cpu'][a.dest]} on CPU, {PRESETS['cuda'][a.dest]} on CUDA)".strip()
+    args = p.parse_args(argv)
+    for action in p._actions:  # parse again with no defaults: which flags did the user actually type?
+        action.default = argparse.SUPPRESS
+    p._defaults.clear()  # set_defaults' too
+    return args, set(vars(p.parse_args(argv)))
+
+
+def check_args(args):
+    """Bad flag values, one line each: floats finite and not negative, the run's sizes positive (Config: the model's)."""
+    positive = ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size", "block_size", "grad_accum",
+                "lr_decay_iters", "max_new_tokens")
+    for name, value in vars(args).items():
+        if name in positive and value is not None and value <= 0:
+            raise InputError(f"--{name} must be positive, got {value}")
+        counts = name in ("warmup_iters", "patience", "top_k", "seed")
+        if (type(value) is float or counts) and not 0 <= value < math.inf:
+            raise InputError(f"--{name} must " + ("not be negative" if value < 0 else "be finite") + f", got {value}")
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+        raise InputError(f"--top_p must be in (0, 1], got {args.top_p}")
+    if args.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
+        raise InputError(f"--optimizer muon needs torch 2.9 or later (torch.optim.Muon); this is torch {torch.__version__}")
+    if args.sample_only and args.init_from == "scratch":
+        raise InputError("--sample_only needs --init_from resume, a hub id or an HF directory")
+
+
+def setup_device(args):
+    """The run's device, autocast dtype and context, compile, rank and world size (DDP when torchrun launched us)."""
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    auto = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    name = auto if args.device == "auto" else args.device
+    if name != "cpu" and not (torch.cuda.is_available() if name == "cuda" else torch.backends.mps.is_available()):
+        raise InputError(f"--device {name}: no {name.upper()} device is available (try --device cpu)")
+    device = torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if "RANK" in os.environ:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    fits = torch.float32 if name != "cuda" else torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    dtype = dict(float32=torch.float32, bfloat16=torch.bfloat16, float16=torch.float16, auto=fits)[args.dtype]
+    return SimpleNamespace(device=device, dtype=dtype, rank=rank, world=int(os.environ.get("WORLD_SIZE", 1)),
+                           master=rank == 0, compile=device.type == "cuda" if args.compile is None else args.compile,
+                           ctx=torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext(),
+                           out_dir=Path(args.out_dir or f"out/{Path(__file__).stem}"), writer=None, t_start=time.time())
+
+
+def main(argv=None):
+    try:
+        run(*parse_args(argv))  # argv None: sys.argv
+    except (InputError, OSError) as e:  # OSError: a path, a file or a download that cannot be used
+        print(f"{Path(__file__).name}: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, always
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(args, given):
+    """Set-up, the model, the data, the loop, and a sample from the best weights: nanoGPT's train.py in steps."""
+    env = setup_device(args)
+    ckpt = load_checkpoint(env.out_dir / "ckpt.pt") if args.init_from == "resume" else None
+    if ckpt is not None:  # flags not typed take the checkpointed run's values, but for where to run and the sample
+        for k in set(ckpt["args"]) - given - {"device", "dtype", "compile", "init_from", "sample_only", "out_dir",
+                                              "tensorboard", "prompt", "max_new_tokens", "temperature", "top_k",
+                                              "top_p", "export"}:
+            setattr(args, k, ckpt["args"][k])
+        args.lr_decay_iters = args.lr_decay_iters or ckpt["args"]["max_iters"]  # its schedule's end too
+    for k, v in PRESETS["cuda" if env.device.type == "cuda" else "cpu"].items():
+        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
+    check_args(args)
+    torch.manual_seed(args.seed % 2**63)  # the initial weights; each training step reseeds (see train)
+    model, tokenizer, note = build_model(args, given, ckpt, env)
+    fixed = asdict(model.config) | ({"optimizer": ckpt["args"]["optimizer"]} if ckpt else {})  # and its optimizer
+    for k, v in fixed.items():  # a flag typed now must agree with the model it trains
+        if k in given and k != "block_size" and getattr(args, k) != v:
+            raise InputError(f"--{k} {getattr(args, k)} does not match the model from --init_from {args.init_from}, "
+                             f"which has {k} {v}")
+    if tokenizer is not None and tokenizer[3] > model.config.vocab_size:
+        raise InputError(f"the tokenizer has {tokenizer[3]:,} tokens, the model only {model.config.vocab_size:,}")
+    if ckpt is not None:
+        load_trained_state(model, ckpt["model"], env.out_dir / "ckpt.pt")
+    env.tokens = args.batch_size * args.block_size * args.grad_accum * env.world  # per optimizer step
+    if env.master:
+        print(f"{Path(__file__).stem} | {env.device} | {str(env.dtype)[6:]} | compile {'on' if env.compile else 'off'}"
+              f" | {model.num_params() / 1e6:.2f}M params | {env.tokens:,} tokens/step | data {args.data} | tokenizer "
+              f"{tokenizer[0] if tokenizer else 'none (token ids)'} | init {args.init_from}"
+              + (f" | DDP x{env.world}" if env.world > 1 else "") + note)
+    if env.master and (args.sample_only or ckpt is None and args.init_from != "scratch"):  # before any training
+        show_sample(model.to(env.device), tokenizer, args, env, f"sample from {args.init_from}"
+                    + ("" if args.sample_only else ", the base model before fine-tuning"))
+    if not args.sample_only:
+        iter_num, best_val = train(model.to(env.device), batches(args, tokenizer, env), tokenizer, args, ckpt, env)
+    if env.master and not args.sample_only:  # the best weights, not the last: past its best val loss a run overfits
+        best = env.out_dir / "best.pt"
+        load_trained_state(model, torch.load(best, map_location=env.device, weights_only=True)["model"], best)
+        show_sample(model, tokenizer, args, env, "sample")
+        print(f"done | {iter_num} iters | best val {best_val:.4f} | {time.time() - env.t_start:.0f} s")
+    if env.master and args.export:  # for the tools that read Hugging Face checkpoints
+        save_pretrained(model, Path(args.export))
+    if env.writer:
+        env.writer.close()
+    if env.world > 1:  # the ranks end together: none leaves while another still uses the process group
+        dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
