@@ -246,11 +246,12 @@ def print_scan_table(rows):
 
 # --------------------------------------------------------------------------------------- context
 
-def mamba_stepper(model, prompt):
+def mamba_stepper(model, prompt, State=mamba.MambaState):
     """Prefill prompt (1, L) once (its last position gives the first new token); returns n -> the n + 1 greedy
-    tokens after the prompt, n of them one recurrent step each from the state the prompt left, and the states."""
+    tokens after the prompt, n of them one recurrent step each from the state the prompt left, and the states.
+    State: the model's per-layer cache class, with .conv and .ssm (bench_mamba2.py passes mamba2's)."""
     V = model.config.vocab_size
-    states = [mamba.MambaState() for _ in model.backbone.layers]
+    states = [State() for _ in model.backbone.layers]
     with torch.no_grad():
         first = model.lm_head(model.hidden(prompt, states)[:, -1])[:, :V].argmax(-1, keepdim=True)
     saved = [(s.conv.clone(), s.ssm.clone()) for s in states]  # a step advances the states in place

@@ -60,6 +60,7 @@ import harness  # noqa: E402
 import llama2  # noqa: E402
 import mamba  # noqa: E402
 import mamba2  # noqa: E402
+from bench_mamba import llama_stepper, mamba_stepper  # noqa: E402  the decoding loops, the same here
 
 CONFIGS = {
     "default": dict(n_layer=4, n_embd=256, batch=4, seq=512, prompt=8, decode=64, kv_tokens=64,
@@ -195,45 +196,6 @@ def print_ssd_table(rows):
 
 # --------------------------------------------------------------------------------------- context
 
-def recurrent_stepper(model, prompt, State):
-    """Prefill prompt (1, L) once; returns n -> the n + 1 greedy tokens after it, each one recurrent step from the
-    state the prompt left (restored first: a step advances the states in place), and the states."""
-    V = model.config.vocab_size
-    states = [State() for _ in model.backbone.layers]
-    with torch.no_grad():
-        first = model.lm_head(model.hidden(prompt, states)[:, -1])[:, :V].argmax(-1, keepdim=True)
-    saved = [(s.conv.clone(), s.ssm.clone()) for s in states]
-
-    @torch.no_grad()
-    def run(n):
-        for s, (conv, ssm) in zip(states, saved):
-            s.conv.copy_(conv)
-            s.ssm.copy_(ssm)
-        tok, out = first, [first]
-        for _ in range(n):
-            tok = model.lm_head(model.hidden(tok, states)[:, -1])[:, :V].argmax(-1, keepdim=True)
-            out.append(tok)
-        return torch.cat(out, 1)
-    return run, states
-
-
-def llama_stepper(model, prompt, n_max):
-    """The same for llama2.Llama with its KVCache: slots past the prompt are rewritten by each call."""
-    V, L = model.config.vocab_size, prompt.size(1)
-    cache = [llama2.KVCache(L + n_max + 1) for _ in model.model.layers]
-    with torch.no_grad():
-        first = model.lm_head(model.hidden(prompt, cache, 0)[:, -1])[:, :V].argmax(-1, keepdim=True)
-
-    @torch.no_grad()
-    def run(n):
-        tok, out = first, [first]
-        for pos in range(L, L + n):
-            tok = model.lm_head(model.hidden(tok, cache, pos)[:, -1])[:, :V].argmax(-1, keepdim=True)
-            out.append(tok)
-        return torch.cat(out, 1)
-    return run
-
-
 def context_rows(c, ours, rounds, seed):
     """Per-token decoding time after a short and a long prompt: mamba2 vs mamba, and mamba2 vs llama2."""
     n, longest = c["ctx_new"], max(c["ctx"])
@@ -245,8 +207,8 @@ def context_rows(c, ours, rounds, seed):
     cases, checks, state_bytes = {}, {}, {}
     for L in c["ctx"]:
         prompt = torch.randint(0, VOCAB, (1, L), generator=torch.Generator().manual_seed(seed + L))
-        run2, states2 = recurrent_stepper(ours, prompt, mamba2.Mamba2State)
-        run1, states1 = recurrent_stepper(m1, prompt, mamba.MambaState)
+        run2, states2 = mamba_stepper(ours, prompt, mamba2.Mamba2State)
+        run1, states1 = mamba_stepper(m1, prompt)
         runl = llama_stepper(llama, prompt, n)
         checks[f"ctx{L}_mamba2_tokens_identical"] = torch.equal(run2(n), ours.generate(prompt, n + 1, 0)[:, L:])
         checks[f"ctx{L}_mamba2_state_bytes_match"] = sum(s.conv.nbytes + s.ssm.nbytes for s in states2) == \
