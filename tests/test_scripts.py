@@ -5,6 +5,8 @@ reader would, under torchrun.
 """
 import importlib
 import json
+import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -94,9 +96,18 @@ def test_ddp_two_processes_offline(script, tmp_path):
     0 preparing the data while rank 1 waits; both ranks train, only rank 0 logs and saves."""
     work = copy_script(script, tmp_path / "work")
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    r = run_script(work, [f"{script}.py", *tiny(script), "--max_iters", "4", "--eval_interval", "4"],
-                   offline_env(tmp_path, tiktoken=False), launcher=launcher)
-    assert r.returncode == 0, r.stderr
+    env = offline_env(tmp_path, tiktoken=False) | {"PYTHONFAULTHANDLER": "1"}  # a crashing rank shows its stack
+    r = run_script(work, [f"{script}.py", *tiny(script), "--max_iters", "4", "--eval_interval", "4"], env,
+                   launcher=launcher)
+    if r.returncode and "terminate called without an active exception" in r.stderr:
+        # Seen once in CI (mla_moe and infini_attention in one run; in none of some 60 runs of them here): a rank
+        # aborted inside gloo's C++ threads, with no Python error. Run again once, from scratch, and say so.
+        warnings.warn(f"DDP run of {script}.py aborted inside gloo; ran it again. Its stderr:\n{r.stderr[-3000:]}")
+        for folder in ("out", "data"):
+            shutil.rmtree(work / folder, ignore_errors=True)
+        r = run_script(work, [f"{script}.py", *tiny(script), "--max_iters", "4", "--eval_interval", "4"], env,
+                       launcher=launcher)
+    assert r.returncode == 0, r.stdout + r.stderr
     assert "offline: tiktoken" in r.stdout and "offline: cannot download tiny-shakespeare" in r.stdout
     assert "tokenizer bytes" in r.stdout and r.stdout.count("--- sample ---") == 1
     meta = json.loads((work / "data" / "python_stdlib" / "meta.json").read_text())
