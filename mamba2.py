@@ -209,7 +209,7 @@ def ssd_chunked(xd, a, B, C, h0, Q):
     """Listing 1: Delta x (b, T, G, R, P), a = Delta A (b, T, G, R), B, C (b, T, G, N), h0 (b, G, R, P, N), chunks of Q
     steps (T is padded with steps of a = 0 and Delta x = 0, which leave the state as it is) -> y, last state."""
     b, T, G, R, P = xd.shape
-    pad, N = -T % Q, B.size(-1)
+    pad = -T % Q
     c = (T + pad) // Q                                           # chunks
     xd, a, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)).unflatten(1, (c, Q)) for t in (xd, a, B, C))
     a = a.permute(0, 3, 4, 1, 2)                                 # (b, G, R, c, Q): the per-step log decays

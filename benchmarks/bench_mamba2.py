@@ -47,7 +47,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from transformers import Mamba2Config, Mamba2ForCausalLM

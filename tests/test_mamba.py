@@ -19,9 +19,9 @@ import torch.nn.functional as F
 import transformers
 
 import mamba
-from conftest import (CORPUS, check_cached_equals_uncached, check_causal, check_greedy_matches_hf,
-                      check_overfits, check_variant_refused, hf_logits, ids, max_diff, randomize, scale_up,
-                      serve_hub, train_tokenizer)
+from conftest import (CORPUS, check_cached_equals_uncached, check_causal, check_greedy_matches_hf, check_overfits,
+                      check_scan_and_loop_match_hf, check_variant_refused, hf_logits, ids, max_diff, randomize,
+                      scale_up, serve_hub, train_tokenizer)
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -80,14 +80,7 @@ def test_logits_match_hf(case, tmp_path):
                                 hc.time_step_rank, hc.use_conv_bias, hc.use_bias, hc.vocab_size)
     assert model.lm_head.weight is model.backbone.embeddings.weight
     assert model.backbone.embeddings.weight.shape == (cfg.padded_vocab_size, cfg.n_embd)
-    idx = ids(cfg.vocab_size, 2, 64)
-    ref = hf_logits(hf, idx)
-    assert ref.abs().max() > 1.0
-    for parallel in (True, False):
-        with torch.no_grad():
-            logits, loss = model(idx, parallel=parallel)
-        assert loss is None and logits.shape == ref.shape
-        assert max_diff(logits, ref) < 1e-4
+    check_scan_and_loop_match_hf(model, hf, cfg.vocab_size)
 
 
 @pytest.mark.parametrize("case", ["base", "conv2_biases_rank3"])
@@ -293,13 +286,13 @@ def test_chunked_scan_backward_equals_autograd(T, L, monkeypatch):
             ys.append((h * C[:, t, None, :]).sum(-1))
         return torch.stack(ys, 1), h
 
-    grads = []
+    outs, grads = [], []
     for f in (mamba.ChunkedScan.apply, loop):
         y, h = f(*inputs)
+        outs.append((y, h))
         grads.append(torch.autograd.grad((y * wy).sum() + (h * wh).sum(), inputs))
-        if f is loop:
-            assert max_diff(y, y_chunked) < 1e-12 and max_diff(h, h_chunked) < 1e-12
-        y_chunked, h_chunked = y, h
+    (y_chunked, h_chunked), (y_loop, h_loop) = outs
+    assert max_diff(y_loop, y_chunked) < 1e-12 and max_diff(h_loop, h_chunked) < 1e-12
     for name, a, b in zip(["x", "delta", "A", "B", "C", "h0"], *grads):
         assert a.shape == b.shape and rel_diff(a, b) < 1e-10, name
 

@@ -14,8 +14,8 @@ import transformers
 
 import mamba2
 from conftest import (check_cached_equals_uncached, check_causal, check_greedy_matches_hf, check_overfits,
-                      check_variant_refused, hf_logits, ids, max_diff, randomize, script_home, serve_hub,
-                      train_tokenizer)
+                      check_scan_and_loop_match_hf, check_variant_refused, hf_logits, ids, max_diff, randomize,
+                      script_home, serve_hub, train_tokenizer)
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -81,14 +81,7 @@ def test_logits_match_hf(case, tmp_path):
         hc.num_hidden_layers, hc.hidden_size, hc.state_size, hc.expand, hc.head_dim, hc.num_heads, hc.n_groups,
         hc.conv_kernel, hc.chunk_size, hc.use_conv_bias, hc.use_bias, hc.vocab_size)
     assert model.lm_head.weight is model.backbone.embeddings.weight
-    idx = ids(cfg.vocab_size, 2, 64)
-    ref = hf_logits(hf, idx)
-    assert ref.abs().max() > 1.0
-    for parallel in (True, False):
-        with torch.no_grad():
-            logits, loss = model(idx, parallel=parallel)
-        assert loss is None and logits.shape == ref.shape
-        assert max_diff(logits, ref) < 1e-4
+    check_scan_and_loop_match_hf(model, hf, cfg.vocab_size)
 
 
 @pytest.mark.parametrize("case", ["base_chunk16", "chunk24_groups2"])
