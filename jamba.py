@@ -492,8 +492,7 @@ class SparseMoE(nn.Module):
         jitter = self.training and self.noise  # multiplicative noise on the router's input only (Switch, 2.4)
         logits = self.gate(x * torch.empty_like(x).uniform_(1 - self.noise, 1 + self.noise) if jitter else x)
         dt, logits = logits.dtype, logits.float()           # (N, E); routing decided in float32
-        top, expert = logits.topk(k, dim=-1)                # (N, k): the k largest logits and their experts
-        weight = top.softmax(dim=-1)                        # softmax over the chosen k only (eq. 2)
+        weight, expert = self.route(logits)                 # (N, k): the chosen experts and their weights
 
         # Each (token, choice) pair gets a row: choice-major order (all first choices, then all second ones),
         # so when an expert is full its tokens' first choices won (GShard's priority).
@@ -521,6 +520,12 @@ class SparseMoE(nn.Module):
             y = (ys[row] * weight.t().reshape(-1, 1)).view(k, N, d).sum(0)  # a dropped pair reads the spare row: 0
         return self.dropout(y.to(x.dtype)).view(B, T, d), self.stats(logits, count, dropped)
 
+    def route(self, logits):
+        """(weights, experts), each (N, k), from the router's logits (N, E): the k largest logits, their softmax
+        over the chosen k only (eq. 2)."""
+        top, expert = logits.topk(self.top_k, dim=-1)
+        return top.softmax(dim=-1), expert
+
     def stats(self, logits, count, dropped):
         """(balance, z, dropped, load_1..load_E) of this layer for this batch, no host sync.
 
@@ -539,15 +544,11 @@ class JambaMoE(SparseMoE):
     """Jamba's mixture of experts: mixtral.py's SparseMoE (its dropless dispatch, SwiGLU experts and router
     statistics, the same text) with Jamba's router weights. Mixtral renormalises the chosen experts' weights,
     softmax(TopK(x W_g)); Jamba's reference keeps the top k of the softmax over all E experts, p_i = softmax(x W_g)_i,
-    which sum to less than 1. Restricted to the top k, a softmax over all is the softmax over the top k times the
-    chosen experts' share of the probability, s = sum_{j in TopK} p_j, one number per token: so Jamba's output is
-    SparseMoE's times s. The router is the Hugging Face router.weight, W_g."""
+    which sum to less than 1. The router is the Hugging Face router.weight, W_g."""
 
-    def forward(self, x):
-        y, stats = super().forward(x)
-        p = self.gate(x).float().softmax(dim=-1)                       # (B, T, E): the router over all experts
-        s = p.topk(self.top_k, dim=-1).values.sum(-1, keepdim=True)    # (B, T, 1): the chosen experts' share
-        return y * s.to(y.dtype), stats
+    def route(self, logits):
+        probs, expert = logits.softmax(dim=-1).topk(self.top_k, dim=-1)  # (N, k), not renormalised
+        return probs, expert
 
 
 class Block(nn.Module):

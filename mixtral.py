@@ -288,8 +288,7 @@ class SparseMoE(nn.Module):
         jitter = self.training and self.noise  # multiplicative noise on the router's input only (Switch, 2.4)
         logits = self.gate(x * torch.empty_like(x).uniform_(1 - self.noise, 1 + self.noise) if jitter else x)
         dt, logits = logits.dtype, logits.float()           # (N, E); routing decided in float32
-        top, expert = logits.topk(k, dim=-1)                # (N, k): the k largest logits and their experts
-        weight = top.softmax(dim=-1)                        # softmax over the chosen k only (eq. 2)
+        weight, expert = self.route(logits)                 # (N, k): the chosen experts and their weights
 
         # Each (token, choice) pair gets a row: choice-major order (all first choices, then all second ones),
         # so when an expert is full its tokens' first choices won (GShard's priority).
@@ -316,6 +315,12 @@ class SparseMoE(nn.Module):
                 dropped = logits.new_zeros(())
             y = (ys[row] * weight.t().reshape(-1, 1)).view(k, N, d).sum(0)  # a dropped pair reads the spare row: 0
         return self.dropout(y.to(x.dtype)).view(B, T, d), self.stats(logits, count, dropped)
+
+    def route(self, logits):
+        """(weights, experts), each (N, k), from the router's logits (N, E): the k largest logits, their softmax
+        over the chosen k only (eq. 2)."""
+        top, expert = logits.topk(self.top_k, dim=-1)
+        return top.softmax(dim=-1), expert
 
     def stats(self, logits, count, dropped):
         """(balance, z, dropped, load_1..load_E) of this layer for this batch, no host sync.
