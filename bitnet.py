@@ -156,7 +156,7 @@ def quantize_activations(x):
     x ~ codes / s_x. Computed in float32 whatever the input. The codes carry the straight-through gradient,
     the scale none."""
     x = x.float()
-    s = 127.0 / torch.linalg.vector_norm(x.detach(), float("inf"), dim=-1, keepdim=True).clamp(min=1e-5)  # max|x|
+    s = 127.0 / x.detach().abs().amax(-1, keepdim=True).clamp(min=1e-5)  # max|x| (vector_norm(inf): 14x slower on CPU)
     return ste(x, s, (x.detach() * s).round_().clamp_(-128, 127)), s
 
 

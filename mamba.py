@@ -229,8 +229,8 @@ def selective_scan(x, delta, A, B, C, D, h0=None, how="scan"):
     x, delta, B, C = x.float(), delta.float(), B.float(), C.float()
     h0 = x.new_zeros(x.size(0), x.size(2), A.size(1)) if h0 is None else h0
     if how == "step":  # h <- A_bar h + B_bar x
-        h = h0.mul_(torch.exp(delta[:, 0, :, None] * A)).addcmul_((delta * x)[:, 0, :, None], B[:, 0, None, :])
-        y = (h @ C[:, 0, :, None]).transpose(1, 2)           # (B, 1, d_inner)
+        h = h0.mul_(torch.exp(delta.mT * A)).addcmul_((delta * x).mT, B)  # delta.mT (B, d_inner, 1), B (B, 1, N)
+        y = torch.bmm(C, h.mT)                                    # (B, 1, d_inner)
     elif how == "scan":
         y, h = ChunkedScan.apply(x, delta, A, B, C, h0)
     else:

@@ -389,8 +389,8 @@ def textbook_quantizers(monkeypatch):
 @pytest.mark.parametrize("bits", [1.58, 1])
 def test_straight_through_node_is_the_textbook_estimator(bits, monkeypatch):
     """A train step (loss and every gradient) gives the textbook estimator's numbers bit for bit, and a BitLinear
-    runs no subtraction or addition for it (the textbook form's two extra passes over each tensor) and computes
-    max|x| in one pass."""
+    runs no subtraction or addition for it (the textbook form's two extra passes over each tensor) and takes max|x|
+    as abs().amax(), not linalg.vector_norm(x, inf) (7-14x slower on a CPU at 1K tokens x 256-704)."""
     model = tiny(seed=6, bits=bits).train()
     idx = ids(300, 2, 24, seed=6)
 
@@ -410,7 +410,7 @@ def test_straight_through_node_is_the_textbook_estimator(bits, monkeypatch):
     with AtenOps() as seen:
         layer(x).sum().backward()
     assert not {"sub", "add", "rsub"} & set(seen.ops), seen.ops
-    assert "linalg_vector_norm" in seen.ops and "amax" not in seen.ops
+    assert "amax" in seen.ops and "linalg_vector_norm" not in seen.ops
 
 
 def test_packed_codes_are_unpacked_once():
