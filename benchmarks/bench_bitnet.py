@@ -62,7 +62,10 @@ weights, where a Llama rounds nothing.
                4 kv heads, vocab 50257, T=1024) and of llama2.py's Llama of the same shape, the same helper timing
                both (harness.train_throughput: bf16 autocast, torch.compile, fused AdamW, warmup excluded).
                FLOPs per token: 6 N + 12 n_layer n_embd T for both (PaLM, appendix B); the quantizers'
-               elementwise work (absmean, absmax, round, clamp, rescale) is not counted.
+               elementwise work (absmean, absmax, round, clamp, rescale) is not counted. Then the packed model's
+               product (issue 19) at BitNet b1.58 2B-4T's linears and 32 / 512 / 4096 tokens: torch._int_mm (int8
+               codes, int32 sums, exact) against F.linear of the codes in bf16 (what int_matmul runs off a CPU under
+               autocast) and in float32, medians of 20 calls (reported: which to keep is for that measurement).
 
     python benchmarks/bench_bitnet.py                  # 15-50 minutes on 2 CPU cores, by how busy they are
     python benchmarks/bench_bitnet.py --quick          # tiny shapes, a smoke test (~1 minute on 2 busy cores)
@@ -91,6 +94,7 @@ from pathlib import Path
 
 import torch
 import torch._dynamo
+import torch.nn.functional as F
 from transformers import BitNetConfig, BitNetForCausalLM
 
 HERE = Path(__file__).resolve().parent
@@ -128,6 +132,9 @@ ISSUE19 = {"default": dict(n_layer=4, n_head=4, n_kv_head=2, n_embd=256, batch=4
            "quick": dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, batch=2, seq=32, vocab=512)}
 # GPU: GPT-2 124M's shape (12 layers, 768 wide, 12 heads), GQA with 4 kv heads, untied head; bitnet and llama2 alike
 GPU_SHAPE = dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_kv_head=4, n_embd=768)
+# the packed matmul on a GPU (issue 19: torch._int_mm against the bf16 matmul): (in, out) of BitNet b1.58 2B-4T's
+# linears (q and o, k and v, gate and up, down) at these token counts (CUDA's _int_mm wants more than 16 rows)
+INT_MM_LINEARS, INT_MM_TOKENS = ((2560, 2560), (2560, 640), (2560, 6912), (6912, 2560)), (32, 512, 4096)
 
 
 def mb(n):
@@ -488,10 +495,10 @@ def before_after_rows(quick, rounds, seed):
 
 # ------------------------------------------------------------------------------------------- GPU
 
-def gpu_rows(batch_size, device="cuda", shape=None, steps=30, warmup=5, compile=True):
-    """{"bitnet": ..., "llama": ...}: a BitNet and a llama2.Llama of GPT-2 124M's shape, timed by the same helper
-    (harness.train_throughput), printed. (device, shape, the step counts and compile exist only to smoke-test this
-    on a CPU with tiny models.)"""
+def gpu_rows(batch_size, device="cuda", shape=None, steps=30, warmup=5, compile=True, int_mm_shape=None):
+    """{"bitnet": ..., "llama": ..., "int_mm": ...}: a BitNet and a llama2.Llama of GPT-2 124M's shape, timed by the
+    same helper (harness.train_throughput), and int_mm_rows at 2B-4T's linears, printed. (device, shape, the step
+    counts, compile and int_mm_shape, (linears, tokens), exist only to smoke-test this on a CPU with tiny models.)"""
     shape = shape or GPU_SHAPE
     out = harness.train_throughputs({"bitnet": lambda: bitnet.BitNet(bitnet.Config(**shape)),
                                      "llama": lambda: llama2.Llama(llama2.Config(**shape))},
@@ -505,7 +512,39 @@ def gpu_rows(batch_size, device="cuda", shape=None, steps=30, warmup=5, compile=
     if out["bitnet"]["tokens_per_s"] and out["llama"]["tokens_per_s"]:
         print(f"BitNet / Llama training tokens/s: {out['bitnet']['tokens_per_s'] / out['llama']['tokens_per_s']:.2f} "
               "(MFU: 6 N + attention FLOPs; the quantizers' elementwise work is not counted)")
+    out["int_mm"] = int_mm_rows(device, *(int_mm_shape or (INT_MM_LINEARS, INT_MM_TOKENS)))
     return out
+
+
+def int_mm_rows(device, linears, tokens, reps=20):
+    """The packed model's product, activation codes (tokens, in) by ternary weight codes (out, in), three ways on the
+    device: torch._int_mm (int8 by int8, int32 sums: exact), F.linear of both as bf16 (what bitnet.int_matmul runs
+    off a CPU under autocast) and as float32. Medians of reps calls after a warmup; printed; returns the rows."""
+    device, rows = torch.device(device), []
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for (d_in, d_out), n in ((lin, n) for lin in linears for n in tokens):
+        x = torch.randint(-128, 128, (n, d_in), device=device, dtype=torch.int8)
+        w = torch.randint(-1, 2, (d_out, d_in), device=device, dtype=torch.int8)
+        xb, wb, xf, wf = x.bfloat16(), w.bfloat16(), x.float(), w.float()
+        ways = {"int_mm": lambda: torch._int_mm(x, w.t()), "bf16": lambda: F.linear(xb, wb),
+                "fp32": lambda: F.linear(xf, wf)}
+        row = dict(d_in=d_in, d_out=d_out, tokens=n)
+        for name, f in ways.items():
+            f()
+            times = []
+            for _ in range(reps):
+                sync()
+                t = time.perf_counter()
+                f()
+                sync()
+                times.append(time.perf_counter() - t)
+            row[f"{name}_s"] = sorted(times)[reps // 2]
+        row["int_mm_exact"] = torch.equal(ways["int_mm"]().float(), ways["fp32"]())
+        rows.append(row)
+        print(f"packed matmul {n} x {d_in} -> {d_out} on {device.type}: _int_mm {row['int_mm_s'] * 1e6:,.0f} us, "
+              f"bf16 {row['bf16_s'] * 1e6:,.0f} us, fp32 {row['fp32_s'] * 1e6:,.0f} us | bf16 / _int_mm "
+              f"{row['bf16_s'] / row['int_mm_s']:.2f}x | _int_mm = fp32 exactly: {row['int_mm_exact']}")
+    return rows
 
 
 def main():

@@ -63,11 +63,12 @@ def kv124_row(rounds, seed, new_tokens=256):
     return row, torch.equal(*outputs["kv_cache_124m"])
 
 
-def gpu_row(batch_size, device="cuda", cfg=None, steps=30, warmup=5):
+def gpu_row(batch_size, device="cuda", cfg=None, steps=30, warmup=5, compile=True):
     """GPT-2 124M training throughput (harness.train_throughput), printed.
-    (device, cfg and the step counts exist only to smoke-test this on a CPU with a tiny model.)"""
+    (device, cfg, the step counts and compile exist only to smoke-test this on a CPU with a tiny model.)"""
     build = {"gpt2": lambda: gpt2.GPT(cfg or gpt2.Config())}  # 12 x 768, 12 heads, T=1024, vocab padded to 50304
-    g = harness.train_throughputs(build, batch_size, device, steps, warmup)["gpt2"]
+    g = harness.train_throughputs(build, batch_size, device, steps, warmup,
+                                  {"gpt2": dict(compile=compile)})["gpt2"]
     print(harness.gpu_line("GPT-2 124M", g))
     return g
 

@@ -103,13 +103,14 @@ def kv_bytes_rows(seed):
     return rows
 
 
-def gpu_rows(batch_size, device="cuda", llama_cfg=None, gpt2_cfg=None, steps=30, warmup=5):
+def gpu_rows(batch_size, device="cuda", llama_cfg=None, gpt2_cfg=None, steps=30, warmup=5, compile=True):
     """{"llama": ..., "gpt2": ...}: the Llama of GPT-2's shape and gpt2.py's 124M, timed by the same helper
-    (harness.train_throughput), printed. (device, the configs and the step counts exist only to smoke-test this
-    on a CPU with tiny models.)"""
+    (harness.train_throughput), printed. (device, the configs, the step counts and compile exist only to smoke-test
+    this on a CPU with tiny models.)"""
     out = harness.train_throughputs({"llama": lambda: llama2.Llama(llama_cfg or llama2.Config(**LLAMA_GPU)),
                                      "gpt2": lambda: gpt2.GPT(gpt2_cfg or gpt2.Config())},
-                                    batch_size, device, steps, warmup)
+                                    batch_size, device, steps, warmup,
+                                    {name: dict(compile=compile) for name in ("llama", "gpt2")})
     for name, g in out.items():
         what = ("Llama 12x768, 12 heads / 4 kv heads" if name == "llama" else "GPT-2 124M (gpt2.py)")
         params = f"{g['params'] / 1e6:.1f}M params ({g['params_with_embedding'] / 1e6:.1f}M in all)"

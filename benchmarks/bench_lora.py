@@ -231,10 +231,10 @@ def run_worker(spec):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def run_methods(c, steps, seed, device="cpu", autocast=False, sizes=True):
-    """{method: method_worker result}, each method in a fresh process, in METHODS' order."""
+def run_methods(c, steps, seed, device="cpu", autocast=False, sizes=True, methods=METHODS):
+    """{method: method_worker result}, each of methods in a fresh process, in that order."""
     out = {}
-    for method in METHODS:
+    for method in methods:
         spec = dict(method=method, model=c["model"], batch=c["batch"], seq=c["seq"], warmup=c["warmup"], steps=steps,
                     seed=seed, lr=LR[method], device=device, autocast=autocast, sizes=sizes,
                     threads=torch.get_num_threads() if device == "cpu" else 0, root=str(HERE.parent),
@@ -355,16 +355,15 @@ def print_ab(ab):
 
 # ------------------------------------------------------------------------------------------- GPU
 
-def gpu_rows(batch_size, device="cuda", cfg=None, seq=None, steps=20, warmup=5):
+def gpu_rows(batch_size, device="cuda", cfg=None, seq=None, steps=20, warmup=5, methods=METHODS):
     """{method: method_worker result} for the four (METHODS) at GPT-2 124M's shape, bf16 autocast, B=batch_size x T=1024,
-    each in a fresh process, printed. (device, cfg, seq and the step counts exist only to smoke-test this on a CPU
-    with a tiny model.)"""
+    each in a fresh process, printed. (device, cfg, seq, the step counts and methods, some of METHODS with "qlora"
+    among them, exist only to smoke-test this on a CPU with a tiny model: a process takes seconds to start.)"""
     cfg = dict(cfg or {})
     seq = seq or cfg.get("block_size", 1024)
     c = dict(model=cfg, batch=batch_size, seq=seq, warmup=warmup)
-    res = run_methods(c, steps, seed=1337, device=device, autocast=True, sizes=False)
-    full = res["full"]
-    name = full.get("device_name", device)
+    res = run_methods(c, steps, seed=1337, device=device, autocast=True, sizes=False, methods=methods)
+    name = res["qlora"].get("device_name", device)
     print(f"GPU {name}: bf16 autocast, fused AdamW, no torch.compile, B={batch_size} x T={seq}, "
           f"median of {steps} steps after {warmup}:")
     peak = "cuda_peak_bytes" if device == "cuda" else "rss_peak_bytes"

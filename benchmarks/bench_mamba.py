@@ -51,12 +51,16 @@ without the mambapy package that flag falls through to the same loop.
   GPU          only with CUDA: training throughput and MFU of a Mamba of Mamba-130M's shape (24 x 768, d_state 16,
                expand 2, vocab 50257, T=2048), bf16 autocast + fused AdamW, torch.compile on and off, no activation
                checkpointing (the chunked scan keeps no (B, T, 1536, 16) state tensor for backward); MFU counts
-               6 N FLOPs per token (no attention term), as mamba.py's training loop does. --batch_size defaults to 4
+               6 N FLOPs per token (no attention term), as mamba.py's training loop does; the first step's time
+               (compiling) and the peak memory. --batch_size defaults to 4. Then the scan alone at that model's
+               layer shape (4 x 2048, d_inner 1536, N 16), forward + backward, each compiled: the chunked scan
+               against torch's associative_scan over (A_bar, B_bar x) as transformers takes it (issue 18: keep
+               the faster). A failing way (associative_scan is a prototype) is reported with its error.
 
     python benchmarks/bench_mamba.py                  # about 3.5 minutes on 2 CPU cores
     python benchmarks/bench_mamba.py --quick          # tiny model, a smoke test (~40 s)
     python benchmarks/bench_mamba.py --json out.json  # also write the results as JSON
-    python -c "import bench_mamba as b; b.gpu_rows(4)"   # from benchmarks/: the GPU rows alone
+    python benchmarks/gpu_rows.py mamba                # the GPU rows alone
 """
 import time
 
@@ -73,6 +77,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from torch._higher_order_ops.associative_scan import associative_scan
 from transformers import MambaConfig, MambaForCausalLM
 
 HERE = Path(__file__).resolve().parent
@@ -332,10 +337,74 @@ def print_context_table(rows):
 
 # ------------------------------------------------------------------------------------------- GPU
 
-def gpu_rows(batch_size, device="cuda", cfg=None, steps=20, warmup=5, compiles=(True, False), grad_checkpoint=False):
-    """{"compile" / "no compile": train_throughput result} for a Mamba of Mamba-130M's shape at T=2048, activation
-    checkpointing off, printed. (device, cfg, the step counts and compiles exist only to smoke-test this on a CPU
-    with a tiny model.)"""
+def combine(left, right):
+    """Two steps of h_t = a_t h_{t-1} + b_t as one: (a1, b1) then (a2, b2) is (a2 a1, a2 b1 + b2), associative."""
+    (a1, b1), (a2, b2) = left, right
+    return a2 * a1, a2 * b1 + b2
+
+
+def assoc_scan(x, delta, A, B, C, D, combine_mode="pointwise"):
+    """selective_scan's y the way transformers' Mamba takes under torch.compile: torch's associative_scan (a
+    prototype) over the pairs (A_bar_t, B_bar_t x_t), both (B, T, d_inner, N) tensors whole. "pointwise" compiles to
+    one generated scan kernel (CUDA only); "generic" runs anywhere (the CPU smoke test)."""
+    dA = torch.exp(delta[..., None] * A)                          # (B, T, d_inner, N)
+    dBx = (delta * x)[..., None] * B[:, :, None, :]
+    _, h = associative_scan(combine, (dA, dBx), dim=1, combine_mode=combine_mode)
+    return (h * C[:, :, None, :]).sum(-1) + D * x
+
+
+def scan_gpu_rows(device="cuda", shape=(4, 2048, 1536, 16), reps=10, compile=True):
+    """Issue 18: forward + backward of the scan alone at Mamba-130M's layer shape (B, T, d_inner, N), fp32 (as
+    mamba.py runs it under autocast), inputs as in the scan rows: mamba.selective_scan(how="scan"), the chunked
+    scan, against assoc_scan, each torch.compile'd: the first call's time (compiling), the median of reps, the peak
+    memory (CUDA), y's max abs difference from the chunked scan's. A way that fails gets its error. Printed."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    Bsz, T, E, N = shape
+    g = torch.Generator().manual_seed(0)
+    x, B, C = torch.randn(Bsz, T, E, generator=g), torch.randn(Bsz, T, N, generator=g), torch.randn(Bsz, T, N, generator=g)
+    delta = torch.exp(torch.empty(Bsz, T, E).uniform_(-6.9078, -2.3026, generator=g))  # log-uniform [0.001, 0.1]
+    A, D = -torch.arange(1, N + 1, dtype=torch.float32).repeat(E, 1), torch.ones(E)
+    leaves = [t.to(device).requires_grad_() for t in (x, delta, A, B, C, D)]
+    ways = {"chunked": lambda *a: mamba.selective_scan(*a, how="scan")[0],
+            "associative_scan": lambda *a: assoc_scan(*a, combine_mode="pointwise" if cuda else "generic")}
+    rows, ref = {}, None
+    for name, fn in ways.items():
+        torch._dynamo.reset()
+        f = torch.compile(fn) if compile else fn
+        try:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            times = []
+            for _ in range(reps + 1):  # the first call compiles
+                sync()
+                t = time.perf_counter()
+                y = f(*leaves)
+                y.sum().backward()
+                sync()
+                times.append(time.perf_counter() - t)
+            ref = y.detach() if ref is None else ref
+            rows[name] = dict(first_s=times[0], time_s=sorted(times[1:])[reps // 2],
+                              peak_bytes=torch.cuda.max_memory_allocated(device) if cuda else None,
+                              y_max_abs_diff=(y.detach() - ref).abs().max().item())
+            print(f"scan on {device.type}, {name}{'' if compile else ' (no compile)'}, B={Bsz} T={T} d_inner={E} "
+                  f"N={N}, fwd+bwd: {rows[name]['time_s'] * 1e3:.1f} ms (first call {times[0]:.1f} s) | peak "
+                  f"{'n/a' if not cuda else mib(rows[name]['peak_bytes'])} | y vs chunked "
+                  f"{rows[name]['y_max_abs_diff']:.1e}")
+        except Exception as e:  # a prototype: say how it failed, keep the rows
+            rows[name] = dict(error=f"{type(e).__name__}: {e}"[:2000])
+            print(f"scan on {device.type}, {name}: failed: {rows[name]['error'][:300]}")
+        for t in leaves:
+            t.grad = None
+    return rows
+
+
+def gpu_rows(batch_size, device="cuda", cfg=None, steps=20, warmup=5, compiles=(True, False), grad_checkpoint=False,
+             scan_shape=(4, 2048, 1536, 16)):
+    """{"compile" / "no compile": train_throughput result, "scan": scan_gpu_rows} for a Mamba of Mamba-130M's shape
+    at T=2048, activation checkpointing off, printed. (device, cfg, the step counts, compiles and scan_shape exist
+    only to smoke-test this on a CPU with a tiny model.)"""
     cfg = cfg or MAMBA_GPU
 
     def build():
@@ -353,6 +422,7 @@ def gpu_rows(batch_size, device="cuda", cfg=None, steps=20, warmup=5, compiles=(
         print(harness.gpu_line(f"Mamba {c.n_layer}x{c.n_embd}, d_state {c.d_state}, expand {c.expand}, "
                                f"{g['params'] / 1e6:.1f}M params, {'' if grad_checkpoint else 'no '}activation "
                                f"checkpointing,", g))
+    out["scan"] = scan_gpu_rows(device, scan_shape, compile=True in compiles)
     return out
 
 

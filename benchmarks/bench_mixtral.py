@@ -237,13 +237,14 @@ def active_flops(model):
     return 6 * model.num_params(active=True) + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * span
 
 
-def gpu_rows(batch_size, device="cuda", cfg=None, steps=30, warmup=5):
-    """{setting: train_throughput result} for GPU_SETTINGS, printed. (device, cfg and the step counts exist only
-    to smoke-test this on a CPU with a tiny model.)"""
+def gpu_rows(batch_size, device="cuda", cfg=None, steps=30, warmup=5, settings=None):
+    """{setting: train_throughput result} for GPU_SETTINGS, printed. (device, cfg, the step counts and settings, a
+    part of GPU_SETTINGS, exist only to smoke-test this on a CPU with a tiny model.)"""
     cfg = cfg or MIXTRAL_GPU
+    settings = settings or GPU_SETTINGS
     builds = {name: (lambda cf=cf: mixtral.Mixtral(mixtral.Config(**cfg, capacity_factor=cf)))
-              for name, (cf, _) in GPU_SETTINGS.items()}
-    options = {name: dict(compile=comp, flops_per_token=active_flops) for name, (_, comp) in GPU_SETTINGS.items()}
+              for name, (cf, _) in settings.items()}
+    options = {name: dict(compile=comp, flops_per_token=active_flops) for name, (_, comp) in settings.items()}
     out = harness.train_throughputs(builds, batch_size, device, steps, warmup, options)
     with torch.device("meta"):
         m = mixtral.Mixtral(mixtral.Config(**cfg))

@@ -35,7 +35,10 @@ ratio = reference / ours (> 1: ours faster).
                  heads, q latent 384, kv latent 192, nope 64, rope 32, v 64, 64 routed experts of width 256, top 6
                  from 4 of 8 groups, 2 shared, a dense first layer of 2048, vocab 50257, T=1024), torch.compile on
                  and off; cross-entropy only (no balance loss, no bias update); MFU counts what a token computes,
-                 as mla_moe.py's training loop: 6 N_active + 6 n_layer n_head (dn + dr + dv) T FLOPs per token
+                 as mla_moe.py's training loop: 6 N_active + 6 n_layer n_head (dn + dr + dv) T FLOPs per token.
+                 Then its attention alone (issue 19), bf16, forward + backward: SDPA with v's head dim 64 under
+                 q/k's 96, as mla_moe.py runs it, against v padded to 96 and cut back (the flash kernel wants one
+                 head dim): which is faster decides whether mla_moe.py pads
 
     python benchmarks/bench_mla_moe.py                  # a few minutes on 2 CPU cores
     python benchmarks/bench_mla_moe.py --quick          # tiny model, a smoke test (~25 s)
@@ -257,11 +260,12 @@ def active_flops(model):
             + 6 * c.n_layer * c.n_head * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim) * c.block_size)
 
 
-def gpu_rows(batch_size, device="cuda", cfg=None, steps=30, warmup=5):
-    """{"compile" / "no compile": train_throughput result}, printed. (device, cfg and the step counts exist only to
-    smoke-test this on a CPU with a tiny model.)"""
+def gpu_rows(batch_size, device="cuda", cfg=None, steps=30, warmup=5, compiles=(True, False), pad_shape=None):
+    """{"compile" / "no compile": train_throughput result, "pad_v": pad_v_row at the model's attention shape},
+    printed. (device, cfg, the step counts, compiles and pad_shape exist only to smoke-test this on a CPU with a
+    tiny model.)"""
     cfg = cfg or DEEPSEEK_GPU
-    settings = {"compile": True, "no compile": False}
+    settings = {("compile" if comp else "no compile"): comp for comp in compiles}
     options = {name: dict(compile=comp, flops_per_token=active_flops) for name, comp in settings.items()}
     out = harness.train_throughputs({name: lambda: mla_moe.DeepSeek(mla_moe.Config(**cfg)) for name in settings},
                                     batch_size, device, steps, warmup, options)
@@ -274,7 +278,46 @@ def gpu_rows(batch_size, device="cuda", cfg=None, steps=30, warmup=5):
     for g in out.values():
         g["params_active"] = m.num_params(active=True)
         print(harness.gpu_line(shape, g))
+    out["pad_v"] = pad_v_row(device, pad_shape or (batch_size, c.n_head, c.block_size,
+                                                   c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim))
     return out
+
+
+def pad_v_row(device, shape, reps=20):
+    """Issue 19: MLA's attention alone, forward + backward in bf16 (float32 off CUDA), shape (B, H, T, q/k head dim,
+    v head dim): scaled_dot_product_attention as mla_moe.py calls it, against v padded with zeros to the q/k head
+    dim and the output cut back (what reference implementations do for FlashAttention, which wants one head dim).
+    The padding changes no number: the extra output columns are zeros. Medians of reps calls; the backend each
+    way can use is the one SDPA picks. Printed; returns the row (which to keep is for this measurement)."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    B, H, T, d_qk, d_v = shape
+    dtype = torch.bfloat16 if cuda else torch.float32
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(B, H, T, d, device=device, dtype=dtype, generator=g).requires_grad_()
+               for d in (d_qk, d_qk, d_v))
+    ways = {"as is": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+            "v padded": lambda: F.scaled_dot_product_attention(q, k, F.pad(v, (0, d_qk - d_v)), is_causal=True)[..., :d_v]}
+    row, outs = dict(shape=list(shape)), {}
+    for name, f in ways.items():
+        times = []
+        for _ in range(reps + 1):  # the first is a warmup
+            q.grad = k.grad = v.grad = None
+            sync()
+            t = time.perf_counter()
+            y = f()
+            y.backward(torch.ones_like(y))
+            sync()
+            times.append(time.perf_counter() - t)
+        row[f"{name.replace(' ', '_')}_s"], outs[name] = sorted(times[1:])[reps // 2], (y.detach(), v.grad.clone())
+    row["y_max_abs_diff"] = (outs["as is"][0] - outs["v padded"][0]).abs().max().item()
+    row["v_grad_max_abs_diff"] = (outs["as is"][1] - outs["v padded"][1]).abs().max().item()
+    print(f"MLA attention on {device.type}, B={B} H={H} T={T}, q/k head {d_qk}, v head {d_v}, fwd+bwd: as is "
+          f"{row['as_is_s'] * 1e3:.2f} ms, v padded to {d_qk} {row['v_padded_s'] * 1e3:.2f} ms | as is / padded "
+          f"{row['as_is_s'] / row['v_padded_s']:.2f}x | y differs by {row['y_max_abs_diff']:.1e}, v's gradient by "
+          f"{row['v_grad_max_abs_diff']:.1e}")
+    return row
 
 
 def main():

@@ -188,10 +188,12 @@ def train_throughput(model, batch_size, steps=30, warmup=5, device="cuda", compi
     """Training throughput of a model with model(idx, targets) -> (logits, loss), num_params() and
     config.block_size / vocab_size / n_layer / n_embd (gpt2.GPT, llama2.Llama): bf16 autocast, torch.compile
     (unless compile=False), fused AdamW, one micro-step per step, warmup steps not timed. flops_per_token(model):
-    the FLOPs of training on one token, for MFU (default: PaLM's, from all of num_params()). (device exists only
-    to smoke-test this on a CPU with a tiny model.)"""
+    the FLOPs of training on one token, for MFU (default: PaLM's, from all of num_params()). Also the first step's
+    time (with compile, mostly compiling) and, on CUDA, the peak memory allocated. (device exists only to smoke-test
+    this on a CPU with a tiny model.)"""
     device = torch.device(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     cfg = model.config
     model = model.to(device).train()
@@ -209,8 +211,14 @@ def train_throughput(model, batch_size, steps=30, warmup=5, device="cuda", compi
         opt.zero_grad(set_to_none=True)
         return loss
 
-    for _ in range(warmup):  # the first step compiles; none of these is timed
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    t = time.perf_counter()
+    for i in range(warmup):  # the first step compiles; none of these is timed
         loss = step()
+        if i == 0:
+            sync()
+            first_step_s = time.perf_counter() - t  # with compile: mostly compiling
     sync()
     t = time.perf_counter()
     for _ in range(steps):
@@ -226,7 +234,8 @@ def train_throughput(model, batch_size, steps=30, warmup=5, device="cuda", compi
     return dict(device=name, batch_size=batch_size, seq=T, steps=steps, warmup=warmup, compile=compile,
                 step_ms=dt * 1000, tokens_per_s=tok_s, params=model.num_params(), params_with_embedding=model.num_params(False),
                 flops_per_token=flops_per_token, peak_flops=peak,
-                mfu=flops_per_token * tok_s / peak if peak else None, warmup_loss=loss.item())
+                mfu=flops_per_token * tok_s / peak if peak else None, warmup_loss=loss.item(),
+                first_step_s=first_step_s, peak_memory_bytes=torch.cuda.max_memory_allocated(device) if cuda else None)
 
 
 def train_throughputs(builds, batch_size, device="cuda", steps=30, warmup=5, options=None):
@@ -246,8 +255,10 @@ def gpu_line(what, g):
     """The printed line of a train_throughput result; what names the model (and ends with a comma if more follows)."""
     mfu = f"{100 * g['mfu']:.1f}%" if g["mfu"] is not None else "n/a (peak of this GPU unknown)"
     compiled = " + torch.compile" if g.get("compile", True) else " (no torch.compile)"
+    peak = "n/a" if g["peak_memory_bytes"] is None else f"{g['peak_memory_bytes'] / 2**30:.1f} GiB"
     return (f"GPU {g['device']}: {what} train, bf16 autocast{compiled} + fused AdamW, "
-            f"B={g['batch_size']} x T={g['seq']}: {g['step_ms']:.1f} ms/step | {g['tokens_per_s']:,.0f} tok/s | MFU {mfu}")
+            f"B={g['batch_size']} x T={g['seq']}: {g['step_ms']:.1f} ms/step | {g['tokens_per_s']:,.0f} tok/s | MFU {mfu}"
+            f" | first step {g['first_step_s']:.1f} s | peak {peak}")
 
 
 def gpu_section(measure):
