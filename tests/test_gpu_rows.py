@@ -13,12 +13,12 @@ import gpu_rows  # noqa: E402
 SPEEDS = ("tokens_per_s", "step_median_s", "time_s")  # train_throughput's; bench_lora's step; the forward rows' pass
 
 
-def speeds(result):
-    """Every value of a SPEEDS key in a result (nested dicts and lists)."""
+def found(result, keys):
+    """Every value of one of keys in a result (nested dicts and lists)."""
     if isinstance(result, dict):
-        return [v for k, v in result.items() if k in SPEEDS] + [s for v in result.values() for s in speeds(v)]
+        return [v for k, v in result.items() if k in keys] + [s for v in result.values() for s in found(v, keys)]
     if isinstance(result, list):
-        return [s for v in result for s in speeds(v)]
+        return [s for v in result for s in found(v, keys)]
     return []
 
 
@@ -31,6 +31,7 @@ def test_every_bench_is_named():
 def test_smoke(name, one_thread, capsys):
     results, failed = gpu_rows.run([name], smoke=True)
     assert not failed, results[name]
-    found = speeds(results[name])
-    assert found and all(isinstance(s, float) and math.isfinite(s) and s > 0 for s in found), found
+    assert not found(results[name], ("error",)), results[name]  # a row that caught its own failure
+    speeds = found(results[name], SPEEDS)
+    assert speeds and all(isinstance(s, float) and math.isfinite(s) and s > 0 for s in speeds), speeds
     assert f"bench_{name}.py" in capsys.readouterr().out
