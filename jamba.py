@@ -547,8 +547,7 @@ class JambaMoE(SparseMoE):
     which sum to less than 1. The router is the Hugging Face router.weight, W_g."""
 
     def route(self, logits):
-        probs, expert = logits.softmax(dim=-1).topk(self.top_k, dim=-1)  # (N, k), not renormalised
-        return probs, expert
+        return logits.softmax(dim=-1).topk(self.top_k, dim=-1)  # (N, k) probabilities and experts, not renormalised
 
 
 class Block(nn.Module):

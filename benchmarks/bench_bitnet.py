@@ -525,7 +525,6 @@ def int_mm_rows(device, linears, tokens, reps=20):
     device: torch._int_mm (int8 by int8, int32 sums: exact), F.linear of both as bf16 (what bitnet.int_matmul runs
     off a CPU under autocast) and as float32. Medians of reps calls after a warmup; printed; returns the rows."""
     device, rows = torch.device(device), []
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for (d_in, d_out), n in ((lin, n) for lin in linears for n in tokens):
         x = torch.randint(-128, 128, (n, d_in), device=device, dtype=torch.int8)
         w = torch.randint(-1, 2, (d_out, d_in), device=device, dtype=torch.int8)
@@ -533,16 +532,8 @@ def int_mm_rows(device, linears, tokens, reps=20):
         ways = {"int_mm": lambda: torch._int_mm(x, w.t()), "bf16": lambda: F.linear(xb, wb),
                 "fp32": lambda: F.linear(xf, wf)}
         row = dict(d_in=d_in, d_out=d_out, tokens=n)
-        for name, f in ways.items():
-            f()
-            times = []
-            for _ in range(reps):
-                sync()
-                t = time.perf_counter()
-                f()
-                sync()
-                times.append(time.perf_counter() - t)
-            row[f"{name}_s"] = sorted(times)[reps // 2]
+        for name, f in ways.items():  # the first call is a warmup
+            row[f"{name}_s"] = harness.timed(f, reps, device)[1]
         row["int_mm_exact"] = torch.equal(ways["int_mm"]().float(), ways["fp32"]())
         rows.append(row)
         print(f"packed matmul {n} x {d_in} -> {d_out} on {device.type}: _int_mm {row['int_mm_s'] * 1e6:,.0f} us, "

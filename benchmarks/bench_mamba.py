@@ -360,7 +360,6 @@ def scan_gpu_rows(device="cuda", shape=(4, 2048, 1536, 16), reps=10, compile=Tru
     memory (CUDA), y's max abs difference from the chunked scan's. A way that fails gets its error. Printed."""
     device = torch.device(device)
     cuda = device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     Bsz, T, E, N = shape
     g = torch.Generator().manual_seed(0)
     x, B, C = torch.randn(Bsz, T, E, generator=g), torch.randn(Bsz, T, N, generator=g), torch.randn(Bsz, T, N, generator=g)
@@ -369,6 +368,13 @@ def scan_gpu_rows(device="cuda", shape=(4, 2048, 1536, 16), reps=10, compile=Tru
     leaves = [t.to(device).requires_grad_() for t in (x, delta, A, B, C, D)]
     ways = {"chunked": lambda *a: mamba.selective_scan(*a, how="scan")[0],
             "associative_scan": lambda *a: assoc_scan(*a, combine_mode="pointwise" if cuda else "generic")}
+    def fwd_bwd(f):
+        for t in leaves:
+            t.grad = None
+        y = f(*leaves)
+        y.sum().backward()
+        return y.detach()
+
     rows, ref = {}, None
     for name, fn in ways.items():
         torch._dynamo.reset()
@@ -376,27 +382,17 @@ def scan_gpu_rows(device="cuda", shape=(4, 2048, 1536, 16), reps=10, compile=Tru
         try:
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
-            times = []
-            for _ in range(reps + 1):  # the first call compiles
-                sync()
-                t = time.perf_counter()
-                y = f(*leaves)
-                y.sum().backward()
-                sync()
-                times.append(time.perf_counter() - t)
-            ref = y.detach() if ref is None else ref
-            rows[name] = dict(first_s=times[0], time_s=sorted(times[1:])[reps // 2],
+            first, median, y = harness.timed(lambda: fwd_bwd(f), reps, device)  # the first call compiles
+            ref = y if ref is None else ref
+            rows[name] = dict(first_s=first, time_s=median,
                               peak_bytes=torch.cuda.max_memory_allocated(device) if cuda else None,
-                              y_max_abs_diff=(y.detach() - ref).abs().max().item())
+                              y_max_abs_diff=(y - ref).abs().max().item())
             print(f"scan on {device.type}, {name}{'' if compile else ' (no compile)'}, B={Bsz} T={T} d_inner={E} "
-                  f"N={N}, fwd+bwd: {rows[name]['time_s'] * 1e3:.1f} ms (first call {times[0]:.1f} s) | peak "
-                  f"{'n/a' if not cuda else mib(rows[name]['peak_bytes'])} | y vs chunked "
-                  f"{rows[name]['y_max_abs_diff']:.1e}")
+                  f"N={N}, fwd+bwd: {median * 1e3:.1f} ms (first call {first:.1f} s) | peak "
+                  f"{mib(rows[name]['peak_bytes']) if cuda else 'n/a'} | y vs chunked {rows[name]['y_max_abs_diff']:.1e}")
         except Exception as e:  # a prototype: say how it failed, keep the rows
             rows[name] = dict(error=f"{type(e).__name__}: {e}"[:2000])
             print(f"scan on {device.type}, {name}: failed: {rows[name]['error'][:300]}")
-        for t in leaves:
-            t.grad = None
     return rows
 
 

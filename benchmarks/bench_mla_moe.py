@@ -294,27 +294,22 @@ def pad_v_row(device, shape, reps=20):
     The padding changes no number: the extra output columns are zeros. Medians of reps calls; the backend each
     way can use is the one SDPA picks. Printed; returns the row (which to keep is for this measurement)."""
     device = torch.device(device)
-    cuda = device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     B, H, T, d_qk, d_v = shape
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(B, H, T, d, device=device, dtype=dtype, generator=g).requires_grad_()
                for d in (d_qk, d_qk, d_v))
     ways = {"as is": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
             "v padded": lambda: F.scaled_dot_product_attention(q, k, F.pad(v, (0, d_qk - d_v)), is_causal=True)[..., :d_v]}
+    def fwd_bwd(f):
+        q.grad = k.grad = v.grad = None
+        y = f()
+        y.backward(torch.ones_like(y))
+        return y.detach(), v.grad.clone()
+
     row, outs = dict(shape=list(shape)), {}
-    for name, f in ways.items():
-        times = []
-        for _ in range(reps + 1):  # the first is a warmup
-            q.grad = k.grad = v.grad = None
-            sync()
-            t = time.perf_counter()
-            y = f()
-            y.backward(torch.ones_like(y))
-            sync()
-            times.append(time.perf_counter() - t)
-        row[f"{name.replace(' ', '_')}_s"], outs[name] = sorted(times[1:])[reps // 2], (y.detach(), v.grad.clone())
+    for name, f in ways.items():  # the first call is a warmup
+        _, row[f"{name.replace(' ', '_')}_s"], outs[name] = harness.timed(lambda: fwd_bwd(f), reps, device)
     row["y_max_abs_diff"] = (outs["as is"][0] - outs["v padded"][0]).abs().max().item()
     row["v_grad_max_abs_diff"] = (outs["as is"][1] - outs["v padded"][1]).abs().max().item()
     print(f"MLA attention on {device.type}, B={B} H={H} T={T}, q/k head {d_qk}, v head {d_v}, fwd+bwd: as is "

@@ -184,6 +184,20 @@ def print_legend(quick):
           + ("\n--quick: a smoke test, its sizes are too small for the targets to mean anything" if quick else ""))
 
 
+def timed(fn, reps, device):
+    """fn() run reps + 1 times on device, synchronised around each call: (the first call's seconds, which with
+    torch.compile is mostly compiling, the median of the others', the last call's result)."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    times = []
+    for _ in range(reps + 1):
+        sync()
+        t = time.perf_counter()
+        out = fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return times[0], statistics.median(times[1:]), out
+
+
 def train_throughput(model, batch_size, steps=30, warmup=5, device="cuda", compile=True, flops_per_token=None):
     """Training throughput of a model with model(idx, targets) -> (logits, loss), num_params() and
     config.block_size / vocab_size / n_layer / n_embd (gpt2.GPT, llama2.Llama): bf16 autocast, torch.compile

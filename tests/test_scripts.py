@@ -97,8 +97,8 @@ def test_ddp_two_processes_offline(script, tmp_path):
     work = copy_script(script, tmp_path / "work")
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     env = offline_env(tmp_path, tiktoken=False) | {"PYTHONFAULTHANDLER": "1"}  # a crashing rank shows its stack
-    r = run_script(work, [f"{script}.py", *tiny(script), "--max_iters", "4", "--eval_interval", "4"], env,
-                   launcher=launcher)
+    argv = [f"{script}.py", *tiny(script), "--max_iters", "4", "--eval_interval", "4"]
+    r = run_script(work, argv, env, launcher=launcher)
     if r.returncode and "terminate called without an active exception" in r.stderr:
         # Rare (CI once, with mla_moe and infini_attention; here once, mixtral): a rank aborts at interpreter exit,
         # after its work, inside gloo's threads, which DDP keeps alive past destroy_process_group (tests/README.md).
@@ -106,8 +106,7 @@ def test_ddp_two_processes_offline(script, tmp_path):
         warnings.warn(f"DDP run of {script}.py aborted inside gloo; ran it again. Its stderr:\n{r.stderr[-3000:]}")
         for folder in ("out", "data"):
             shutil.rmtree(work / folder, ignore_errors=True)
-        r = run_script(work, [f"{script}.py", *tiny(script), "--max_iters", "4", "--eval_interval", "4"], env,
-                       launcher=launcher)
+        r = run_script(work, argv, env, launcher=launcher)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "offline: tiktoken" in r.stdout and "offline: cannot download tiny-shakespeare" in r.stdout
     assert "tokenizer bytes" in r.stdout and r.stdout.count("--- sample ---") == 1
