@@ -227,8 +227,9 @@ def ssd_chunked(xd, a, B, C, h0, Q):
         decay = torch.exp(segsum(F.pad(a.sum(-1), (1, 0))))    # (b, G, R, c + 1, c + 1)
         states = torch.cat([h0[:, None], states.float()], 1)  # (b, c + 1, G, R, P, N)
         states = torch.einsum("bgrzc,bcgrpn->bzgrpn", decay, states)
-    # 4. the state entering a chunk to its outputs: y_l += exp(a_0 + ... + a_l) C_l . h (the left factors)
-    into = torch.exp(a.cumsum(-1)).permute(0, 3, 4, 1, 2)[..., None]  # (b, c, Q, G, R, 1)
+    # 4. the state entering a chunk to its outputs: y_l += exp(a_0 + ... + a_l) C_l . h (the left factors), the decay
+    # exp(a_1 + ... + a_l) being L's first column (no cumsum of its own: Inductor's split scan fails on it, CUDA)
+    into = (L[..., 0] * torch.exp(a[..., :1])).permute(0, 3, 4, 1, 2)[..., None]  # (b, c, Q, G, R, 1)
     y = y + torch.einsum("bclgn,bcgrpn->bclgrp", C, states[:, :-1]) * into
     # the last state in its own storage, not a view that would keep every chunk's state alive while decoding
     return y.flatten(1, 2)[:, :T], states[:, -1].flatten(1, 2).clone()  # (b, T, G, R, P), (b, H, P, N)
