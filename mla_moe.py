@@ -88,7 +88,7 @@ class Config:
     topk_group: int = 4                  # topk_group: a token's experts come from this many groups
     routed_scaling_factor: float = 2.5   # routed_scaling_factor
     norm_topk_prob: bool = True          # norm_topk_prob: gating weights normalised over the chosen k
-    scoring: str = "sigmoid"             # "sigmoid" (V3) or "softmax" (V2)
+    scoring: str = "sigmoid"             # scoring_func: "sigmoid" (V3) or "softmax" (V2)
     first_k_dense_replace: int = 3       # first_k_dense_replace: dense feed-forward in the first layers
     q_lora_rank: int = 1536              # q_lora_rank (0: queries straight from x, as V2-Lite)
     kv_lora_rank: int = 512              # kv_lora_rank: the latent c_kv's size
@@ -342,9 +342,10 @@ class Gate(nn.Module):
     standing for nodes, scored as the released V3 code does); gating weights from s_i alone, normalised over the
     chosen k (norm_topk_prob) and times routed_scaling_factor. b_i is no parameter: after every step it moves by
     bias_update_speed against each expert's load (DeepSeek.after_step).
-    scoring="softmax" is DeepSeek-V2's gate (arXiv 2405.04434, section 2.1.2, eq. 9-11): softmax affinities and
-    groups (devices) ranked by their best expert alone (V2's device-limited routing; topk_method "greedy" is one
-    group); a V2 checkpoint's norm_topk_prob is false, so its weights are not normalised. The bias b_i stays as V3 has it (0 unless moved)."""
+    scoring="softmax" is DeepSeek-V2's gate (arXiv 2405.04434, section 2.2.1, eq. 20-23): s_i = softmax_i(u . e_i),
+    groups (devices) ranked by their best expert alone (section 2.2.2's device-limited routing, topk_method
+    "group_limited_greedy"; "greedy" is one group); g_i = s_i of the chosen k times routed_scaling_factor (a V2
+    checkpoint's norm_topk_prob is false). The bias b_i stays as V3 has it (0 unless moved; a V2 file has none)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -934,8 +935,9 @@ def from_pretrained(name_or_path, device="cpu", dtype=torch.float32, dropout=0.0
                  intermediate_size=hf["intermediate_size"], moe_intermediate_size=hf["moe_intermediate_size"],
                  n_expert=hf["n_routed_experts"], n_shared_experts=hf.get("n_shared_experts") or 0,
                  top_k_experts=hf["num_experts_per_tok"], n_group=hf.get("n_group") or 1 if group else 1,
-                 topk_group=hf.get("topk_group") or 1 if group else 1, routed_scaling_factor=hf.get("routed_scaling_factor", 1.0),
-                 norm_topk_prob=hf.get("norm_topk_prob", not v2), scoring=scoring,
+                 topk_group=hf.get("topk_group") or 1 if group else 1, scoring=scoring,
+                 routed_scaling_factor=hf.get("routed_scaling_factor", 1.0),
+                 norm_topk_prob=hf.get("norm_topk_prob", not v2),
                  first_k_dense_replace=hf.get("first_k_dense_replace", 0),
                  q_lora_rank=hf.get("q_lora_rank") or 0, kv_lora_rank=hf["kv_lora_rank"],
                  qk_nope_head_dim=hf["qk_nope_head_dim"], qk_rope_head_dim=hf["qk_rope_head_dim"],
@@ -989,9 +991,12 @@ def dequantize_fp8(w, scale_inv, block, what):
     """W = W_fp8 x s per block of an FP8 weight (DeepSeek-V3's release, V3 section 3.3.2's fine-grained quantization):
     float8_e4m3fn numbers and one float32 weight_scale_inv per 128 x 128 block, the last blocks of a row or column
     partial -> float32. A weight without its scales (or with scales of another grid) is bad input."""
+    if w.dim() != 2 or not (isinstance(block, list | tuple) and len(block) == 2
+                            and all(isinstance(b, int) and b > 0 for b in block)):
+        raise InputError(f"{what}: an FP8 tensor of shape {tuple(w.shape)} in blocks of {block} is no layout read here")
     bo, bi = block
-    grid = (-(-w.size(0) // bo), -(-w.size(-1) // bi))
-    if w.dim() != 2 or scale_inv is None or tuple(scale_inv.shape) != grid:
+    grid = (-(-w.size(0) // bo), -(-w.size(1) // bi))
+    if scale_inv is None or tuple(scale_inv.shape) != grid:
         raise InputError(f"{what} is FP8 without a weight_scale_inv of {grid[0]} x {grid[1]} blocks")
     return w.float() * scale_inv.float().repeat_interleave(bo, 0).repeat_interleave(bi, 1)[:w.size(0), :w.size(1)]
 

@@ -132,7 +132,8 @@ V2_CASES = {  # DeepseekV2Config arguments on top of BASE
 
 def make_hf_v2(case, seed=0, scale=3.0):
     torch.manual_seed(seed)
-    return scale_up(transformers.DeepseekV2ForCausalLM(transformers.DeepseekV2Config(**{**BASE, **V2_CASES[case]})), scale)
+    hf = transformers.DeepseekV2ForCausalLM(transformers.DeepseekV2Config(**{**BASE, **V2_CASES[case]}))
+    return scale_up(hf, scale)
 
 
 @pytest.mark.parametrize("case", V2_CASES)
@@ -212,7 +213,13 @@ def test_fp8_checkpoint_is_dequantized_at_load(tmp_path):
     with torch.no_grad():
         logits = mla_moe.from_pretrained(tmp_path / "fp8")(idx)[0]
         assert max_diff(logits, ref(idx).logits) < 1e-4 and max_diff(logits, hf(idx).logits) > 1e-3
-    del fp8["model.layers.1.mlp.experts.3.up_proj.weight_scale_inv"]
+    config = json.loads((tmp_path / "fp8" / "config.json").read_text())
+    config["quantization_config"]["weight_block_size"] = "128"
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(mla_moe.InputError, match="in blocks of 128 is no layout"):
+        mla_moe.from_pretrained(tmp_path / "fp8")
+    del fp8["model.layers.1.mlp.experts.3.up_proj.weight_scale_inv"], config["quantization_config"]["weight_block_size"]
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps(config))  # the block size's default: 128 x 128
     safetensors.torch.save_file(fp8, str(tmp_path / "fp8" / "model.safetensors"))
     with pytest.raises(mla_moe.InputError, match="experts.3.up_proj.weight' is FP8 without a weight_scale_inv"):
         mla_moe.from_pretrained(tmp_path / "fp8")
