@@ -13,8 +13,17 @@ arXiv 2309.00071) as DeepSeek's config.json gives it. "MLA" here is DeepSeek's a
 some tutorials call by that name.
 
 Routed experts are dispatched as in mixtral.py: no loop over tokens, one grouped matmul per weight, no host sync.
-What is not here: multi-token prediction (V3's MTP layers are skipped on load), FP8 training, expert parallelism,
-the DeepSeek tokenizer (pretrained checkpoints sample as token ids), device-limited routing across GPUs.
+What is not here: multi-token prediction (V3's MTP layers are skipped on load), FP8 training and FP8 matmuls (FP8
+weights are dequantized at load), expert parallelism, the DeepSeek tokenizer (pretrained checkpoints sample as token
+ids), device-limited routing across GPUs.
+
+Checkpoints from_pretrained reads (config.json's model_type): "deepseek_v3", DeepSeek-V3 and R1, in bf16 or as
+released in FP8 (float8_e4m3fn weights, a float32 weight_scale_inv per 128 x 128 block, quantization_config
+"fp8"; dequantized into the run's dtype, so the logits are those of the dequantized weights); "deepseek_v2",
+DeepSeek-V2, V2.5 and V2-Lite (softmax gate, topk_method "greedy" or "group_limited_greedy", Lite without a query
+latent); "kimi_k2", Kimi K2's name for V3's architecture (transformers' Kimi-K2.5 config maps it to deepseek_v3).
+Moonlight-16B-A3B declares DeepseekV3ForCausalLM: it loads if its model_type is deepseek_v3 (not checked here).
+Tested on tiny checkpoints written by transformers (and FP8 ones quantized by the tests), no released file.
 
     python mla_moe.py                                      # CPU: a tiny model, a few minutes
     python mla_moe.py --device cuda                        # one GPU: bf16, torch.compile
@@ -79,7 +88,7 @@ class Config:
     topk_group: int = 4                  # topk_group: a token's experts come from this many groups
     routed_scaling_factor: float = 2.5   # routed_scaling_factor
     norm_topk_prob: bool = True          # norm_topk_prob: gating weights normalised over the chosen k
-    scoring: str = "sigmoid"             # "sigmoid" (V3) or "softmax" (V2)
+    scoring: str = "sigmoid"             # scoring_func: "sigmoid" (V3) or "softmax" (V2)
     first_k_dense_replace: int = 3       # first_k_dense_replace: dense feed-forward in the first layers
     q_lora_rank: int = 1536              # q_lora_rank (0: queries straight from x, as V2-Lite)
     kv_lora_rank: int = 512              # kv_lora_rank: the latent c_kv's size
@@ -333,9 +342,10 @@ class Gate(nn.Module):
     standing for nodes, scored as the released V3 code does); gating weights from s_i alone, normalised over the
     chosen k (norm_topk_prob) and times routed_scaling_factor. b_i is no parameter: after every step it moves by
     bias_update_speed against each expert's load (DeepSeek.after_step).
-    scoring="softmax" is DeepSeek-V2's gate (arXiv 2405.04434, section 2.1.2, eq. 9-11): softmax affinities and
-    groups (devices) ranked by their best expert alone (V2's device-limited routing); a V2 checkpoint's
-    norm_topk_prob is false, so its weights are not normalised. The bias b_i stays as V3 has it (0 unless moved)."""
+    scoring="softmax" is DeepSeek-V2's gate (arXiv 2405.04434, section 2.2.1, eq. 20-23): s_i = softmax_i(u . e_i),
+    groups (devices) ranked by their best expert alone (section 2.2.2's device-limited routing, topk_method
+    "group_limited_greedy"; "greedy" is one group); g_i = s_i of the chosen k times routed_scaling_factor (a V2
+    checkpoint's norm_topk_prob is false). The bias b_i stays as V3 has it (0 unless moved; a V2 file has none)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -602,7 +612,7 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
+                      "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn}
 
 
 def read_safetensors(path):
@@ -897,38 +907,59 @@ def load_trained_state(model, state, path):
 
 
 def from_pretrained(name_or_path, device="cpu", dtype=torch.float32, dropout=0.0):
-    """A DeepSeek-V3-style model from a Hugging Face checkpoint: a hub id or a local directory with config.json
+    """A DeepSeek-V2 or V3-style model from a Hugging Face checkpoint: a hub id or a local directory with config.json
     and model.safetensors (or shards + model.safetensors.index.json), in the layout `DeepseekV3ForCausalLM.
-    save_pretrained` writes (one gate_proj/up_proj/down_proj per routed expert, stacked here per layer).
-    Multi-token-prediction layers (num_nextn_predict_layers, stored after the last layer) are skipped."""
+    save_pretrained` (or V2's) writes (one gate_proj/up_proj/down_proj per routed expert, stacked here per layer).
+    model_type "deepseek_v2" (V2, V2.5, V2-Lite): the softmax gate, topk_method "greedy" (one group) or
+    "group_limited_greedy", no routing bias. FP8 weights (V3 and R1 as released, quantization_config "fp8") are
+    dequantized into dtype (dequantize_fp8). Multi-token-prediction layers (num_nextn_predict_layers, stored after the
+    last layer) are skipped."""
     path, hf, tensors = read_checkpoint(name_or_path)
-    if hf.get("model_type") != "deepseek_v3":
-        raise InputError(f"{path} holds a '{hf.get('model_type')}' model, not DeepSeek-V3")
+    gates = {"deepseek_v2": ("softmax", ("greedy", "group_limited_greedy")), "deepseek_v3": ("sigmoid", ("noaux_tc",)),
+             "kimi_k2": ("sigmoid", ("noaux_tc",))}  # kimi_k2: DeepSeek-V3's architecture under Moonshot's name
+    if hf.get("model_type") not in gates:
+        raise InputError(f"{path} holds a '{hf.get('model_type')}' model, not DeepSeek-V2 or V3")
+    v2, (scoring, topk_methods) = hf["model_type"] == "deepseek_v2", gates[hf["model_type"]]
+    topk_method = hf.get("topk_method", topk_methods[0])
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     rope_type = rope.pop("rope_type", rope.pop("type", "default"))
     theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
-    if hf.get("hidden_act", "silu") != "silu" or hf.get("attention_bias") or hf.get("topk_method", "noaux_tc") != "noaux_tc":
+    if hf.get("hidden_act", "silu") != "silu" or hf.get("attention_bias") or hf.get("mlp_bias") \
+            or topk_method not in topk_methods or hf.get("scoring_func", scoring) != scoring:
         raise InputError(f"{path}: a DeepSeek variant this file does not implement")
+    if v2 and hf.get("norm_topk_prob"):  # DeepSeek's V2 code then drops routed_scaling_factor, transformers' ignores it
+        raise InputError(f"{path}: DeepSeek-V2 with norm_topk_prob true: its two reference implementations disagree")
+    group = topk_method != "greedy"  # greedy: the top-k of all experts, as one group
     cfg = Config(vocab_size=hf["vocab_size"], block_size=hf.get("max_position_embeddings", 4096),
                  n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"], n_embd=hf["hidden_size"],
                  intermediate_size=hf["intermediate_size"], moe_intermediate_size=hf["moe_intermediate_size"],
                  n_expert=hf["n_routed_experts"], n_shared_experts=hf.get("n_shared_experts") or 0,
-                 top_k_experts=hf["num_experts_per_tok"], n_group=hf.get("n_group") or 1,
-                 topk_group=hf.get("topk_group") or 1, routed_scaling_factor=hf.get("routed_scaling_factor", 1.0),
-                 norm_topk_prob=hf.get("norm_topk_prob", True), first_k_dense_replace=hf.get("first_k_dense_replace", 0),
+                 top_k_experts=hf["num_experts_per_tok"], n_group=hf.get("n_group") or 1 if group else 1,
+                 topk_group=hf.get("topk_group") or 1 if group else 1, scoring=scoring,
+                 routed_scaling_factor=hf.get("routed_scaling_factor", 1.0),
+                 norm_topk_prob=hf.get("norm_topk_prob", not v2),
+                 first_k_dense_replace=hf.get("first_k_dense_replace", 0),
                  q_lora_rank=hf.get("q_lora_rank") or 0, kv_lora_rank=hf["kv_lora_rank"],
                  qk_nope_head_dim=hf["qk_nope_head_dim"], qk_rope_head_dim=hf["qk_rope_head_dim"],
                  v_head_dim=hf["v_head_dim"], rope_theta=theta,
                  rope_scaling=None if rope_type == "default" else dict(rope, rope_type=rope_type),
-                 rope_interleave=hf.get("rope_interleave", True), norm_eps=hf.get("rms_norm_eps", 1e-6),
+                 rope_interleave=v2 or hf.get("rope_interleave", True), norm_eps=hf.get("rms_norm_eps", 1e-6),
                  tie_embeddings=hf.get("tie_word_embeddings", False), bos_token_id=hf.get("bos_token_id"),
                  dropout=dropout)
+    quant = hf.get("quantization_config") or {}
+    if quant and quant.get("quant_method") != "fp8":
+        raise InputError(f"{path}: quantization '{quant.get('quant_method')}' is not implemented here (fp8 is)")
     state, experts = {}, {}
     for name, t in tensors.items():
         layer = re.match(r"model\.layers\.(\d+)\.", name)
         if (layer and int(layer[1]) >= cfg.n_layer) or name.endswith("rotary_emb.inv_freq") \
                 or (name == "lm_head.weight" and cfg.tie_embeddings) or ("shared_experts" in name and not t.numel()):
             continue  # multi-token prediction layers; a rotary table; a tied head; an empty shared expert
+        if name.endswith(".weight_scale_inv") and tensors.get(name[:-10], t).dtype == torch.float8_e4m3fn:
+            continue  # an FP8 weight's block scales, used with it below
+        if t.dtype == torch.float8_e4m3fn:
+            t = dequantize_fp8(t, tensors.get(name + "_scale_inv"), quant.get("weight_block_size") or (128, 128),
+                               f"{path}: '{name}'").to(dtype)
         expert = re.fullmatch(r"(.*\.mlp)\.experts\.(\d+)\.(\w+_proj)\.weight", name)
         if expert:  # a matrix per routed expert in the file, one (n_expert, ...) tensor per layer here
             experts.setdefault(f"{expert[1]}.{expert[3]}", {})[int(expert[2])] = t
@@ -945,6 +976,9 @@ def from_pretrained(name_or_path, device="cpu", dtype=torch.float32, dropout=0.0
             state[name] = torch.stack([per_expert[i] for i in range(cfg.n_expert)])
     if cfg.tie_embeddings and "model.embed_tokens.weight" in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    if v2:  # V2 routes without a bias: b_i = 0
+        state = {**{f"model.layers.{i}.mlp.gate.e_score_correction_bias": torch.zeros(cfg.n_expert)
+                    for i in range(cfg.first_k_dense_replace, cfg.n_layer)}, **state}
     with torch.device("meta"):
         model = DeepSeek(cfg)  # shapes only: the weights come from the file, no time is spent on a random init
     load_weights(model, state, path, device, dtype)  # the routing bias, a buffer, stays float32
@@ -953,16 +987,35 @@ def from_pretrained(name_or_path, device="cpu", dtype=torch.float32, dropout=0.0
     return model.eval()
 
 
+def dequantize_fp8(w, scale_inv, block, what):
+    """W = W_fp8 x s per block of an FP8 weight (DeepSeek-V3's release, V3 section 3.3.2's fine-grained quantization):
+    float8_e4m3fn numbers and one float32 weight_scale_inv per 128 x 128 block, the last blocks of a row or column
+    partial -> float32. A weight without its scales (or with scales of another grid) is bad input."""
+    if w.dim() != 2 or not (isinstance(block, list | tuple) and len(block) == 2
+                            and all(isinstance(b, int) and b > 0 for b in block)):
+        raise InputError(f"{what}: an FP8 tensor of shape {tuple(w.shape)} in blocks of {block} is no layout read here")
+    bo, bi = block
+    grid = (-(-w.size(0) // bo), -(-w.size(1) // bi))
+    if scale_inv is None or tuple(scale_inv.shape) != grid:
+        raise InputError(f"{what} is FP8 without a weight_scale_inv of {grid[0]} x {grid[1]} blocks")
+    return w.float() * scale_inv.float().repeat_interleave(bo, 0).repeat_interleave(bi, 1)[:w.size(0), :w.size(1)]
+
+
 def save_pretrained(model, path):
     """model in the Hugging Face DeepSeek-V3 layout in the directory path, as DeepseekV3ForCausalLM.save_pretrained
     writes it (one gate_proj/up_proj/down_proj per routed expert), so that transformers (and from_pretrained here)
-    loads it with the same logits. V2's softmax gate has no place in that layout and is refused."""
+    loads it with the same logits; a --scoring softmax model in DeepSeek-V2's, whose gate has no routing bias, no
+    renormalisation and interleaved rotary pairs: a softmax model with any of these is refused."""
     cfg, path = model.config, Path(path)
-    if cfg.scoring != "sigmoid":
-        raise InputError("--export: transformers' DeepSeek-V3 gates with sigmoid; a --scoring softmax model has no layout there")
+    v2 = cfg.scoring == "softmax"
+    if v2 and (cfg.norm_topk_prob or not cfg.rope_interleave
+               or any(m.gate.e_score_correction_bias.any() for m in model.moe_layers())):
+        raise InputError("--export: transformers' DeepSeek-V2 gate has no routing bias (train with --bias_update_speed "
+                         "0), no norm_topk_prob and interleaved rotary pairs; this softmax model has no layout there")
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(dict(
-        model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"], vocab_size=cfg.vocab_size,
+        model_type="deepseek_v2" if v2 else "deepseek_v3", vocab_size=cfg.vocab_size,
+        architectures=["DeepseekV2ForCausalLM" if v2 else "DeepseekV3ForCausalLM"],
         max_position_embeddings=cfg.block_size, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
         num_key_value_heads=cfg.n_head, hidden_size=cfg.n_embd, intermediate_size=cfg.intermediate_size,
         moe_intermediate_size=cfg.moe_intermediate_size, n_routed_experts=cfg.n_expert,
@@ -972,9 +1025,12 @@ def save_pretrained(model, path):
         kv_lora_rank=cfg.kv_lora_rank, qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim,
         v_head_dim=cfg.v_head_dim, rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling,
         rope_interleave=cfg.rope_interleave, rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
-        bos_token_id=cfg.bos_token_id, hidden_act="silu", topk_method="noaux_tc"), indent=2))
+        bos_token_id=cfg.bos_token_id, hidden_act="silu",
+        topk_method="noaux_tc" if not v2 else "greedy" if cfg.n_group == 1 else "group_limited_greedy"), indent=2))
     state = {}
     for k, t in model.state_dict().items():
+        if v2 and k.endswith("e_score_correction_bias"):
+            continue
         if k.endswith(("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")):  # (n_expert, ...) to a matrix per expert
             state.update({f"{k.rsplit('.', 1)[0]}.experts.{i}.{k.rsplit('.', 1)[1]}.weight": w for i, w in enumerate(t)})
         elif not (k == "lm_head.weight" and cfg.tie_embeddings):

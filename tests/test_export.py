@@ -80,7 +80,8 @@ def test_lora_exports_the_merged_model_and_peft_adapters(tmp_path):
         assert max_diff(mine, base_logits) > 1e-2  # the adapters did change the model
 
 
-@pytest.mark.parametrize("script, model_kw", [("bitnet", dict(weight_bits=1.0)), ("mla_moe", dict(scoring="softmax"))])
+@pytest.mark.parametrize("script, model_kw", [("bitnet", dict(weight_bits=1.0)),
+                                              ("mla_moe", dict(scoring="softmax", norm_topk_prob=True))])
 def test_what_has_no_layout_is_refused(script, model_kw, tmp_path):
     if script not in SCRIPTS:
         pytest.skip(f"no {script}.py")

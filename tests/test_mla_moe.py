@@ -113,10 +113,116 @@ def test_greedy_generation_matches_hf(case, tmp_path):
     check_greedy_matches_hf(mla_moe.from_pretrained(tmp_path), hf, 320, 24)
 
 
-@pytest.mark.parametrize("change", [dict(model_type="deepseek_v2"), dict(hidden_act="gelu"),
-                                    dict(rope_parameters=dict(rope_type="linear", factor=2.0, rope_theta=1e4))])
+@pytest.mark.parametrize("change", [dict(model_type="deepseek_v2", topk_method="noaux_tc"), dict(hidden_act="gelu"),
+                                    dict(rope_parameters=dict(rope_type="linear", factor=2.0, rope_theta=1e4)),
+                                    dict(scoring_func="softmax"), dict(quantization_config=dict(quant_method="gptq"))])
 def test_variants_are_refused(tmp_path, change):
     check_variant_refused(mla_moe, make_hf(seed=0), tmp_path, change)
+
+
+# ------------------------------------------------------------------------------------ DeepSeek-V2 and FP8 V3
+
+V2_CASES = {  # DeepseekV2Config arguments on top of BASE
+    "v2": dict(topk_method="group_limited_greedy", n_group=4, topk_group=2, num_experts_per_tok=3,
+               routed_scaling_factor=2.0, max_position_embeddings=128,  # YaRN as V2's config.json, 48 positions past 32
+               rope_parameters=dict(YARN, mscale=0.707, mscale_all_dim=0.707)),
+    "v2_lite": dict(q_lora_rank=None, topk_method="greedy", n_group=2, topk_group=1, routed_scaling_factor=1.5),
+}
+
+
+def make_hf_v2(case, seed=0, scale=3.0):
+    torch.manual_seed(seed)
+    hf = transformers.DeepseekV2ForCausalLM(transformers.DeepseekV2Config(**{**BASE, **V2_CASES[case]}))
+    return scale_up(hf, scale)
+
+
+@pytest.mark.parametrize("case", V2_CASES)
+def test_deepseek_v2_matches_hf(case, tmp_path):
+    """V2 and V2.5 (a query latent, groups ranked by their best expert) and V2-Lite (no query latent, greedy: the
+    top-k of all experts, whatever n_group says): softmax gates, routed_scaling_factor, no renormalisation, no bias."""
+    hf = make_hf_v2(case, seed=11)
+    hf.save_pretrained(tmp_path)
+    model = mla_moe.from_pretrained(tmp_path)
+    cfg = model.config
+    assert cfg.scoring == "softmax" and not cfg.norm_topk_prob and cfg.q_lora_rank == (24 if case == "v2" else 0)
+    idx = ids(cfg.vocab_size, 2, 48)
+    with torch.no_grad():
+        logits = model(idx)[0]
+    ref = hf_logits(hf, idx)
+    assert ref.abs().max() > 1.0 and max_diff(logits, ref) < 1e-4
+    hf = make_hf_v2(case, seed=12, scale=6.0)
+    hf.save_pretrained(tmp_path / "greedy")
+    check_greedy_matches_hf(mla_moe.from_pretrained(tmp_path / "greedy"), hf, 320, 24)
+
+
+def test_v2_export_loads_in_transformers(tmp_path):
+    """A --scoring softmax model without a routing bias is written as DeepSeek-V2 (group_limited_greedy) and read
+    back by transformers with the same logits; with a moved bias it is refused."""
+    model = tiny(seed=2, scoring="softmax", norm_topk_prob=False, n_group=4, topk_group=2, routed_scaling_factor=2.0)
+    mla_moe.save_pretrained(model, tmp_path)
+    hf = transformers.DeepseekV2ForCausalLM.from_pretrained(tmp_path).eval()
+    assert hf.config.topk_method == "group_limited_greedy"
+    idx = ids(300, 2, 32)
+    with torch.no_grad():
+        assert max_diff(model(idx)[0], hf(idx).logits) < 1e-4
+    model.moe_layers()[0].gate.e_score_correction_bias[0] = 0.01
+    with pytest.raises(mla_moe.InputError, match="--export"):
+        mla_moe.save_pretrained(model, tmp_path / "biased")
+
+
+def quantize_fp8(w, b=128):
+    """(float8_e4m3fn weight, float32 scales (ceil(out/b), ceil(in/b)), the weight they stand for) of a 2-D w, each
+    b x b block scaled to FP8's largest number, 448, as DeepSeek-V3's release; the last blocks partial."""
+    O, I = w.shape
+    blocks = F.pad(w, (0, -I % b, 0, -O % b)).view(-(-O // b), b, -(-I // b), b)
+    s = blocks.abs().amax(dim=(1, 3)) / 448.0
+    q = (blocks / s[:, None, :, None]).reshape(blocks.size(0) * b, -1)[:O, :I].to(torch.float8_e4m3fn).contiguous()
+    deq = F.pad(q.float(), (0, -I % b, 0, -O % b)).view_as(blocks) * s[:, None, :, None]
+    return q, s, deq.reshape(blocks.size(0) * b, -1)[:O, :I].contiguous()
+
+
+def write_fp8_v3(tmp_path):
+    """A tiny DeepSeek-V3 in the FP8 release layout (tmp_path / "fp8": the projections in float8_e4m3fn with their
+    weight_scale_inv, embeddings, norms and gates in float32) and the same model dequantized (tmp_path / "ref");
+    hidden_size 160: blocks of 128 x 32, 32 x 128, partial ones."""
+    hf = make_hf(seed=13, hidden_size=160)
+    hf.save_pretrained(tmp_path / "ref")
+    tensors = safetensors.torch.load_file(str(tmp_path / "ref" / "model.safetensors"))
+    fp8, n = dict(tensors), 0
+    for name, w in tensors.items():
+        if name.endswith("proj.weight") or name.endswith("proj_with_mqa.weight"):
+            fp8[name], fp8[name + "_scale_inv"], tensors[name] = quantize_fp8(w)
+            n += 1
+    assert n == 3 * 5 + 3 + 2 * (8 * 3 + 3)  # attention in 3 layers, a dense MLP, 2 MoE layers of 8 + 1 experts
+    (tmp_path / "fp8").mkdir()
+    safetensors.torch.save_file(tensors, str(tmp_path / "ref" / "model.safetensors"), metadata={"format": "pt"})
+    safetensors.torch.save_file(fp8, str(tmp_path / "fp8" / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((tmp_path / "ref" / "config.json").read_text())
+    config["quantization_config"] = dict(quant_method="fp8", fmt="e4m3", activation_scheme="dynamic",
+                                         weight_block_size=[128, 128])
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps(config))
+    return hf, fp8
+
+
+def test_fp8_checkpoint_is_dequantized_at_load(tmp_path):
+    """The FP8 release layout of V3 and R1 loads: its logits are transformers' on the dequantized weights (and differ
+    from the unquantized model's, so the scales were used); a weight without its scales is one line of bad input."""
+    hf, fp8 = write_fp8_v3(tmp_path)
+    ref = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path / "ref").eval()
+    idx = ids(320, 2, 32)
+    with torch.no_grad():
+        logits = mla_moe.from_pretrained(tmp_path / "fp8")(idx)[0]
+        assert max_diff(logits, ref(idx).logits) < 1e-4 and max_diff(logits, hf(idx).logits) > 1e-3
+    config = json.loads((tmp_path / "fp8" / "config.json").read_text())
+    config["quantization_config"]["weight_block_size"] = "128"
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(mla_moe.InputError, match="in blocks of 128 is no layout"):
+        mla_moe.from_pretrained(tmp_path / "fp8")
+    del fp8["model.layers.1.mlp.experts.3.up_proj.weight_scale_inv"], config["quantization_config"]["weight_block_size"]
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps(config))  # the block size's default: 128 x 128
+    safetensors.torch.save_file(fp8, str(tmp_path / "fp8" / "model.safetensors"))
+    with pytest.raises(mla_moe.InputError, match="experts.3.up_proj.weight' is FP8 without a weight_scale_inv"):
+        mla_moe.from_pretrained(tmp_path / "fp8")
 
 
 # ------------------------------------------------------------------------------------- MLA and its cache
