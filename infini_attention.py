@@ -606,6 +606,8 @@ def load_weights(model, state, path, device, dtype):
     for name, t in state.items():
         if name not in wanted:
             raise InputError(f"{path}: unexpected tensor '{name}'")
+        if t.dtype == torch.float8_e4m3fn:  # an FP8 release: its weights need their block scales (mla_moe.py's)
+            raise InputError(f"{path}: '{name}' is FP8, which {Path(__file__).name} does not dequantize")
         if t.shape != wanted[name].shape or t.is_floating_point() != wanted[name].is_floating_point():
             raise InputError(f"{path}: '{name}' is {str(t.dtype)[6:]} {tuple(t.shape)}, config.json implies "
                              f"{str(wanted[name].dtype)[6:]} {tuple(wanted[name].shape)} (another shape or kind)")
