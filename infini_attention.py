@@ -839,6 +839,7 @@ def save_pretrained(model, path):
 
 
 PASSKEY_EXAMPLES = 100  # per context length, in the accuracy table
+PASSKEY_TOKENS = 16384  # examples x segment_len in one forward of the accuracy table
 PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
 
@@ -875,15 +876,20 @@ def passkey_accuracy(model, encode, lengths, n, device, ctx, memory=True):
         for g in gates:
             g.fill_(float("-inf"))
     model.eval()
-    out = {}
+    N, out = model.config.segment_len, {}
     for length in lengths:
         torch.manual_seed(length)  # the same examples for every model and setting
         x, _, y = passkey_batch(encode, n, length, device)
         k = int((y >= 0).sum(dim=1).max())  # the key's tokens are the last ones: logits for those positions only
-        y = y[:, -k:]
-        with ctx:
-            logits = model.lm_head(model.hidden(x)[:, -k:])[..., :model.config.vocab_size]
-        out[length] = ((logits.argmax(-1) == y) | (y < 0)).all(dim=1).float().mean().item()
+        hits = []
+        for xb, yb in zip(x.split(max(1, PASSKEY_TOKENS // N)), y[:, -k:].split(max(1, PASSKEY_TOKENS // N))):
+            state = model.new_state()  # a few examples at a time, each a segment at a time through its memory:
+            with ctx:                  # the work in flight is PASSKEY_TOKENS tokens at any length
+                for segment in xb.split(N, dim=1):
+                    h = model.hidden(segment, state)
+                logits = model.lm_head(h[:, -k:])[..., :model.config.vocab_size]
+            hits.append(((logits.argmax(-1) == yb) | (yb < 0)).all(dim=1))
+        out[length] = torch.cat(hits).float().mean().item()
     for g, s in zip(gates, saved):
         g.copy_(s)
     return out

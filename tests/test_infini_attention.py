@@ -527,15 +527,18 @@ def stub_model(encode, n, lengths, vocab, wrong):
     gate = nn.Parameter(torch.tensor([0.3, -0.7]))
     seen = []
 
-    def hidden(x):  # the predicted ids; lm_head turns them into one-hot logits (B, T, vocab)
+    def hidden(x, state):  # the predicted ids; lm_head turns them into one-hot logits (B, T, vocab)
         seen.append(gate.detach().clone())
-        ref, pred = truth[x.size(1)]
-        assert torch.equal(x, ref)
-        return pred
+        state.append(x)  # the segments so far: the examples are fed a segment at a time
+        ref, pred = truth.get(sum(s.size(1) for s in state), (None, None))
+        if ref is None or not torch.equal(torch.cat(state, 1), ref):  # not yet a whole example: nothing right
+            return torch.zeros_like(x)
+        return pred[:, -x.size(1):]
 
     layer = SimpleNamespace(self_attn=SimpleNamespace(gate=gate))
-    model = SimpleNamespace(config=SimpleNamespace(vocab_size=vocab), model=SimpleNamespace(layers=[layer]),
-                            hidden=hidden, lm_head=lambda h: F.one_hot(h, vocab).float(), eval=lambda: None)
+    model = SimpleNamespace(config=SimpleNamespace(vocab_size=vocab, segment_len=64), model=SimpleNamespace(layers=[layer]),
+                            hidden=hidden, new_state=list, lm_head=lambda h: F.one_hot(h, vocab).float(),
+                            eval=lambda: None)
     return model, gate, seen
 
 
@@ -550,7 +553,7 @@ def test_passkey_accuracy_counts_an_example_iff_all_its_key_tokens_are_right(tok
     model, gate, seen = stub_model(encode, n, lengths, vocab, {})
     out = ia.passkey_accuracy(model, encode, lengths, n, "cpu", torch.autocast("cpu", enabled=False), memory=False)
     assert out == {128: 1.0, 192: 1.0}
-    assert len(seen) == 2 and all(torch.isinf(g).all() and (g < 0).all() for g in seen)  # gates shut while measuring
+    assert len(seen) == 5 and all(torch.isinf(g).all() and (g < 0).all() for g in seen)  # gates shut while measuring
     assert torch.equal(gate, torch.tensor([0.3, -0.7]))  # and restored
 
 
