@@ -100,6 +100,62 @@ def test_greedy_generation_matches_hf(case, tmp_path):
     check_greedy_matches_hf(mixtral.from_pretrained(tmp_path), hf, 320, 32)
 
 
+# ----------------------------------------------------------------------- Mistral 7B: n_expert 0, a dense SwiGLU
+
+MISTRAL = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=128, sliding_window=8, rope_theta=1e4,
+               bos_token_id=None, eos_token_id=None, pad_token_id=None)
+
+
+def make_mistral(seed=0, scale=3.0, **kw):
+    """A random MistralForCausalLM in eval mode (window 8 unless kw says otherwise), logits of order 1."""
+    torch.manual_seed(seed)
+    return scale_up(transformers.MistralForCausalLM(transformers.MistralConfig(**{**MISTRAL, **kw})), scale)
+
+
+@pytest.mark.parametrize("window", [8, None])  # Mistral 7B v0.1 has a window (of 4096), v0.3 none
+def test_mistral_logits_match_hf(window, tmp_path):
+    hf = make_mistral(seed=3, sliding_window=window)
+    hf.save_pretrained(tmp_path)
+    model = mixtral.from_pretrained(tmp_path)
+    cfg, block = model.config, model.model.layers[1]
+    assert (cfg.n_expert, cfg.sliding_window, cfg.rope_theta) == (0, window, 1e4)
+    assert block.mlp.down_proj.weight.shape == (64, 96) and not hasattr(block, "block_sparse_moe")
+    assert model.num_params(active=True) == model.num_params()
+    idx = ids(320, 2, 40)  # longer than the window
+    with torch.no_grad():
+        logits, loss = model(idx)
+    ref = hf_logits(hf, idx)
+    assert loss is None and ref.abs().max() > 1.0
+    assert max_diff(logits, ref) < 1e-4
+    model.train()
+    _, loss = model(idx, idx)  # training: the loss alone, no router terms
+    assert torch.isfinite(loss) and not hasattr(model, "stats")
+
+
+def test_mistral_greedy_generation_matches_hf(tmp_path):
+    """A window of 8 and 32 new tokens: the rolling buffer wraps; cached and uncached both equal HF's tokens."""
+    hf = make_mistral(seed=7, scale=6.0)
+    hf.save_pretrained(tmp_path)
+    check_greedy_matches_hf(mixtral.from_pretrained(tmp_path), hf, 320, 32)
+
+
+def test_cli_mistral_exports_as_mistral(tmp_path, monkeypatch, offline, capsys):
+    """--init_from a Mistral, --export: a Mistral again (no MoE keys), which transformers loads with the same logits."""
+    script_home(mixtral, tmp_path, monkeypatch)
+    hf = make_mistral(seed=5)
+    hf.save_pretrained(tmp_path / "ckpt")
+    mixtral.main(["--init_from", str(tmp_path / "ckpt"), "--device", "cpu", "--sample_only", "--max_new_tokens", "3",
+                  "--export", str(tmp_path / "export")])
+    assert "dense SwiGLU (Mistral 7B)" in capsys.readouterr().out
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["model_type"] == "mistral" and config["sliding_window"] == 8 and "num_local_experts" not in config
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.float32).eval()
+    assert type(back).__name__ == "MistralForCausalLM"
+    idx = ids(320, 2, 24)
+    assert max_diff(hf_logits(back, idx), hf_logits(hf, idx)) < 1e-4
+
+
 # ------------------------------------------------------------------------------ from_pretrained refusals
 
 @pytest.mark.parametrize("change", [dict(model_type="mistral"), dict(hidden_act="gelu"),
