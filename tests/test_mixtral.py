@@ -454,7 +454,7 @@ def test_overfit_one_batch():
 def test_config_params_and_init():
     cfg = mixtral.Config(vocab_size=50257, n_embd=384, n_head=6, n_kv_head=2, intermediate_size=0)
     assert (cfg.padded_vocab_size, cfg.head_dim, cfg.intermediate_size) == (50304, 64, 1024)
-    for bad in (dict(top_k_experts=9), dict(top_k_experts=0), dict(n_expert=0), dict(sliding_window=0),
+    for bad in (dict(top_k_experts=9), dict(top_k_experts=0), dict(n_expert=-1), dict(sliding_window=0),
                 dict(capacity_factor=-1.0), dict(router_noise=1.0), dict(n_head=32, n_kv_head=3)):
         with pytest.raises(mixtral.InputError):
             mixtral.Config(**bad)
@@ -467,6 +467,9 @@ def test_config_params_and_init():
     moe = fresh.model.layers[0].block_sparse_moe
     assert moe.w1.std().item() == pytest.approx(0.02, rel=0.05)
     assert moe.w2.std().item() == pytest.approx(0.02 / 4, rel=0.05)  # residual projections: 0.02 / sqrt(2 x 8)
+    torch.manual_seed(0)
+    dense = mixtral.Mixtral(mixtral.Config(vocab_size=100, n_layer=8, n_head=4, n_kv_head=2, n_embd=64, n_expert=0))
+    assert dense.model.layers[0].mlp.down_proj.weight.std().item() == pytest.approx(0.02 / 4, rel=0.05)  # Mistral
 
 
 # ------------------------------------------------------------------------------------- command line
@@ -517,7 +520,7 @@ def test_cli_pretrained_samples_token_ids(tmp_path, monkeypatch, offline, capsys
 
 
 @pytest.mark.parametrize("argv, message", [(["--top_k_experts", "9"], "top_k_experts must be in"),
-                                           (["--n_expert", "0"], "n_expert must be positive"),
+                                           (["--n_expert", "-1"], "n_expert must not be negative"),
                                            (["--sliding_window", "0"], "sliding_window must be positive"),
                                            (["--capacity_factor", "-1"], "--capacity_factor must not be negative"),
                                            (["--aux_loss_coef", "-0.1"], "--aux_loss_coef must not be negative"),
