@@ -9,11 +9,12 @@ outputs with a softmax over the chosen two (Mixtral section 2.1). Mistral 7B add
 (each token sees the last W positions) and a rolling-buffer KV cache of W positions (Mistral section 2);
 Mixtral's released config turns the window off, and so does this file by default (--sliding_window W turns it
 on). Mistral 7B itself loads too, as n_expert 0: a dense SwiGLU in every layer, no router (v0.1 with its window of
-4096, v0.3 without one), and --export writes it back as a Mistral. For training the router: the load-balancing loss of Switch Transformer (Fedus et al. 2021, arXiv 2101.03961,
-eq. 4-6), the router z-loss of ST-MoE (Zoph et al. 2022, arXiv 2202.08906, eq. 5) and multiplicative router
-jitter (Switch section 2.4), each a flag; and an optional capacity factor (GShard, Lepikhin et al. 2020, arXiv
-2006.16668; Switch section 2.2): each expert takes at most capacity_factor x its fair share of the tokens of a
-step, the overflow skips the layer through the residual, and every shape is static.
+4096, v0.3 without one), and --export writes it back as a Mistral. For training the router: the load-balancing
+loss of Switch Transformer (Fedus et al. 2021, arXiv 2101.03961, eq. 4-6), the router z-loss of ST-MoE (Zoph et
+al. 2022, arXiv 2202.08906, eq. 5) and multiplicative router jitter (Switch section 2.4), each a flag; and an
+optional capacity factor (GShard, Lepikhin et al. 2020, arXiv 2006.16668; Switch section 2.2): each expert takes
+at most capacity_factor x its fair share of the tokens of a step, the overflow skips the layer through the
+residual, and every shape is static. The router's flags are run settings: they apply to a pretrained model too.
 
 Dispatch has no loop over tokens and, with a torch that has F.grouped_mm (on CUDA in bf16), no host sync:
 the (token, expert) pairs are laid out grouped by expert and each weight matrix of all experts is applied in
