@@ -409,9 +409,10 @@ class InfiniTransformer(nn.Module):
     def hidden(self, idx, state=None):
         """idx (B, T) token ids continuing `state` (a fresh sequence if None) -> final hidden states (B, T, n_embd)."""
         state = self.new_state() if state is None else state
-        angles = torch.arange(self.config.segment_len, device=idx.device, dtype=torch.float32)[:, None] \
-            * rope_frequencies(self.config, idx.device)                        # (N, d/2): positions in a segment
-        angles = torch.cat((angles, angles), dim=-1)                           # (N, d), the half layout
+        n = min(self.config.segment_len, state[0].filled + idx.size(1))       # the positions in a segment used here
+        angles = torch.arange(n, device=idx.device, dtype=torch.float32)[:, None] \
+            * rope_frequencies(self.config, idx.device)                        # (n, d/2)
+        angles = torch.cat((angles, angles), dim=-1)                           # (n, d), the half layout
         cos, sin = angles.cos(), angles.sin()
         x = self.model.drop(self.model.embed_tokens(idx))                      # (B, T, n_embd)
         for block, layer_state in zip(self.model.layers, state):
@@ -768,14 +769,15 @@ def load_trained_state(model, state, path):
 
 
 def from_pretrained(name_or_path, device="cpu", dtype=torch.float32, dropout=0.0, segment_len=None,
-                    memory_update=None, gate_init=None):
+                    memory_update=None, gate_init=None, llama_segment_len=None):
     """An Infini-attention model from a Hugging Face Llama checkpoint (the paper's continual pre-training setting,
     section 4.2): a hub id ("meta-llama/Llama-3.2-1B", "TinyLlama/TinyLlama-1.1B-Chat-v1.0", ...) or a local
     directory with config.json and model.safetensors (or shards + model.safetensors.index.json). The Llama's
-    weights are taken as they are; the gates, which it lacks, start at gate_init; segment_len (default: the
-    checkpoint's max_position_embeddings) must not exceed the positions the model was trained on. On a text no
-    longer than one segment the memory is empty and the result is the Llama's logits. A checkpoint written by
-    save_pretrained has its gates, and segment_len, memory_update and gate_init in config.json: those are the
+    weights are taken as they are; the gates, which it lacks, start at gate_init; segment_len must not exceed the
+    positions the model was trained on (default: llama_segment_len, at most that many; without it the checkpoint's
+    max_position_embeddings: one segment, 131072 positions for Llama 3.x, in which the memory is never used). On a
+    text no longer than one segment the memory is empty and the result is the Llama's logits. A checkpoint written
+    by save_pretrained has its gates, and segment_len, memory_update and gate_init in config.json: those are the
     defaults then. Weights are converted to `dtype` on the way in. Returns the model in eval mode."""
     path, hf, tensors = read_checkpoint(name_or_path)
     if hf.get("model_type") != "llama":
@@ -792,7 +794,8 @@ def from_pretrained(name_or_path, device="cpu", dtype=torch.float32, dropout=0.0
     if segment_len is not None and segment_len > max_positions:
         raise InputError(f"--segment_len {segment_len} is longer than the {max_positions} positions {path} was "
                          "trained on")
-    cfg = Config(vocab_size=hf["vocab_size"], segment_len=segment_len or max_positions,
+    segment_len = segment_len or min(llama_segment_len or max_positions, max_positions)
+    cfg = Config(vocab_size=hf["vocab_size"], segment_len=segment_len,
                  n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
                  n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"], n_embd=hf["hidden_size"],
                  head_dim=hf.get("head_dim") or 0, intermediate_size=hf["intermediate_size"],
@@ -918,8 +921,8 @@ PRESETS = {
 def add_model_flags(p):
     p.add_argument("--task", default="text", choices=["text", "passkey"],
                    help="text: language modelling on --data; passkey: synthetic passkey retrieval")
-    p.add_argument("--segment_len", type=int, help="N: the local attention's span (--init_from a Llama: its "
-                   "max_position_embeddings); --block_size is segments x segment_len")
+    p.add_argument("--segment_len", type=int, help="N: the local attention's span (--init_from a Llama: this too, at "
+                   "most its max_position_embeddings); --block_size is segments x segment_len")
     p.add_argument("--memory_update", choices=["linear", "delta"], help="the memory's update rule (default delta)")
     p.add_argument("--gate_lr", type=float, help="the memory gates' own learning rate")
     p.add_argument("--n_layer", type=int)
@@ -944,7 +947,8 @@ def build_model(args, given, ckpt, env):
     elif args.init_from != "scratch":  # sampling keeps the weights in the run's dtype (bf16 on CUDA), training in fp32
         tokenizer = pretrained_tokenizer(checkpoint_dir(args.init_from, weights=False), args.sample_only)
         model = from_pretrained(args.init_from, env.device, env.dtype if args.sample_only else torch.float32,
-                                args.dropout, args.segment_len if "segment_len" in given else None, args.memory_update)
+                                args.dropout, args.segment_len if "segment_len" in given else None, args.memory_update,
+                                llama_segment_len=args.segment_len)  # not typed: the preset's, not one huge segment
     else:
         tokenizer = load_tokenizer()
         model = InfiniTransformer(Config(vocab_size=tokenizer[3], segment_len=args.segment_len, n_layer=args.n_layer,

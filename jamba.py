@@ -1027,13 +1027,14 @@ def load_trained_state(model, state, path):
         raise InputError(f"{path} does not fit the model: {str(e).strip().splitlines()[-1].strip()}") from None
 
 
-def from_pretrained(name_or_path, device="cpu", dtype=torch.float32, dropout=0.0):
+def from_pretrained(name_or_path, device="cpu", dtype=torch.float32, **run_time):
     """A Jamba from a Hugging Face checkpoint: a hub id ("ai21labs/Jamba-tiny-dev", "ai21labs/AI21-Jamba-Mini-1.5",
     ...) or a local directory with config.json and model.safetensors (or shards + model.safetensors.index.json),
     in the layout the hub checkpoints and `JambaForCausalLM.save_pretrained` write: one gate/up/down_proj per expert
     (model.layers.L.feed_forward.experts.N.gate_proj.weight), stacked here into one tensor per layer; the stacked
     layout of transformers' own modules (experts.gate_up_proj, experts.down_proj) loads too. Weights are converted
-    to `dtype` on the way in. Returns the model in eval mode."""
+    to `dtype` on the way in; run_time: Config fields of the run (RUN_TIME: dropout, the router's settings), over
+    the checkpoint's. Returns the model in eval mode."""
     path, hf, tensors = read_checkpoint(name_or_path)
     if hf.get("model_type") != "jamba":
         raise InputError(f"{path} holds a '{hf.get('model_type')}' model, not Jamba")
@@ -1054,7 +1055,7 @@ def from_pretrained(name_or_path, device="cpu", dtype=torch.float32, dropout=0.0
                  dt_rank=0 if rank == "auto" else rank, conv_bias=hf.get("mamba_conv_bias", True),
                  bias=hf.get("mamba_proj_bias", False), norm_eps=hf.get("rms_norm_eps", 1e-6),
                  tie_embeddings=hf.get("tie_word_embeddings", False), bos_token_id=hf.get("bos_token_id"),
-                 aux_loss_coef=hf.get("router_aux_loss_coef", 0.001), dropout=dropout)
+                 **{"aux_loss_coef": hf.get("router_aux_loss_coef", 0.001), **run_time})
     state, experts = {}, {}
     for name, t in tensors.items():
         if name == "lm_head.weight" and cfg.tie_embeddings:
@@ -1169,13 +1170,15 @@ def add_model_flags(p):
 
 def build_model(args, given, ckpt, env):
     """(model, tokenizer, note) for --init_from: our checkpoint's model (resume; the harness loads its weights), a
-    Hugging Face Jamba (its tokenizer, SentencePiece, is none tiktoken runs: token ids), or a fresh one."""
+    Hugging Face Jamba (its tokenizer, SentencePiece, is none tiktoken runs: token ids) with the run-time flags
+    typed, or a fresh one."""
     run_time = {k: getattr(args, k) for k in RUN_TIME}
     if ckpt is not None:
         model, tokenizer = Jamba(Config(**{**ckpt["config"], **run_time})), load_tokenizer(ckpt["tokenizer"])
     elif args.init_from != "scratch":  # sampling keeps the weights in the run's dtype (bf16 on CUDA), training in fp32
         tokenizer = pretrained_tokenizer(checkpoint_dir(args.init_from, weights=False), args.sample_only)
-        model = from_pretrained(args.init_from, env.device, env.dtype if args.sample_only else torch.float32, args.dropout)
+        model = from_pretrained(args.init_from, env.device, env.dtype if args.sample_only else torch.float32,
+                                **{k: v for k, v in run_time.items() if k in given or k == "dropout"})
     else:
         tokenizer = load_tokenizer()
         model = Jamba(Config(vocab_size=tokenizer[3], block_size=args.block_size, n_layer=args.n_layer,

@@ -8,11 +8,13 @@ query attention, SwiGLU, no biases) in which every feed-forward is a sparse mixt
 outputs with a softmax over the chosen two (Mixtral section 2.1). Mistral 7B adds sliding-window attention
 (each token sees the last W positions) and a rolling-buffer KV cache of W positions (Mistral section 2);
 Mixtral's released config turns the window off, and so does this file by default (--sliding_window W turns it
-on). For training the router: the load-balancing loss of Switch Transformer (Fedus et al. 2021, arXiv 2101.03961,
-eq. 4-6), the router z-loss of ST-MoE (Zoph et al. 2022, arXiv 2202.08906, eq. 5) and multiplicative router
-jitter (Switch section 2.4), each a flag; and an optional capacity factor (GShard, Lepikhin et al. 2020, arXiv
-2006.16668; Switch section 2.2): each expert takes at most capacity_factor x its fair share of the tokens of a
-step, the overflow skips the layer through the residual, and every shape is static.
+on). Mistral 7B itself loads too, as n_expert 0: a dense SwiGLU in every layer, no router (v0.1 with its window of
+4096, v0.3 without one), and --export writes it back as a Mistral. For training the router: the load-balancing
+loss of Switch Transformer (Fedus et al. 2021, arXiv 2101.03961, eq. 4-6), the router z-loss of ST-MoE (Zoph et
+al. 2022, arXiv 2202.08906, eq. 5) and multiplicative router jitter (Switch section 2.4), each a flag; and an
+optional capacity factor (GShard, Lepikhin et al. 2020, arXiv 2006.16668; Switch section 2.2): each expert takes
+at most capacity_factor x its fair share of the tokens of a step, the overflow skips the layer through the
+residual, and every shape is static. The router's flags are run settings: they apply to a pretrained model too.
 
 Dispatch has no loop over tokens and, with a torch that has F.grouped_mm (on CUDA in bf16), no host sync:
 the (token, expert) pairs are laid out grouped by expert and each weight matrix of all experts is applied in
@@ -25,6 +27,7 @@ across GPUs, the SentencePiece tokenizer of the released checkpoints (they sampl
     python mixtral.py --device cuda                        # one GPU: bf16, torch.compile, 6 layers x 384, 8 experts
     torchrun --standalone --nproc_per_node 8 mixtral.py    # DDP on 8 GPUs
     python mixtral.py --init_from mistralai/Mixtral-8x7B-v0.1 --sample_only   # 93 GB of weights
+    python mixtral.py --init_from mistralai/Mistral-7B-v0.1 --sample_only     # dense, 14 GB
 
 Offline (no download, no tiktoken files) it says so and carries on: the Python standard library's own source
 as the text, raw UTF-8 bytes as the tokens. Every step's randomness (batches, dropout, router jitter) is drawn
@@ -80,7 +83,7 @@ class Config:
     head_dim: int = 0                    # head_dim (0: n_embd // n_head)
     intermediate_size: int = 0           # intermediate_size: each expert's SwiGLU width (0: 8/3 n_embd rounded up
                                          # to 64, as Llama and Mixtral 8x22B; Mixtral 8x7B has 14336 = 3.5 x 4096)
-    n_expert: int = 8                    # num_local_experts
+    n_expert: int = 8                    # num_local_experts (0: Mistral 7B, one dense SwiGLU per layer, no router)
     top_k_experts: int = 2               # num_experts_per_tok
     sliding_window: int | None = None    # sliding_window: each token attends to the last W positions (None: all)
     norm_eps: float = 1e-5               # rms_norm_eps
@@ -94,7 +97,7 @@ class Config:
     z_loss_coef: float = 0.001           # training only: the router z-loss's weight (ST-MoE's 0.001)
 
     def __post_init__(self):
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "n_expert"):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
             if getattr(self, name) <= 0:
                 raise InputError(f"{name} must be positive, got {getattr(self, name)}")
         if not self.head_dim and self.n_embd % self.n_head:
@@ -105,7 +108,9 @@ class Config:
         if self.head_dim % 2:
             raise InputError(f"head_dim ({self.head_dim}) must be even: rotary turns pairs of dimensions")
         self.intermediate_size = self.intermediate_size or -(-8 * self.n_embd // 3 // 64) * 64
-        if not 1 <= self.top_k_experts <= self.n_expert:
+        if self.n_expert < 0:
+            raise InputError(f"n_expert must not be negative (0: a dense feed-forward), got {self.n_expert}")
+        if self.n_expert and not 1 <= self.top_k_experts <= self.n_expert:
             raise InputError(f"top_k_experts must be in [1, n_expert = {self.n_expert}], got {self.top_k_experts}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise InputError(f"sliding_window must be positive, got {self.sliding_window}")
@@ -336,18 +341,40 @@ class SparseMoE(nn.Module):
         return torch.cat([balance[None], z[None], dropped[None], f / self.top_k])
 
 
+class FeedForward(nn.Module):
+    """SwiGLU (Shazeer 2020, eq. 6 without biases): W_down (SiLU(x W_gate) * (x W_up)). Its width is 8/3 n_embd
+    rather than 4 n_embd in Llama, which keeps the parameter count of a two-matrix MLP (LLaMA paper, section 2)."""
+
+    def __init__(self, n_embd, width, dropout=0.0):
+        super().__init__()
+        self.gate_proj = nn.Linear(n_embd, width, bias=False)
+        self.up_proj = nn.Linear(n_embd, width, bias=False)
+        self.down_proj = nn.Linear(width, n_embd, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+
+
 class Block(nn.Module):
-    """Pre-normalisation: RMSNorm on the input of each sub-block; attention, then the sparse MoE."""
+    """Pre-normalisation: RMSNorm on the input of each sub-block; attention, then the sparse MoE (Mixtral) or, with
+    n_expert 0, one dense SwiGLU (Mistral 7B; HF: mlp.gate_proj / up_proj / down_proj)."""
 
     def __init__(self, cfg):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.block_sparse_moe = SparseMoE(cfg)
+        if cfg.n_expert:
+            self.block_sparse_moe = SparseMoE(cfg)
+        else:
+            self.mlp = FeedForward(cfg.n_embd, cfg.intermediate_size, cfg.dropout)
 
     def forward(self, x, cos, sin, cache=None, pos=0):
+        """-> (x, the router's statistics: None for a dense layer)."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, pos)
+        if not hasattr(self, "block_sparse_moe"):
+            return x + self.mlp(self.post_attention_layernorm(x)), None
         y, stats = self.block_sparse_moe(self.post_attention_layernorm(x))
         return x + y, stats
 
@@ -371,7 +398,7 @@ class Mixtral(nn.Module):
         # projections that write into the residual stream scaled by 1/sqrt(2 n_layer), as GPT-2 does.
         for name, p in self.named_parameters():
             if p.dim() >= 2:
-                residual = name.endswith(("o_proj.weight", "w2"))
+                residual = name.endswith(("o_proj.weight", "w2", "down_proj.weight"))
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer) if residual else 0.02)
 
     def num_params(self, non_embedding=True, active=False):
@@ -381,7 +408,7 @@ class Mixtral(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         if non_embedding and not cfg.tie_embeddings:
             n -= self.model.embed_tokens.weight.numel()
-        if active:
+        if active and cfg.n_expert:
             experts = sum(p.numel() for name, p in self.named_parameters() if name.endswith(("w1", "w2", "w3")))
             n -= experts * (cfg.n_expert - cfg.top_k_experts) // cfg.n_expert
         return n
@@ -406,7 +433,7 @@ class Mixtral(nn.Module):
         for i, block in enumerate(self.model.layers):
             x, s = block(x, cos, sin, None if cache is None else cache[i], pos)
             stats.append(s)
-        self.router_stats = torch.stack(stats)
+        self.router_stats = torch.stack(stats) if self.config.n_expert else None
         return self.model.norm(x)
 
     def forward(self, idx, targets=None, cache=None, pos=0):
@@ -424,6 +451,8 @@ class Mixtral(nn.Module):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+        if not cfg.n_expert:  # Mistral: no router, no auxiliary losses
+            return logits[..., :V], loss
         if self.training and loss is not None:
             balance, z, dropped = self.router_stats[:, :3].float().mean(0)
             self.stats = dict(balance=balance, z_loss=z)  # balance is top_k when the load is even
@@ -442,7 +471,9 @@ class Mixtral(nn.Module):
     def load_report(self):
         """Print the expert load counted since the model went into eval mode, each layer a row of bars: each
         expert's share of the routed (token, choice) pairs, the even share 1/n_expert drawn half high. Collapse
-        shows as a few full bars. Returns it for the metrics."""
+        shows as a few full bars. Returns it for the metrics (nothing for a dense Mistral)."""
+        if not self.config.n_expert:
+            return {}
         load = (self.load / self.load.sum(-1, keepdim=True).clamp_min(1e-9)).tolist()
         E, bars = self.config.n_expert, " ▁▂▃▄▅▆▇█"
         print(f"expert load per layer (even: {100 / E:.1f}% each, drawn ▄; █ is twice that or more)")
@@ -791,15 +822,18 @@ def load_trained_state(model, state, path):
         raise InputError(f"{path} does not fit the model: {str(e).strip().splitlines()[-1].strip()}") from None
 
 
-def from_pretrained(name_or_path, device="cpu", dtype=torch.float32, dropout=0.0):
-    """A Mixtral from a Hugging Face checkpoint: a hub id ("mistralai/Mixtral-8x7B-v0.1", ...) or a local
-    directory with config.json and model.safetensors (or shards + model.safetensors.index.json), in the layout
-    hub checkpoints and `MixtralForCausalLM.save_pretrained` write: one w1/w2/w3 per expert
-    (model.layers.L.block_sparse_moe.experts.N.w1.weight), stacked here into one tensor per layer. Weights are
-    converted to `dtype` on the way in. Returns the model in eval mode."""
+def from_pretrained(name_or_path, device="cpu", dtype=torch.float32, **run_time):
+    """A Mixtral, or a Mistral 7B, from a Hugging Face checkpoint: a hub id ("mistralai/Mixtral-8x7B-v0.1",
+    "mistralai/Mistral-7B-v0.1", ...) or a local directory with config.json and model.safetensors (or shards +
+    model.safetensors.index.json), in the layout hub checkpoints and `MixtralForCausalLM.save_pretrained` write:
+    one w1/w2/w3 per expert (model.layers.L.block_sparse_moe.experts.N.w1.weight), stacked here into one tensor
+    per layer; a Mistral ("model_type": "mistral") has one dense SwiGLU, model.layers.L.mlp.gate_proj (n_expert 0).
+    Weights are converted to `dtype` on the way in; run_time: Config fields of the run (RUN_TIME: dropout, the
+    router's settings), the checkpoint's own architecture aside. Returns the model in eval mode."""
     path, hf, tensors = read_checkpoint(name_or_path)
-    if hf.get("model_type") != "mixtral":
-        raise InputError(f"{path} holds a '{hf.get('model_type')}' model, not Mixtral")
+    if hf.get("model_type") not in ("mixtral", "mistral"):
+        raise InputError(f"{path} holds a '{hf.get('model_type')}' model, not Mixtral or Mistral")
+    dense = hf["model_type"] == "mistral"
     # transformers 4 writes rope_theta (and rope_scaling); transformers 5 writes both into rope_parameters
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -810,11 +844,12 @@ def from_pretrained(name_or_path, device="cpu", dtype=torch.float32, dropout=0.0
                  n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
                  n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"], n_embd=hf["hidden_size"],
                  head_dim=hf.get("head_dim") or 0, intermediate_size=hf["intermediate_size"],
-                 n_expert=hf["num_local_experts"], top_k_experts=hf["num_experts_per_tok"],
+                 n_expert=0 if dense else hf["num_local_experts"],
+                 top_k_experts=0 if dense else hf["num_experts_per_tok"],
                  sliding_window=hf.get("sliding_window"), norm_eps=hf.get("rms_norm_eps", 1e-5),
-                 rope_theta=rope.get("rope_theta", hf.get("rope_theta", 1e6)),
+                 rope_theta=rope.get("rope_theta", hf.get("rope_theta", 1e4 if dense else 1e6)),
                  tie_embeddings=hf.get("tie_word_embeddings", False), bos_token_id=hf.get("bos_token_id"),
-                 dropout=dropout)
+                 **run_time)
     state, experts = {}, {}
     for name, t in tensors.items():
         if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and cfg.tie_embeddings):
@@ -845,18 +880,20 @@ def from_pretrained(name_or_path, device="cpu", dtype=torch.float32, dropout=0.0
 
 def save_pretrained(model, path):
     """model in the Hugging Face Mixtral layout in the directory path, as the hub checkpoints are: one
-    block_sparse_moe.experts.N.w1/w2/w3 per expert, so that transformers' MixtralForCausalLM (and from_pretrained
-    here) loads it with the same logits."""
+    block_sparse_moe.experts.N.w1/w2/w3 per expert; a dense model (n_expert 0) as a Mistral. transformers'
+    MixtralForCausalLM or MistralForCausalLM (and from_pretrained here) loads it with the same logits."""
     cfg, path = model.config, Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    moe = dict(model_type="mixtral", architectures=["MixtralForCausalLM"], num_local_experts=cfg.n_expert,
+               num_experts_per_tok=cfg.top_k_experts, router_jitter_noise=cfg.router_noise,
+               router_aux_loss_coef=cfg.aux_loss_coef)
     (path / "config.json").write_text(json.dumps(dict(
-        model_type="mixtral", architectures=["MixtralForCausalLM"], vocab_size=cfg.vocab_size,
-        max_position_embeddings=cfg.block_size, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
-        num_key_value_heads=cfg.n_kv_head, hidden_size=cfg.n_embd, head_dim=cfg.head_dim,
-        intermediate_size=cfg.intermediate_size, num_local_experts=cfg.n_expert, num_experts_per_tok=cfg.top_k_experts,
-        sliding_window=cfg.sliding_window, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
-        tie_word_embeddings=cfg.tie_embeddings, bos_token_id=cfg.bos_token_id, hidden_act="silu",
-        router_jitter_noise=cfg.router_noise, router_aux_loss_coef=cfg.aux_loss_coef), indent=2))
+        **(moe if cfg.n_expert else dict(model_type="mistral", architectures=["MistralForCausalLM"])),
+        vocab_size=cfg.vocab_size, max_position_embeddings=cfg.block_size, num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, hidden_size=cfg.n_embd,
+        head_dim=cfg.head_dim, intermediate_size=cfg.intermediate_size, sliding_window=cfg.sliding_window,
+        rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings,
+        bos_token_id=cfg.bos_token_id, hidden_act="silu"), indent=2))
     state = {}
     for k, t in model.state_dict().items():
         if k.endswith(("w1", "w2", "w3")):  # (n_expert, ...) to one matrix per expert
@@ -893,7 +930,7 @@ def add_model_flags(p):
     p.add_argument("--n_embd", type=int)
     p.add_argument("--intermediate_size", type=int, help="each expert's SwiGLU width (default: 8/3 n_embd rounded "
                    "up to a multiple of 64)")
-    p.add_argument("--n_expert", type=int, default=8, help="experts per layer")
+    p.add_argument("--n_expert", type=int, default=8, help="experts per layer (0: Mistral 7B's dense SwiGLU)")
     p.add_argument("--top_k_experts", type=int, default=2, help="experts each token is routed to")
     p.add_argument("--sliding_window", type=int, help="attend to the last W positions only, as Mistral 7B "
                    "(default: off, as Mixtral); sampling then keeps a rolling cache of W positions")
@@ -910,13 +947,15 @@ def add_model_flags(p):
 
 def build_model(args, given, ckpt, env):
     """(model, tokenizer, note) for --init_from: our checkpoint's model (resume; the harness loads its weights), a
-    Hugging Face Mixtral (its tokenizer, SentencePiece, is none tiktoken runs: token ids), or a fresh one."""
+    Hugging Face Mixtral or Mistral (its tokenizer, SentencePiece, is none tiktoken runs: token ids) with the
+    run-time flags typed, or a fresh one."""
     run_time = {k: getattr(args, k) for k in RUN_TIME}
     if ckpt is not None:
         model, tokenizer = Mixtral(Config(**{**ckpt["config"], **run_time})), load_tokenizer(ckpt["tokenizer"])
     elif args.init_from != "scratch":  # sampling keeps the weights in the run's dtype (bf16 on CUDA), training in fp32
         tokenizer = pretrained_tokenizer(checkpoint_dir(args.init_from, weights=False), args.sample_only)
-        model = from_pretrained(args.init_from, env.device, env.dtype if args.sample_only else torch.float32, args.dropout)
+        model = from_pretrained(args.init_from, env.device, env.dtype if args.sample_only else torch.float32,
+                                **{k: v for k, v in run_time.items() if k in given or k == "dropout"})
     else:
         tokenizer = load_tokenizer()
         model = Mixtral(Config(vocab_size=tokenizer[3], block_size=args.block_size, n_layer=args.n_layer,
@@ -927,6 +966,8 @@ def build_model(args, given, ckpt, env):
     cfg = model.config
     if args.block_size > cfg.block_size and cfg.sliding_window is None:  # the model's context ends there
         raise InputError(f"--block_size {args.block_size} is longer than the model's context ({cfg.block_size})")
+    if not cfg.n_expert:
+        return model, tokenizer, " | dense SwiGLU (Mistral 7B)"
     return model, tokenizer, (f" | {model.num_params(active=True) / 1e6:.2f}M active | {cfg.n_expert} experts, top "
                               f"{cfg.top_k_experts}, " + (f"capacity {cfg.capacity_factor:g}" if cfg.capacity_factor
                                                           else "dropless"))

@@ -908,7 +908,7 @@ def load_trained_state(model, state, path):
         raise InputError(f"{path} does not fit the model: {str(e).strip().splitlines()[-1].strip()}") from None
 
 
-def from_pretrained(name_or_path, device="cpu", dtype=torch.float32, dropout=0.0):
+def from_pretrained(name_or_path, device="cpu", dtype=torch.float32, **run_time):
     """A DeepSeek-V2 or V3-style model from a Hugging Face checkpoint: a hub id or a local directory with config.json
     and model.safetensors (or shards + model.safetensors.index.json), in the layout `DeepseekV3ForCausalLM.
     save_pretrained` (or V2's) writes (one gate_proj/up_proj/down_proj per routed expert, stacked here per layer).
@@ -947,7 +947,7 @@ def from_pretrained(name_or_path, device="cpu", dtype=torch.float32, dropout=0.0
                  rope_scaling=None if rope_type == "default" else dict(rope, rope_type=rope_type),
                  rope_interleave=v2 or hf.get("rope_interleave", True), norm_eps=hf.get("rms_norm_eps", 1e-6),
                  tie_embeddings=hf.get("tie_word_embeddings", False), bos_token_id=hf.get("bos_token_id"),
-                 dropout=dropout)
+                 **run_time)  # RUN_TIME's Config fields of the run: dropout, the router's settings
     quant = hf.get("quantization_config") or {}
     if quant and quant.get("quant_method") != "fp8":
         raise InputError(f"{path}: quantization '{quant.get('quant_method')}' is not implemented here (fp8 is)")
@@ -1093,7 +1093,8 @@ def build_model(args, given, ckpt, env):
         model, tokenizer = DeepSeek(Config(**{**ckpt["config"], **run_time})), load_tokenizer(ckpt["tokenizer"])
     elif args.init_from != "scratch":  # sampling keeps the weights in the run's dtype (bf16 on CUDA), training in fp32
         tokenizer = pretrained_tokenizer(checkpoint_dir(args.init_from, weights=False), args.sample_only)
-        model = from_pretrained(args.init_from, env.device, env.dtype if args.sample_only else torch.float32, args.dropout)
+        model = from_pretrained(args.init_from, env.device, env.dtype if args.sample_only else torch.float32,
+                                **{k: v for k, v in run_time.items() if k in given or k == "dropout"})
     else:
         if args.n_embd % args.n_head or args.n_embd // args.n_head % 4:
             raise InputError(f"n_embd ({args.n_embd}) must be a multiple of n_head ({args.n_head}), in heads of a "

@@ -121,6 +121,24 @@ def test_from_pretrained_segment_len_gates_and_update_rule(tmp_path):
             ia.Config(**{**dict(n_embd=32, n_head=4, n_kv_head=2), **bad})
 
 
+def test_rotary_tables_are_as_long_as_the_positions_used(tmp_path, monkeypatch):
+    """A Llama 3.x read whole has segments of 131072 positions: each call builds cos and sin for the positions of a
+    segment it uses, not for the whole segment (which took 107 ms a token at that length)."""
+    make_hf(seed=2, max_position_embeddings=131072, **HF_CASES["gqa"]).save_pretrained(tmp_path)
+    lengths, forward = [], ia.Attention.forward
+
+    def spy(self, x, cos, sin, state):
+        lengths.append((len(cos), len(sin)))
+        return forward(self, x, cos, sin, state)
+
+    monkeypatch.setattr(ia.Attention, "forward", spy)
+    ia.from_pretrained(tmp_path).generate(ids(320, 1, 10), 3, temperature=0.0)
+    assert lengths == [(n, n) for n in (10, 11, 12) for layer in range(2)]  # the prompt, then one position a token
+    lengths.clear()
+    ia.from_pretrained(tmp_path, segment_len=8).generate(ids(320, 1, 12), 2, temperature=0.0)
+    assert lengths == [(n, n) for n in (8, 5) for layer in range(2)]  # a segment and 4 positions, then the 5th
+
+
 # ------------------------------------------------------------------------- the paper's equations
 
 def rotate(x, inv_freq):
@@ -609,6 +627,23 @@ def test_cli_samples_from_a_pretrained_llama(tmp_path, monkeypatch, offline, cap
     with pytest.raises(SystemExit) as e:
         ia.main(["--init_from", str(ckpt), "--device", "cpu", "--sample_only", "--segment_len", "65"])
     assert e.value.code == 2 and "longer than the 64 positions" in capsys.readouterr().err
+
+
+def test_cli_a_long_context_llama_takes_the_presets_segments(tmp_path, monkeypatch, offline, capsys):
+    """A Llama 3.x says max_position_embeddings 131072: as one segment the memory would never be written nor read, and
+    the gates would get no gradient. Without --segment_len the run takes the preset's (32 on a CPU); a checkpoint of
+    this file keeps its own; from_pretrained alone keeps the Llama's one segment (the Llama's logits)."""
+    script_home(ia, tmp_path, monkeypatch)
+    ckpt = tmp_path / "long-llama"
+    make_hf(seed=9, scale=1.0, num_key_value_heads=2, max_position_embeddings=131072).save_pretrained(ckpt)
+    ia.main(["--init_from", str(ckpt), "--device", "cpu", "--sample_only", "--max_new_tokens", "4"])
+    assert "segments of 32, delta memory" in next(l for l in capsys.readouterr().out.splitlines()
+                                                  if l.startswith("infini_attention |"))
+    assert ia.from_pretrained(ckpt).config.segment_len == 131072
+    assert ia.from_pretrained(ckpt, llama_segment_len=24).config.segment_len == 24
+    ia.save_pretrained(ia.from_pretrained(ckpt, segment_len=8), tmp_path / "ours")
+    ia.main(["--init_from", str(tmp_path / "ours"), "--device", "cpu", "--sample_only", "--max_new_tokens", "4"])
+    assert "segments of 8, delta memory" in capsys.readouterr().out
 
 
 def test_cli_passkey_refuses_a_segment_too_short_before_training(tmp_path, monkeypatch, offline, capsys):

@@ -14,7 +14,8 @@ import transformers
 
 import jamba
 from conftest import (check_cached_equals_uncached, check_causal, check_greedy_matches_hf, check_overfits,
-                      check_variant_refused, hf_logits, ids, max_diff, randomize, scale_up, script_home, serve_hub)
+                      check_variant_refused, hf_logits, ids, max_diff, randomize, scale_up, script_home, serve_hub,
+                      train_tokenizer)
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -291,3 +292,21 @@ def test_bad_jamba_flags(argv, message, tmp_path, monkeypatch, offline, capsys):
         jamba.main(["--device", "cpu", "--max_iters", "1", *argv])
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_fine_tunes_a_pretrained_moe_with_the_router_flags(tmp_path, monkeypatch, offline, capsys):
+    """The router's settings are run settings, not architecture: typed with --init_from a Hugging Face Jamba they
+    are no mismatch with the checkpoint (they were once refused as one) and they are the run's, over config.json's
+    router_aux_loss_coef."""
+    script_home(jamba, tmp_path, monkeypatch)
+    make_hf(seed=2, scale=1.0, vocab_size=640, router_aux_loss_coef=0.005).save_pretrained(tmp_path / "ckpt")
+    train_tokenizer(tmp_path / "ckpt" / "tokenizer.json")
+    flags = dict(capacity_factor=1.5, aux_loss_coef=0.02, z_loss_coef=0.002, dropout=0.1)
+    jamba.main(["--init_from", str(tmp_path / "ckpt"), "--device", "cpu", "--max_iters", "2", "--block_size", "16",
+                "--batch_size", "2", "--eval_iters", "1", "--log_interval", "1", "--max_new_tokens", "2",
+                *[a for k, v in flags.items() for a in (f"--{k}", str(v))]])
+    out = capsys.readouterr().out
+    assert "4 experts, top 2, capacity 1.5" in next(l for l in out.splitlines() if l.startswith("jamba |"))
+    assert " | dropped " in next(l for l in out.splitlines() if l.startswith("iter 2 |"))
+    ckpt = torch.load(tmp_path / "out" / "jamba" / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert {k: ckpt["config"][k] for k in flags} == flags and ckpt["iter_num"] == 2

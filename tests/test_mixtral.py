@@ -15,7 +15,7 @@ from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_fun
 import mixtral
 from conftest import (check_cached_equals_uncached, check_causal, check_greedy_matches_hf,
                       check_overfits, check_variant_refused, hf_logits, ids, max_diff, randomize, scale_up,
-                      script_home, serve_hub)
+                      script_home, serve_hub, train_tokenizer)
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -98,6 +98,62 @@ def test_greedy_generation_matches_hf(case, tmp_path):
     hf = make_hf(seed=7, scale=6.0, **HF_CASES[case])
     hf.save_pretrained(tmp_path)
     check_greedy_matches_hf(mixtral.from_pretrained(tmp_path), hf, 320, 32)
+
+
+# ----------------------------------------------------------------------- Mistral 7B: n_expert 0, a dense SwiGLU
+
+MISTRAL = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=128, sliding_window=8, rope_theta=1e4,
+               bos_token_id=None, eos_token_id=None, pad_token_id=None)
+
+
+def make_mistral(seed=0, scale=3.0, **kw):
+    """A random MistralForCausalLM in eval mode (window 8 unless kw says otherwise), logits of order 1."""
+    torch.manual_seed(seed)
+    return scale_up(transformers.MistralForCausalLM(transformers.MistralConfig(**{**MISTRAL, **kw})), scale)
+
+
+@pytest.mark.parametrize("window", [8, None])  # Mistral 7B v0.1 has a window (of 4096), v0.3 none
+def test_mistral_logits_match_hf(window, tmp_path):
+    hf = make_mistral(seed=3, sliding_window=window)
+    hf.save_pretrained(tmp_path)
+    model = mixtral.from_pretrained(tmp_path)
+    cfg, block = model.config, model.model.layers[1]
+    assert (cfg.n_expert, cfg.sliding_window, cfg.rope_theta) == (0, window, 1e4)
+    assert block.mlp.down_proj.weight.shape == (64, 96) and not hasattr(block, "block_sparse_moe")
+    assert model.num_params(active=True) == model.num_params()
+    idx = ids(320, 2, 40)  # longer than the window
+    with torch.no_grad():
+        logits, loss = model(idx)
+    ref = hf_logits(hf, idx)
+    assert loss is None and ref.abs().max() > 1.0
+    assert max_diff(logits, ref) < 1e-4
+    model.train()
+    _, loss = model(idx, idx)  # training: the loss alone, no router terms
+    assert torch.isfinite(loss) and not hasattr(model, "stats")
+
+
+def test_mistral_greedy_generation_matches_hf(tmp_path):
+    """A window of 8 and 32 new tokens: the rolling buffer wraps; cached and uncached both equal HF's tokens."""
+    hf = make_mistral(seed=7, scale=6.0)
+    hf.save_pretrained(tmp_path)
+    check_greedy_matches_hf(mixtral.from_pretrained(tmp_path), hf, 320, 32)
+
+
+def test_cli_mistral_exports_as_mistral(tmp_path, monkeypatch, offline, capsys):
+    """--init_from a Mistral, --export: a Mistral again (no MoE keys), which transformers loads with the same logits."""
+    script_home(mixtral, tmp_path, monkeypatch)
+    hf = make_mistral(seed=5)
+    hf.save_pretrained(tmp_path / "ckpt")
+    mixtral.main(["--init_from", str(tmp_path / "ckpt"), "--device", "cpu", "--sample_only", "--max_new_tokens", "3",
+                  "--export", str(tmp_path / "export")])
+    assert "dense SwiGLU (Mistral 7B)" in capsys.readouterr().out
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["model_type"] == "mistral" and config["sliding_window"] == 8 and "num_local_experts" not in config
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.float32).eval()
+    assert type(back).__name__ == "MistralForCausalLM"
+    idx = ids(320, 2, 24)
+    assert max_diff(hf_logits(back, idx), hf_logits(hf, idx)) < 1e-4
 
 
 # ------------------------------------------------------------------------------ from_pretrained refusals
@@ -398,7 +454,7 @@ def test_overfit_one_batch():
 def test_config_params_and_init():
     cfg = mixtral.Config(vocab_size=50257, n_embd=384, n_head=6, n_kv_head=2, intermediate_size=0)
     assert (cfg.padded_vocab_size, cfg.head_dim, cfg.intermediate_size) == (50304, 64, 1024)
-    for bad in (dict(top_k_experts=9), dict(top_k_experts=0), dict(n_expert=0), dict(sliding_window=0),
+    for bad in (dict(top_k_experts=9), dict(top_k_experts=0), dict(n_expert=-1), dict(sliding_window=0),
                 dict(capacity_factor=-1.0), dict(router_noise=1.0), dict(n_head=32, n_kv_head=3)):
         with pytest.raises(mixtral.InputError):
             mixtral.Config(**bad)
@@ -411,6 +467,9 @@ def test_config_params_and_init():
     moe = fresh.model.layers[0].block_sparse_moe
     assert moe.w1.std().item() == pytest.approx(0.02, rel=0.05)
     assert moe.w2.std().item() == pytest.approx(0.02 / 4, rel=0.05)  # residual projections: 0.02 / sqrt(2 x 8)
+    torch.manual_seed(0)
+    dense = mixtral.Mixtral(mixtral.Config(vocab_size=100, n_layer=8, n_head=4, n_kv_head=2, n_embd=64, n_expert=0))
+    assert dense.model.layers[0].mlp.down_proj.weight.std().item() == pytest.approx(0.02 / 4, rel=0.05)  # Mistral
 
 
 # ------------------------------------------------------------------------------------- command line
@@ -461,7 +520,7 @@ def test_cli_pretrained_samples_token_ids(tmp_path, monkeypatch, offline, capsys
 
 
 @pytest.mark.parametrize("argv, message", [(["--top_k_experts", "9"], "top_k_experts must be in"),
-                                           (["--n_expert", "0"], "n_expert must be positive"),
+                                           (["--n_expert", "-1"], "n_expert must not be negative"),
                                            (["--sliding_window", "0"], "sliding_window must be positive"),
                                            (["--capacity_factor", "-1"], "--capacity_factor must not be negative"),
                                            (["--aux_loss_coef", "-0.1"], "--aux_loss_coef must not be negative"),
@@ -472,3 +531,20 @@ def test_bad_moe_flags(argv, message, tmp_path, monkeypatch, offline, capsys):
         mixtral.main(["--device", "cpu", "--max_iters", "1", *argv])
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_fine_tunes_a_pretrained_moe_with_the_router_flags(tmp_path, monkeypatch, offline, capsys):
+    """The router's settings are run settings, not architecture: typed with --init_from a Hugging Face Mixtral
+    they are no mismatch with the checkpoint (they were once refused as one) and they are the run's."""
+    script_home(mixtral, tmp_path, monkeypatch)
+    make_hf(seed=2, scale=1.0, **{**HF_CASES["4x1_mha"], "vocab_size": 640}).save_pretrained(tmp_path / "ckpt")
+    train_tokenizer(tmp_path / "ckpt" / "tokenizer.json")
+    flags = dict(router_noise=0.05, capacity_factor=1.5, aux_loss_coef=0.02, z_loss_coef=0.002, dropout=0.1)
+    mixtral.main(["--init_from", str(tmp_path / "ckpt"), "--device", "cpu", "--max_iters", "2", "--block_size", "16",
+                  "--batch_size", "2", "--eval_iters", "1", "--log_interval", "1", "--max_new_tokens", "2",
+                  *[a for k, v in flags.items() for a in (f"--{k}", str(v))]])
+    out = capsys.readouterr().out
+    assert "4 experts, top 1, capacity 1.5" in next(l for l in out.splitlines() if l.startswith("mixtral |"))
+    assert " | dropped " in next(l for l in out.splitlines() if l.startswith("iter 2 |"))
+    ckpt = torch.load(tmp_path / "out" / "mixtral" / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert {k: ckpt["config"][k] for k in flags} == flags and ckpt["iter_num"] == 2

@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import mla_moe
 from conftest import (check_cached_equals_uncached, check_causal, check_greedy_matches_hf,
                       check_overfits, check_variant_refused, hf_logits, ids, max_diff, randomize, scale_up,
-                      script_home)
+                      script_home, train_tokenizer)
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -418,3 +418,21 @@ def test_latent_cache_in_the_autocast_dtype():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         model(ids(300, 1, 8), cache=cache, pos=0)
     assert cache[0].c_kv.dtype == cache[0].k_rope.dtype == torch.bfloat16
+
+
+def test_cli_fine_tunes_a_pretrained_moe_with_the_router_flags(tmp_path, monkeypatch, offline, capsys):
+    """The router's settings are run settings, not architecture: typed with --init_from a Hugging Face DeepSeek-V3
+    they are no mismatch with the checkpoint (they were once refused as one) and they are the run's: the routing
+    bias moves by the speed typed."""
+    script_home(mla_moe, tmp_path, monkeypatch)
+    make_hf(seed=2, scale=1.0, vocab_size=640).save_pretrained(tmp_path / "ckpt")
+    train_tokenizer(tmp_path / "ckpt" / "tokenizer.json")
+    flags = dict(bias_update_speed=0.25, seq_aux_loss_coef=0.003, dropout=0.1)
+    mla_moe.main(["--init_from", str(tmp_path / "ckpt"), "--device", "cpu", "--max_iters", "2", "--block_size", "16",
+                  "--batch_size", "2", "--eval_iters", "1", "--log_interval", "1", "--max_new_tokens", "2",
+                  *[a for k, v in flags.items() for a in (f"--{k}", str(v))]])
+    ckpt = torch.load(tmp_path / "out" / "mla_moe" / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert {k: ckpt["config"][k] for k in flags} == flags and ckpt["iter_num"] == 2
+    name = "model.layers.1.mlp.gate.e_score_correction_bias"
+    steps = (ckpt["model"][name] - mla_moe.read_safetensors(tmp_path / "ckpt" / "model.safetensors")[name]) / 0.25
+    assert steps.abs().max() > 0.5 and torch.allclose(steps, steps.round(), atol=1e-4) and steps.abs().max() <= 2
