@@ -52,7 +52,7 @@ class InputError(Exception):
 
 def count_words(text, pattern="gpt2"):
     """Counter of the text's words as bytes: the pieces of the regex split (pre-tokenization), UTF-8 encoded."""
-    return collections.Counter(piece.encode("utf-8", "surrogatepass") for piece in regex.findall(PATTERNS[pattern], text))
+    return collections.Counter(piece.encode() for piece in regex.findall(PATTERNS[pattern], text))
 
 
 def merge(word, pair, new):
@@ -211,7 +211,7 @@ def read_data(data):
     """The text of --data, a non-empty UTF-8 file."""
     path = Path(data)
     if not path.is_file():
-        raise InputError(f"--data '{data}': " + ("a directory; give a UTF-8 text file" if path.is_dir() else "no such file"))
+        raise InputError(f"--data '{data}': " + ("a directory, not a text file" if path.is_dir() else "no such file"))
     try:
         text = path.read_bytes().decode()
     except UnicodeError:
@@ -243,7 +243,7 @@ def run(args):
     if args.encode is not None:
         ids = enc.encode(args.encode, allowed_special="all")
         print(ids)
-        print([enc.decode_single_token_bytes(i).decode(errors="replace") for i in ids])
+        print([enc.decode_single_token_bytes(i).decode(errors="backslashreplace") for i in ids])  # a byte: \xf0
 
 
 def main(argv=None):
