@@ -20,7 +20,7 @@ pair of lowest rank first; <|endoftext|> comes right after the merges, at vocab_
 least 257: the bytes and it). Ties between pairs of equal count go to the smallest pair of ids (first id, then
 second), so a text always gives the same tokenizer. tokenizer.json's merges list, in id order, every split of each
 token into two tokens (see hf_merges), so that `tokenizers` encodes as tiktoken does; the tests check it on held-out
-text, with emoji, CJK and control bytes. Measured against `tokenizers`' own trainer: benchmarks/bench_bpe.py.
+text, with emoji, CJK and control bytes. Measured against `tokenizers`' own trainer: benchmarks/compare_bpe.py.
 
     python bpe.py --data input.txt --vocab_size 1024 --out tokenizer.json
     python bpe.py --data input.txt --vocab_size 1024 --pattern llama3 --encode "Hello, world!"

@@ -1,8 +1,8 @@
 """bpe.py against `tokenizers`' BpeTrainer and GPT-2's own BPE: characters per token on held-out text, and the time
 to learn the merges. Each text is cut 90/10: the tokenizers learn on the first 90% and are measured on the last 10%.
 
-    python benchmarks/bench_bpe.py                                  # tiny-shakespeare and the Python library's source
-    python benchmarks/bench_bpe.py --shakespeare input.txt --vocab 512 1024 4096 16384
+    python benchmarks/compare_bpe.py                                  # tiny-shakespeare and the Python library's source
+    python benchmarks/compare_bpe.py --shakespeare input.txt --vocab 512 1024 4096 16384
 """
 import argparse
 import os
