@@ -239,7 +239,7 @@ def run(args):
           f"{len(vocab) - 256:,} new tokens ({t2 - t1:.2f} s)")
     if len(vocab) + 1 < args.vocab_size:
         print(f"note: no pair left to merge; the vocabulary has {len(vocab) + 1} tokens, not {args.vocab_size}")
-    out.write_text(json.dumps(tokenizer_json(vocab, args.pattern), ensure_ascii=False, indent=1))
+    out.write_text(json.dumps(tokenizer_json(vocab, args.pattern), ensure_ascii=False, indent=1), encoding="utf-8")
     enc = encoding(vocab, args.pattern)
     print(f"wrote {out}: {len(text) / len(enc.encode_ordinary(text)):.2f} characters per token on --data")
     if args.encode is not None:
