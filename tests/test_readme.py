@@ -40,7 +40,9 @@ def test_the_readme_has_commands_for_every_file():
 def test_each_command_parses(script):
     m = importlib.import_module(script.removesuffix(".py"))
     for s, argv in COMMANDS:
-        if s == script:
+        if s == script and not hasattr(m, "PRESETS"):  # bpe.py: a tool, not a model's training script
+            m.parse_args(argv)
+        elif s == script:
             args, given = m.parse_args(argv)  # argparse exits on an unknown flag or a bad value
             for k, v in m.PRESETS["cuda" if args.device == "cuda" else "cpu"].items():  # as run() fills them
                 setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
