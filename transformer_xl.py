@@ -104,12 +104,14 @@ class Config:
 
 # ------------------------------------------------------------------------------------------ model
 
-def sinusoid(distances, dim):
+def sinusoid(distances, dim, dtype=torch.float32):
     """R (section 3.3): the sinusoid of Vaswani et al. 2017 at each distance, (K,) -> (K, dim), sines then cosines as
-    the released code lays them out (no learned parameters: R generalises to distances longer than training's)."""
-    inv_freq = 1.0 / 10000 ** (torch.arange(0, dim, 2, device=distances.device, dtype=torch.float32) / dim)
-    angles = distances.float()[:, None] * inv_freq  # (K, dim/2)
-    return torch.cat((angles.sin(), angles.cos()), dim=-1)
+    the released code lays them out (no learned parameters: R generalises to distances longer than training's); an odd
+    dim keeps the first dim columns. Computed in float32, or float64 for a float64 model, then cast to dtype."""
+    work = torch.promote_types(dtype, torch.float32)
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, dim, 2, device=distances.device, dtype=work) / dim)
+    angles = distances.to(work)[:, None] * inv_freq  # (K, ceil(dim/2))
+    return torch.cat((angles.sin(), angles.cos()), dim=-1)[:, :dim].to(dtype)
 
 
 def rel_shift(x):
@@ -132,8 +134,8 @@ class Attention(nn.Module):
     computational procedure of appendix B's "efficient computation"):
         A_{i,j} = q_i . k_{E,j}  (a)  +  q_i . W_{k,R} R_{i-j}  (b)  +  u . k_{E,j}  (c)  +  v . W_{k,R} R_{i-j}  (d)
     with q_i = W_q E_i and k_{E,j} = W_{k,E} E_j, i.e. (a) + (c) = (q_i + u) . k_j and (b) + (d) = (q_i + v) . r_{i-j}.
-    The segments of a window are computed side by side: segment s's keys are the memory (detached hidden states of
-    the M positions before it) and its own L positions."""
+    The segments of a window are computed side by side: segment s's keys are the memory (the detached hidden states
+    of the M positions before it, see Block) and its own L positions."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -145,20 +147,21 @@ class Attention(nn.Module):
         self.o_net = nn.Linear(inner, cfg.n_embd, bias=False)
         self.u = nn.Parameter(torch.zeros(cfg.n_head, cfg.head_dim))  # the global content bias, term (c)
         self.v = nn.Parameter(torch.zeros(cfg.n_head, cfg.head_dim))  # the global position bias, term (d)
+        self.u.no_weight_decay = self.v.no_weight_decay = True  # biases: no decay, AdamW (the release: Adam, no decay)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def heads(self, h, mem, L):
-        """q (B, S, H, L, hd), keys and values (B, S, H, M+L, hd) of h (B, S*L, d) and mem (B, M, d): segment s's keys
-        are positions sL-M..sL+L-1 of [mem; h], those before sL (the memory) with no gradient into the hidden
-        states (SG, section 3.2; W_{k,E} and W_v still learn from them)."""
+    def heads(self, h, past, L):
+        """q (B, S, H, L, hd), keys and values (B, S, H, M+L, hd) of h (B, S*L, d) and past (B, M + (S-1)L, d), the M
+        memory positions before h and h's own but its last segment, as the layer sees them (normed if pre-norm) after
+        the stop-gradient: segment s's keys are positions sL..sL+M-1 of past (its memory, whose keys and values
+        W_{k,E} and W_v still learn from) and its own L positions."""
         B, T, _ = h.shape
-        S, M, H, hd = T // L, mem.size(1), self.n_head, self.head_dim
+        S, M, H, hd = T // L, max(0, past.size(1) - (T - L)), self.n_head, self.head_dim  # past empty: M = 0
         q = self.q_net(h).view(B, S, L, H, hd).transpose(2, 3)
         kv = self.kv_net(h).view(B, S, L, 2 * H * hd)                            # each segment's own positions
         if M:
             before = torch.arange(S, device=h.device)[:, None] * L + torch.arange(M, device=h.device)  # (S, M)
-            kv_mem = self.kv_net(torch.cat((mem, h[:, :T - L]), dim=1).detach())[:, before]  # (B, S, M, 2 H hd)
-            kv = torch.cat((kv_mem, kv), dim=2)                                   # (B, S, M+L, 2 H hd)
+            kv = torch.cat((self.kv_net(past)[:, before], kv), dim=2)             # (B, S, M+L, 2 H hd)
         k, v = kv.view(B, S, M + L, 2, H, hd).permute(3, 0, 1, 4, 2, 5)           # each (B, S, H, M+L, hd)
         return q, k, v
 
@@ -170,12 +173,13 @@ class Attention(nn.Module):
         bd = rel_shift((q + self.v[:, None]) @ r.transpose(-1, -2))              # (b) + (d), now (query, key)
         return (ac + bd) * self.head_dim ** -0.5
 
-    def forward(self, h, mem, R, mask):
-        """h (B, S*L, d) the segments, mem (B, M, d) the memory before them, R (M+L, d), mask (S, L, M+L) True where
-        a query sees a key -> (B, S*L, d)."""
+    def forward(self, h, past, R, mask):
+        """h (B, S*L, d) the segments, past (B, M + (S-1)L, d) the positions before each segment (see heads), R
+        (M+L, d), mask (S, L, M+L) True where a query sees a key -> (B, S*L, d)."""
         B, T, _ = h.shape
-        q, k, v = self.heads(h, mem, mask.size(1))
-        att = self.scores(q, k, R).masked_fill(~mask[:, None], float("-inf")).float().softmax(dim=-1).type_as(q)
+        q, k, v = self.heads(h, past, mask.size(1))
+        att = self.scores(q, k, R).masked_fill(~mask[:, None], float("-inf"))
+        att = att.softmax(dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).type_as(q)  # at least float32
         att = F.dropout(att, self.dropout, self.training)
         y = (att @ v).transpose(2, 3).reshape(B, T, -1)  # (B, S, H, L, hd) -> (B, S*L, H hd)
         return self.resid_dropout(self.o_net(y))
@@ -199,7 +203,11 @@ class Block(nn.Module):
     final norm, as the released code's --pre_lnorm. Else post-norm, x = LayerNorm(x + f(x)), its default (Vaswani et
     al.'s order), which needs the paper's long, low learning-rate schedule: at this file's presets (lr 3e-3, 200
     steps) the feed-forwards learn a large constant output (the unigram direction), the norms then map every position
-    to nearly one vector, and the loss stays at the unigram's (measured: benchmarks/RESULTS.md)."""
+    to nearly one vector, and the loss stays at the unigram's (measured: benchmarks/RESULTS.md).
+
+    The stop-gradient SG(h_{tau-1}) of section 3.2 is on the layer's input h, as the released code keeps it (its
+    mems): the memory is [mem; x] before each segment, detached, and only then normed (pre-norm), so that the norm's
+    weight and bias learn from the memory positions too, as the released code's layer_norm(cat(mems, w))."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -210,10 +218,12 @@ class Block(nn.Module):
         self.ff = PositionwiseFF(cfg.n_embd, cfg.d_inner, cfg.dropout)
 
     def forward(self, x, mem, R, mask):
+        before = x.size(1) - mask.size(1) if mem.size(1) else 0  # all segments but the last are memory to the next
+        past = torch.cat((mem, x[:, :before]), dim=1).detach()    # SG(h): the layer's input, before any norm
         if self.pre_lnorm:
-            x = x + self.attn(self.attn_norm(x), self.attn_norm(mem), R, mask)
+            x = x + self.attn(self.attn_norm(x), self.attn_norm(past), R, mask)
             return x + self.ff(self.ff_norm(x))
-        x = self.attn_norm(x + self.attn(x, mem, R, mask))
+        x = self.attn_norm(x + self.attn(x, past, R, mask))
         return self.ff_norm(x + self.ff(x))
 
 
@@ -233,6 +243,13 @@ class TransformerXL(nn.Module):
             if p.dim() >= 2:
                 residual = name.endswith(("o_net.weight", "fc2.weight"))
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer) if residual else 0.02)
+
+    def load_state_dict(self, state_dict, *args, **kwargs):
+        """nn.Module's, and u and v marked no_weight_decay again: assign=True (from_pretrained) puts in new Parameters."""
+        out = super().load_state_dict(state_dict, *args, **kwargs)
+        for block in self.layers:
+            block.attn.u.no_weight_decay = block.attn.v.no_weight_decay = True
+        return out
 
     def num_params(self, non_embedding=True):
         """Parameters a token computes with: a tied embedding/head counted once, an untied input embedding left out
@@ -261,7 +278,7 @@ class TransformerXL(nn.Module):
         P = 0 if mems is None or M == 0 else min(mems[0].size(1), M)  # memory positions given
         S = -(-T // L)
         x = self.drop(self.embed(F.pad(idx, (0, S * L - T))) * cfg.n_embd ** 0.5)  # (B, S*L, d), scaled as released
-        R = self.drop(sinusoid(torch.arange(M + L - 1, -1, -1, device=idx.device), cfg.n_embd).to(x.dtype))
+        R = self.drop(sinusoid(torch.arange(M + L - 1, -1, -1, device=idx.device), cfg.n_embd, x.dtype))
         i, j = torch.arange(L, device=idx.device)[:, None], torch.arange(M + L, device=idx.device)
         s = torch.arange(S, device=idx.device)[:, None, None]
         mask = (j <= M + i) & (j >= M - P - s * L)  # (S, L, M+L): causal, and no key before the given memory
