@@ -11,8 +11,9 @@ a global content bias and a global position bias), computed for all (query, dist
 
 What is here: the model, pre-norm as the released code's --pre_lnorm (kimiyoung/transformer-xl, pytorch/
 mem_transformer.py; --no-pre_lnorm gives its default post-norm, which at our short schedules collapses to one hidden
-state for every position and never learns past the unigram loss; see Block); u and v per layer (its untie_r, as
-the released wt103 model has them); the segments of a training window computed all at once, each with the detached
+state for every position and never learns past the unigram loss; see Block); u and v per layer, as the release's
+untie_r option makes them and its released wt103 model has them (without untie_r, the PyTorch code's default, one u
+and one v are shared by all layers); the segments of a training window computed all at once, each with the detached
 memory of the segments before it (exactly the recurrence, see TransformerXL.hidden); evaluation over the validation
 text as parallel streams whose memory is carried from window to window, at memory lengths longer than training's
 (printed at the end of a run); sampling with the memory as the cache; save_pretrained / from_pretrained in this
@@ -80,7 +81,7 @@ class Config:
     norm_eps: float = 1e-5           # the LayerNorms' epsilon
     pre_lnorm: bool = True           # True: x + f(LayerNorm(x)), the released --pre_lnorm; False: post-norm
     tie_embeddings: bool = True      # the output head is the embedding, as the released code's tie_weight
-    dropout: float = 0.0             # on the embedding, R, the attention weights and the residual branches
+    dropout: float = 0.0             # on the embedding, R, the attention weights, the residual branches, the output
     bos_token_id: int | None = None  # put before the prompt when sampling
 
     def __post_init__(self):
@@ -261,7 +262,7 @@ class TransformerXL(nn.Module):
         """Bytes the memory holds per position: one hidden state per layer (keys and values are made from it)."""
         return self.config.n_layer * self.config.n_embd * itemsize
 
-    def hidden(self, idx, mems=None, segment_len=None, mem_len=None):
+    def hidden(self, idx, mems=None, segment_len=None, mem_len=None, sliding=False):
         """idx (B, T), mems (None, or one (B, P, d) per layer: the hidden states entering that layer at the P
         positions before idx) -> (final hidden states (B, T, d), the memory for what follows: the last mem_len
         positions of [mems; this input] per layer, detached).
@@ -270,7 +271,10 @@ class TransformerXL(nn.Module):
         before it at every layer (section 3.2). Segment s's memory at layer n is the input of layer n at the
         positions before it, which earlier segments computed; so all segments of idx run side by side, each layer
         once, and give exactly what feeding them one by one with the memory carried would (the tests check it),
-        without a Python loop over segments. The memory is not differentiated through, as SG(h_{tau-1}) says."""
+        without a Python loop over segments. The memory is not differentiated through, as SG(h_{tau-1}) says.
+        sliding: each position sees the mem_len positions before it and itself, no more (the keys of a query late in
+        its segment are cut to mem_len + 1): what segments of one token give, at a segment's cost (decoding's prefill).
+        The final hidden states go through dropout, as the released code's last self.drop."""
         cfg = self.config
         L = segment_len or cfg.segment_len
         M = cfg.mem_len if mem_len is None else mem_len
@@ -282,13 +286,14 @@ class TransformerXL(nn.Module):
         i, j = torch.arange(L, device=idx.device)[:, None], torch.arange(M + L, device=idx.device)
         s = torch.arange(S, device=idx.device)[:, None, None]
         mask = (j <= M + i) & (j >= M - P - s * L)  # (S, L, M+L): causal, and no key before the given memory
+        mask = mask & (j >= i) if sliding else mask   # no key further than M back
         new_mems = []
         for n, block in enumerate(self.layers):
             mem = x.new_zeros(B, M - P, cfg.n_embd)  # positions that do not exist (masked), then the given memory
             mem = torch.cat((mem, mems[n][:, -P:].to(x.dtype)), dim=1) if P else mem
             new_mems.append(torch.cat((mem[:, M - P:], x[:, :T]), dim=1)[:, max(0, P + T - M):].detach())
             x = block(x, mem, R, mask)
-        return x[:, :T], new_mems
+        return self.drop(x[:, :T]), new_mems
 
     def forward(self, idx, targets=None, mems=None, segment_len=None, mem_len=None):
         """idx (B, T) token ids -> logits (B, T, vocab_size), loss or None. Without mems the first segment starts
@@ -311,13 +316,14 @@ class TransformerXL(nn.Module):
         Decoding is the recurrence with segments of one token: each token's context at every layer is the memory,
         the hidden states of the mem_len positions before it (default mem_len + segment_len - 1 of the config: as
         many keys as training's last query saw). With the cache the memory is kept and each token costs mem_len
-        keys, however long the text; without it the whole text is run again (all its one-token segments side by
-        side), giving the same tokens."""
+        keys, however long the text; the prompt is fed as segments of segment_len with the sliding mask (the same
+        hidden states, each segment's keys its memory and itself). Without the cache the whole text is run again (all
+        its one-token segments side by side), giving the same tokens."""
         M = self.config.mem_len + self.config.segment_len - 1 if mem_len is None else mem_len
         mems, fed = None, 0
         for _ in range(max_new_tokens):
             if use_cache:
-                x, mems = self.hidden(idx[:, fed:], mems, 1, M)
+                x, mems = self.hidden(idx[:, fed:], mems, min(self.config.segment_len, idx.size(1) - fed), M, True)
                 fed = idx.size(1)
             else:
                 x = self.hidden(idx, None, 1, M)[0]

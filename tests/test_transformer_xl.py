@@ -309,3 +309,37 @@ def test_u_and_v_are_not_decayed(tmp_path, optimizer):
                         assert isinstance(opt, torch.optim.AdamW) and not group["decay"] and group["weight_decay"] == 0
                         seen += 1
         assert seen == 4
+
+
+def test_odd_width_and_the_last_dropout():
+    """n_embd 129 over 3 heads: R keeps 129 columns (the sinusoid's first 129) and the model runs; the final hidden
+    states go through dropout in training, as the released code's last self.drop (zeros where there were none)."""
+    model = tx.TransformerXL(tx.Config(vocab_size=V, segment_len=4, mem_len=4, n_layer=1, n_head=3, n_embd=129))
+    assert tx.sinusoid(torch.arange(5), 129).shape == (5, 129)
+    assert model.generate(ids(V, 1, 6), 3, temperature=0.0).shape == (1, 9)
+    model = tiny(seed=15, dropout=0.5).train()
+    h = model.hidden(ids(V, 2, 16))[0]
+    assert 0.3 < (h == 0).float().mean() < 0.7
+
+
+def test_prefill_in_segments_equals_one_token_segments(monkeypatch):
+    """generate feeds the prompt as segments of segment_len with the sliding mask: the hidden states and memory of
+    one-token segments (what decoding is), the same greedy tokens as without the cache, and keys of at most
+    ceil(T / L) (M + L) positions per layer rather than T (M + 1)."""
+    model = tiny(seed=16, segment_len=4, mem_len=6)
+    idx, M = ids(V, 2, 30, seed=17), 9  # generate's memory: mem_len + segment_len - 1
+    with torch.no_grad():
+        h1, m1 = model.hidden(idx, None, 1, M)
+        h4, m4 = model.hidden(idx, None, 4, M, sliding=True)
+    assert max_diff(h1, h4) < 1e-5 and all(max_diff(a, b) < 1e-5 for a, b in zip(m1, m4))
+    keys, heads = [], tx.Attention.heads
+
+    def spy(self, h, past, L):
+        q, k, v = heads(self, h, past, L)
+        keys.append(k.size(1) * k.size(3))  # segments x keys per segment
+        return q, k, v
+    monkeypatch.setattr(tx.Attention, "heads", spy)
+    cached = model.generate(idx, 5, temperature=0.0)
+    assert keys[0] <= math.ceil(30 / 4) * (M + 4) < 30 * (M + 1), keys[0]
+    monkeypatch.undo()
+    assert torch.equal(cached, model.generate(idx, 5, temperature=0.0, use_cache=False))
