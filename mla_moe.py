@@ -345,8 +345,10 @@ class Gate(nn.Module):
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_expert))  # b_i
 
     def forward(self, x):
-        """x (N, d) -> (weights (N, k), experts (N, k), affinities (N, E)), float32."""
-        logits = F.linear(x.float(), self.weight.float())
+        """x (N, d) -> (weights (N, k), experts (N, k), affinities (N, E)), float32: the logits too, autocast off
+        (V3's gate computes in float32; autocast would run the matmul in bf16 whatever its inputs)."""
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())
         s = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)        # (N, E)
         choice = s + self.e_score_correction_bias
         N, E = choice.shape
