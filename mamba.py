@@ -86,6 +86,7 @@ class Config:
     dt_max: float = 0.1                  # time_step_max
     dt_init_floor: float = 1e-4          # time_step_floor
     dropout: float = 0.0                 # on the embedding and the residual branches (the paper uses none)
+    residual_in_fp32: bool = True        # residual_in_fp32: the residual stream kept in float32 (every released config)
     bos_token_id: int | None = None      # none: GPT-NeoX's tokenizer, which the released Mambas use, puts nothing
                                          # before a text (their config.json's bos_token_id is not used)
 
@@ -308,15 +309,18 @@ class Mixer(nn.Module):
 
 class Block(nn.Module):
     """A residual block: x + Mixer(RMSNorm(x)) (section 3.4: the Mamba block stands in for both of a
-    Transformer's sub-blocks, with a norm and a residual connection)."""
+    Transformer's sub-blocks, with a norm and a residual connection). residual_in_fp32: the sum, the residual
+    stream, is float32 whatever the weights' dtype (bf16 weights: the norm reads it cast to bf16), as the reference."""
 
     def __init__(self, cfg):
         super().__init__()
+        self.residual_in_fp32 = cfg.residual_in_fp32
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.mixer = Mixer(cfg)
 
     def forward(self, x, state=None, parallel=True):
-        return x + self.mixer(self.norm(x), state, parallel)
+        h = self.mixer(self.norm(x.to(self.norm.weight.dtype)), state, parallel)
+        return (x.float() if self.residual_in_fp32 else x) + h
 
 
 class Mamba(nn.Module):
@@ -372,7 +376,7 @@ class Mamba(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, None, parallel, use_reentrant=False)
             else:
                 x = block(x, None if states is None else states[i], parallel)
-        return self.backbone.norm_f(x)
+        return self.backbone.norm_f(x.to(self.backbone.norm_f.weight.dtype))
 
     def forward(self, idx, targets=None, states=None, parallel=True):
         """idx (B, T) token ids -> logits (B, T, vocab_size), loss or None. states: continue from a cache."""
@@ -740,7 +744,8 @@ def from_pretrained(name_or_path, device="cpu", dtype=torch.float32, dropout=0.0
                  dt_rank=0 if rank == "auto" else rank, conv_bias=hf.get("use_conv_bias", True),
                  bias=hf.get("use_bias", False), norm_eps=hf.get("layer_norm_epsilon", 1e-5),
                  dt_min=hf.get("time_step_min", 0.001), dt_max=hf.get("time_step_max", 0.1),
-                 dt_init_floor=hf.get("time_step_floor", 1e-4), dropout=dropout)
+                 dt_init_floor=hf.get("time_step_floor", 1e-4), dropout=dropout,
+                 residual_in_fp32=hf.get("residual_in_fp32", True))
     state = {}
     for name, t in tensors.items():
         if name == "lm_head.weight":
@@ -768,7 +773,8 @@ def save_pretrained(model, path):
         num_hidden_layers=cfg.n_layer, state_size=cfg.d_state, expand=cfg.expand, intermediate_size=cfg.d_inner,
         conv_kernel=cfg.d_conv, time_step_rank=cfg.dt_rank, use_conv_bias=cfg.conv_bias, use_bias=cfg.bias,
         layer_norm_epsilon=cfg.norm_eps, time_step_min=cfg.dt_min, time_step_max=cfg.dt_max,
-        time_step_floor=cfg.dt_init_floor, hidden_act="silu", tie_word_embeddings=True), indent=2))
+        time_step_floor=cfg.dt_init_floor, residual_in_fp32=cfg.residual_in_fp32, hidden_act="silu",
+        tie_word_embeddings=True), indent=2))
     state = {k: t[:cfg.vocab_size] if k == "backbone.embeddings.weight" else t
              for k, t in model.state_dict().items() if k != "lm_head.weight"}  # tied to the embedding
     write_safetensors(state, path / "model.safetensors")
