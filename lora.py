@@ -821,6 +821,9 @@ def build_model(args, given, ckpt, env):
     GPT-2; resumed, the checkpoint's base again), its adapted layers in NF4 with --qlora, then fresh adapters (the
     harness loads a checkpoint's)."""
     targets = tuple(t for t in args.lora_targets.split(",") if t)
+    if ckpt is not None and "base" not in ckpt["args"]:  # gpt2.py's checkpoint: the same Config, no adapters
+        raise InputError(f"--init_from resume: {env.out_dir / 'ckpt.pt'} is not a checkpoint of {Path(__file__).name} "
+                         "(another file's run, without adapters)")
     for name in ("lora_rank", "lora_alpha", "nf4_block"):
         if getattr(args, name) <= 0:
             raise InputError(f"--{name} must be positive, got {getattr(args, name)}")
@@ -845,6 +848,10 @@ def build_model(args, given, ckpt, env):
     if args.block_size > model.config.block_size:  # the learned position table ends there
         raise InputError(f"--block_size {args.block_size} is longer than the model's context ({model.config.block_size})")
     args.base, n_params = base, sum(p.numel() for p in model.parameters())
+    linear = {name.rsplit(".", 1)[-1] for name, m in model.transformer.h.named_modules() if isinstance(m, nn.Linear)}
+    if set(targets) - linear:  # nothing would train
+        raise InputError(f"--lora_targets: {','.join(sorted(set(targets) - linear))} names no linear layer of the "
+                         f"blocks (they are {','.join(sorted(linear))})")
     if args.qlora:
         quantize_nf4(model, args.nf4_block, targets)
     add_lora(model, args.lora_rank, args.lora_alpha, targets, args.lora_dropout)
