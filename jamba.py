@@ -104,7 +104,8 @@ class Config:
     dt_min: float = 0.001                # initialisation only (mamba.py): Delta log-uniform in [dt_min, dt_max]
     dt_max: float = 0.1
     dt_init_floor: float = 1e-4
-    router_noise: float = 0.0            # mixtral.py's router jitter, which Jamba does not have: always 0
+    router_noise: float = 0.0            # training only (no HF field; Jamba's reference has no jitter): mixtral.py's
+                                         # router jitter, router input x U(1 - eps, 1 + eps)
     capacity_factor: float = 0.0         # training only (no HF counterpart): 0 is dropless, > 0 caps each expert
     aux_loss_coef: float = 0.001         # router_aux_loss_coef: the load-balancing loss's weight
     z_loss_coef: float = 0.0             # training only: the router z-loss's weight (Jamba's reference has none)
@@ -134,8 +135,8 @@ class Config:
             raise InputError(f"need 0 < dt_min <= dt_max, got {self.dt_min} and {self.dt_max}")
         if not 0.0 <= self.dropout < 1.0:
             raise InputError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.router_noise:
-            raise InputError("router_noise: Jamba's router has no jitter")
+        if not 0.0 <= self.router_noise < 1.0:
+            raise InputError(f"router_noise must be in [0, 1), got {self.router_noise}")
 
     @property
     def head_dim(self):
@@ -477,8 +478,9 @@ class SparseMoE(nn.Module):
         super().__init__()
         E, d, f = cfg.n_expert, cfg.n_embd, cfg.intermediate_size
         self.n_expert, self.top_k, self.capacity_factor, self.noise = E, cfg.top_k_experts, cfg.capacity_factor, cfg.router_noise
-        self.gate = nn.Linear(d, E, bias=False)       # the router W_g (HF: block_sparse_moe.gate)
-        # The experts' SwiGLU weights stacked on a leading expert axis (HF: experts.N.w1 / w3 / w2). --optimizer muon
+        self.gate = nn.Linear(d, E, bias=False)       # the router W_g (HF Mixtral: block_sparse_moe.gate; Jamba: router)
+        # The experts' SwiGLU weights stacked on a leading expert axis (HF Mixtral: experts.N.w1 / w3 / w2; Jamba:
+        # experts.N.gate_proj / up_proj / down_proj). --optimizer muon
         # leaves them on AdamW: torch's Muon takes 2-D parameters only, and one parameter per expert would undo the
         # stacking the grouped matmul needs (the README measures what that costs Muon)
         self.w1 = nn.Parameter(torch.empty(E, f, d))  # gate projection, inside the SiLU
@@ -492,7 +494,8 @@ class SparseMoE(nn.Module):
         N, E, k = x.size(0), self.n_expert, self.top_k
         jitter = self.training and self.noise  # multiplicative noise on the router's input only (Switch, 2.4)
         logits = self.gate(x * torch.empty_like(x).uniform_(1 - self.noise, 1 + self.noise) if jitter else x)
-        dt, logits = logits.dtype, logits.float()           # (N, E); routing decided in float32
+        dt, logits = logits.dtype, logits.float()           # (N, E): the matmul's dtype (bf16 under autocast), the
+                                                            # softmax and top-k on it in float32, as the reference
         weight, expert = self.route(logits)                 # (N, k): the chosen experts and their weights
 
         # Each (token, choice) pair gets a row: choice-major order (all first choices, then all second ones),
@@ -651,9 +654,11 @@ class Jamba(nn.Module):
     def forward(self, idx, targets=None, cache=None, pos=0, parallel=True):
         """idx (B, T) token ids -> logits (B, T, vocab_size), loss or None.
 
-        The loss is the next-token cross-entropy; in training, plus the load-balancing loss averaged over the MoE
-        layers and weighted by aux_loss_coef, as the reference adds it (and a z-loss if z_loss_coef > 0). self.stats
-        holds the router's terms for the log; in eval mode self.load adds up the expert load."""
+        The loss is the next-token cross-entropy; in training, plus the load-balancing loss, each MoE layer's own
+        averaged over the layers, weighted by aux_loss_coef (the reference, transformers' load_balancing_loss_func,
+        pools f and P over all the layers' tokens before the product: the same when the layers' loads agree, not in
+        general), and a z-loss if z_loss_coef > 0. self.stats holds the router's terms for the log; in eval mode
+        self.load adds up the expert load."""
         cfg, V, Vp = self.config, self.config.vocab_size, self.config.padded_vocab_size
         pad = None
         if Vp > V:  # the padding rows are no tokens: a bias of -inf gives them probability exactly 0

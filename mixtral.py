@@ -79,7 +79,8 @@ class Config:
     n_embd: int = 4096                   # hidden_size
     head_dim: int = 0                    # head_dim (0: n_embd // n_head)
     intermediate_size: int = 0           # intermediate_size: each expert's SwiGLU width (0: 8/3 n_embd rounded up
-                                         # to 64, as Llama and Mixtral 8x22B; Mixtral 8x7B has 14336 = 3.5 x 4096)
+                                         # to a multiple of 64; Meta's Llama rounds to 256, 11008 for 4096; Mixtral
+                                         # 8x22B: 16384 = 8/3 x 6144; Mixtral 8x7B: 14336 = 3.5 x 4096)
     n_expert: int = 8                    # num_local_experts
     top_k_experts: int = 2               # num_experts_per_tok
     sliding_window: int | None = None    # sliding_window: each token attends to the last W positions (None: all)
@@ -273,8 +274,9 @@ class SparseMoE(nn.Module):
         super().__init__()
         E, d, f = cfg.n_expert, cfg.n_embd, cfg.intermediate_size
         self.n_expert, self.top_k, self.capacity_factor, self.noise = E, cfg.top_k_experts, cfg.capacity_factor, cfg.router_noise
-        self.gate = nn.Linear(d, E, bias=False)       # the router W_g (HF: block_sparse_moe.gate)
-        # The experts' SwiGLU weights stacked on a leading expert axis (HF: experts.N.w1 / w3 / w2). --optimizer muon
+        self.gate = nn.Linear(d, E, bias=False)       # the router W_g (HF Mixtral: block_sparse_moe.gate; Jamba: router)
+        # The experts' SwiGLU weights stacked on a leading expert axis (HF Mixtral: experts.N.w1 / w3 / w2; Jamba:
+        # experts.N.gate_proj / up_proj / down_proj). --optimizer muon
         # leaves them on AdamW: torch's Muon takes 2-D parameters only, and one parameter per expert would undo the
         # stacking the grouped matmul needs (the README measures what that costs Muon)
         self.w1 = nn.Parameter(torch.empty(E, f, d))  # gate projection, inside the SiLU
@@ -288,7 +290,8 @@ class SparseMoE(nn.Module):
         N, E, k = x.size(0), self.n_expert, self.top_k
         jitter = self.training and self.noise  # multiplicative noise on the router's input only (Switch, 2.4)
         logits = self.gate(x * torch.empty_like(x).uniform_(1 - self.noise, 1 + self.noise) if jitter else x)
-        dt, logits = logits.dtype, logits.float()           # (N, E); routing decided in float32
+        dt, logits = logits.dtype, logits.float()           # (N, E): the matmul's dtype (bf16 under autocast), the
+                                                            # softmax and top-k on it in float32, as the reference
         weight, expert = self.route(logits)                 # (N, k): the chosen experts and their weights
 
         # Each (token, choice) pair gets a row: choice-major order (all first choices, then all second ones),
@@ -413,9 +416,11 @@ class Mixtral(nn.Module):
     def forward(self, idx, targets=None, cache=None, pos=0):
         """idx (B, T) token ids at positions pos..pos+T-1 -> logits (B, T, vocab_size), loss or None.
 
-        The loss is the next-token cross-entropy; in training, plus the router's auxiliary losses, averaged over the
-        layers and weighted, as Hugging Face's Mixtral adds them: the load-balancing loss (Switch, eq. 4) and the
-        z-loss (ST-MoE, eq. 5). self.stats holds them apart for the log; in eval mode self.load adds up the load."""
+        The loss is the next-token cross-entropy; in training, plus the router's auxiliary losses, each layer's own
+        averaged over the layers and weighted: the load-balancing loss (Switch, eq. 4) and the z-loss (ST-MoE, eq. 5;
+        Hugging Face's Mixtral has none). Hugging Face's load_balancing_loss_func pools f and P over all the layers'
+        tokens before the product instead: the same when the layers' loads agree, not in general. self.stats holds
+        them apart for the log; in eval mode self.load adds up the load."""
         cfg, V, Vp = self.config, self.config.vocab_size, self.config.padded_vocab_size
         pad = None
         if Vp > V:  # the padding rows are no tokens: a bias of -inf gives them probability exactly 0

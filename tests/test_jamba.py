@@ -255,7 +255,8 @@ def test_overfit_one_batch():
 def test_config_is_checked():
     for kw, message in [(dict(attn_layer_offset=8), "attn_layer_offset must be in"),
                         (dict(expert_layer_period=0), "expert_layer_period must be positive"),
-                        (dict(top_k_experts=17), "top_k_experts must be in"), (dict(router_noise=0.1), "jitter")]:
+                        (dict(top_k_experts=17), "top_k_experts must be in"),
+                        (dict(router_noise=1.0), "router_noise must be in")]:
         with pytest.raises(jamba.InputError, match=message):
             jamba.Config(**kw)
 
@@ -291,3 +292,17 @@ def test_bad_jamba_flags(argv, message, tmp_path, monkeypatch, offline, capsys):
         jamba.main(["--device", "cpu", "--max_iters", "1", *argv])
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_router_jitter_works_in_training_only():
+    """router_noise (training only, as mixtral.py's; Jamba's reference has none): the router's input is jittered in
+    training (the router statistics move from call to call), never in eval; 0 leaves training deterministic."""
+    idx = ids(300, 2, 16, seed=3)
+    for noise in (0.5, 0.0):
+        model = tiny(seed=4, router_noise=noise)
+        with torch.no_grad():
+            a, b = model(idx)[0], model(idx)[0]
+            assert torch.equal(a, b)  # eval: no noise
+            model.train()
+            stats = [model(idx, idx)[1] for _ in range(2)]
+        assert (stats[0] != stats[1]) == (noise > 0)
