@@ -812,8 +812,9 @@ def from_pretrained(name_or_path, device="cpu", dtype=torch.float32, dropout=0.0
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     rope_type = rope.pop("rope_type", rope.pop("type", "default"))
     max_positions = hf.get("max_position_embeddings", 2048)
-    segment_len = segment_len or hf.get("segment_len")
-    memory_update, gate_init = memory_update or hf.get("memory_update", "delta"), gate_init or hf.get("gate_init", 0.0)
+    segment_len = hf.get("segment_len") if segment_len is None else segment_len  # given: given, even 0 or 0.0
+    memory_update = hf.get("memory_update", "delta") if memory_update is None else memory_update
+    gate_init = hf.get("gate_init", 0.0) if gate_init is None else gate_init
     if segment_len is not None and segment_len > max_positions:
         raise InputError(f"--segment_len {segment_len} is longer than the {max_positions} positions {path} was "
                          "trained on")

@@ -830,8 +830,9 @@ def add_model_flags(p):
 
 def build_model(args, given, ckpt, env):
     """(model, tokenizer, note) for --init_from: our checkpoint's model (resume; the harness loads its weights), a
-    Hugging Face Mamba-2 with its own tokenizer, or a fresh one of the flags' size (--n_head sets --headdim)."""
-    if args.n_head is not None:
+    Hugging Face Mamba-2 with its own tokenizer, or a fresh one of the flags' size (--n_head sets --headdim; with a
+    loaded model it must be the model's own)."""
+    if args.n_head is not None and ckpt is None and args.init_from == "scratch":
         d_inner = args.expand * args.n_embd
         if args.n_head <= 0:
             raise InputError(f"n_head must be positive, got {args.n_head}")
@@ -853,6 +854,9 @@ def build_model(args, given, ckpt, env):
                               dropout=args.dropout))
     model.grad_checkpoint = args.grad_checkpoint
     cfg = model.config
+    if args.n_head is not None and args.n_head != cfg.n_head:  # n_head is no Config field: the harness cannot see it
+        raise InputError(f"--n_head {args.n_head} does not match the model from --init_from {args.init_from}, which has "
+                         f"n_head {cfg.n_head}")
     return model, tokenizer, (f" | d_inner {cfg.d_inner}, {cfg.n_head} heads x {cfg.headdim}, d_state {cfg.d_state}, "
                               f"ngroups {cfg.ngroups}, chunk {cfg.chunk_size}")
 
