@@ -23,13 +23,14 @@ with AdamW or Muon, bf16 autocast, torch.compile and DistributedDataParallel; ex
 The training recipe, where it differs from llama2.py (the FAQ note and the 2B4T report, section 3): a higher
 learning rate than a full-precision model takes (a code only changes when its master weight crosses a rounding
 boundary, so small steps do little), and with `--two_stage` their two-stage schedule: warmup and cosine decay for
-the first half, then at the midpoint the learning rate is cut in half and decays again by cosine to --min_lr, and
-weight decay is switched off (the report's "cooldown"); without it, warmup and one cosine, as the other files. The
-CPU preset takes twice llama2.py's rate (6e-3: val 5.79 after its 200 steps, 5.86 at 3e-3). The CUDA preset keeps
-llama2.py's 1e-3: there 500 steps are 27 passes over tiny-shakespeare, and higher rates lower the training loss
-faster but overfit sooner (val after 500 steps on an H100: 4.66 at 1e-3, 4.78 at 2e-3, 4.89 at 3e-3, 5.03 at
-6e-3); the higher rate is for the data-rich regime the papers train in. The quantizers' scales are recomputed at
-every step, from the current master weights and activations.
+the first half, with a weight decay that falls by a cosine from --weight_decay to 0, then at the midpoint the
+learning rate is cut in half and decays again by cosine to --min_lr, and weight decay stays off (the report's
+"cooldown"); without it, warmup and one cosine, as the other files. The CPU preset takes twice llama2.py's rate
+(6e-3: val 5.79 after its 200 steps, 5.86 at 3e-3). The CUDA preset keeps llama2.py's 1e-3: there 500 steps are 27
+passes over tiny-shakespeare, and higher rates lower the training loss faster but overfit sooner (val after 500
+steps on an H100: 4.66 at 1e-3, 4.78 at 2e-3, 4.89 at 3e-3, 5.03 at 6e-3); the higher rate is for the data-rich
+regime the papers train in. The quantizers' scales are recomputed at every step, from the current master weights and
+activations.
 
 What is not here: kernels that compute with 2-bit weights and int8 activations (bitnet.cpp, the authors'
 GPU kernels): training's matmul is a float matmul on integer-valued tensors, exact (the codes are small integers,
@@ -102,6 +103,7 @@ class Config:
     dropout: float = 0.0                 # attention_dropout; also on the residual branches here (BitNet uses none)
 
     def __post_init__(self):
+        check_types(self)
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
             if getattr(self, name) <= 0:
                 raise InputError(f"{name} must be positive, got {getattr(self, name)}")
@@ -599,6 +601,17 @@ class HFConfig(dict):
         raise InputError(f"config.json lacks '{key}'")
 
 
+def check_types(cfg):
+    """Each value of a Config of the type its field declares (a Config checks this first): an int for an int (not a
+    bool), any number for a float, true or false for a bool, None only where the field allows it. A config.json value
+    of another type ("two", a list) is one line of bad input, as a flag's would be, not a TypeError further on."""
+    for f in fields(cfg):
+        value, allowed = getattr(cfg, f.name), getattr(f.type, "__args__", (f.type,))  # int | None: (int, NoneType)
+        if type(value) not in allowed and not (float in allowed and type(value) is int):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            raise InputError(f"{f.name} must be {names}, got {json.dumps(value, default=repr)[:80]}")
+
+
 def read_checkpoint(name_or_path):
     """(directory, config.json, {name: tensor} of all its safetensors files, one or sharded) of a hub id or a
     directory as save_pretrained writes it; a file that cannot be read is one line of bad input."""
@@ -784,6 +797,21 @@ def load_trained_state(model, state, path):
         raise InputError(f"{path} does not fit the model: {str(e).strip().splitlines()[-1].strip()}") from None
 
 
+def config_json_errors(from_pretrained):
+    """from_pretrained, with what a config.json value of the wrong type or shape makes fail while the model is built
+    from it (a string or null where a number belongs, a list where an object does: TypeError, ValueError,
+    AttributeError, KeyError, ArithmeticError) raised as one line of bad input, as a flag of the wrong type is."""
+    def checked(name_or_path, *args, **kwargs):
+        try:
+            return from_pretrained(name_or_path, *args, **kwargs)
+        except (TypeError, ValueError, AttributeError, KeyError, ArithmeticError) as e:
+            raise InputError(f"{name_or_path}: its config.json does not make a model ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:200]})") from None
+    checked.__name__, checked.__doc__ = from_pretrained.__name__, from_pretrained.__doc__
+    return checked
+
+
+@config_json_errors
 def from_pretrained(name_or_path, device="cpu", dtype=torch.float32, dropout=0.0):
     """A BitNet b1.58 from a Hugging Face checkpoint, a hub id or a local directory with config.json and
     model.safetensors (or shards + model.safetensors.index.json), in either of the layouts transformers reads:
@@ -920,6 +948,8 @@ def build_model(args, given, ckpt, env):
                               dropout=args.dropout))
     if args.block_size > model.config.block_size:  # rotary has no table, but the model's context ends there
         raise InputError(f"--block_size {args.block_size} is longer than the model's context ({model.config.block_size})")
+    if args.export and model.config.weight_bits != 1.58:  # refused now, not after the training (save_pretrained's own)
+        raise InputError("--export: transformers' BitNet is ternary (1.58 bits); a 1-bit model has no layout there")
     return model, tokenizer, f" | {model.config.weight_bits:g}-bit weights"
 
 
@@ -937,11 +967,15 @@ def stage_two_from(args):
 
 def schedule(it, args):
     """(learning rate, weight decay) of step it: warmup and cosine (lr_at) and a constant weight decay; with
-    --two_stage (the 2B4T report, section 3) the same up to mid-decay, where the rate drops to half its value there
-    and decays from it by a second cosine to --min_lr, and the weight decay is 0."""
+    --two_stage (the 2B4T report, section 3) the same rate up to mid-decay, where it drops to half its value there
+    and decays from it by a second cosine to --min_lr; the weight decay follows a cosine in the first stage, from
+    --weight_decay (its peak) at step 0 down to 0 at the second stage (our reading of the report: it gives the peak,
+    0.1, not the end), and is 0 in the second."""
     mid, end = stage_two_from(args), args.lr_decay_iters or args.max_iters
-    if mid is None or it < mid:
+    if mid is None:
         return lr_at(it, args), args.weight_decay
+    if it < mid:
+        return lr_at(it, args), args.weight_decay * 0.5 * (1.0 + math.cos(math.pi * it / mid))
     peak, ratio = 0.5 * lr_at(mid, args), (it - mid) / max(1, end - mid)
     return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (peak - args.min_lr) if it < end else args.min_lr, 0.0
 

@@ -98,6 +98,7 @@ class Config:
     dropout: float = 0.0                 # attention_dropout; also on the residual branches here (Llama uses none)
 
     def __post_init__(self):
+        check_types(self)
         for name in ("vocab_size", "segment_len", "n_layer", "n_head", "n_kv_head", "n_embd"):
             if getattr(self, name) <= 0:
                 raise InputError(f"{name} must be positive, got {getattr(self, name)}")
@@ -583,6 +584,17 @@ class HFConfig(dict):
         raise InputError(f"config.json lacks '{key}'")
 
 
+def check_types(cfg):
+    """Each value of a Config of the type its field declares (a Config checks this first): an int for an int (not a
+    bool), any number for a float, true or false for a bool, None only where the field allows it. A config.json value
+    of another type ("two", a list) is one line of bad input, as a flag's would be, not a TypeError further on."""
+    for f in fields(cfg):
+        value, allowed = getattr(cfg, f.name), getattr(f.type, "__args__", (f.type,))  # int | None: (int, NoneType)
+        if type(value) not in allowed and not (float in allowed and type(value) is int):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            raise InputError(f"{f.name} must be {names}, got {json.dumps(value, default=repr)[:80]}")
+
+
 def read_checkpoint(name_or_path):
     """(directory, config.json, {name: tensor} of all its safetensors files, one or sharded) of a hub id or a
     directory as save_pretrained writes it; a file that cannot be read is one line of bad input."""
@@ -768,6 +780,21 @@ def load_trained_state(model, state, path):
         raise InputError(f"{path} does not fit the model: {str(e).strip().splitlines()[-1].strip()}") from None
 
 
+def config_json_errors(from_pretrained):
+    """from_pretrained, with what a config.json value of the wrong type or shape makes fail while the model is built
+    from it (a string or null where a number belongs, a list where an object does: TypeError, ValueError,
+    AttributeError, KeyError, ArithmeticError) raised as one line of bad input, as a flag of the wrong type is."""
+    def checked(name_or_path, *args, **kwargs):
+        try:
+            return from_pretrained(name_or_path, *args, **kwargs)
+        except (TypeError, ValueError, AttributeError, KeyError, ArithmeticError) as e:
+            raise InputError(f"{name_or_path}: its config.json does not make a model ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:200]})") from None
+    checked.__name__, checked.__doc__ = from_pretrained.__name__, from_pretrained.__doc__
+    return checked
+
+
+@config_json_errors
 def from_pretrained(name_or_path, device="cpu", dtype=torch.float32, dropout=0.0, segment_len=None,
                     memory_update=None, gate_init=None, llama_segment_len=None):
     """An Infini-attention model from a Hugging Face Llama checkpoint (the paper's continual pre-training setting,
@@ -789,8 +816,9 @@ def from_pretrained(name_or_path, device="cpu", dtype=torch.float32, dropout=0.0
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     rope_type = rope.pop("rope_type", rope.pop("type", "default"))
     max_positions = hf.get("max_position_embeddings", 2048)
-    segment_len = segment_len or hf.get("segment_len")
-    memory_update, gate_init = memory_update or hf.get("memory_update", "delta"), gate_init or hf.get("gate_init", 0.0)
+    segment_len = hf.get("segment_len") if segment_len is None else segment_len  # given: given, even 0 or 0.0
+    memory_update = hf.get("memory_update", "delta") if memory_update is None else memory_update
+    gate_init = hf.get("gate_init", 0.0) if gate_init is None else gate_init
     if segment_len is not None and segment_len > max_positions:
         raise InputError(f"--segment_len {segment_len} is longer than the {max_positions} positions {path} was "
                          "trained on")

@@ -104,12 +104,14 @@ class Config:
     dt_min: float = 0.001                # initialisation only (mamba.py): Delta log-uniform in [dt_min, dt_max]
     dt_max: float = 0.1
     dt_init_floor: float = 1e-4
-    router_noise: float = 0.0            # mixtral.py's router jitter, which Jamba does not have: always 0
+    router_noise: float = 0.0            # training only (no HF field; Jamba's reference has no jitter): mixtral.py's
+                                         # router jitter, router input x U(1 - eps, 1 + eps)
     capacity_factor: float = 0.0         # training only (no HF counterpart): 0 is dropless, > 0 caps each expert
     aux_loss_coef: float = 0.001         # router_aux_loss_coef: the load-balancing loss's weight
     z_loss_coef: float = 0.0             # training only: the router z-loss's weight (Jamba's reference has none)
 
     def __post_init__(self):
+        check_types(self)
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "n_expert", "d_state",
                      "d_conv", "expand", "attn_layer_period", "expert_layer_period"):
             if getattr(self, name) <= 0:
@@ -133,8 +135,8 @@ class Config:
             raise InputError(f"need 0 < dt_min <= dt_max, got {self.dt_min} and {self.dt_max}")
         if not 0.0 <= self.dropout < 1.0:
             raise InputError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.router_noise:
-            raise InputError("router_noise: Jamba's router has no jitter")
+        if not 0.0 <= self.router_noise < 1.0:
+            raise InputError(f"router_noise must be in [0, 1), got {self.router_noise}")
 
     @property
     def head_dim(self):
@@ -476,8 +478,9 @@ class SparseMoE(nn.Module):
         super().__init__()
         E, d, f = cfg.n_expert, cfg.n_embd, cfg.intermediate_size
         self.n_expert, self.top_k, self.capacity_factor, self.noise = E, cfg.top_k_experts, cfg.capacity_factor, cfg.router_noise
-        self.gate = nn.Linear(d, E, bias=False)       # the router W_g (HF: block_sparse_moe.gate)
-        # The experts' SwiGLU weights stacked on a leading expert axis (HF: experts.N.w1 / w3 / w2). --optimizer muon
+        self.gate = nn.Linear(d, E, bias=False)       # the router W_g (HF Mixtral: block_sparse_moe.gate; Jamba: router)
+        # The experts' SwiGLU weights stacked on a leading expert axis (HF Mixtral: experts.N.w1 / w3 / w2; Jamba:
+        # experts.N.gate_proj / up_proj / down_proj). --optimizer muon
         # leaves them on AdamW: torch's Muon takes 2-D parameters only, and one parameter per expert would undo the
         # stacking the grouped matmul needs (the README measures what that costs Muon)
         self.w1 = nn.Parameter(torch.empty(E, f, d))  # gate projection, inside the SiLU
@@ -491,7 +494,8 @@ class SparseMoE(nn.Module):
         N, E, k = x.size(0), self.n_expert, self.top_k
         jitter = self.training and self.noise  # multiplicative noise on the router's input only (Switch, 2.4)
         logits = self.gate(x * torch.empty_like(x).uniform_(1 - self.noise, 1 + self.noise) if jitter else x)
-        dt, logits = logits.dtype, logits.float()           # (N, E); routing decided in float32
+        dt, logits = logits.dtype, logits.float()           # (N, E): the matmul's dtype (bf16 under autocast), the
+                                                            # softmax and top-k on it in float32, as the reference
         weight, expert = self.route(logits)                 # (N, k): the chosen experts and their weights
 
         # Each (token, choice) pair gets a row: choice-major order (all first choices, then all second ones),
@@ -650,9 +654,11 @@ class Jamba(nn.Module):
     def forward(self, idx, targets=None, cache=None, pos=0, parallel=True):
         """idx (B, T) token ids -> logits (B, T, vocab_size), loss or None.
 
-        The loss is the next-token cross-entropy; in training, plus the load-balancing loss averaged over the MoE
-        layers and weighted by aux_loss_coef, as the reference adds it (and a z-loss if z_loss_coef > 0). self.stats
-        holds the router's terms for the log; in eval mode self.load adds up the expert load."""
+        The loss is the next-token cross-entropy; in training, plus the load-balancing loss, each MoE layer's own
+        averaged over the layers, weighted by aux_loss_coef (the reference, transformers' load_balancing_loss_func,
+        pools f and P over all the layers' tokens before the product: the same when the layers' loads agree, not in
+        general), and a z-loss if z_loss_coef > 0. self.stats holds the router's terms for the log; in eval mode
+        self.load adds up the expert load."""
         cfg, V, Vp = self.config, self.config.vocab_size, self.config.padded_vocab_size
         pad = None
         if Vp > V:  # the padding rows are no tokens: a bias of -inf gives them probability exactly 0
@@ -842,6 +848,17 @@ class HFConfig(dict):
         raise InputError(f"config.json lacks '{key}'")
 
 
+def check_types(cfg):
+    """Each value of a Config of the type its field declares (a Config checks this first): an int for an int (not a
+    bool), any number for a float, true or false for a bool, None only where the field allows it. A config.json value
+    of another type ("two", a list) is one line of bad input, as a flag's would be, not a TypeError further on."""
+    for f in fields(cfg):
+        value, allowed = getattr(cfg, f.name), getattr(f.type, "__args__", (f.type,))  # int | None: (int, NoneType)
+        if type(value) not in allowed and not (float in allowed and type(value) is int):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            raise InputError(f"{f.name} must be {names}, got {json.dumps(value, default=repr)[:80]}")
+
+
 def read_checkpoint(name_or_path):
     """(directory, config.json, {name: tensor} of all its safetensors files, one or sharded) of a hub id or a
     directory as save_pretrained writes it; a file that cannot be read is one line of bad input."""
@@ -1027,6 +1044,21 @@ def load_trained_state(model, state, path):
         raise InputError(f"{path} does not fit the model: {str(e).strip().splitlines()[-1].strip()}") from None
 
 
+def config_json_errors(from_pretrained):
+    """from_pretrained, with what a config.json value of the wrong type or shape makes fail while the model is built
+    from it (a string or null where a number belongs, a list where an object does: TypeError, ValueError,
+    AttributeError, KeyError, ArithmeticError) raised as one line of bad input, as a flag of the wrong type is."""
+    def checked(name_or_path, *args, **kwargs):
+        try:
+            return from_pretrained(name_or_path, *args, **kwargs)
+        except (TypeError, ValueError, AttributeError, KeyError, ArithmeticError) as e:
+            raise InputError(f"{name_or_path}: its config.json does not make a model ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:200]})") from None
+    checked.__name__, checked.__doc__ = from_pretrained.__name__, from_pretrained.__doc__
+    return checked
+
+
+@config_json_errors
 def from_pretrained(name_or_path, device="cpu", dtype=torch.float32, **run_time):
     """A Jamba from a Hugging Face checkpoint: a hub id ("ai21labs/Jamba-tiny-dev", "ai21labs/AI21-Jamba-Mini-1.5",
     ...) or a local directory with config.json and model.safetensors (or shards + model.safetensors.index.json),

@@ -86,10 +86,12 @@ class Config:
     dt_max: float = 0.1                  # time_step_max
     dt_init_floor: float = 1e-4          # time_step_floor
     dropout: float = 0.0                 # on the embedding and the residual branches (the paper uses none)
+    residual_in_fp32: bool = True        # residual_in_fp32: the residual stream kept in float32 (every released config)
     bos_token_id: int | None = None      # none: GPT-NeoX's tokenizer, which the released Mambas use, puts nothing
                                          # before a text (their config.json's bos_token_id is not used)
 
     def __post_init__(self):
+        check_types(self)
         for name in ("vocab_size", "block_size", "n_layer", "n_embd", "d_state", "expand", "d_conv"):
             if getattr(self, name) <= 0:
                 raise InputError(f"{name} must be positive, got {getattr(self, name)}")
@@ -308,15 +310,18 @@ class Mixer(nn.Module):
 
 class Block(nn.Module):
     """A residual block: x + Mixer(RMSNorm(x)) (section 3.4: the Mamba block stands in for both of a
-    Transformer's sub-blocks, with a norm and a residual connection)."""
+    Transformer's sub-blocks, with a norm and a residual connection). residual_in_fp32: the sum, the residual
+    stream, is float32 whatever the weights' dtype (bf16 weights: the norm reads it cast to bf16), as the reference."""
 
     def __init__(self, cfg):
         super().__init__()
+        self.residual_in_fp32 = cfg.residual_in_fp32
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.mixer = Mixer(cfg)
 
     def forward(self, x, state=None, parallel=True):
-        return x + self.mixer(self.norm(x), state, parallel)
+        h = self.mixer(self.norm(x.to(self.norm.weight.dtype)), state, parallel)
+        return (x.float() if self.residual_in_fp32 else x) + h
 
 
 class Mamba(nn.Module):
@@ -372,7 +377,7 @@ class Mamba(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, None, parallel, use_reentrant=False)
             else:
                 x = block(x, None if states is None else states[i], parallel)
-        return self.backbone.norm_f(x)
+        return self.backbone.norm_f(x.to(self.backbone.norm_f.weight.dtype))
 
     def forward(self, idx, targets=None, states=None, parallel=True):
         """idx (B, T) token ids -> logits (B, T, vocab_size), loss or None. states: continue from a cache."""
@@ -534,6 +539,17 @@ class HFConfig(dict):
 
     def __missing__(self, key):
         raise InputError(f"config.json lacks '{key}'")
+
+
+def check_types(cfg):
+    """Each value of a Config of the type its field declares (a Config checks this first): an int for an int (not a
+    bool), any number for a float, true or false for a bool, None only where the field allows it. A config.json value
+    of another type ("two", a list) is one line of bad input, as a flag's would be, not a TypeError further on."""
+    for f in fields(cfg):
+        value, allowed = getattr(cfg, f.name), getattr(f.type, "__args__", (f.type,))  # int | None: (int, NoneType)
+        if type(value) not in allowed and not (float in allowed and type(value) is int):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            raise InputError(f"{f.name} must be {names}, got {json.dumps(value, default=repr)[:80]}")
 
 
 def read_checkpoint(name_or_path):
@@ -721,6 +737,21 @@ def load_trained_state(model, state, path):
         raise InputError(f"{path} does not fit the model: {str(e).strip().splitlines()[-1].strip()}") from None
 
 
+def config_json_errors(from_pretrained):
+    """from_pretrained, with what a config.json value of the wrong type or shape makes fail while the model is built
+    from it (a string or null where a number belongs, a list where an object does: TypeError, ValueError,
+    AttributeError, KeyError, ArithmeticError) raised as one line of bad input, as a flag of the wrong type is."""
+    def checked(name_or_path, *args, **kwargs):
+        try:
+            return from_pretrained(name_or_path, *args, **kwargs)
+        except (TypeError, ValueError, AttributeError, KeyError, ArithmeticError) as e:
+            raise InputError(f"{name_or_path}: its config.json does not make a model ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:200]})") from None
+    checked.__name__, checked.__doc__ = from_pretrained.__name__, from_pretrained.__doc__
+    return checked
+
+
+@config_json_errors
 def from_pretrained(name_or_path, device="cpu", dtype=torch.float32, dropout=0.0):
     """A Mamba from a Hugging Face checkpoint: a hub id ("state-spaces/mamba-130m-hf" ... "mamba-2.8b-hf") or a
     local directory with config.json and model.safetensors (or shards + model.safetensors.index.json), as
@@ -742,7 +773,8 @@ def from_pretrained(name_or_path, device="cpu", dtype=torch.float32, dropout=0.0
                  dt_rank=0 if rank == "auto" else rank, conv_bias=hf.get("use_conv_bias", True),
                  bias=hf.get("use_bias", False), norm_eps=hf.get("layer_norm_epsilon", 1e-5),
                  dt_min=hf.get("time_step_min", 0.001), dt_max=hf.get("time_step_max", 0.1),
-                 dt_init_floor=hf.get("time_step_floor", 1e-4), dropout=dropout)
+                 dt_init_floor=hf.get("time_step_floor", 1e-4), dropout=dropout,
+                 residual_in_fp32=hf.get("residual_in_fp32", True))
     state = {}
     for name, t in tensors.items():
         if name == "lm_head.weight":
@@ -770,7 +802,8 @@ def save_pretrained(model, path):
         num_hidden_layers=cfg.n_layer, state_size=cfg.d_state, expand=cfg.expand, intermediate_size=cfg.d_inner,
         conv_kernel=cfg.d_conv, time_step_rank=cfg.dt_rank, use_conv_bias=cfg.conv_bias, use_bias=cfg.bias,
         layer_norm_epsilon=cfg.norm_eps, time_step_min=cfg.dt_min, time_step_max=cfg.dt_max,
-        time_step_floor=cfg.dt_init_floor, hidden_act="silu", tie_word_embeddings=True), indent=2))
+        time_step_floor=cfg.dt_init_floor, residual_in_fp32=cfg.residual_in_fp32, hidden_act="silu",
+        tie_word_embeddings=True), indent=2))
     state = {k: t[:cfg.vocab_size] if k == "backbone.embeddings.weight" else t
              for k, t in model.state_dict().items() if k != "lm_head.weight"}  # tied to the embedding
     write_safetensors(state, path / "model.safetensors")

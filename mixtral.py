@@ -82,7 +82,8 @@ class Config:
     n_embd: int = 4096                   # hidden_size
     head_dim: int = 0                    # head_dim (0: n_embd // n_head)
     intermediate_size: int = 0           # intermediate_size: each expert's SwiGLU width (0: 8/3 n_embd rounded up
-                                         # to 64, as Llama and Mixtral 8x22B; Mixtral 8x7B has 14336 = 3.5 x 4096)
+                                         # to a multiple of 64; Meta's Llama rounds to 256, 11008 for 4096; Mixtral
+                                         # 8x22B: 16384 = 8/3 x 6144; Mixtral 8x7B: 14336 = 3.5 x 4096)
     n_expert: int = 8                    # num_local_experts (0: Mistral 7B, one dense SwiGLU per layer, no router)
     top_k_experts: int = 2               # num_experts_per_tok
     sliding_window: int | None = None    # sliding_window: each token attends to the last W positions (None: all)
@@ -97,6 +98,7 @@ class Config:
     z_loss_coef: float = 0.001           # training only: the router z-loss's weight (ST-MoE's 0.001)
 
     def __post_init__(self):
+        check_types(self)
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
             if getattr(self, name) <= 0:
                 raise InputError(f"{name} must be positive, got {getattr(self, name)}")
@@ -277,8 +279,9 @@ class SparseMoE(nn.Module):
         super().__init__()
         E, d, f = cfg.n_expert, cfg.n_embd, cfg.intermediate_size
         self.n_expert, self.top_k, self.capacity_factor, self.noise = E, cfg.top_k_experts, cfg.capacity_factor, cfg.router_noise
-        self.gate = nn.Linear(d, E, bias=False)       # the router W_g (HF: block_sparse_moe.gate)
-        # The experts' SwiGLU weights stacked on a leading expert axis (HF: experts.N.w1 / w3 / w2). --optimizer muon
+        self.gate = nn.Linear(d, E, bias=False)       # the router W_g (HF Mixtral: block_sparse_moe.gate; Jamba: router)
+        # The experts' SwiGLU weights stacked on a leading expert axis (HF Mixtral: experts.N.w1 / w3 / w2; Jamba:
+        # experts.N.gate_proj / up_proj / down_proj). --optimizer muon
         # leaves them on AdamW: torch's Muon takes 2-D parameters only, and one parameter per expert would undo the
         # stacking the grouped matmul needs (the README measures what that costs Muon)
         self.w1 = nn.Parameter(torch.empty(E, f, d))  # gate projection, inside the SiLU
@@ -292,7 +295,8 @@ class SparseMoE(nn.Module):
         N, E, k = x.size(0), self.n_expert, self.top_k
         jitter = self.training and self.noise  # multiplicative noise on the router's input only (Switch, 2.4)
         logits = self.gate(x * torch.empty_like(x).uniform_(1 - self.noise, 1 + self.noise) if jitter else x)
-        dt, logits = logits.dtype, logits.float()           # (N, E); routing decided in float32
+        dt, logits = logits.dtype, logits.float()           # (N, E): the matmul's dtype (bf16 under autocast), the
+                                                            # softmax and top-k on it in float32, as the reference
         weight, expert = self.route(logits)                 # (N, k): the chosen experts and their weights
 
         # Each (token, choice) pair gets a row: choice-major order (all first choices, then all second ones),
@@ -439,9 +443,11 @@ class Mixtral(nn.Module):
     def forward(self, idx, targets=None, cache=None, pos=0):
         """idx (B, T) token ids at positions pos..pos+T-1 -> logits (B, T, vocab_size), loss or None.
 
-        The loss is the next-token cross-entropy; in training, plus the router's auxiliary losses, averaged over the
-        layers and weighted, as Hugging Face's Mixtral adds them: the load-balancing loss (Switch, eq. 4) and the
-        z-loss (ST-MoE, eq. 5). self.stats holds them apart for the log; in eval mode self.load adds up the load."""
+        The loss is the next-token cross-entropy; in training, plus the router's auxiliary losses, each layer's own
+        averaged over the layers and weighted: the load-balancing loss (Switch, eq. 4) and the z-loss (ST-MoE, eq. 5;
+        Hugging Face's Mixtral has none). Hugging Face's load_balancing_loss_func pools f and P over all the layers'
+        tokens before the product instead: the same when the layers' loads agree, not in general. self.stats holds
+        them apart for the log; in eval mode self.load adds up the load."""
         cfg, V, Vp = self.config, self.config.vocab_size, self.config.padded_vocab_size
         pad = None
         if Vp > V:  # the padding rows are no tokens: a bias of -inf gives them probability exactly 0
@@ -637,6 +643,17 @@ class HFConfig(dict):
         raise InputError(f"config.json lacks '{key}'")
 
 
+def check_types(cfg):
+    """Each value of a Config of the type its field declares (a Config checks this first): an int for an int (not a
+    bool), any number for a float, true or false for a bool, None only where the field allows it. A config.json value
+    of another type ("two", a list) is one line of bad input, as a flag's would be, not a TypeError further on."""
+    for f in fields(cfg):
+        value, allowed = getattr(cfg, f.name), getattr(f.type, "__args__", (f.type,))  # int | None: (int, NoneType)
+        if type(value) not in allowed and not (float in allowed and type(value) is int):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            raise InputError(f"{f.name} must be {names}, got {json.dumps(value, default=repr)[:80]}")
+
+
 def read_checkpoint(name_or_path):
     """(directory, config.json, {name: tensor} of all its safetensors files, one or sharded) of a hub id or a
     directory as save_pretrained writes it; a file that cannot be read is one line of bad input."""
@@ -822,6 +839,21 @@ def load_trained_state(model, state, path):
         raise InputError(f"{path} does not fit the model: {str(e).strip().splitlines()[-1].strip()}") from None
 
 
+def config_json_errors(from_pretrained):
+    """from_pretrained, with what a config.json value of the wrong type or shape makes fail while the model is built
+    from it (a string or null where a number belongs, a list where an object does: TypeError, ValueError,
+    AttributeError, KeyError, ArithmeticError) raised as one line of bad input, as a flag of the wrong type is."""
+    def checked(name_or_path, *args, **kwargs):
+        try:
+            return from_pretrained(name_or_path, *args, **kwargs)
+        except (TypeError, ValueError, AttributeError, KeyError, ArithmeticError) as e:
+            raise InputError(f"{name_or_path}: its config.json does not make a model ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:200]})") from None
+    checked.__name__, checked.__doc__ = from_pretrained.__name__, from_pretrained.__doc__
+    return checked
+
+
+@config_json_errors
 def from_pretrained(name_or_path, device="cpu", dtype=torch.float32, **run_time):
     """A Mixtral, or a Mistral 7B, from a Hugging Face checkpoint: a hub id ("mistralai/Mixtral-8x7B-v0.1",
     "mistralai/Mistral-7B-v0.1", ...) or a local directory with config.json and model.safetensors (or shards +

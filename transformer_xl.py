@@ -11,8 +11,9 @@ a global content bias and a global position bias), computed for all (query, dist
 
 What is here: the model, pre-norm as the released code's --pre_lnorm (kimiyoung/transformer-xl, pytorch/
 mem_transformer.py; --no-pre_lnorm gives its default post-norm, which at our short schedules collapses to one hidden
-state for every position and never learns past the unigram loss; see Block); u and v per layer (its untie_r, as
-the released wt103 model has them); the segments of a training window computed all at once, each with the detached
+state for every position and never learns past the unigram loss; see Block); u and v per layer, as the release's
+untie_r option makes them and its released wt103 model has them (without untie_r, the PyTorch code's default, one u
+and one v are shared by all layers); the segments of a training window computed all at once, each with the detached
 memory of the segments before it (exactly the recurrence, see TransformerXL.hidden); evaluation over the validation
 text as parallel streams whose memory is carried from window to window, at memory lengths longer than training's
 (printed at the end of a run); sampling with the memory as the cache; save_pretrained / from_pretrained in this
@@ -80,10 +81,11 @@ class Config:
     norm_eps: float = 1e-5           # the LayerNorms' epsilon
     pre_lnorm: bool = True           # True: x + f(LayerNorm(x)), the released --pre_lnorm; False: post-norm
     tie_embeddings: bool = True      # the output head is the embedding, as the released code's tie_weight
-    dropout: float = 0.0             # on the embedding, R, the attention weights and the residual branches
+    dropout: float = 0.0             # on the embedding, R, the attention weights, the residual branches, the output
     bos_token_id: int | None = None  # put before the prompt when sampling
 
     def __post_init__(self):
+        check_types(self)
         for name in ("vocab_size", "segment_len", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) <= 0:
                 raise InputError(f"{name} must be positive, got {getattr(self, name)}")
@@ -104,12 +106,14 @@ class Config:
 
 # ------------------------------------------------------------------------------------------ model
 
-def sinusoid(distances, dim):
+def sinusoid(distances, dim, dtype=torch.float32):
     """R (section 3.3): the sinusoid of Vaswani et al. 2017 at each distance, (K,) -> (K, dim), sines then cosines as
-    the released code lays them out (no learned parameters: R generalises to distances longer than training's)."""
-    inv_freq = 1.0 / 10000 ** (torch.arange(0, dim, 2, device=distances.device, dtype=torch.float32) / dim)
-    angles = distances.float()[:, None] * inv_freq  # (K, dim/2)
-    return torch.cat((angles.sin(), angles.cos()), dim=-1)
+    the released code lays them out (no learned parameters: R generalises to distances longer than training's); an odd
+    dim keeps the first dim columns. Computed in float32, or float64 for a float64 model, then cast to dtype."""
+    work = torch.promote_types(dtype, torch.float32)
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, dim, 2, device=distances.device, dtype=work) / dim)
+    angles = distances.to(work)[:, None] * inv_freq  # (K, ceil(dim/2))
+    return torch.cat((angles.sin(), angles.cos()), dim=-1)[:, :dim].to(dtype)
 
 
 def rel_shift(x):
@@ -132,8 +136,8 @@ class Attention(nn.Module):
     computational procedure of appendix B's "efficient computation"):
         A_{i,j} = q_i . k_{E,j}  (a)  +  q_i . W_{k,R} R_{i-j}  (b)  +  u . k_{E,j}  (c)  +  v . W_{k,R} R_{i-j}  (d)
     with q_i = W_q E_i and k_{E,j} = W_{k,E} E_j, i.e. (a) + (c) = (q_i + u) . k_j and (b) + (d) = (q_i + v) . r_{i-j}.
-    The segments of a window are computed side by side: segment s's keys are the memory (detached hidden states of
-    the M positions before it) and its own L positions."""
+    The segments of a window are computed side by side: segment s's keys are the memory (the detached hidden states
+    of the M positions before it, see Block) and its own L positions."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -145,20 +149,21 @@ class Attention(nn.Module):
         self.o_net = nn.Linear(inner, cfg.n_embd, bias=False)
         self.u = nn.Parameter(torch.zeros(cfg.n_head, cfg.head_dim))  # the global content bias, term (c)
         self.v = nn.Parameter(torch.zeros(cfg.n_head, cfg.head_dim))  # the global position bias, term (d)
+        self.u.no_weight_decay = self.v.no_weight_decay = True  # biases: no decay, AdamW (the release: Adam, no decay)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def heads(self, h, mem, L):
-        """q (B, S, H, L, hd), keys and values (B, S, H, M+L, hd) of h (B, S*L, d) and mem (B, M, d): segment s's keys
-        are positions sL-M..sL+L-1 of [mem; h], those before sL (the memory) with no gradient into the hidden
-        states (SG, section 3.2; W_{k,E} and W_v still learn from them)."""
+    def heads(self, h, past, L):
+        """q (B, S, H, L, hd), keys and values (B, S, H, M+L, hd) of h (B, S*L, d) and past (B, M + (S-1)L, d), the M
+        memory positions before h and h's own but its last segment, as the layer sees them (normed if pre-norm) after
+        the stop-gradient: segment s's keys are positions sL..sL+M-1 of past (its memory, whose keys and values
+        W_{k,E} and W_v still learn from) and its own L positions."""
         B, T, _ = h.shape
-        S, M, H, hd = T // L, mem.size(1), self.n_head, self.head_dim
+        S, M, H, hd = T // L, max(0, past.size(1) - (T - L)), self.n_head, self.head_dim  # past empty: M = 0
         q = self.q_net(h).view(B, S, L, H, hd).transpose(2, 3)
         kv = self.kv_net(h).view(B, S, L, 2 * H * hd)                            # each segment's own positions
         if M:
             before = torch.arange(S, device=h.device)[:, None] * L + torch.arange(M, device=h.device)  # (S, M)
-            kv_mem = self.kv_net(torch.cat((mem, h[:, :T - L]), dim=1).detach())[:, before]  # (B, S, M, 2 H hd)
-            kv = torch.cat((kv_mem, kv), dim=2)                                   # (B, S, M+L, 2 H hd)
+            kv = torch.cat((self.kv_net(past)[:, before], kv), dim=2)             # (B, S, M+L, 2 H hd)
         k, v = kv.view(B, S, M + L, 2, H, hd).permute(3, 0, 1, 4, 2, 5)           # each (B, S, H, M+L, hd)
         return q, k, v
 
@@ -170,12 +175,13 @@ class Attention(nn.Module):
         bd = rel_shift((q + self.v[:, None]) @ r.transpose(-1, -2))              # (b) + (d), now (query, key)
         return (ac + bd) * self.head_dim ** -0.5
 
-    def forward(self, h, mem, R, mask):
-        """h (B, S*L, d) the segments, mem (B, M, d) the memory before them, R (M+L, d), mask (S, L, M+L) True where
-        a query sees a key -> (B, S*L, d)."""
+    def forward(self, h, past, R, mask):
+        """h (B, S*L, d) the segments, past (B, M + (S-1)L, d) the positions before each segment (see heads), R
+        (M+L, d), mask (S, L, M+L) True where a query sees a key -> (B, S*L, d)."""
         B, T, _ = h.shape
-        q, k, v = self.heads(h, mem, mask.size(1))
-        att = self.scores(q, k, R).masked_fill(~mask[:, None], float("-inf")).float().softmax(dim=-1).type_as(q)
+        q, k, v = self.heads(h, past, mask.size(1))
+        att = self.scores(q, k, R).masked_fill(~mask[:, None], float("-inf"))
+        att = att.softmax(dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).type_as(q)  # at least float32
         att = F.dropout(att, self.dropout, self.training)
         y = (att @ v).transpose(2, 3).reshape(B, T, -1)  # (B, S, H, L, hd) -> (B, S*L, H hd)
         return self.resid_dropout(self.o_net(y))
@@ -199,7 +205,11 @@ class Block(nn.Module):
     final norm, as the released code's --pre_lnorm. Else post-norm, x = LayerNorm(x + f(x)), its default (Vaswani et
     al.'s order), which needs the paper's long, low learning-rate schedule: at this file's presets (lr 3e-3, 200
     steps) the feed-forwards learn a large constant output (the unigram direction), the norms then map every position
-    to nearly one vector, and the loss stays at the unigram's (measured: benchmarks/RESULTS.md)."""
+    to nearly one vector, and the loss stays at the unigram's (measured: benchmarks/RESULTS.md).
+
+    The stop-gradient SG(h_{tau-1}) of section 3.2 is on the layer's input h, as the released code keeps it (its
+    mems): the memory is [mem; x] before each segment, detached, and only then normed (pre-norm), so that the norm's
+    weight and bias learn from the memory positions too, as the released code's layer_norm(cat(mems, w))."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -210,10 +220,12 @@ class Block(nn.Module):
         self.ff = PositionwiseFF(cfg.n_embd, cfg.d_inner, cfg.dropout)
 
     def forward(self, x, mem, R, mask):
+        before = x.size(1) - mask.size(1) if mem.size(1) else 0  # all segments but the last are memory to the next
+        past = torch.cat((mem, x[:, :before]), dim=1).detach()    # SG(h): the layer's input, before any norm
         if self.pre_lnorm:
-            x = x + self.attn(self.attn_norm(x), self.attn_norm(mem), R, mask)
+            x = x + self.attn(self.attn_norm(x), self.attn_norm(past), R, mask)
             return x + self.ff(self.ff_norm(x))
-        x = self.attn_norm(x + self.attn(x, mem, R, mask))
+        x = self.attn_norm(x + self.attn(x, past, R, mask))
         return self.ff_norm(x + self.ff(x))
 
 
@@ -234,6 +246,13 @@ class TransformerXL(nn.Module):
                 residual = name.endswith(("o_net.weight", "fc2.weight"))
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer) if residual else 0.02)
 
+    def load_state_dict(self, state_dict, *args, **kwargs):
+        """nn.Module's, and u and v marked no_weight_decay again: assign=True (from_pretrained) puts in new Parameters."""
+        out = super().load_state_dict(state_dict, *args, **kwargs)
+        for block in self.layers:
+            block.attn.u.no_weight_decay = block.attn.v.no_weight_decay = True
+        return out
+
     def num_params(self, non_embedding=True):
         """Parameters a token computes with: a tied embedding/head counted once, an untied input embedding left out
         by default."""
@@ -244,7 +263,7 @@ class TransformerXL(nn.Module):
         """Bytes the memory holds per position: one hidden state per layer (keys and values are made from it)."""
         return self.config.n_layer * self.config.n_embd * itemsize
 
-    def hidden(self, idx, mems=None, segment_len=None, mem_len=None):
+    def hidden(self, idx, mems=None, segment_len=None, mem_len=None, sliding=False):
         """idx (B, T), mems (None, or one (B, P, d) per layer: the hidden states entering that layer at the P
         positions before idx) -> (final hidden states (B, T, d), the memory for what follows: the last mem_len
         positions of [mems; this input] per layer, detached).
@@ -253,7 +272,10 @@ class TransformerXL(nn.Module):
         before it at every layer (section 3.2). Segment s's memory at layer n is the input of layer n at the
         positions before it, which earlier segments computed; so all segments of idx run side by side, each layer
         once, and give exactly what feeding them one by one with the memory carried would (the tests check it),
-        without a Python loop over segments. The memory is not differentiated through, as SG(h_{tau-1}) says."""
+        without a Python loop over segments. The memory is not differentiated through, as SG(h_{tau-1}) says.
+        sliding: each position sees the mem_len positions before it and itself, no more (the keys of a query late in
+        its segment are cut to mem_len + 1): what segments of one token give, at a segment's cost (decoding's prefill).
+        The final hidden states go through dropout, as the released code's last self.drop."""
         cfg = self.config
         L = segment_len or cfg.segment_len
         M = cfg.mem_len if mem_len is None else mem_len
@@ -261,17 +283,18 @@ class TransformerXL(nn.Module):
         P = 0 if mems is None or M == 0 else min(mems[0].size(1), M)  # memory positions given
         S = -(-T // L)
         x = self.drop(self.embed(F.pad(idx, (0, S * L - T))) * cfg.n_embd ** 0.5)  # (B, S*L, d), scaled as released
-        R = self.drop(sinusoid(torch.arange(M + L - 1, -1, -1, device=idx.device), cfg.n_embd).to(x.dtype))
+        R = self.drop(sinusoid(torch.arange(M + L - 1, -1, -1, device=idx.device), cfg.n_embd, x.dtype))
         i, j = torch.arange(L, device=idx.device)[:, None], torch.arange(M + L, device=idx.device)
         s = torch.arange(S, device=idx.device)[:, None, None]
         mask = (j <= M + i) & (j >= M - P - s * L)  # (S, L, M+L): causal, and no key before the given memory
+        mask = mask & (j >= i) if sliding else mask   # no key further than M back
         new_mems = []
         for n, block in enumerate(self.layers):
             mem = x.new_zeros(B, M - P, cfg.n_embd)  # positions that do not exist (masked), then the given memory
             mem = torch.cat((mem, mems[n][:, -P:].to(x.dtype)), dim=1) if P else mem
             new_mems.append(torch.cat((mem[:, M - P:], x[:, :T]), dim=1)[:, max(0, P + T - M):].detach())
             x = block(x, mem, R, mask)
-        return x[:, :T], new_mems
+        return self.drop(x[:, :T]), new_mems
 
     def forward(self, idx, targets=None, mems=None, segment_len=None, mem_len=None):
         """idx (B, T) token ids -> logits (B, T, vocab_size), loss or None. Without mems the first segment starts
@@ -294,13 +317,14 @@ class TransformerXL(nn.Module):
         Decoding is the recurrence with segments of one token: each token's context at every layer is the memory,
         the hidden states of the mem_len positions before it (default mem_len + segment_len - 1 of the config: as
         many keys as training's last query saw). With the cache the memory is kept and each token costs mem_len
-        keys, however long the text; without it the whole text is run again (all its one-token segments side by
-        side), giving the same tokens."""
+        keys, however long the text; the prompt is fed as segments of segment_len with the sliding mask (the same
+        hidden states, each segment's keys its memory and itself). Without the cache the whole text is run again (all
+        its one-token segments side by side), giving the same tokens."""
         M = self.config.mem_len + self.config.segment_len - 1 if mem_len is None else mem_len
         mems, fed = None, 0
         for _ in range(max_new_tokens):
             if use_cache:
-                x, mems = self.hidden(idx[:, fed:], mems, 1, M)
+                x, mems = self.hidden(idx[:, fed:], mems, min(self.config.segment_len, idx.size(1) - fed), M, True)
                 fed = idx.size(1)
             else:
                 x = self.hidden(idx, None, 1, M)[0]
@@ -457,6 +481,17 @@ class HFConfig(dict):
 
     def __missing__(self, key):
         raise InputError(f"config.json lacks '{key}'")
+
+
+def check_types(cfg):
+    """Each value of a Config of the type its field declares (a Config checks this first): an int for an int (not a
+    bool), any number for a float, true or false for a bool, None only where the field allows it. A config.json value
+    of another type ("two", a list) is one line of bad input, as a flag's would be, not a TypeError further on."""
+    for f in fields(cfg):
+        value, allowed = getattr(cfg, f.name), getattr(f.type, "__args__", (f.type,))  # int | None: (int, NoneType)
+        if type(value) not in allowed and not (float in allowed and type(value) is int):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            raise InputError(f"{f.name} must be {names}, got {json.dumps(value, default=repr)[:80]}")
 
 
 def read_checkpoint(name_or_path):
@@ -644,6 +679,21 @@ def load_trained_state(model, state, path):
         raise InputError(f"{path} does not fit the model: {str(e).strip().splitlines()[-1].strip()}") from None
 
 
+def config_json_errors(from_pretrained):
+    """from_pretrained, with what a config.json value of the wrong type or shape makes fail while the model is built
+    from it (a string or null where a number belongs, a list where an object does: TypeError, ValueError,
+    AttributeError, KeyError, ArithmeticError) raised as one line of bad input, as a flag of the wrong type is."""
+    def checked(name_or_path, *args, **kwargs):
+        try:
+            return from_pretrained(name_or_path, *args, **kwargs)
+        except (TypeError, ValueError, AttributeError, KeyError, ArithmeticError) as e:
+            raise InputError(f"{name_or_path}: its config.json does not make a model ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:200]})") from None
+    checked.__name__, checked.__doc__ = from_pretrained.__name__, from_pretrained.__doc__
+    return checked
+
+
+@config_json_errors
 def from_pretrained(name_or_path, device="cpu", dtype=torch.float32, dropout=0.0):
     """A Transformer-XL from a directory (or hub id) in the layout save_pretrained below writes: config.json
     (model_type "transformer_xl") and model.safetensors (or shards + model.safetensors.index.json). No maintained

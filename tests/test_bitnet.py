@@ -547,13 +547,16 @@ def schedule_args(**kw):
 @pytest.mark.parametrize("lr_decay_iters, mid", [(None, 50), (80, 40), (12, 10)])  # the midpoint never in warmup
 def test_two_stage_schedule(lr_decay_iters, mid):
     """The one-stage curve up to the midpoint; there half of it; then a second cosine, monotone, to min_lr at the
-    end of the decay. Weight decay on before the midpoint, 0 from it; constant without --two_stage."""
+    end of the decay. Weight decay a cosine from its peak (0.1) at step 0 down to 0 at the midpoint (2B4T, section
+    3), 0 from it; constant without --two_stage."""
     two, one = schedule_args(lr_decay_iters=lr_decay_iters), schedule_args(lr_decay_iters=lr_decay_iters, two_stage=False)
     end = lr_decay_iters or 100
     assert bitnet.stage_two_from(two) == mid and bitnet.stage_two_from(one) is None
     for it in range(mid):
         assert bitnet.schedule(it, two)[0] == bitnet.schedule(it, one)[0]
-        assert bitnet.schedule(it, two)[1] == 0.1
+        assert bitnet.schedule(it, two)[1] == pytest.approx(0.05 * (1 + math.cos(math.pi * it / mid)), rel=1e-12)
+    decay = [bitnet.schedule(it, two)[1] for it in range(mid + 1)]
+    assert decay[0] == 0.1 and all(a > b for a, b in zip(decay, decay[1:])) and decay[-1] == 0.0
     assert bitnet.schedule(mid, two)[0] == pytest.approx(0.5 * bitnet.schedule(mid, one)[0], rel=1e-12)
     second = [bitnet.schedule(it, two)[0] for it in range(mid, end + 1)]
     assert all(a > b for a, b in zip(second, second[1:])) and second[-1] == 1e-4
@@ -657,3 +660,13 @@ def test_cli_packed_checkpoint(checkpoints, capsys):
     assert "shown as token ids" in out and "tokenizer none (token ids)" in out.splitlines()[0]
     tokens = json.loads(out.split("---\n")[1].split("\n---")[0])
     assert tokens[0] == 0 and len(tokens) == 6  # bos, then 5 ids
+
+
+def test_one_bit_export_is_refused_at_the_start(tmp_path, monkeypatch, offline, capsys):
+    """--weight_bits 1 --export DIR: transformers' BitNet has no 1-bit layout; refused before any training."""
+    script_home(bitnet, tmp_path, monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        bitnet.main(["--device", "cpu", "--n_layer", "1", "--n_head", "2", "--n_kv_head", "2", "--n_embd", "32",
+                     "--block_size", "16", "--max_iters", "2", "--weight_bits", "1", "--export", str(tmp_path / "x")])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and "1-bit model has no layout" in err and "iter" not in out and "---" not in out

@@ -7,6 +7,7 @@ into one buffer per segment; all segments at once against the loop over segments
 segments; gradients through the memory; the optimizer's gate group; the passkey data and metric; and the command
 line in-process (the common command-line tests, end to end, resume, DDP and bad inputs, are in test_scripts.py)."""
 import importlib.util
+import json
 import math
 import re
 import subprocess
@@ -116,6 +117,11 @@ def test_from_pretrained_segment_len_gates_and_update_rule(tmp_path):
     assert all(torch.equal(b.self_attn.gate, torch.full((4,), -1.5)) for b in model.model.layers)
     with pytest.raises(ia.InputError, match="longer than the 64 positions"):
         ia.from_pretrained(tmp_path, segment_len=65)
+    config = json.loads((tmp_path / "config.json").read_text())  # a saved gate_init: 0.0 given still overrides it
+    (tmp_path / "config.json").write_text(json.dumps({**config, "gate_init": 0.7}))
+    assert ia.from_pretrained(tmp_path).config.gate_init == 0.7
+    model = ia.from_pretrained(tmp_path, gate_init=0.0)
+    assert model.config.gate_init == 0.0 and all(not b.self_attn.gate.any() for b in model.model.layers)
     for bad in (dict(segment_len=0), dict(memory_update="bogus")):
         with pytest.raises(ia.InputError):
             ia.Config(**{**dict(n_embd=32, n_head=4, n_kv_head=2), **bad})

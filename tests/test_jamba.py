@@ -256,7 +256,8 @@ def test_overfit_one_batch():
 def test_config_is_checked():
     for kw, message in [(dict(attn_layer_offset=8), "attn_layer_offset must be in"),
                         (dict(expert_layer_period=0), "expert_layer_period must be positive"),
-                        (dict(top_k_experts=17), "top_k_experts must be in"), (dict(router_noise=0.1), "jitter")]:
+                        (dict(top_k_experts=17), "top_k_experts must be in"),
+                        (dict(router_noise=1.0), "router_noise must be in")]:
         with pytest.raises(jamba.InputError, match=message):
             jamba.Config(**kw)
 
@@ -310,3 +311,17 @@ def test_cli_fine_tunes_a_pretrained_moe_with_the_router_flags(tmp_path, monkeyp
     assert " | dropped " in next(l for l in out.splitlines() if l.startswith("iter 2 |"))
     ckpt = torch.load(tmp_path / "out" / "jamba" / "ckpt.pt", map_location="cpu", weights_only=True)
     assert {k: ckpt["config"][k] for k in flags} == flags and ckpt["iter_num"] == 2
+
+
+def test_router_jitter_works_in_training_only():
+    """router_noise (training only, as mixtral.py's; Jamba's reference has none): the router's input is jittered in
+    training (the router statistics move from call to call), never in eval; 0 leaves training deterministic."""
+    idx = ids(300, 2, 16, seed=3)
+    for noise in (0.5, 0.0):
+        model = tiny(seed=4, router_noise=noise)
+        with torch.no_grad():
+            a, b = model(idx)[0], model(idx)[0]
+            assert torch.equal(a, b)  # eval: no noise
+            model.train()
+            stats = [model(idx, idx)[1] for _ in range(2)]
+        assert (stats[0] != stats[1]) == (noise > 0)

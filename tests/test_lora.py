@@ -2,6 +2,7 @@
 base model exactly, train alone, merge, save and load, and move to and from a `peft` LoRA model unchanged; QLoRA's
 (Dettmers et al. 2023) NF4 table, its quantization error, packing and double-quantized scales, its training step
 and backward; causality and the KV cache through the adapters; and the command line, in-process."""
+import dataclasses
 import re
 
 import pytest
@@ -516,3 +517,22 @@ def test_cli_qlora_and_an_explicit_base_that_cannot_be_fetched(home, capsys):
     assert "4 linear layers" in nf4 and "12,288 weights" in nf4
     assert 4.127 < float(re.search(r"at ([\d.]+) bits", nf4).group(1)) < 5
     assert [t for t, _ in samples(out)][-1] == "sample" and "done | 4 iters" in out
+
+
+def test_cli_targets_that_match_nothing_and_gpt2s_checkpoint(home, capsys):
+    """--lora_targets naming no linear layer of the blocks (nothing would train) and a resume from gpt2.py's
+    checkpoint (the same Config, no adapters, no base): one line each, exit 2, not a traceback."""
+    for targets in ("foo", "c_attn,c_fc,foo"):
+        with pytest.raises(SystemExit) as e:
+            lora.main([*TINY, "--init_from", "scratch", "--lora_targets", targets])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "names no linear layer" in err and len(err.strip().splitlines()) == 1, err
+    ckpt = dict(model={}, optimizer=[], scaler={}, config=dataclasses.asdict(lora.Config(n_layer=1, n_head=2, n_embd=32)),
+                args=dict(max_iters=4, init_from="scratch"), iter_num=4, best_val=1.0, evals_since_best=0,
+                tokenizer="bytes")
+    (home / "out" / "lora").mkdir(parents=True)
+    torch.save(ckpt, home / "out" / "lora" / "ckpt.pt")
+    with pytest.raises(SystemExit) as e:
+        lora.main(["--init_from", "resume", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "not a checkpoint of lora.py" in err and len(err.strip().splitlines()) == 1, err

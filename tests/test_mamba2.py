@@ -349,3 +349,17 @@ def test_config_heads_and_refusals():
     assert A.shape == (4,) and (-16 <= A).all() and (A <= -1).all()  # mamba_ssm's A_init_range (1, 16)
     assert (dt >= 1e-3 * 0.999).all() and (dt <= 0.1 * 1.001).all()
     assert json.loads(json.dumps(mamba2.Config().dt_limit_max)) == math.inf
+
+
+def test_n_head_with_a_loaded_model(tmp_path, monkeypatch, offline, capsys):
+    """--n_head with --init_from an HF directory: the model's own heads pass, others are one line of bad input (not
+    silently ignored)."""
+    make_hf(seed=0).save_pretrained(tmp_path / "hf")
+    script_home(mamba2, tmp_path / "home", monkeypatch)
+    argv = ["--init_from", str(tmp_path / "hf"), "--sample_only", "--device", "cpu", "--max_new_tokens", "2"]
+    mamba2.main([*argv, "--n_head", "4"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        mamba2.main([*argv, "--n_head", "2"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--n_head 2 does not match" in err and len(err.strip().splitlines()) == 1, err

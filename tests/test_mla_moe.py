@@ -259,6 +259,20 @@ def test_cached_generation_equals_uncached(prompt_len, new_tokens):
 
 # ------------------------------------------------------------------------------------- the gate and balancing
 
+def test_gate_is_float32_under_autocast():
+    """The gate's logits are float32 under bf16 autocast (V3's gate runs in float32): the affinities equal those of
+    the float32 product computed outside autocast, exactly."""
+    cfg = mla_moe.Config(n_embd=64, n_expert=8, top_k_experts=2, n_group=4, topk_group=2)
+    gate = mla_moe.Gate(cfg)
+    torch.manual_seed(0)
+    torch.nn.init.normal_(gate.weight)
+    x = torch.randn(32, 64).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, _, s = gate(x)
+    assert s.dtype == torch.float32
+    assert torch.equal(s, torch.sigmoid(x.float() @ gate.weight.t()))
+
+
 def test_gate_equals_the_v3_rule_written_out():
     """For each token: the top-2 of (s + b) over the experts of the best group (groups scored by their two best
     s + b), weights s of the chosen ones normalised, times routed_scaling_factor; b does not enter the weights."""
