@@ -1190,7 +1190,10 @@ def train(model, batch, tokenizer, args, ckpt, env):
             optimizer.load_state_dict(saved)
         scaler.load_state_dict(ckpt["scaler"])
         state = {k: ckpt[k] for k in state}
-    eval_model = train_model = torch.compile(model) if env.compile else model  # `model` stays the plain module
+    blocks = env.compile and getattr(model, "compile_blocks", False)  # deep scans (mamba.py): a Block at a time,
+    for block in (m for m in model.modules() if blocks and type(m).__name__ == "Block"):  # one graph for all alike:
+        block.compile()  # compiling takes one block's time at any depth (in place: the end's sample forces eager)
+    eval_model = train_model = torch.compile(model) if env.compile and not blocks else model  # `model`: plain
     if env.world > 1:  # buffers need no sync (each rank computes the same); infini's gates may get no gradient
         train_model = DDP(eval_model, broadcast_buffers=False,  # device_ids None: the module's own device
                           find_unused_parameters=getattr(model, "find_unused_parameters", False))
@@ -1373,7 +1376,8 @@ def run(args, given):
     if env.master and not args.sample_only:  # the best weights, not the last: past its best val loss a run overfits
         best = env.out_dir / "best.pt"
         load_trained_state(model, torch.load(best, map_location=env.device, weights_only=True)["model"], best)
-        show_sample(model, tokenizer, args, env, "sample")
+        with torch.compiler.set_stance("force_eager"):  # no compiling for generation's shapes
+            show_sample(model, tokenizer, args, env, "sample")
         print(f"done | {iter_num} iters | best val {best_val:.4f} | {time.time() - env.t_start:.0f} s")
     if env.master and args.export:  # for the tools that read Hugging Face checkpoints
         save_pretrained(model, Path(args.export))
