@@ -942,6 +942,30 @@ def python_bpe(tok):
     return encode, decode, max(tokens) + 1
 
 
+def load_dtype(args, env):
+    """The dtype a pretrained model loads in: float32 to train (the run's autocast does the rest); --sample_only keeps
+    the checkpoint's own (config.json's torch_dtype or dtype, else its first floating tensor's), on a CPU too, unless
+    --dtype names one; a dtype other than the run's becomes the run's, autocast included, so that it samples in it."""
+    if not args.sample_only or args.dtype != "auto":
+        return env.dtype if args.sample_only else torch.float32
+    _, hf, tensors = read_checkpoint(args.init_from)
+    name = hf.get("torch_dtype") or hf.get("dtype")
+    dtype = getattr(torch, name) if name in ("float32", "bfloat16", "float16") else \
+        next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
+    if dtype == torch.bfloat16 and env.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        dtype = torch.float16  # an older GPU: fp16, as --dtype auto trains there
+    env.dtype, env.ctx = dtype, torch.autocast(env.device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    return dtype
+
+
+def weights_size(model):
+    """The parameters' bytes and dtypes, for the start-up line: "2.20 GB bf16" (tied weights counted once)."""
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    names = dict(bfloat16="bf16", float16="fp16", float32="fp32")
+    dtypes = sorted({names.get(str(p.dtype)[6:], str(p.dtype)[6:]) for p in model.parameters()})
+    return (f"{size / 1e9:.2f} GB " if size >= 1e8 else f"{size / 1e6:.2f} MB ") + "+".join(dtypes)
+
+
 def pretrained_tokenizer(path, sample_only):
     """A checkpoint's own tokenizer, from its tokenizer.json (see hf_tokenizer), its decode ending the text at the
     first of config.json's eos_token_id; None (token ids) will do for --sample_only, but not for training on text."""
@@ -1165,9 +1189,9 @@ def build_model(args, given, ckpt, env):
     run_time = {k: getattr(args, k) for k in RUN_TIME}
     if ckpt is not None:
         model, tokenizer = Mixtral(Config(**{**ckpt["config"], **run_time})), load_tokenizer(ckpt["tokenizer"])
-    elif args.init_from != "scratch":  # sampling keeps the weights in the run's dtype (bf16 on CUDA), training in fp32
+    elif args.init_from != "scratch":  # sampling keeps the checkpoint's dtype (load_dtype), training loads fp32
         tokenizer = pretrained_tokenizer(checkpoint_dir(args.init_from, weights=False), args.sample_only)
-        model = from_pretrained(args.init_from, env.device, env.dtype if args.sample_only else torch.float32, args.dropout)
+        model = from_pretrained(args.init_from, env.device, load_dtype(args, env), args.dropout)
     else:
         tokenizer = load_tokenizer()
         model = Mixtral(Config(vocab_size=tokenizer[3], block_size=args.block_size, n_layer=args.n_layer,
@@ -1355,16 +1379,16 @@ def open_logs(args, iter_num, env):
 
 
 def sample(model, tokenizer, args, ctx, title):
-    """Print --max_new_tokens sampled after --prompt (and after the checkpoint's BOS, if it defines one)."""
+    """Print --num_samples samples of --max_new_tokens after --prompt (and the checkpoint's BOS, if it defines one)."""
     torch.manual_seed(args.seed % 2**63)
     bos = [] if model.config.bos_token_id is None else [model.config.bos_token_id]
-    prompt = bos + (tokenizer[1](args.prompt) if tokenizer else []) or [0]  # a long prompt: generate handles it
-    with ctx:
-        out = model.eval().generate(torch.tensor([prompt], device=next(model.parameters()).device),
-                                    args.max_new_tokens, args.temperature, args.top_k or None, args.top_p)[0].tolist()
-    if tokenizer is None:  # a checkpoint whose tokenizer is none tiktoken can run (SentencePiece)
-        print(f"no tokenizer tiktoken can read for {args.init_from}: no prompt, the sample shown as token ids")
-    print(f"--- {title} ---\n{tokenizer[2](out[len(bos):]) if tokenizer else out}\n---")
+    idx = torch.tensor([bos + (tokenizer[1](args.prompt) if tokenizer else []) or [0]],
+                       device=next(model.parameters()).device)  # a long prompt: generate handles it
+    title += "" if tokenizer else f" (no tokenizer this file runs for {args.init_from}: no prompt, shown as token ids)"
+    for _ in range(args.num_samples):  # a checkpoint's tokenizer ends the text at its EOS (pretrained_tokenizer)
+        with ctx:
+            out = model.eval().generate(idx, args.max_new_tokens, args.temperature, args.top_k or None, args.top_p)
+        print(f"--- {title} ---\n{tokenizer[2](out[0, len(bos):].tolist()) if tokenizer else out[0].tolist()}\n---")
 
 
 def evaluate(model, eval_model, batch, optimizers, scaler, state, tokenizer, args, env):
@@ -1485,6 +1509,7 @@ def parse_args(argv):
     p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard under out_dir")
     p.add_argument("--prompt", default="\n", help="the start of the sample printed at the end")
     p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--num_samples", type=int, default=1, help="samples printed one after another")
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     p.add_argument("--top_k", type=int, default=200, help="sample among the k likeliest tokens (0: all)")
     p.add_argument("--top_p", type=float, help="sample among the likeliest tokens up to this probability mass")
@@ -1503,7 +1528,7 @@ def parse_args(argv):
 def check_args(args):
     """Bad flag values, one line each: floats finite and not negative, the run's sizes positive (Config: the model's)."""
     positive = ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size", "block_size", "grad_accum",
-                "lr_decay_iters", "max_new_tokens")
+                "lr_decay_iters", "max_new_tokens", "num_samples")
     for name, value in vars(args).items():
         if name in positive and value is not None and value <= 0:
             raise InputError(f"--{name} must be positive, got {value}")
@@ -1555,9 +1580,8 @@ def run(args, given):
     env = setup_device(args)
     ckpt = load_checkpoint(env.out_dir / "ckpt.pt") if args.init_from == "resume" else None
     if ckpt is not None:  # flags not typed take the checkpointed run's values, but for where to run and the sample
-        for k in set(ckpt["args"]) - given - {"device", "dtype", "compile", "init_from", "sample_only", "out_dir",
-                                              "tensorboard", "prompt", "max_new_tokens", "temperature", "top_k",
-                                              "top_p", "export"}:
+        for k in set(ckpt["args"]) - given - set("device dtype compile init_from sample_only out_dir tensorboard export "
+                                                  "prompt max_new_tokens num_samples temperature top_k top_p".split()):
             setattr(args, k, ckpt["args"][k])
         args.lr_decay_iters = args.lr_decay_iters or ckpt["args"]["max_iters"]  # its schedule's end too
     for k, v in PRESETS["cuda" if env.device.type == "cuda" else "cpu"].items():
@@ -1578,7 +1602,7 @@ def run(args, given):
     if env.master:
         print(f"{Path(__file__).stem} | {env.device} | {str(env.dtype)[6:]} | compile {'on' if env.compile else 'off'}"
               f" | {model.num_params() / 1e6:.2f}M params | {env.tokens:,} tokens/step | data {args.data} | tokenizer "
-              f"{tokenizer[0] if tokenizer else 'none (token ids)'} | init {args.init_from}"
+              f"{tokenizer[0] if tokenizer else 'none (token ids)'} | init {args.init_from} | weights {weights_size(model)}"
               + (f" | DDP x{env.world}" if env.world > 1 else "") + note)
     if env.master and (args.sample_only or ckpt is None and args.init_from != "scratch"):  # before any training
         show_sample(model.to(env.device), tokenizer, args, env, f"sample from {args.init_from}"
