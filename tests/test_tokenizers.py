@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import CORPUS, ROOT, copy_script, offline_env, run_script
+from conftest import CORPUS, script_home
 import llama2
 
 # Text unlike the training text: byte fallback (emoji, CJK, control bytes, accents), runs of spaces, newlines
@@ -134,3 +134,75 @@ def test_other_kinds_give_none(tmp_path):
     for key, value in [("normalizer", {"type": "Lowercase"}), ("decoder", {"type": "WordPiece", "prefix": "##"})]:
         (tmp_path / "u.json").write_text(json.dumps({**spec, key: value}))
         assert llama2.hf_tokenizer(tmp_path / "u.json") is None
+
+
+def test_nfkc_and_merges_out_of_id_order_run_in_python(tmp_path):
+    """Byte-level BPEs tiktoken cannot run exactly: an NFKC normalizer; ids that do not grow along the merges."""
+    from tokenizers import Tokenizer
+    from conftest import train_tokenizer
+    ref = train_tokenizer(tmp_path / "tokenizer.json", "gpt2", normalizer="NFKC")
+    check_same_as_tokenizers(ref, tmp_path / "tokenizer.json", [UNSEEN + " ﬁne ① ｆｕｌｌ", CORPUS[-5000:], *SMALL])
+    spec = json.loads((tmp_path / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    last, first = spec["model"]["merges"][-1], spec["model"]["merges"][0]
+    a, b = [("".join(m.split(" ")) if isinstance(m, str) else "".join(m)) for m in (first, last)]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # the first merge's token gets the last id
+    (tmp_path / "swapped.json").write_text(json.dumps(spec))
+    check_same_as_tokenizers(Tokenizer.from_file(str(tmp_path / "swapped.json")), tmp_path / "swapped.json",
+                             [UNSEEN, CORPUS[-5000:], *SMALL])
+
+
+# ------------------------------------------------------------------------------- the command line
+
+def tiny_llama2_checkpoint(path):
+    """A tiny random Llama written by llama2.save_pretrained in bf16 (no dtype in config.json: the tensors say it)
+    with a Llama 2 style tokenizer.json; <s> = 1 and </s> = 2, as Llama 2's."""
+    path.mkdir()
+    ref = sentencepiece_bpe(path / "tokenizer.json", "llama2")
+    torch.manual_seed(0)
+    model = llama2.Llama(llama2.Config(vocab_size=ref.get_vocab_size(), block_size=64, n_layer=1, n_head=2,
+                                       n_kv_head=1, n_embd=32, bos_token_id=1))
+    llama2.save_pretrained(model.to(torch.bfloat16), path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "eos_token_id": 2}))
+    return ref, model
+
+
+def samples(out):
+    return [s.split("\n---")[0] for s in out.split(" ---\n")[1:]]
+
+
+def test_cli_samples_text_in_bf16_and_stops_at_eos(tmp_path, monkeypatch, offline, capsys):
+    script_home(llama2, tmp_path, monkeypatch)
+    ref, model = tiny_llama2_checkpoint(tmp_path / "tiny-llama2")
+    sample = ["--init_from", str(tmp_path / "tiny-llama2"), "--sample_only", "--device", "cpu", "--max_new_tokens", "8",
+              "--num_samples", "2", "--prompt", "def", "--block_size", "32"]
+    llama2.main(sample)
+    out = capsys.readouterr().out
+    first = out.splitlines()[0]
+    size = sum(p.numel() for p in model.parameters()) * 2
+    assert "| bfloat16 |" in first and f"tokenizer {tmp_path / 'tiny-llama2' / 'tokenizer.json'}" in first
+    assert f"weights {size / 1e6:.2f} MB bf16" in first  # kept in bf16 on a CPU, and sampled so
+    texts = samples(out)
+    assert len(texts) == 2 and texts[0] != texts[1] and all(t.startswith("def") for t in texts)
+    assert "[" not in "".join(texts) and "<0x" not in "".join(texts)  # text, not ids or byte tokens
+    _, encode, decode, _ = llama2.pretrained_tokenizer(tmp_path / "tiny-llama2", sample_only=True)
+    ids = encode("def f(x):")  # the printed text ends at the first </s> (2, config.json's eos_token_id)
+    assert decode(ids + [2] + encode(" more")) == decode(ids) == ref.decode(ids) == "def f(x):"
+    config = json.loads((tmp_path / "tiny-llama2" / "config.json").read_text())
+    (tmp_path / "tiny-llama2" / "config.json").write_text(json.dumps({**config, "torch_dtype": "float32"}))
+    llama2.main(sample)  # config.json's dtype comes first
+    assert "| float32 |" in capsys.readouterr().out.splitlines()[0]
+    llama2.main(sample + ["--dtype", "float32"])  # and --dtype before it
+    assert f"weights {size * 2 / 1e6:.2f} MB fp32" in capsys.readouterr().out.splitlines()[0]
+
+
+def test_cli_damaged_tokenizer_json_is_one_line(tmp_path, monkeypatch, offline, capsys):
+    script_home(llama2, tmp_path, monkeypatch)
+    tiny_llama2_checkpoint(tmp_path / "tiny-llama2")
+    (tmp_path / "tiny-llama2" / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": {"a": 0}}}')
+    with pytest.raises(SystemExit) as e:
+        llama2.main(["--init_from", str(tmp_path / "tiny-llama2"), "--sample_only", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "tokenizer.json is damaged (KeyError: 'merges')" in err
