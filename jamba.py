@@ -24,13 +24,13 @@ writes; one matrix per expert, as the hub stores them, or stacked; one file or s
 reader of its own; training on tiny-shakespeare, FineWeb or any text file with AdamW or Muon, warmup + cosine,
 gradient accumulation, bf16 autocast, torch.compile and DistributedDataParallel; exact resume from atomic
 checkpoints. What is not: the fused CUDA kernels of the Mamba reference (the scan is plain PyTorch, see
-mamba.py), and Jamba's tokenizer: its tokenizer.json is a SentencePiece one, which tiktoken cannot run, so a
-released checkpoint samples from token ids and prints token ids (--sample_only), and is not trained on text.
+mamba.py). A released checkpoint's SentencePiece-style tokenizer.json runs when it has the layout hf_tokenizer
+knows (BPE with byte fallback); otherwise it samples as token ids (--sample_only) and is not trained on text.
 
     python jamba.py                                     # CPU: a tiny model, about three minutes
     python jamba.py --device cuda                       # one GPU: bf16, torch.compile, 8 layers x 384
     torchrun --standalone --nproc_per_node 8 jamba.py   # DDP on 8 GPUs
-    python jamba.py --init_from ai21labs/Jamba-tiny-dev --sample_only --temperature 0   # token ids in, token ids out
+    python jamba.py --init_from ai21labs/Jamba-tiny-dev --sample_only --temperature 0   # greedy
 
 Offline (no download, no tiktoken files) it says so and carries on: the Python standard library's own source
 as the text, raw UTF-8 bytes as the tokens. Every step's randomness (batches, dropout) is drawn from a seed
@@ -1444,7 +1444,7 @@ def add_model_flags(p):
 
 def build_model(args, given, ckpt, env):
     """(model, tokenizer, note) for --init_from: our checkpoint's model (resume; the harness loads its weights), a
-    Hugging Face Jamba (its tokenizer, SentencePiece, is none tiktoken runs: token ids), or a fresh one."""
+    Hugging Face Jamba (token ids if its tokenizer.json is none hf_tokenizer runs), or a fresh one."""
     run_time = {k: getattr(args, k) for k in RUN_TIME}
     if ckpt is not None:
         model, tokenizer = Jamba(Config(**{**ckpt["config"], **run_time})), load_tokenizer(ckpt["tokenizer"])
@@ -1646,9 +1646,9 @@ def sample(model, tokenizer, args, ctx, title):
     """Print --num_samples samples of --max_new_tokens after --prompt (and the checkpoint's BOS, if it defines one)."""
     torch.manual_seed(args.seed % 2**63)
     bos = [] if model.config.bos_token_id is None else [model.config.bos_token_id]
-    idx = torch.tensor([bos + (tokenizer[1](args.prompt) if tokenizer else []) or [0]],
-                       device=next(model.parameters()).device)  # a long prompt: generate handles it
-    title += "" if tokenizer else f" (no tokenizer this file runs for {args.init_from}: no prompt, shown as token ids)"
+    idx = torch.tensor([bos + (tokenizer[1](args.prompt) if tokenizer else []) or [0]], device=model.lm_head.weight.device)
+    if tokenizer is None:  # a checkpoint whose tokenizer.json is of a kind hf_tokenizer does not run, or none
+        print(f"no tokenizer this file runs for {args.init_from}: no prompt, the samples shown as token ids")
     for _ in range(args.num_samples):  # a checkpoint's tokenizer ends the text at its EOS (pretrained_tokenizer)
         with ctx:
             out = model.eval().generate(idx, args.max_new_tokens, args.temperature, args.top_k or None, args.top_p)

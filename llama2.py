@@ -12,11 +12,10 @@ feed-forward (Shazeer 2020, arXiv 2002.05202), no biases, an output head untied 
 What is here: the model; sampling with a KV cache that holds n_kv_head heads, not n_head; loading any
 checkpoint in the Hugging Face Llama layout (Llama 2, TinyLlama, Llama 3.x, or whatever
 `LlamaForCausalLM.save_pretrained` writes), sharded or not, bf16 or fp32, with a safetensors reader of
-its own, and the checkpoint's tokenizer when tiktoken can read it (Llama 3's byte-level BPE, from
-tokenizer.json); training on tiny-shakespeare, FineWeb or any text file with AdamW or Muon, warmup + cosine, gradient
+its own, and the checkpoint's tokenizer from its tokenizer.json (Llama 3's byte-level BPE through
+tiktoken, Llama 2's and TinyLlama's SentencePiece-style BPE with byte fallback in Python); training on tiny-shakespeare, FineWeb or any text file with AdamW or Muon, warmup + cosine, gradient
 accumulation, bf16 autocast, torch.compile and DistributedDataParallel; exact resume from atomic
-checkpoints. What is not: Llama 2's SentencePiece tokenizer (a Llama 2 checkpoint samples as token ids),
-the chat templates, the 2T-token pretraining data, rope scalings other than linear and llama3.
+checkpoints. What is not: the chat templates, the 2T-token pretraining data, rope scalings other than linear and llama3.
 
     python llama2.py                                     # CPU: a tiny model, about three minutes
     python llama2.py --device cuda                       # one GPU: bf16, torch.compile, 6 layers x 384
@@ -1194,9 +1193,9 @@ def sample(model, tokenizer, args, ctx, title):
     """Print --num_samples samples of --max_new_tokens after --prompt (and the checkpoint's BOS, if it defines one)."""
     torch.manual_seed(args.seed % 2**63)
     bos = [] if model.config.bos_token_id is None else [model.config.bos_token_id]
-    idx = torch.tensor([bos + (tokenizer[1](args.prompt) if tokenizer else []) or [0]],
-                       device=next(model.parameters()).device)  # a long prompt: generate handles it
-    title += "" if tokenizer else f" (no tokenizer this file runs for {args.init_from}: no prompt, shown as token ids)"
+    idx = torch.tensor([bos + (tokenizer[1](args.prompt) if tokenizer else []) or [0]], device=model.lm_head.weight.device)
+    if tokenizer is None:  # a checkpoint whose tokenizer.json is of a kind hf_tokenizer does not run, or none
+        print(f"no tokenizer this file runs for {args.init_from}: no prompt, the samples shown as token ids")
     for _ in range(args.num_samples):  # a checkpoint's tokenizer ends the text at its EOS (pretrained_tokenizer)
         with ctx:
             out = model.eval().generate(idx, args.max_new_tokens, args.temperature, args.top_k or None, args.top_p)

@@ -19,7 +19,7 @@ the (token, expert) pairs are laid out grouped by expert and each weight matrix 
 one grouped matmul (dropless, exact: Mixtral's own way, used for sampling and parity), or in one batched
 matmul over fixed-size expert buffers (capacity mode). Decoding (eval, k N <= n_expert pairs) runs each pair
 through its chosen expert alone, the ids read on the host (chosen_experts). What is not here: expert parallelism
-across GPUs, the SentencePiece tokenizer of the released checkpoints (they sample as token ids), instruction tuning.
+across GPUs, instruction tuning. The released checkpoints' SentencePiece-style tokenizer.json runs (hf_tokenizer).
 
     python mixtral.py                                      # CPU: a tiny model, about three minutes
     python mixtral.py --device cuda                        # one GPU: bf16, torch.compile, 6 layers x 384, 8 experts
@@ -1185,7 +1185,7 @@ def add_model_flags(p):
 
 def build_model(args, given, ckpt, env):
     """(model, tokenizer, note) for --init_from: our checkpoint's model (resume; the harness loads its weights), a
-    Hugging Face Mixtral (its tokenizer, SentencePiece, is none tiktoken runs: token ids), or a fresh one."""
+    Hugging Face Mixtral with its own tokenizer (SentencePiece style: hf_tokenizer runs it), or a fresh one."""
     run_time = {k: getattr(args, k) for k in RUN_TIME}
     if ckpt is not None:
         model, tokenizer = Mixtral(Config(**{**ckpt["config"], **run_time})), load_tokenizer(ckpt["tokenizer"])
@@ -1382,9 +1382,9 @@ def sample(model, tokenizer, args, ctx, title):
     """Print --num_samples samples of --max_new_tokens after --prompt (and the checkpoint's BOS, if it defines one)."""
     torch.manual_seed(args.seed % 2**63)
     bos = [] if model.config.bos_token_id is None else [model.config.bos_token_id]
-    idx = torch.tensor([bos + (tokenizer[1](args.prompt) if tokenizer else []) or [0]],
-                       device=next(model.parameters()).device)  # a long prompt: generate handles it
-    title += "" if tokenizer else f" (no tokenizer this file runs for {args.init_from}: no prompt, shown as token ids)"
+    idx = torch.tensor([bos + (tokenizer[1](args.prompt) if tokenizer else []) or [0]], device=model.lm_head.weight.device)
+    if tokenizer is None:  # a checkpoint whose tokenizer.json is of a kind hf_tokenizer does not run, or none
+        print(f"no tokenizer this file runs for {args.init_from}: no prompt, the samples shown as token ids")
     for _ in range(args.num_samples):  # a checkpoint's tokenizer ends the text at its EOS (pretrained_tokenizer)
         with ctx:
             out = model.eval().generate(idx, args.max_new_tokens, args.temperature, args.top_k or None, args.top_p)

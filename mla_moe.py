@@ -14,7 +14,7 @@ some tutorials call by that name.
 
 Routed experts are dispatched as in mixtral.py: no loop over tokens, one grouped matmul per weight, no host sync.
 What is not here: multi-token prediction (V3's MTP layers are skipped on load), FP8 training, expert parallelism,
-the DeepSeek tokenizer (pretrained checkpoints sample as token ids), device-limited routing across GPUs.
+device-limited routing across GPUs. DeepSeek-V3's tokenizer.json (byte-level BPE behind several Splits) runs.
 
     python mla_moe.py                                      # CPU: a tiny model, a few minutes
     python mla_moe.py --device cuda                        # one GPU: bf16, torch.compile
@@ -1305,7 +1305,7 @@ def add_model_flags(p):
 
 def build_model(args, given, ckpt, env):
     """(model, tokenizer, note) for --init_from: our checkpoint's model (resume; the harness loads its weights), a
-    Hugging Face DeepSeek-V3 (token ids unless its tokenizer.json is one tiktoken runs), or a fresh one: per head
+    Hugging Face DeepSeek-V3 (token ids if its tokenizer.json is none hf_tokenizer runs), or a fresh one: per head
     hd nope, hd / 2 rotary and hd value dimensions, hd = n_embd / n_head (V3's 128 / 64 / 128)."""
     run_time = {k: getattr(args, k) for k in RUN_TIME}
     if ckpt is not None:
@@ -1509,9 +1509,9 @@ def sample(model, tokenizer, args, ctx, title):
     """Print --num_samples samples of --max_new_tokens after --prompt (and the checkpoint's BOS, if it defines one)."""
     torch.manual_seed(args.seed % 2**63)
     bos = [] if model.config.bos_token_id is None else [model.config.bos_token_id]
-    idx = torch.tensor([bos + (tokenizer[1](args.prompt) if tokenizer else []) or [0]],
-                       device=next(model.parameters()).device)  # a long prompt: generate handles it
-    title += "" if tokenizer else f" (no tokenizer this file runs for {args.init_from}: no prompt, shown as token ids)"
+    idx = torch.tensor([bos + (tokenizer[1](args.prompt) if tokenizer else []) or [0]], device=model.lm_head.weight.device)
+    if tokenizer is None:  # a checkpoint whose tokenizer.json is of a kind hf_tokenizer does not run, or none
+        print(f"no tokenizer this file runs for {args.init_from}: no prompt, the samples shown as token ids")
     for _ in range(args.num_samples):  # a checkpoint's tokenizer ends the text at its EOS (pretrained_tokenizer)
         with ctx:
             out = model.eval().generate(idx, args.max_new_tokens, args.temperature, args.top_k or None, args.top_p)

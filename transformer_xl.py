@@ -1204,9 +1204,9 @@ def sample(model, tokenizer, args, ctx, title):
     """Print --num_samples samples of --max_new_tokens after --prompt (and the checkpoint's BOS, if it defines one)."""
     torch.manual_seed(args.seed % 2**63)
     bos = [] if model.config.bos_token_id is None else [model.config.bos_token_id]
-    idx = torch.tensor([bos + (tokenizer[1](args.prompt) if tokenizer else []) or [0]],
-                       device=next(model.parameters()).device)  # a long prompt: generate handles it
-    title += "" if tokenizer else f" (no tokenizer this file runs for {args.init_from}: no prompt, shown as token ids)"
+    idx = torch.tensor([bos + (tokenizer[1](args.prompt) if tokenizer else []) or [0]], device=model.lm_head.weight.device)
+    if tokenizer is None:  # a checkpoint whose tokenizer.json is of a kind hf_tokenizer does not run, or none
+        print(f"no tokenizer this file runs for {args.init_from}: no prompt, the samples shown as token ids")
     for _ in range(args.num_samples):  # a checkpoint's tokenizer ends the text at its EOS (pretrained_tokenizer)
         with ctx:
             out = model.eval().generate(idx, args.max_new_tokens, args.temperature, args.top_k or None, args.top_p)
