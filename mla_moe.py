@@ -854,7 +854,6 @@ def bpe_merges(ids, merges):
     return [t for t in ids if t >= 0]
 
 
-
 def hf_steps(spec, key):
     """The steps of a tokenizer.json normalizer, pre_tokenizer or decoder: none, one, or a Sequence's."""
     return [] if not spec else spec[key] if spec["type"] == "Sequence" else [spec]
@@ -904,7 +903,6 @@ def hf_pre_tokenizer(spec):
         pattern = s["pattern"]
         out.append(isolate(regex.compile(pattern["Regex"] if "Regex" in pattern else regex.escape(pattern["String"]))))
     return out, True
-
 
 
 def hf_normalizer(spec):
@@ -1084,7 +1082,7 @@ def pretrained_tokenizer(path, sample_only):
         eos = json.loads((path / "config.json").read_text()).get("eos_token_id")
     except (OSError, ValueError, AttributeError):  # no config.json, or a damaged one: from_pretrained says so
         eos = None
-    eos = {eos} if isinstance(eos, int) else set(eos) if isinstance(eos, list) else set()
+    eos = {i for i in (eos if isinstance(eos, list) else [eos]) if isinstance(i, int)}  # one id, or several
     if tokenizer is None or not eos:
         return tokenizer
     name, encode, decode, vocab = tokenizer
