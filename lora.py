@@ -799,7 +799,8 @@ def python_bpe(tok):
 
     Cost: one pass of the normalizer and the split regexes over the text, then BPE once per distinct piece (cached);
     a piece with no pre_tokenizer (Llama 2: the whole text) is first cut where no token of the vocabulary holds the
-    two characters on either side, which no merge can join. About 1 MB a second or more (see the README)."""
+    two characters on either side, which no merge can join. Measured: 1 MB of text in 0.6 to 1.3 s with vocabularies
+    of 800 tokens, 7 s with 32K ones on a busy core, where `tokenizers` took 9 s (README)."""
     model, vocab, merges = tok["model"], tok["model"]["vocab"], {}
     for rank, merge in enumerate(model["merges"]):  # a merge of tokens not in the vocabulary: damaged
         a, b = merge.split(" ") if isinstance(merge, str) else merge
