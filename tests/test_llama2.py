@@ -305,15 +305,16 @@ def test_tokenizer_json_matches_tokenizers(tmp_path, style):
     assert decode([0] + ours[:5] + [10**6]) == "<|begin_of_text|>" + decode(ours[:5])  # specials kept, unknown dropped
 
 
-def test_unreadable_tokenizers_give_none(tmp_path):
+def test_tokenizers_of_other_kinds_give_none_damaged_ones_are_bad_input(tmp_path):
     assert llama2.hf_tokenizer(tmp_path / "missing.json") is None
     (tmp_path / "t.json").write_text("not json")
+    with pytest.raises(llama2.InputError, match="tokenizer.json is damaged"):
+        llama2.hf_tokenizer(tmp_path / "t.json")
+    no_decoder = {"model": {"type": "BPE", "vocab": {"▁a": 0}, "merges": []}, "normalizer": None,
+                  "pre_tokenizer": {"type": "Metaspace", "replacement": "▁"}}  # SentencePiece style, no decoder
+    (tmp_path / "t.json").write_text(json.dumps(no_decoder))
     assert llama2.hf_tokenizer(tmp_path / "t.json") is None
-    sentencepiece_like = {"model": {"type": "BPE", "vocab": {"▁a": 0}, "merges": []}, "normalizer": None,
-                          "pre_tokenizer": {"type": "Metaspace", "replacement": "▁"}}  # Llama 2 / TinyLlama
-    (tmp_path / "t.json").write_text(json.dumps(sentencepiece_like))
-    assert llama2.hf_tokenizer(tmp_path / "t.json") is None
-    train_tokenizer(tmp_path / "n.json", "gpt2", normalizer="NFKC")
+    train_tokenizer(tmp_path / "n.json", "gpt2", normalizer="Lowercase")
     assert llama2.hf_tokenizer(tmp_path / "n.json") is None
 
 
