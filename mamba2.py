@@ -898,12 +898,12 @@ def weights_size(model):
     return (f"{size / 1e9:.2f} GB " if size >= 1e8 else f"{size / 1e6:.2f} MB ") + "+".join(dtypes)
 
 
-def pretrained_tokenizer(path, sample_only):
+def pretrained_tokenizer(path, sample_only, file="tokenizer.json"):
     """A checkpoint's own tokenizer, from its tokenizer.json (see hf_tokenizer), its decode ending the text at the
     first of config.json's eos_token_id; None (token ids) will do for --sample_only, but not for training on text."""
-    tokenizer = hf_tokenizer(path / "tokenizer.json")
+    tokenizer = hf_tokenizer(path / file)
     if tokenizer is None and not sample_only:
-        raise InputError(f"{path} has no tokenizer.json of a kind this file runs (BPE: byte-level, or SentencePiece "
+        raise InputError(f"{path / file} is no tokenizer.json of a kind this file runs (BPE: byte-level, or SentencePiece "
                          "style with byte fallback), so it cannot be trained on text; --sample_only shows token ids")
     try:
         eos = json.loads((path / "config.json").read_text()).get("eos_token_id")
@@ -1126,7 +1126,7 @@ def build_model(args, given, ckpt, env):
         tokenizer = pretrained_tokenizer(checkpoint_dir(args.init_from, weights=False), args.sample_only)
         model = from_pretrained(args.init_from, env.device, load_dtype(args, env), args.dropout)
     else:
-        tokenizer = load_tokenizer()
+        tokenizer = load_tokenizer(args.tokenizer)
         model = Mamba2(Config(vocab_size=tokenizer[3], block_size=args.block_size, n_layer=args.n_layer,
                               n_embd=args.n_embd, d_state=args.d_state, expand=args.expand, headdim=args.headdim,
                               ngroups=args.ngroups, d_conv=args.d_conv, chunk_size=args.chunk_size,
@@ -1184,7 +1184,9 @@ def load_tokenizer(name=None):
             print(f"offline: tiktoken's gpt2 files cannot be had ({type(e).__name__}); using raw UTF-8 bytes as tokens")
     if name in (None, "bytes"):
         return "bytes", lambda s: list(s.encode()), lambda ids: bytes(ids).decode(errors="replace"), 256
-    return pretrained_tokenizer(Path(name).parent, sample_only=False)  # the tokenizer.json a checkpoint names
+    if not Path(name).is_file():
+        raise InputError(f"tokenizer {name}: no such file")
+    return pretrained_tokenizer(Path(name).parent, False, Path(name).name)  # --tokenizer's, or a checkpoint's
 
 
 def read_text(data):
@@ -1217,6 +1219,8 @@ def prepare_data(data, tokenizer, shards=1):
     name, text = read_text(data)
     out, files = HERE / "data" / name, {split: HERE / "data" / name / f"{split}.bin" for split in ("train", "val")}
     meta = dict(text=hashlib.sha1(text.encode()).hexdigest(), tokenizer=tokenizer[0], vocab_size=tokenizer[3])
+    if Path(tokenizer[0]).is_file():  # a tokenizer.json: its content, not its name, keys the cache
+        meta["tokenizer"] = hashlib.sha1(Path(tokenizer[0]).read_bytes()).hexdigest()
     if not all(f.exists() for f in files.values()) or not (out / "meta.json").exists() \
             or (out / "meta.json").read_text() != json.dumps(meta):
         ids = tokenizer[1](text)
@@ -1434,6 +1438,7 @@ def parse_args(argv):
     p.add_argument("--data_shards", type=int, help="FineWeb: training shards of 100M tokens (default: as the run needs)")
     p.add_argument("--out_dir", help=f"checkpoints and metrics (default out/{Path(__file__).stem})")
     p.add_argument("--init_from", default="scratch", help="'scratch', 'resume' (out_dir/ckpt.pt), a hub id or HF dir")
+    p.add_argument("--tokenizer", metavar="FILE", help="from scratch: a BPE tokenizer.json (bpe.py's) instead of gpt2")
     for n in ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size", "block_size", "warmup_iters"):
         p.add_argument(f"--{n}", type=int)
     p.add_argument("--lr_decay_iters", type=int, help="the cosine's end (default: max_iters; resumed: the run's own)")
@@ -1478,6 +1483,8 @@ def check_args(args):
         raise InputError(f"--optimizer muon needs torch 2.9 or later (torch.optim.Muon); this is torch {torch.__version__}")
     if args.sample_only and args.init_from == "scratch":
         raise InputError("--sample_only needs --init_from resume, a hub id or an HF directory")
+    if args.tokenizer and args.init_from != "scratch":  # a resumed or pretrained model has its own
+        raise InputError(f"--tokenizer is for training from scratch, not with --init_from {args.init_from}")
 
 
 def setup_device(args):
@@ -1518,7 +1525,7 @@ def run(args, given):
     ckpt = load_checkpoint(env.out_dir / "ckpt.pt") if args.init_from == "resume" else None
     if ckpt is not None:  # flags not typed take the checkpointed run's values, but for where to run and the sample
         for k in set(ckpt["args"]) - given - set("device dtype compile init_from sample_only out_dir tensorboard export "
-                                                  "prompt max_new_tokens num_samples temperature top_k top_p".split()):
+                                                  "prompt max_new_tokens num_samples temperature top_k top_p tokenizer".split()):
             setattr(args, k, ckpt["args"][k])
         args.lr_decay_iters = args.lr_decay_iters or ckpt["args"]["max_iters"]  # its schedule's end too
     for k, v in PRESETS["cuda" if env.device.type == "cuda" else "cpu"].items():

@@ -121,3 +121,30 @@ def test_unwritable_output_is_one_line_and_exit_2(tmp_path):
     r = run_script(tmp_path, [str(ROOT / "bpe.py"), "--data", "input.txt", "--out", "/dev/full"], offline_env(tmp_path))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "No space left" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_train_any_file_with_its_tokenizer(tmp_path, monkeypatch, offline, capsys):
+    """--tokenizer FILE: gpt2.py trains from scratch on bpe.py's tokens (any file name); the token cache is keyed by
+    the file's content (the same path with other merges tokenizes again); the checkpoint records it, so resume and
+    its sample use it; typed with resume, or a file that is not there: one line, exit 2."""
+    import gpt2
+    from conftest import script_home
+    script_home(gpt2, tmp_path, monkeypatch)
+    path = tmp_path / "mine.json"
+    tiny = ["--device", "cpu", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "16", "--batch_size",
+            "2", "--eval_iters", "1", "--log_interval", "1", "--max_new_tokens", "4"]
+    for text in (TRAIN, CORPUS[100_000:160_000]):  # the same size, other merges, the same file name
+        path.write_text(json.dumps(bpe.tokenizer_json(bpe.train(bpe.count_words(text), 299)[0], "gpt2")))
+        gpt2.main([*tiny, "--tokenizer", str(path), "--max_iters", "2"])
+        out = capsys.readouterr().out
+        assert f"tokenizer {path}" in out and f"tokenized shakespeare with {path}" in out  # the second time too
+        meta = json.loads((tmp_path / "data" / "shakespeare" / "meta.json").read_text())
+        assert meta["vocab_size"] == 300 and meta["tokenizer"] != str(path)  # a hash of the content
+    gpt2.main([*tiny, "--init_from", "resume", "--max_iters", "3"])
+    out = capsys.readouterr().out
+    assert f"tokenizer {path}" in out and "tokenized" not in out and "iter 3 |" in out
+    for bad, says in ((["--init_from", "resume", "--tokenizer", str(path)], "from scratch"),
+                      (["--tokenizer", str(tmp_path / "none.json")], "no such file")):
+        with pytest.raises(SystemExit) as e:
+            gpt2.main([*tiny, *bad])
+        assert e.value.code == 2 and says in capsys.readouterr().err
