@@ -64,3 +64,12 @@ def test_named_benchmarks_and_links_exist():
         if fragment:
             headings = re.findall(r"^#+ (.*)$", (ROOT / target).read_text(), flags=re.M)
             assert fragment in {anchor(h) for h in headings}, f"{target}#{fragment}"
+
+
+def test_the_tables_line_counts_are_the_files():
+    """The README's first table gives each script's length in lines: it is the file's."""
+    rows = [r.split("|") for r in (ROOT / "README.md").read_text().splitlines() if r.startswith("| [`")]
+    counts = {r[1].strip().split("`")[1]: r[5].strip() for r in rows if r[5].strip().isdigit()}
+    assert len(counts) >= 11
+    for script, n in counts.items():
+        assert int(n) == len((ROOT / script).read_text().splitlines()), script
