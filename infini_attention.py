@@ -1168,8 +1168,10 @@ def sample(model, tokenizer, args, ctx, title):
     torch.manual_seed(args.seed % 2**63)
     bos = [] if model.config.bos_token_id is None else [model.config.bos_token_id]
     prompt = bos + (tokenizer[1](args.prompt) if tokenizer else []) or [0]  # a long prompt: generate handles it
-    tops = []  # --show_top K: the K likeliest tokens of each step, from the logits generate samples from
-    top = lambda logits: tops.append(logits[0].div(args.temperature or 1).softmax(-1).topk(args.show_top))
+    tops = []  # --show_top K: the K likeliest tokens of each step
+
+    def top(logits):  # of the distribution generate samples from, before top_k/top_p filtering
+        tops.append(logits[0].div(args.temperature or 1).softmax(-1).topk(min(args.show_top, logits.size(-1))))
     with ctx:
         out = model.eval().generate(torch.tensor([prompt], device=next(model.parameters()).device),
                                     args.max_new_tokens, args.temperature, args.top_k or None, args.top_p,

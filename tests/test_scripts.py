@@ -159,6 +159,7 @@ BAD_INPUTS = [
     (["--dropout", "1.5"], "dropout must be in [0, 1)"),
     (["--top_p", "2"], "--top_p must be in (0, 1]"),
     (["--temperature", "-1"], "--temperature must not be negative"),
+    (["--show_top", "-1"], "--show_top must not be negative"),
     (["--init_from", "resume"], "no checkpoint"),
     (["--init_from", "nosuchorg/nosuchmodel"], "cannot fetch"),
     (["--init_from", "./no_such_dir"], "not a checkpoint directory"),
