@@ -31,6 +31,7 @@ released checkpoint samples from token ids and prints token ids (--sample_only),
     python jamba.py --device cuda                       # one GPU: bf16, torch.compile, 8 layers x 384
     torchrun --standalone --nproc_per_node 8 jamba.py   # DDP on 8 GPUs
     python jamba.py --init_from ai21labs/Jamba-tiny-dev --sample_only --temperature 0   # token ids in, token ids out
+    python jamba.py --init_from resume --sample_only --show_routing --show_top 3   # each token's experts
 
 Offline (no download, no tiktoken files) it says so and carries on: the Python standard library's own source
 as the text, raw UTF-8 bytes as the tokens. Every step's randomness (batches, dropout) is drawn from a seed

@@ -25,6 +25,7 @@ across GPUs, the SentencePiece tokenizer of the released checkpoints (they sampl
     python mixtral.py --device cuda                        # one GPU: bf16, torch.compile, 6 layers x 384, 8 experts
     torchrun --standalone --nproc_per_node 8 mixtral.py    # DDP on 8 GPUs
     python mixtral.py --init_from mistralai/Mixtral-8x7B-v0.1 --sample_only   # 93 GB of weights
+    python mixtral.py --init_from resume --sample_only --show_routing --show_top 3   # each token's experts
 
 Offline (no download, no tiktoken files) it says so and carries on: the Python standard library's own source
 as the text, raw UTF-8 bytes as the tokens. Every step's randomness (batches, dropout, router jitter) is drawn

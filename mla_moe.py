@@ -29,6 +29,7 @@ Tested on tiny checkpoints written by transformers (and FP8 ones quantized by th
     python mla_moe.py --device cuda                        # one GPU: bf16, torch.compile
     torchrun --standalone --nproc_per_node 8 mla_moe.py    # DDP on 8 GPUs
     python mla_moe.py --init_from some/deepseek-v3-style-checkpoint --sample_only
+    python mla_moe.py --init_from resume --sample_only --show_routing --show_top 3   # each token's experts
 
 Offline (no download, no tiktoken files) it says so and carries on: the Python standard library's own source as
 the text, raw UTF-8 bytes as the tokens. Every step's randomness is drawn from (--seed, iteration, rank), so
