@@ -450,7 +450,8 @@ class BitNet(nn.Module):
         return logits[..., :V], loss
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
+                 on_logits=None):
         """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 is greedy. Runs as the model is:
         from the master weights, or from the packed codes after pack(model), with the same logits.
 
@@ -468,12 +469,14 @@ class BitNet(nn.Module):
                 cache = None
                 x = self.hidden(idx[:, -self.config.block_size:])
             logits = self.lm_head(x[:, -1])[:, :self.config.vocab_size]  # only the last position is sampled
-            idx = torch.cat([idx, sample_next(logits.float(), temperature, top_k, top_p)], dim=1)
+            idx = torch.cat([idx, sample_next(logits.float(), temperature, top_k, top_p, on_logits)], dim=1)
         return idx
 
 
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
-    """logits (B, V) -> next token ids (B, 1)."""
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, on_logits=None):
+    """logits (B, V) -> next token ids (B, 1); on_logits: called with the logits first (--show_top)."""
+    if on_logits is not None:
+        on_logits(logits)
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits / temperature
@@ -1403,6 +1406,16 @@ def log_metrics(record, env):
     for k, v in record.items():
         if env.writer and k != "iter" and isinstance(v, (int, float)):
             env.writer.add_scalar(k, v, record["iter"])
+        elif env.writer and v and isinstance(v, list) and isinstance(v[0], list):  # a MoE's load: layers x experts
+            env.writer.add_image(k, heatmap(v), record["iter"], dataformats="HW")
+
+
+def heatmap(table):
+    """A table of numbers (rows x columns, e.g. MoE layers x experts) as a grey uint8 image, 8 x 8 pixels a cell:
+    black at the table's least value, white at its greatest."""
+    t = torch.tensor(table, dtype=torch.float32)
+    t = (t - t.min()) / (t.max() - t.min()).clamp_min(1e-12)
+    return (255 * t).round().to(torch.uint8).repeat_interleave(8, 0).repeat_interleave(8, 1).numpy()
 
 
 def open_logs(args, iter_num, env):
@@ -1420,16 +1433,42 @@ def open_logs(args, iter_num, env):
 
 
 def sample(model, tokenizer, args, ctx, title):
-    """Print --num_samples samples of --max_new_tokens after --prompt (and the checkpoint's BOS, if it defines one)."""
+    """Print --num_samples samples of --max_new_tokens after --prompt (and the checkpoint's BOS, if it defines one);
+    with --show_top K, each sampled token beside the K likeliest. -> the first sample's ids (BOS, prompt, sample)."""
     torch.manual_seed(args.seed % 2**63)
     bos = [] if model.config.bos_token_id is None else [model.config.bos_token_id]
     idx = torch.tensor([bos + (tokenizer[1](args.prompt) if tokenizer else []) or [0]], device=model.lm_head.weight.device)
     if tokenizer is None:  # a checkpoint whose tokenizer.json is of a kind hf_tokenizer does not run, or none
         print(f"no tokenizer this file runs for {args.init_from}: no prompt, the samples shown as token ids")
+    samples, tops = [], []
+
+    def top(logits):  # --show_top K: of the distribution generate samples from, before top_k/top_p filtering
+        tops.append(logits[0].div(args.temperature or 1).softmax(-1).topk(min(args.show_top, logits.size(-1))))
     for _ in range(args.num_samples):  # a checkpoint's tokenizer ends the text at its EOS (pretrained_tokenizer)
         with ctx:
-            out = model.eval().generate(idx, args.max_new_tokens, args.temperature, args.top_k or None, args.top_p)
-        print(f"--- {title} ---\n{tokenizer[2](out[0, len(bos):].tolist()) if tokenizer else out[0].tolist()}\n---")
+            out = model.eval().generate(idx, args.max_new_tokens, args.temperature, args.top_k or None, args.top_p,
+                                        on_logits=top if args.show_top else None)[0].tolist()
+        print(f"--- {title} ---\n{tokenizer[2](out[len(bos):]) if tokenizer else out}\n---")
+        show_top(out, tops, tokenizer, args)
+        samples.append(out)
+        tops.clear()
+    return samples[0]
+
+
+def show_top(out, tops, tokenizer, args):
+    """--show_top K: each sampled token of out, then the K likeliest tokens of its step (tops) with their probabilities."""
+    if tops:
+        print(f"--show_top {args.show_top}: each sampled token, then the likeliest next tokens with their "
+              f"probabilities, softmax(logits / {args.temperature or 1:g}), before --top_k/--top_p filtering")
+    for t, (p, i) in zip(out[len(out) - len(tops):], tops):
+        likeliest = ", ".join(f"{token_text(tokenizer, j)} {format(q, '.2f').lstrip('0')}"
+                              for q, j in zip(p.tolist(), i.tolist()))
+        print(f"  {token_text(tokenizer, t):<14} | top: {likeliest}")
+
+
+def token_text(tokenizer, i):
+    """One token as text, quoted, newlines and other control characters escaped (its id without a tokenizer)."""
+    return repr(tokenizer[2]([i])) if tokenizer else str(i)
 
 
 def evaluate(model, eval_model, batch, optimizers, scaler, state, tokenizer, args, env):
@@ -1558,6 +1597,8 @@ def parse_args(argv):
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     p.add_argument("--top_k", type=int, default=200, help="sample among the k likeliest tokens (0: all)")
     p.add_argument("--top_p", type=float, help="sample among the likeliest tokens up to this probability mass")
+    p.add_argument("--show_top", type=int, default=0, metavar="K", help="after the sample, each token beside the K "
+                   "likeliest next tokens and their probabilities (0: off)")
     p.add_argument("--sample_only", action="store_true", help="load --init_from and sample; no training")
     p.add_argument("--export", metavar="DIR", help="at the end, write the model in the Hugging Face layout there")
     add_model_flags(p)
@@ -1577,7 +1618,7 @@ def check_args(args):
     for name, value in vars(args).items():
         if name in positive and value is not None and value <= 0:
             raise InputError(f"--{name} must be positive, got {value}")
-        counts = name in ("warmup_iters", "patience", "top_k", "seed")
+        counts = name in ("warmup_iters", "patience", "top_k", "seed", "show_top")
         if (type(value) is float or counts) and not 0 <= value < math.inf:
             raise InputError(f"--{name} must " + ("not be negative" if value < 0 else "be finite") + f", got {value}")
     if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
@@ -1628,7 +1669,7 @@ def run(args, given):
     ckpt = load_checkpoint(env.out_dir / "ckpt.pt") if args.init_from == "resume" else None
     if ckpt is not None:  # flags not typed take the checkpointed run's values, but for where to run and the sample
         for k in set(ckpt["args"]) - given - set("device dtype compile init_from sample_only out_dir tensorboard export "
-                                                  "prompt max_new_tokens num_samples temperature top_k top_p tokenizer".split()):
+                                                  "prompt max_new_tokens num_samples temperature top_k top_p show_top tokenizer".split()):
             setattr(args, k, ckpt["args"][k])
         args.lr_decay_iters = args.lr_decay_iters or ckpt["args"]["max_iters"]  # its schedule's end too
     for k, v in PRESETS["cuda" if env.device.type == "cuda" else "cpu"].items():

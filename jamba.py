@@ -31,6 +31,7 @@ knows (BPE with byte fallback); otherwise it samples as token ids (--sample_only
     python jamba.py --device cuda                       # one GPU: bf16, torch.compile, 8 layers x 384
     torchrun --standalone --nproc_per_node 8 jamba.py   # DDP on 8 GPUs
     python jamba.py --init_from ai21labs/Jamba-tiny-dev --sample_only --temperature 0   # greedy
+    python jamba.py --init_from resume --sample_only --show_routing --show_top 3   # each token's experts
 
 Offline (no download, no tiktoken files) it says so and carries on: the Python standard library's own source
 as the text, raw UTF-8 bytes as the tokens. Every step's randomness (batches, dropout) is drawn from a seed
@@ -47,7 +48,8 @@ import struct
 import sys
 import time
 import unicodedata
-from contextlib import nullcontext
+from collections import Counter
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from types import SimpleNamespace
@@ -489,6 +491,7 @@ class SparseMoE(nn.Module):
         self.w3 = nn.Parameter(torch.empty(E, f, d))  # up projection
         self.w2 = nn.Parameter(torch.empty(E, d, f))  # down projection
         self.dropout = nn.Dropout(cfg.dropout)
+        self.record = None  # a list while a sample is shown with --show_routing (recording); training never sets it
 
     def forward(self, x):
         B, T, d = x.shape
@@ -499,6 +502,8 @@ class SparseMoE(nn.Module):
         dt, logits = logits.dtype, logits.float()           # (N, E): the matmul's dtype (bf16 under autocast), the
                                                             # softmax and top-k on it in float32, as the reference
         weight, expert = self.route(logits)                 # (N, k): the chosen experts and their weights
+        if self.record is not None:                         # --show_routing: the routing of these N tokens
+            self.record.append((expert, weight))
 
         # Each (token, choice) pair gets a row: choice-major order (all first choices, then all second ones),
         # so when an expert is full its tokens' first choices won (GShard's priority).
@@ -702,7 +707,8 @@ class Jamba(nn.Module):
         return dict(expert_load=load)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
+                 on_logits=None):
         """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 is greedy. Routing is dropless.
 
         With the hybrid cache the prompt goes through the model once, leaving each attention layer's keys and values
@@ -715,12 +721,14 @@ class Jamba(nn.Module):
             x = self.hidden(idx[:, pos:], cache, pos)
             pos = idx.size(1) if use_cache else 0
             logits = self.lm_head(x[:, -1])[:, :self.config.vocab_size]  # only the last position is sampled
-            idx = torch.cat([idx, sample_next(logits.float(), temperature, top_k, top_p)], dim=1)
+            idx = torch.cat([idx, sample_next(logits.float(), temperature, top_k, top_p, on_logits)], dim=1)
         return idx
 
 
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
-    """logits (B, V) -> next token ids (B, 1)."""
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, on_logits=None):
+    """logits (B, V) -> next token ids (B, 1); on_logits: called with the logits first (--show_top)."""
+    if on_logits is not None:
+        on_logits(logits)
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits / temperature
@@ -1473,6 +1481,8 @@ def add_model_flags(p):
                         "tokens, the rest skip the layer (static shapes); evaluation and sampling stay dropless")
     p.add_argument("--aux_loss_coef", type=float, default=0.001, help="load-balancing loss weight (Jamba: 0.001)")
     p.add_argument("--z_loss_coef", type=float, default=0.0, help="router z-loss weight (Jamba: none)")
+    p.add_argument("--show_routing", action="store_true", help="after the sample, the experts each token went to in "
+                   "each MoE layer with their weights, and the tokens each expert took")
     p.add_argument("--dropout", type=float, help="on the attention weights and the residual branches")
 
 
@@ -1524,14 +1534,83 @@ def batches(args, tokenizer, env):  # batch(split) -> (x, y): Jamba learns from 
 
 def show_sample(model, tokenizer, args, env, title):
     """What a run shows at its end (or with --sample_only): the hybrid cache a sequence costs at 1K and 256K tokens
-    next to an all-attention model of the same shape (the paper's Table 1), then a sample."""
+    next to an all-attention model of the same shape (the paper's Table 1), then a sample (with --show_routing, then
+    the experts of each of its tokens in the MoE layers)."""
     cfg, itemsize = model.config, (env.dtype if env.dtype != torch.float32 else model.lm_head.weight.dtype).itemsize
     n_attn = sum(cfg.is_attention(i) for i in range(cfg.n_layer))
     for T in (1024, 262144):
         hybrid, full = model.cache_bytes(T, itemsize)
         print(f"cache at {T // 1024}K tokens: {hybrid:,} bytes ({n_attn} attention layers' K and V + {cfg.n_layer - n_attn} "
               f"Mamba states), all-attention of the same shape {full:,} bytes: {full / hybrid:.1f}x more")
-    sample(model, tokenizer, args, env.ctx, title)
+    routers = [model.model.layers[i].feed_forward for i in model.moe_layers] if args.show_routing else []
+    with recording(routers) as records:
+        ids = sample(model, tokenizer, args, env.ctx, title)
+    if routers:
+        routes = [token_routes(r[:len(r) // args.num_samples]) for r in records]  # the first sample's: with its ids
+        show_routing(ids, tokenizer, model.moe_layers, routes, cfg.n_expert)
+
+
+# --show_routing: the experts each token went to, recorded while the sample is drawn (no second forward pass)
+
+@contextmanager
+def recording(routers):
+    """Each router's `record` a list for the time of a sample, each forward appending its routing to it; None again
+    after, so that training never records (a None check costs nothing)."""
+    for r in routers:
+        r.record = []
+    try:
+        yield [r.record for r in routers]
+    finally:
+        for r in routers:
+            r.record = None
+
+
+def token_routes(calls):
+    """One router's record over a sample of one sequence, a tuple of (N, ...) tensors per forward -> the tuple's rows
+    for each token fed in, in order, as lists: all of the first forward's (the prompt), then the last row of each
+    later one (the new token; a forward that re-reads a sliding window routes the whole window again)."""
+    return [torch.cat([calls[0][j]] + [c[j][-1:] for c in calls[1:]]).tolist() for j in range(len(calls[0]))]
+
+
+EXPERT_COLORS = (196, 46, 33, 226, 201, 51, 208, 129, 118, 39, 214, 163, 85, 227, 105, 203)  # ANSI 256-color codes
+
+
+def paint(e, text, color):
+    """text in expert e's own color when color is on (the first 16 experts have distinct ones, then a cube walk)."""
+    if not color:
+        return text
+    return f"\x1b[38;5;{EXPERT_COLORS[e] if e < len(EXPERT_COLORS) else 16 + 37 * e % 216}m{text}\x1b[0m"
+
+
+def show_routing(ids, tokenizer, layers, routes, n_expert, extra=None):
+    """After the sample (ids: the sequence generate returned), a row per token fed to the model (all but the last
+    sampled one): its text, then per MoE layer L the experts it went to with their gating weights (e:weight); then
+    the tokens of each expert per layer, and the tokens each expert took most. routes: per layer, token_routes of
+    its router, (experts, weights, ...); extra: a string per token that ends its row. Colors in a terminal only,
+    never with NO_COLOR set."""
+    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    n, k = len(routes[0][0]), len(routes[0][0][0])
+    tokens = [token_text(tokenizer, i) for i in ids[len(ids) - 1 - n:-1]]
+    print(f"--show_routing: each token fed in (the last sampled one never is), then per MoE layer L its {k} experts "
+          "as expert:weight")
+    for t, token in enumerate(tokens):
+        cols = [f"L{i} " + " ".join(paint(e, f"{e}:{format(w, '.2f').lstrip('0')}", color)
+                                    for e, w in zip(r[0][t], r[1][t])) for i, r in zip(layers, routes)]
+        print(f"  {token:<14} | " + " | ".join(cols) + (f" | {extra[t]}" if extra else ""))
+    took = {i: [Counter() for _ in range(n_expert)] for i in layers}
+    for i, r in zip(layers, routes):
+        for token, chosen in zip(tokens, r[0]):
+            for e in chosen:
+                took[i][e][token] += 1
+    print(f"tokens per expert and layer over these {n} tokens ({k} experts each)\n  layer" +
+          "".join(paint(e, f"{f'e{e}':>5}", color) for e in range(n_expert)))
+    for i, counts in took.items():
+        print(f"  L{i:<4d}" + "".join(f"{sum(counts[e].values()):5d}" for e in range(n_expert)))
+    print("the tokens each expert took most (token xcount)")
+    for i, counts in took.items():
+        for e in filter(lambda e: counts[e], range(n_expert)):
+            print(f"  L{i} {paint(e, f'e{e}', color)}: " + ", ".join(f"{token} x{c}"
+                                                                   for token, c in counts[e].most_common(4)))
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -1667,6 +1746,16 @@ def log_metrics(record, env):
     for k, v in record.items():
         if env.writer and k != "iter" and isinstance(v, (int, float)):
             env.writer.add_scalar(k, v, record["iter"])
+        elif env.writer and v and isinstance(v, list) and isinstance(v[0], list):  # a MoE's load: layers x experts
+            env.writer.add_image(k, heatmap(v), record["iter"], dataformats="HW")
+
+
+def heatmap(table):
+    """A table of numbers (rows x columns, e.g. MoE layers x experts) as a grey uint8 image, 8 x 8 pixels a cell:
+    black at the table's least value, white at its greatest."""
+    t = torch.tensor(table, dtype=torch.float32)
+    t = (t - t.min()) / (t.max() - t.min()).clamp_min(1e-12)
+    return (255 * t).round().to(torch.uint8).repeat_interleave(8, 0).repeat_interleave(8, 1).numpy()
 
 
 def open_logs(args, iter_num, env):
@@ -1684,16 +1773,42 @@ def open_logs(args, iter_num, env):
 
 
 def sample(model, tokenizer, args, ctx, title):
-    """Print --num_samples samples of --max_new_tokens after --prompt (and the checkpoint's BOS, if it defines one)."""
+    """Print --num_samples samples of --max_new_tokens after --prompt (and the checkpoint's BOS, if it defines one);
+    with --show_top K, each sampled token beside the K likeliest. -> the first sample's ids (BOS, prompt, sample)."""
     torch.manual_seed(args.seed % 2**63)
     bos = [] if model.config.bos_token_id is None else [model.config.bos_token_id]
     idx = torch.tensor([bos + (tokenizer[1](args.prompt) if tokenizer else []) or [0]], device=model.lm_head.weight.device)
     if tokenizer is None:  # a checkpoint whose tokenizer.json is of a kind hf_tokenizer does not run, or none
         print(f"no tokenizer this file runs for {args.init_from}: no prompt, the samples shown as token ids")
+    samples, tops = [], []
+
+    def top(logits):  # --show_top K: of the distribution generate samples from, before top_k/top_p filtering
+        tops.append(logits[0].div(args.temperature or 1).softmax(-1).topk(min(args.show_top, logits.size(-1))))
     for _ in range(args.num_samples):  # a checkpoint's tokenizer ends the text at its EOS (pretrained_tokenizer)
         with ctx:
-            out = model.eval().generate(idx, args.max_new_tokens, args.temperature, args.top_k or None, args.top_p)
-        print(f"--- {title} ---\n{tokenizer[2](out[0, len(bos):].tolist()) if tokenizer else out[0].tolist()}\n---")
+            out = model.eval().generate(idx, args.max_new_tokens, args.temperature, args.top_k or None, args.top_p,
+                                        on_logits=top if args.show_top else None)[0].tolist()
+        print(f"--- {title} ---\n{tokenizer[2](out[len(bos):]) if tokenizer else out}\n---")
+        show_top(out, tops, tokenizer, args)
+        samples.append(out)
+        tops.clear()
+    return samples[0]
+
+
+def show_top(out, tops, tokenizer, args):
+    """--show_top K: each sampled token of out, then the K likeliest tokens of its step (tops) with their probabilities."""
+    if tops:
+        print(f"--show_top {args.show_top}: each sampled token, then the likeliest next tokens with their "
+              f"probabilities, softmax(logits / {args.temperature or 1:g}), before --top_k/--top_p filtering")
+    for t, (p, i) in zip(out[len(out) - len(tops):], tops):
+        likeliest = ", ".join(f"{token_text(tokenizer, j)} {format(q, '.2f').lstrip('0')}"
+                              for q, j in zip(p.tolist(), i.tolist()))
+        print(f"  {token_text(tokenizer, t):<14} | top: {likeliest}")
+
+
+def token_text(tokenizer, i):
+    """One token as text, quoted, newlines and other control characters escaped (its id without a tokenizer)."""
+    return repr(tokenizer[2]([i])) if tokenizer else str(i)
 
 
 def evaluate(model, eval_model, batch, optimizers, scaler, state, tokenizer, args, env):
@@ -1822,6 +1937,8 @@ def parse_args(argv):
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     p.add_argument("--top_k", type=int, default=200, help="sample among the k likeliest tokens (0: all)")
     p.add_argument("--top_p", type=float, help="sample among the likeliest tokens up to this probability mass")
+    p.add_argument("--show_top", type=int, default=0, metavar="K", help="after the sample, each token beside the K "
+                   "likeliest next tokens and their probabilities (0: off)")
     p.add_argument("--sample_only", action="store_true", help="load --init_from and sample; no training")
     p.add_argument("--export", metavar="DIR", help="at the end, write the model in the Hugging Face layout there")
     add_model_flags(p)
@@ -1841,7 +1958,7 @@ def check_args(args):
     for name, value in vars(args).items():
         if name in positive and value is not None and value <= 0:
             raise InputError(f"--{name} must be positive, got {value}")
-        counts = name in ("warmup_iters", "patience", "top_k", "seed")
+        counts = name in ("warmup_iters", "patience", "top_k", "seed", "show_top")
         if (type(value) is float or counts) and not 0 <= value < math.inf:
             raise InputError(f"--{name} must " + ("not be negative" if value < 0 else "be finite") + f", got {value}")
     if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
@@ -1892,7 +2009,7 @@ def run(args, given):
     ckpt = load_checkpoint(env.out_dir / "ckpt.pt") if args.init_from == "resume" else None
     if ckpt is not None:  # flags not typed take the checkpointed run's values, but for where to run and the sample
         for k in set(ckpt["args"]) - given - set("device dtype compile init_from sample_only out_dir tensorboard export "
-                                                  "prompt max_new_tokens num_samples temperature top_k top_p tokenizer".split()):
+                                                  "prompt max_new_tokens num_samples temperature top_k top_p show_top tokenizer".split()):
             setattr(args, k, ckpt["args"][k])
         args.lr_decay_iters = args.lr_decay_iters or ckpt["args"]["max_iters"]  # its schedule's end too
     for k, v in PRESETS["cuda" if env.device.type == "cuda" else "cpu"].items():

@@ -23,8 +23,9 @@ def heads(script):
 
 @pytest.mark.parametrize("script", [s for s in ("mixtral", "mla_moe") if s in SCRIPTS])
 def test_tensorboard_gets_numbers_only(script, tmp_path, monkeypatch, offline, capsys):
-    """--tensorboard crashed the MoE files at the first eval: the expert load (lists) went to add_scalar."""
-    scalars = []
+    """--tensorboard crashed the MoE files at the first eval: the expert load (lists) went to add_scalar. Numbers go
+    to add_scalar, the load (layers x experts) to add_image as a heatmap."""
+    scalars, images = [], []
 
     class SummaryWriter:  # TensorBoard's add_scalar takes a number, nothing else
         def __init__(self, log_dir):
@@ -35,6 +36,10 @@ def test_tensorboard_gets_numbers_only(script, tmp_path, monkeypatch, offline, c
                 raise TypeError(f"{tag}: {type(value).__name__} is no scalar")
             scalars.append(tag)
 
+        def add_image(self, tag, img, step, dataformats):  # a grey image: (H, W) of uint8
+            assert img.dtype.name == "uint8" and img.ndim == 2 and dataformats == "HW"
+            images.append(tag)
+
         def close(self):
             pass
 
@@ -42,7 +47,7 @@ def test_tensorboard_gets_numbers_only(script, tmp_path, monkeypatch, offline, c
     module = importlib.import_module(script)
     script_home(module, tmp_path, monkeypatch)
     module.main([*TINY, *heads(script), "--max_iters", "2", "--eval_interval", "2", "--tensorboard"])
-    assert {"loss", "balance", "val"} <= set(scalars)
+    assert {"loss", "balance", "val"} <= set(scalars) and "expert_load" in images
 
 
 @pytest.mark.parametrize("script", [s for s in ("mixtral", "mla_moe") if s in SCRIPTS])

@@ -160,6 +160,7 @@ BAD_INPUTS = [
     (["--top_p", "2"], "--top_p must be in (0, 1]"),
     (["--temperature", "-1"], "--temperature must not be negative"),
     (["--num_samples", "0"], "--num_samples must be positive"),
+    (["--show_top", "-1"], "--show_top must not be negative"),
     (["--init_from", "resume"], "no checkpoint"),
     (["--init_from", "nosuchorg/nosuchmodel"], "cannot fetch"),
     (["--init_from", "./no_such_dir"], "not a checkpoint directory"),
