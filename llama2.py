@@ -14,13 +14,15 @@ checkpoint in the Hugging Face Llama layout (Llama 2, TinyLlama, Llama 3.x, or w
 `LlamaForCausalLM.save_pretrained` writes), sharded or not, bf16 or fp32, with a safetensors reader of
 its own, and the checkpoint's tokenizer when tiktoken can read it (Llama 3's byte-level BPE, from
 tokenizer.json); training on tiny-shakespeare, FineWeb or any text file with AdamW or Muon, warmup + cosine, gradient
-accumulation, bf16 autocast, torch.compile and DistributedDataParallel; exact resume from atomic
-checkpoints. What is not: Llama 2's SentencePiece tokenizer (a Llama 2 checkpoint samples as token ids),
-the chat templates, the 2T-token pretraining data, rope scalings other than linear and llama3.
+accumulation, bf16 autocast, torch.compile, DistributedDataParallel or FSDP2 (--fsdp), and Megatron-style tensor
+parallelism (--tp, with FSDP on a 2-D mesh, as Llama 3 trained); exact resume from atomic checkpoints. What is
+not: Llama 2's SentencePiece tokenizer (a Llama 2 checkpoint samples as token ids), the chat templates, the 2T-token pretraining data, rope scalings other than linear and llama3.
 
     python llama2.py                                     # CPU: a tiny model, about three minutes
     python llama2.py --device cuda                       # one GPU: bf16, torch.compile, 6 layers x 384
     torchrun --standalone --nproc_per_node 8 llama2.py   # DDP on 8 GPUs
+    torchrun --standalone --nproc_per_node 8 llama2.py --init_from meta-llama/Llama-3.1-8B --fsdp --tp 2
+                                                         # FSDP over 4 x tensor parallelism over 2 (README)
     python llama2.py --init_from meta-llama/Llama-3.2-1B --sample_only --prompt "The capital of France is"
 
 Gated hub repos (meta-llama/*) need HF_TOKEN in the environment. Offline (no download, no tiktoken
