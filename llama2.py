@@ -16,7 +16,8 @@ its own, and the checkpoint's tokenizer when tiktoken can read it (Llama 3's byt
 tokenizer.json); training on tiny-shakespeare, FineWeb or any text file with AdamW or Muon, warmup + cosine, gradient
 accumulation, bf16 autocast, torch.compile, DistributedDataParallel or FSDP2 (--fsdp), and Megatron-style tensor
 parallelism (--tp, with FSDP on a 2-D mesh, as Llama 3 trained); exact resume from atomic checkpoints. What is
-not: Llama 2's SentencePiece tokenizer (a Llama 2 checkpoint samples as token ids), the chat templates, the 2T-token pretraining data, rope scalings other than linear and llama3.
+not: Llama 2's SentencePiece tokenizer (a Llama 2 checkpoint samples as token ids), the chat templates, the 2T-token
+pretraining data, rope scalings other than linear and llama3, pipeline parallelism.
 
     python llama2.py                                     # CPU: a tiny model, about three minutes
     python llama2.py --device cuda                       # one GPU: bf16, torch.compile, 6 layers x 384
