@@ -61,7 +61,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 HERE = Path(__file__).resolve().parent
 HF_ENDPOINT = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
@@ -1369,15 +1374,19 @@ def token_text(tokenizer, i):
 
 
 def evaluate(model, eval_model, batch, optimizers, scaler, state, tokenizer, args, env):
-    """Eval both splits, save ckpt.pt (and best.pt when val improved), print and log; True: stop early."""
+    """Eval both splits, save ckpt.pt (and best.pt when val improved), print and log; True: stop early. Rank 0 alone
+    under DDP; every rank under --fsdp (the forward and the gathering of the state are collectives), rank 0 writing."""
     losses, it, ckpt_path = estimate_loss(eval_model, batch, args, env.ctx), state["iter_num"], env.out_dir / "ckpt.pt"
     if not all(map(math.isfinite, losses.values())):  # the NaN guard: stop before anything bad is saved
         diverged(f"eval {it} | train {losses['train']} | val {losses['val']}", env)
     improved = losses["val"] < state["best_val"]
     state["evals_since_best"] = 0 if improved else state["evals_since_best"] + 1
     state["best_val"] = min(losses["val"], state["best_val"])
-    ckpt = dict(state, model=trained_state(model), optimizer=[o.state_dict() for o in optimizers], args=vars(args),
-                scaler=scaler.state_dict(), config=asdict(model.config), tokenizer=tokenizer[0])
+    trained, optimizer_states = whole_state(model, optimizers, args)
+    if not env.master:
+        return False  # rank 0 decides and broadcasts
+    ckpt = dict(state, model=trained, optimizer=optimizer_states, args=vars(args), scaler=scaler.state_dict(),
+                config=asdict(model.config), tokenizer=tokenizer[0])
     for path in [ckpt_path] + [env.out_dir / "best.pt"] * improved:  # best.pt: early stopping never loses the best
         save_checkpoint(ckpt, path)
     print(f"eval {it} | train {losses['train']:.4f} | val {losses['val']:.4f} | saved {ckpt_path}"
@@ -1390,6 +1399,53 @@ def evaluate(model, eval_model, batch, optimizers, scaler, state, tokenizer, arg
     return False
 
 
+def whole_state(model, optimizers, args):
+    """(the trained tensors, the optimizers' state_dicts) for ckpt.pt; --fsdp: gathered whole to rank 0's CPU (a
+    collective), parameters numbered as torch's state_dict numbers them: one file for FSDP, DDP, one process."""
+    if not args.fsdp:
+        return trained_state(model), [optimizer.state_dict() for optimizer in optimizers]
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(model, options=options)  # empty on ranks other than 0
+    saved = [get_optimizer_state_dict(model, optimizer, options=options) for optimizer in optimizers]
+    return {k: state[k] for k in trained_state(model) if state}, [rekey(s) if s else s for s in saved]
+
+
+def rekey(saved, keys=None):
+    """An optimizer state_dict with its parameters' keys replaced, in order, by keys (default 0, 1, ...)."""
+    old = [k for group in saved["param_groups"] for k in group["params"]]
+    new = dict(zip(old, range(len(old)) if keys is None else keys, strict=True))
+    return dict(state={new[k]: v for k, v in saved["state"].items()},
+                param_groups=[dict(group, params=[new[k] for k in group["params"]]) for group in saved["param_groups"]])
+
+
+def load_optimizer(model, optimizer, saved, args):
+    """ckpt.pt's state of one optimizer; under --fsdp every rank reads the whole of it and keeps its own shard."""
+    if not args.fsdp:
+        return optimizer.load_state_dict(saved)
+    names = {id(p): name for name, p in model.named_parameters()}
+    saved = rekey(saved, [names[id(p)] for group in optimizer.param_groups for p in group["params"]])
+    set_optimizer_state_dict(model, optimizer, saved, options=StateDictOptions(full_state_dict=True))
+
+
+def shard(model, env):
+    """--fsdp: FSDP2's fully_shard on each Block, then the root, over the data-parallel ranks (bf16 weights in compute,
+    float32 reductions); a model with `tp` > 1 (llama2.py) first splits itself over the "tp" ranks: `parallelize`."""
+    mesh = init_device_mesh(env.device.type, (env.world // env.tp, env.tp), mesh_dim_names=("dp", "tp"))
+    getattr(model, "parallelize", lambda tp_mesh: None)(mesh["tp"])  # llama2.py's --tp
+    for module in [m for m in model.modules() if type(m).__name__ == "Block"] + [model]:  # float32: no cast
+        fully_shard(module, mesh=mesh["dp"], mp_policy=MixedPrecisionPolicy(env.dtype, reduce_dtype=torch.float32))
+
+
+def clip_grad_norm(model, max_norm):
+    """clip_grad_norm_, also for DTensors on several meshes (--tp: (dp, tp) and dp), which it cannot stack."""
+    mesh = {p: getattr(p.grad, "device_mesh", None) for p in model.parameters() if p.grad is not None}
+    groups = [[p for p in mesh if mesh[p] == m] for m in dict.fromkeys(mesh.values())]  # one per mesh
+    norms = [get_total_norm([p.grad for p in group]) for group in groups]
+    total = torch.stack([n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]).norm()  # DTensor: reduced
+    for group in groups:
+        clip_grads_with_norm_(group, max_norm, total)
+
+
 def diverged(line, env):
     """The NaN guard: stop (exit 1) before anything bad is saved."""
     print(f"{line}: training diverged; stopping. The last good checkpoint is {env.out_dir}/ckpt.pt", file=sys.stderr)
@@ -1398,19 +1454,21 @@ def diverged(line, env):
 
 def train(model, batch, tokenizer, args, ckpt, env):
     """--max_iters steps of --grad_accum micro-steps, logged, evaluated and saved; (the last iteration, best val)."""
+    if args.fsdp:  # before the optimizers: their parameters are the shards
+        shard(model, env)
     optimizers = configure_optimizer(model, args, env.device)
     scaler = torch.amp.GradScaler(env.device.type, enabled=env.dtype == torch.float16)
     state = dict(iter_num=0, best_val=float("inf"), evals_since_best=0)
     if ckpt is not None:
         for optimizer, saved in zip(optimizers, ckpt["optimizer"], strict=True):
-            optimizer.load_state_dict(saved)
+            load_optimizer(model, optimizer, saved, args)
         scaler.load_state_dict(ckpt["scaler"])
         state = {k: ckpt[k] for k in state}
     blocks = env.compile and getattr(model, "compile_blocks", False)  # deep scans (mamba.py): a Block at a time,
     for block in (m for m in model.modules() if blocks and type(m).__name__ == "Block"):  # one graph for all alike:
         block.compile()  # compiling takes one block's time at any depth (in place: the end's sample forces eager)
     eval_model = train_model = torch.compile(model) if env.compile and not blocks else model  # `model`: plain
-    if env.world > 1:  # buffers need no sync (each rank computes the same); infini's gates may get no gradient
+    if env.world > 1 and not args.fsdp:  # buffers need no sync (each rank computes them); infini: unused gates
         train_model = DDP(eval_model, broadcast_buffers=False,  # device_ids None: the module's own device
                           find_unused_parameters=getattr(model, "find_unused_parameters", False))
     if env.master:
@@ -1423,10 +1481,11 @@ def train(model, batch, tokenizer, args, ckpt, env):
         lr, weight_decay = schedule(state["iter_num"], args)
         for group in (group for optimizer in optimizers for group in optimizer.param_groups):
             group.update(lr=lr * group["lr_scale"], weight_decay=weight_decay if group["decay"] else 0.0)
-        torch.manual_seed(((args.seed * 1_000_003 + state["iter_num"]) * 1_009 + env.rank) % 2**63)  # resume: the same
+        torch.manual_seed(((args.seed * 1_000_003 + state["iter_num"]) * 1_009 + env.rank // env.tp) % 2**63)  # resume
         for micro in range(args.grad_accum):
             x, y = batch("train")
             train_model.require_backward_grad_sync = micro == args.grad_accum - 1  # DDP: all-reduce on the last only
+            getattr(model, "set_requires_gradient_sync", lambda sync: None)(micro == args.grad_accum - 1)  # FSDP: ditto
             with env.ctx:
                 _, loss = train_model(x, y)
             scaler.scale(loss / args.grad_accum).backward()
@@ -1434,7 +1493,7 @@ def train(model, batch, tokenizer, args, ckpt, env):
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / args.grad_accum
         for optimizer in optimizers:  # fp16: the gradients unscaled, for the clip
             scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
+        clip_grad_norm(model, args.grad_clip or math.inf)
         for optimizer in optimizers:
             scaler.step(optimizer)
             optimizer.zero_grad(set_to_none=True)
@@ -1454,7 +1513,7 @@ def train(model, batch, tokenizer, args, ckpt, env):
             sums, t_log, iters_logged = {}, time.perf_counter(), it
         if it % args.eval_interval == 0 or it == args.max_iters:
             t_eval, stop = time.perf_counter(), torch.zeros((), device=env.device)
-            if env.master:
+            if env.master or args.fsdp:
                 stop += evaluate(model, eval_model, batch, optimizers, scaler, state, tokenizer, args, env)
             if env.world > 1:
                 dist.broadcast(stop, src=0)
@@ -1498,6 +1557,7 @@ def parse_args(argv):
                    "likeliest next tokens and their probabilities (0: off)")
     p.add_argument("--sample_only", action="store_true", help="load --init_from and sample; no training")
     p.add_argument("--export", metavar="DIR", help="at the end, write the model in the Hugging Face layout there")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2, each rank holding 1/world of the state")
     add_model_flags(p)
     for a in filter(lambda a: a.dest in PRESETS["cpu"], p._actions):  # the presets' values in --help
         a.help = f"{a.help or ''} (default {PRESETS['cpu'][a.dest]} on CPU, {PRESETS['cuda'][a.dest]} on CUDA)".strip()
@@ -1539,6 +1599,8 @@ def setup_device(args):
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if args.fsdp and "RANK" not in os.environ:
+        raise InputError("--fsdp shards the model over processes: launch with torchrun (--nproc_per_node N)")
     if "RANK" in os.environ:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     fits = torch.float32 if name != "cuda" else torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -1566,7 +1628,8 @@ def run(args, given):
     ckpt = load_checkpoint(env.out_dir / "ckpt.pt") if args.init_from == "resume" else None
     if ckpt is not None:  # flags not typed take the checkpointed run's values, but for where to run and the sample
         for k in set(ckpt["args"]) - given - set("device dtype compile init_from sample_only out_dir tensorboard export "
-                                                  "prompt max_new_tokens num_samples temperature top_k top_p show_top tokenizer".split()):
+                                                  "prompt max_new_tokens num_samples temperature top_k top_p show_top "
+                                                  "tokenizer fsdp tp".split()):
             setattr(args, k, ckpt["args"][k])
         args.lr_decay_iters = args.lr_decay_iters or ckpt["args"]["max_iters"]  # its schedule's end too
     for k, v in PRESETS["cuda" if env.device.type == "cuda" else "cpu"].items():
@@ -1583,12 +1646,13 @@ def run(args, given):
         raise InputError(f"the tokenizer has {tokenizer[3]:,} tokens, the model only {model.config.vocab_size:,}")
     if ckpt is not None:
         load_trained_state(model, ckpt["model"], env.out_dir / "ckpt.pt")
-    env.tokens = args.batch_size * args.block_size * args.grad_accum * env.world  # per optimizer step
+    env.tp = getattr(model, "tp", 1)  # tensor-parallel ranks share their batches
+    env.tokens = args.batch_size * args.block_size * args.grad_accum * env.world // env.tp  # per optimizer step
     if env.master:
         print(f"{Path(__file__).stem} | {env.device} | {str(env.dtype)[6:]} | compile {'on' if env.compile else 'off'}"
               f" | {model.num_params() / 1e6:.2f}M params | {env.tokens:,} tokens/step | data {args.data} | tokenizer "
               f"{tokenizer[0] if tokenizer else 'none (token ids)'} | init {args.init_from} | weights {weights_size(model)}"
-              + (f" | DDP x{env.world}" if env.world > 1 else "") + note)
+              + (f" | {'FSDP' if args.fsdp else 'DDP'} x{env.world // env.tp}" if env.world > 1 else "") + note)
     if env.master and (args.sample_only or ckpt is None and args.init_from != "scratch"):  # before any training
         show_sample(model.to(env.device), tokenizer, args, env, f"sample from {args.init_from}"
                     + ("" if args.sample_only else ", the base model before fine-tuning"))
@@ -1596,6 +1660,8 @@ def run(args, given):
         iter_num, best_val = train(model.to(env.device), batches(args, tokenizer, env), tokenizer, args, ckpt, env)
     if env.master and not args.sample_only:  # the best weights, not the last: past its best val loss a run overfits
         best = env.out_dir / "best.pt"
+        if args.fsdp:  # train sharded the model in place: a whole one, built as above, for the sample and --export
+            model = build_model(args, given, ckpt, env)[0].to(env.device)
         load_trained_state(model, torch.load(best, map_location=env.device, weights_only=True)["model"], best)
         with torch.compiler.set_stance("force_eager"):  # no compiling for generation's shapes
             show_sample(model, tokenizer, args, env, "sample")

@@ -5,14 +5,12 @@ reader would, under torchrun.
 """
 import importlib
 import json
-import shutil
-import warnings
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, SCRIPTS, copy_script, needs_gpt2_bpe, offline_env, run_script, script_home
+from conftest import ROOT, SCRIPTS, copy_script, needs_gpt2_bpe, offline_env, run_torchrun, script_home
 
 # A model small enough that a few iterations take seconds; every script accepts these flags, and --n_head those
 # with attention heads (all but mamba.py).
@@ -95,18 +93,8 @@ def test_ddp_two_processes_offline(script, tmp_path):
     subprocess costing seconds of imports): it says so and trains on the stdlib's source with byte tokens, rank
     0 preparing the data while rank 1 waits; both ranks train, only rank 0 logs and saves."""
     work = copy_script(script, tmp_path / "work")
-    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    env = offline_env(tmp_path, tiktoken=False) | {"PYTHONFAULTHANDLER": "1"}  # a crashing rank shows its stack
-    argv = [f"{script}.py", *tiny(script), "--max_iters", "4", "--eval_interval", "4"]
-    r = run_script(work, argv, env, launcher=launcher)
-    if r.returncode and "terminate called without an active exception" in r.stderr:
-        # Rare (CI once, with mla_moe and infini_attention; here once, mixtral): a rank aborts at interpreter exit,
-        # after its work, inside gloo's threads, which DDP keeps alive past destroy_process_group (tests/README.md).
-        # Run again once, from scratch, and say so.
-        warnings.warn(f"DDP run of {script}.py aborted inside gloo; ran it again. Its stderr:\n{r.stderr[-3000:]}")
-        for folder in ("out", "data"):
-            shutil.rmtree(work / folder, ignore_errors=True)
-        r = run_script(work, argv, env, launcher=launcher)
+    env = offline_env(tmp_path, tiktoken=False)
+    r = run_torchrun(work, [f"{script}.py", *tiny(script), "--max_iters", "4", "--eval_interval", "4"], env)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "offline: tiktoken" in r.stdout and "offline: cannot download tiny-shakespeare" in r.stdout
     assert "tokenizer bytes" in r.stdout and r.stdout.count("--- sample ---") == 1
