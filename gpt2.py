@@ -52,7 +52,6 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 HERE = Path(__file__).resolve().parent
 HF_ENDPOINT = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
@@ -746,9 +745,12 @@ def pretrained_tokenizer(path, sample_only, file="tokenizer.json"):
     """A checkpoint's own tokenizer, from its tokenizer.json (see hf_tokenizer), its decode ending the text at the
     first of config.json's eos_token_id; None (token ids) will do for --sample_only, but not for training on text."""
     tokenizer = hf_tokenizer(path / file)
+    if tokenizer is None and not sample_only and not (path / file).is_file():
+        raise InputError(f"{path / file}: no such tokenizer.json, so it cannot be trained on text")
     if tokenizer is None and not sample_only:
-        raise InputError(f"{path / file} is no tokenizer.json of a kind this file runs (BPE: byte-level, or SentencePiece "
-                         "style with byte fallback), so it cannot be trained on text; --sample_only shows token ids")
+        raise InputError(f"{path / file} is no tokenizer.json of a kind this file runs (BPE: byte-level, or "
+                         "SentencePiece style with byte fallback), so it cannot be trained on text; --sample_only "
+                         "shows token ids")
     try:
         eos = json.loads((path / "config.json").read_text()).get("eos_token_id")
     except (OSError, ValueError, AttributeError):  # no config.json, or a damaged one: from_pretrained says so
@@ -840,6 +842,34 @@ def load_trained_state(model, state, path):
         model.load_state_dict({**model.state_dict(), **state})  # the frozen parameters: the model's own
     except RuntimeError as e:  # a name or a shape the model does not have
         raise InputError(f"{path} does not fit the model: {str(e).strip().splitlines()[-1].strip()}") from None
+
+
+def whole_state(model, optimizers, args):
+    """(the trained tensors, the optimizers' state_dicts) for ckpt.pt; --fsdp: gathered whole to rank 0's CPU (a
+    collective), parameters numbered as torch's state_dict numbers them: one file for FSDP, DDP, one process."""
+    if not args.fsdp:
+        return trained_state(model), [optimizer.state_dict() for optimizer in optimizers]
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(model, options=options)  # empty on ranks other than 0
+    saved = [get_optimizer_state_dict(model, optimizer, options=options) for optimizer in optimizers]
+    return {k: state[k] for k in trained_state(model) if state}, [rekey(s) if s else s for s in saved]
+
+
+def rekey(saved, keys=None):
+    """An optimizer state_dict with its parameters' keys replaced, in order, by keys (default 0, 1, ...)."""
+    old = [k for group in saved["param_groups"] for k in group["params"]]
+    new = dict(zip(old, range(len(old)) if keys is None else keys, strict=True))
+    return dict(state={new[k]: v for k, v in saved["state"].items()},
+                param_groups=[dict(group, params=[new[k] for k in group["params"]]) for group in saved["param_groups"]])
+
+
+def load_optimizer(model, optimizer, saved, args):
+    """ckpt.pt's state of one optimizer; under --fsdp every rank reads the whole of it and keeps its own shard."""
+    if not args.fsdp:
+        return optimizer.load_state_dict(saved)
+    names = {id(p): name for name, p in model.named_parameters()}
+    saved = rekey(saved, [names[id(p)] for group in optimizer.param_groups for p in group["params"]])
+    set_optimizer_state_dict(model, optimizer, saved, options=StateDictOptions(full_state_dict=True))
 
 
 def config_json_errors(from_pretrained):
@@ -992,8 +1022,6 @@ def load_tokenizer(name=None):
             print(f"offline: tiktoken's gpt2 files cannot be had ({type(e).__name__}); using raw UTF-8 bytes as tokens")
     if name in (None, "bytes"):
         return "bytes", lambda s: list(s.encode()), lambda ids: bytes(ids).decode(errors="replace"), 256
-    if not Path(name).is_file():
-        raise InputError(f"tokenizer {name}: no such file")
     return pretrained_tokenizer(Path(name).parent, False, Path(name).name)  # --tokenizer's, or a checkpoint's
 
 
@@ -1020,8 +1048,7 @@ def read_text(data):
 
 
 def prepare_data(data, tokenizer, shards=1):
-    """{split: [token files]} of --data: FineWeb's, or a text tokenized once into data/<name>/{train,val}.bin (90/10),
-    made again when meta.json names another text (by a hash) or tokenizer."""
+    """{split: [token files]} of --data: FineWeb's, or a text tokenized once into data/<name>/{train,val}.bin (90/10)."""
     if data in FINEWEB:
         return fineweb_files(data, tokenizer, shards)
     name, text = read_text(data)
@@ -1113,8 +1140,7 @@ def log_metrics(record, env):
 
 
 def heatmap(table):
-    """A table of numbers (rows x columns, e.g. MoE layers x experts) as a grey uint8 image, 8 x 8 pixels a cell:
-    black at the table's least value, white at its greatest."""
+    """A table (MoE layers x experts) as a grey uint8 image, 8 x 8 pixels a cell, black at its least, white at its most."""
     t = torch.tensor(table, dtype=torch.float32)
     t = (t - t.min()) / (t.max() - t.min()).clamp_min(1e-12)
     return (255 * t).round().to(torch.uint8).repeat_interleave(8, 0).repeat_interleave(8, 1).numpy()
@@ -1135,8 +1161,7 @@ def open_logs(args, iter_num, env):
 
 
 def sample(model, tokenizer, args, ctx, title):
-    """Print --num_samples samples of --max_new_tokens after --prompt (and the checkpoint's BOS, if it defines one);
-    with --show_top K, each sampled token beside the K likeliest. -> the first sample's ids (BOS, prompt, sample)."""
+    """Print --num_samples samples after --prompt (and the checkpoint's BOS), --show_top's rows; -> the first's ids."""
     torch.manual_seed(args.seed % 2**63)
     bos = [] if model.config.bos_token_id is None else [model.config.bos_token_id]
     idx = torch.tensor([bos + (tokenizer[1](args.prompt) if tokenizer else []) or [0]], device=model.lm_head.weight.device)
@@ -1150,22 +1175,15 @@ def sample(model, tokenizer, args, ctx, title):
         with ctx:
             out = model.eval().generate(idx, args.max_new_tokens, args.temperature, args.top_k or None, args.top_p,
                                         on_logits=top if args.show_top else None)[0].tolist()
-        print(f"--- {title} ---\n{tokenizer[2](out[len(bos):]) if tokenizer else out}\n---")
-        show_top(out, tops, tokenizer, args)
+        print(f"--- {title} ---\n{tokenizer[2](out[len(bos):]) if tokenizer else out}\n---" + (
+            f"\n--show_top {args.show_top}: each sampled token, then the likeliest next tokens with their "
+            f"probabilities, softmax(logits / {args.temperature or 1:g}), before --top_k/--top_p filtering" if tops else ""))
+        for t, (p, i) in zip(out[len(out) - len(tops):], tops):
+            print(f"  {token_text(tokenizer, t):<14} | top: " + ", ".join(
+                f"{token_text(tokenizer, j)} {format(q, '.2f').lstrip('0')}" for q, j in zip(p.tolist(), i.tolist())))
         samples.append(out)
         tops.clear()
     return samples[0]
-
-
-def show_top(out, tops, tokenizer, args):
-    """--show_top K: each sampled token of out, then the K likeliest tokens of its step (tops) with their probabilities."""
-    if tops:
-        print(f"--show_top {args.show_top}: each sampled token, then the likeliest next tokens with their "
-              f"probabilities, softmax(logits / {args.temperature or 1:g}), before --top_k/--top_p filtering")
-    for t, (p, i) in zip(out[len(out) - len(tops):], tops):
-        likeliest = ", ".join(f"{token_text(tokenizer, j)} {format(q, '.2f').lstrip('0')}"
-                              for q, j in zip(p.tolist(), i.tolist()))
-        print(f"  {token_text(tokenizer, t):<14} | top: {likeliest}")
 
 
 def token_text(tokenizer, i):
@@ -1174,8 +1192,7 @@ def token_text(tokenizer, i):
 
 
 def evaluate(model, eval_model, batch, optimizers, scaler, state, tokenizer, args, env):
-    """Eval both splits, save ckpt.pt (and best.pt when val improved), print and log; True: stop early. Rank 0 alone
-    under DDP; every rank under --fsdp (the forward and the gathering of the state are collectives), rank 0 writing."""
+    """Eval both splits, save ckpt.pt (best.pt when val improved), log; True: stop early. --fsdp: all ranks."""
     losses, it, ckpt_path = estimate_loss(eval_model, batch, args, env.ctx), state["iter_num"], env.out_dir / "ckpt.pt"
     if not all(map(math.isfinite, losses.values())):  # the NaN guard: stop before anything bad is saved
         diverged(f"eval {it} | train {losses['train']} | val {losses['val']}", env)
@@ -1199,51 +1216,12 @@ def evaluate(model, eval_model, batch, optimizers, scaler, state, tokenizer, arg
     return False
 
 
-def whole_state(model, optimizers, args):
-    """(the trained tensors, the optimizers' state_dicts) for ckpt.pt; --fsdp: gathered whole to rank 0's CPU (a
-    collective), parameters numbered as torch's state_dict numbers them: one file for FSDP, DDP, one process."""
-    if not args.fsdp:
-        return trained_state(model), [optimizer.state_dict() for optimizer in optimizers]
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = get_model_state_dict(model, options=options)  # empty on ranks other than 0
-    saved = [get_optimizer_state_dict(model, optimizer, options=options) for optimizer in optimizers]
-    return {k: state[k] for k in trained_state(model) if state}, [rekey(s) if s else s for s in saved]
-
-
-def rekey(saved, keys=None):
-    """An optimizer state_dict with its parameters' keys replaced, in order, by keys (default 0, 1, ...)."""
-    old = [k for group in saved["param_groups"] for k in group["params"]]
-    new = dict(zip(old, range(len(old)) if keys is None else keys, strict=True))
-    return dict(state={new[k]: v for k, v in saved["state"].items()},
-                param_groups=[dict(group, params=[new[k] for k in group["params"]]) for group in saved["param_groups"]])
-
-
-def load_optimizer(model, optimizer, saved, args):
-    """ckpt.pt's state of one optimizer; under --fsdp every rank reads the whole of it and keeps its own shard."""
-    if not args.fsdp:
-        return optimizer.load_state_dict(saved)
-    names = {id(p): name for name, p in model.named_parameters()}
-    saved = rekey(saved, [names[id(p)] for group in optimizer.param_groups for p in group["params"]])
-    set_optimizer_state_dict(model, optimizer, saved, options=StateDictOptions(full_state_dict=True))
-
-
 def shard(model, env):
-    """--fsdp: FSDP2's fully_shard on each Block, then the root, over the data-parallel ranks (bf16 weights in compute,
-    float32 reductions); a model with `tp` > 1 (llama2.py) first splits itself over the "tp" ranks: `parallelize`."""
+    """--fsdp: fully_shard each Block, then the root, over the "dp" ranks (llama2.py's --tp: first `parallelize`)."""
     mesh = init_device_mesh(env.device.type, (env.world // env.tp, env.tp), mesh_dim_names=("dp", "tp"))
     getattr(model, "parallelize", lambda tp_mesh: None)(mesh["tp"])  # llama2.py's --tp
     for module in [m for m in model.modules() if type(m).__name__ == "Block"] + [model]:  # float32: no cast
         fully_shard(module, mesh=mesh["dp"], mp_policy=MixedPrecisionPolicy(env.dtype, reduce_dtype=torch.float32))
-
-
-def clip_grad_norm(model, max_norm):
-    """clip_grad_norm_, also for DTensors on several meshes (--tp: (dp, tp) and dp), which it cannot stack."""
-    mesh = {p: getattr(p.grad, "device_mesh", None) for p in model.parameters() if p.grad is not None}
-    groups = [[p for p in mesh if mesh[p] == m] for m in dict.fromkeys(mesh.values())]  # one per mesh
-    norms = [get_total_norm([p.grad for p in group]) for group in groups]
-    total = torch.stack([n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]).norm()  # DTensor: reduced
-    for group in groups:
-        clip_grads_with_norm_(group, max_norm, total)
 
 
 def diverged(line, env):
@@ -1293,7 +1271,7 @@ def train(model, batch, tokenizer, args, ckpt, env):
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / args.grad_accum
         for optimizer in optimizers:  # fp16: the gradients unscaled, for the clip
             scaler.unscale_(optimizer)
-        clip_grad_norm(model, args.grad_clip or math.inf)
+        getattr(model, "clip_grad_norm", torch.nn.utils.clip_grad_norm_)(model.parameters(), args.grad_clip or math.inf)
         for optimizer in optimizers:
             scaler.step(optimizer)
             optimizer.zero_grad(set_to_none=True)
@@ -1353,8 +1331,7 @@ def parse_args(argv):
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     p.add_argument("--top_k", type=int, default=200, help="sample among the k likeliest tokens (0: all)")
     p.add_argument("--top_p", type=float, help="sample among the likeliest tokens up to this probability mass")
-    p.add_argument("--show_top", type=int, default=0, metavar="K", help="after the sample, each token beside the K "
-                   "likeliest next tokens and their probabilities (0: off)")
+    p.add_argument("--show_top", type=int, default=0, metavar="K", help="each sampled token beside the K likeliest")
     p.add_argument("--sample_only", action="store_true", help="load --init_from and sample; no training")
     p.add_argument("--export", metavar="DIR", help="at the end, write the model in the Hugging Face layout there")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2, each rank holding 1/world of the state")

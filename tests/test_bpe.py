@@ -144,7 +144,7 @@ def test_train_any_file_with_its_tokenizer(tmp_path, monkeypatch, offline, capsy
     out = capsys.readouterr().out
     assert f"tokenizer {path}" in out and "tokenized" not in out and "iter 3 |" in out
     for bad, says in ((["--init_from", "resume", "--tokenizer", str(path)], "from scratch"),
-                      (["--tokenizer", str(tmp_path / "none.json")], "no such file")):
+                      (["--tokenizer", str(tmp_path / "none.json")], "no such tokenizer.json")):
         with pytest.raises(SystemExit) as e:
             gpt2.main([*tiny, *bad])
         assert e.value.code == 2 and says in capsys.readouterr().err
