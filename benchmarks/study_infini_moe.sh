@@ -56,13 +56,34 @@ for base in mixtral llama; do
 done
 wait
 
-# 4. The gates: sigmoid(beta) per layer and head, the share of each head's output read from the memory.
-python - "$OUT" <<'EOF' | tee "$OUT/gates.log"
-import sys, torch, infini_attention as ia
+# 4. The gates: sigmoid(beta) per layer and head, the share of each head's output read from the memory; and, finer
+# than the table's all-or-nothing accuracy, the key tokens' mean cross-entropy at each length, memory on and off.
+python - "$OUT" "${PROBE_EXAMPLES:-10}" <<'EOF' | tee "$OUT/gates.log"
+import sys, torch, torch.nn.functional as F, infini_attention as ia
+out, n = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 20
 for base in ("mixtral", "llama"):
-    model = ia.from_pretrained(f"{sys.argv[1]}/infini-{base}-hf")
-    print(f"{base}: sigmoid(gate) per layer, one number per head")
+    model = ia.from_pretrained(f"{out}/infini-{base}-hf")
+    print(f"{base}: sigmoid(gate) per layer, one number per head (the share of its output read from the memory)")
     for i, block in enumerate(model.model.layers):
         print(f"  layer {i}: " + " ".join(f"{g:.3f}" for g in torch.sigmoid(block.self_attn.gate).tolist()))
+    encode, N = ia.hf_tokenizer(f"{out}/{base}-hf/tokenizer.json")[1], model.config.segment_len
+    print(f"{base}: the key's tokens' mean cross-entropy (nats), {n} examples per length, memory / gated off")
+    for segments in (1, 2, 4, 8, 16):
+        losses = []
+        for gate in (None, float("-inf")):
+            saved = [b.self_attn.gate.clone() for b in model.model.layers]
+            for b in model.model.layers if gate is not None else []:  # gated off: sigmoid(-inf) = 0
+                b.self_attn.gate.data.fill_(gate)
+            torch.manual_seed(segments * N)  # the accuracy table's examples (its first n)
+            x, _, y = ia.passkey_batch(encode, n, segments * N, "cpu")
+            k, state = int((y >= 0).sum(dim=1).max()), model.new_state()
+            with torch.no_grad():
+                for segment in x.split(N, dim=1):
+                    h = model.hidden(segment, state)
+                logits = model.lm_head(h[:, -k:])[..., :model.config.vocab_size]
+            losses.append(F.cross_entropy(logits.flatten(0, 1), y[:, -k:].flatten(), ignore_index=-1).item())
+            for b, s in zip(model.model.layers, saved):
+                b.self_attn.gate.data.copy_(s)
+        print(f"  {segments:>2} segments: {losses[0]:.3f} / {losses[1]:.3f}")
 EOF
 grep -h -A3 "passkey accuracy" "$OUT"/passkey_*.log
