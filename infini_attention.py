@@ -9,7 +9,9 @@ read by the next segments' queries, as linear attention (Katharopoulos et al. 20
 sigma = ELU + 1: retrieval A_mem = sigma(Q) M / (sigma(Q) z) (eq. 3), then the update, either linear
 M += sigma(K)^T V (eq. 4) or delta M += sigma(K)^T (V - sigma(K) M / (sigma(K) z)) (eq. 5, Schlag et al. 2021),
 and z += sum_t sigma(K_t). A learned gate per head mixes the two: A = sigmoid(beta) A_mem + (1 - sigmoid(beta)) A_dot
-(eq. 6). The rest is Llama's (llama2.py): RMSNorm, SwiGLU, grouped-query attention, no biases.
+(eq. 6). The rest is Llama's (llama2.py): RMSNorm, SwiGLU, grouped-query attention, no biases; or, with
+--n_expert (or a Mixtral checkpoint), Mixtral's sparse mixture of experts in place of SwiGLU (mixtral.py's SparseMoE,
+the same text: Jiang et al. 2024, arXiv 2401.04088), its router's flags and statistics as in mixtral.py.
 
 Choices the paper leaves open, made here and said once: memory keys and queries carry no position (the rotary
 angles are applied only to the local attention's copies); a segment reads the memory as it was when the segment
@@ -26,18 +28,21 @@ take no weight decay and their own learning rate (--gate_lr): public attempts to
 the model's rate the gates hardly move.
 
 What is here: the model; `generate` with a state per layer of one segment's keys and values plus the memory, the
-same bytes at 1K and at 100K tokens of context; `from_pretrained` turning a Hugging Face Llama checkpoint into an
-Infini-attention model (the paper's continual pre-training setting); training on tiny-shakespeare (FineWeb, or
-any text file) and on a synthetic passkey-retrieval task (`--task passkey`, with accuracy by context length, with the
-memory and with it gated off); bf16 autocast, torch.compile, DistributedDataParallel, exact resume. What is not:
-the paper's 1M-token passkey and 500K-token book-summary experiments (its models are 1B and 8B, trained on far more
-text), and fused kernels (the memory is plain matmuls).
+same bytes at 1K and at 100K tokens of context; `from_pretrained` turning a Hugging Face Llama or Mixtral checkpoint
+into an Infini-attention model (the paper's continual pre-training setting; a Mixtral's sliding window, if it has
+one, bounds the segment: a segment no longer than the window is never cut by it, a longer one is refused); training
+on tiny-shakespeare (FineWeb, or any text file) and on a synthetic passkey-retrieval task (`--task passkey`, with
+accuracy by context length, with the memory and with it gated off); bf16 autocast, torch.compile,
+DistributedDataParallel, exact resume. What is not: the paper's 1M-token passkey and 500K-token book-summary
+experiments (its models are 1B and 8B, trained on far more text), and fused kernels (the memory is plain matmuls).
 
     python infini_attention.py                                     # CPU: a tiny model, about three minutes
     python infini_attention.py --device cuda                       # one GPU: bf16, torch.compile
     python infini_attention.py --task passkey --device cuda        # passkey retrieval, accuracy by length
     torchrun --standalone --nproc_per_node 8 infini_attention.py   # DDP on 8 GPUs
     HF_TOKEN=... python infini_attention.py --init_from meta-llama/Llama-3.2-1B --segment_len 512 --block_size 2048
+    python infini_attention.py --init_from DIR --task passkey      # DIR: a Llama or a Mixtral (mixtral.py --export DIR)
+    python infini_attention.py --n_expert 8 --top_k_experts 2      # from scratch, with Mixtral's experts
 
 Offline (no download, no tiktoken files) it says so and carries on: the Python standard library's own source as
 the text, raw UTF-8 bytes as the tokens. Every step's randomness (batches, dropout) is drawn from a seed made of
@@ -49,6 +54,7 @@ import heapq
 import json
 import math
 import os
+import re
 import struct
 import sys
 import time
@@ -76,6 +82,8 @@ HERE = Path(__file__).resolve().parent
 HF_ENDPOINT = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
 CACHE_DIR = Path(os.environ.get("ONEFILE_CACHE", "~/.cache/onefile")).expanduser()
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+GROUPED_MM = hasattr(F, "grouped_mm")  # recent torch: one kernel for a matmul per expert over jagged groups
+ALIGN = 8  # rows of an expert's group are padded to a multiple of this: grouped GEMMs want 16-byte offsets in bf16
 
 
 class InputError(Exception):
@@ -93,7 +101,10 @@ class Config:
     n_kv_head: int = 32                  # num_key_value_heads: one memory per key/value head
     n_embd: int = 4096                   # hidden_size
     head_dim: int = 0                    # head_dim (0: n_embd // n_head)
-    intermediate_size: int = 0           # intermediate_size: SwiGLU width (0: 8/3 n_embd rounded up to 64)
+    intermediate_size: int = 0           # intermediate_size: SwiGLU width, each expert's with n_expert (0: 8/3 n_embd
+                                         # rounded up to 64)
+    n_expert: int = 0                    # num_local_experts (Mixtral): 0 is Llama's dense SwiGLU, > 0 the sparse MoE
+    top_k_experts: int = 2               # num_experts_per_tok: experts each token is routed to
     norm_eps: float = 1e-5               # rms_norm_eps
     rope_theta: float = 10000.0          # rope_theta
     rope_scaling: dict | None = None     # rope_scaling / rope_parameters: {"rope_type": "llama3" or "linear", ...}
@@ -102,6 +113,10 @@ class Config:
     memory_update: str = "delta"         # "linear" (eq. 4) or "delta" (eq. 5)
     gate_init: float = 0.0               # beta at init: sigmoid(0) = 0.5 mixes memory and local attention evenly
     dropout: float = 0.0                 # attention_dropout; also on the residual branches here (Llama uses none)
+    router_noise: float = 0.0            # router_jitter_noise: router input x U(1 - eps, 1 + eps) in training
+    capacity_factor: float = 0.0         # training only (no HF counterpart): 0 is dropless, > 0 caps each expert
+    aux_loss_coef: float = 0.01          # training only: the load-balancing loss's weight (Switch's 0.01)
+    z_loss_coef: float = 0.001           # training only: the router z-loss's weight (ST-MoE's 0.001)
 
     def __post_init__(self):
         check_types(self)
@@ -123,6 +138,14 @@ class Config:
             raise InputError(f"memory_update must be 'linear' or 'delta', got '{self.memory_update}'")
         if not 0.0 <= self.dropout < 1.0:
             raise InputError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.n_expert < 0:
+            raise InputError(f"n_expert must not be negative (0: a dense feed-forward), got {self.n_expert}")
+        if self.n_expert and not 1 <= self.top_k_experts <= self.n_expert:
+            raise InputError(f"top_k_experts must be in [1, n_expert = {self.n_expert}], got {self.top_k_experts}")
+        if not 0.0 <= self.router_noise < 1.0:
+            raise InputError(f"router_noise must be in [0, 1), got {self.router_noise}")
+        if min(self.capacity_factor, self.aux_loss_coef, self.z_loss_coef) < 0:
+            raise InputError("capacity_factor, aux_loss_coef and z_loss_coef must not be negative")
         if self.rope_scaling and self.rope_scaling.get("rope_type") not in ("llama3", "linear"):
             raise InputError(f"rope scaling '{self.rope_scaling.get('rope_type')}' is not implemented here "
                              "(this file has llama3 and linear)")
@@ -368,19 +391,153 @@ class FeedForward(nn.Module):
         return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
 
 
+def expert_rank(e, count):
+    """e (M,): the expert of each (token, choice) pair; count (E,): the pairs of each expert -> (M,) each pair's place in
+    its expert's queue, the pairs keeping their order. A stable sort lays the pairs out grouped by expert in that order,
+    so a pair's rank is its place in the sorted order less the pairs of the experts before its own: O(M) memory where a
+    one-hot and its running sum take (M, E) (268 MB per layer at DeepSeek-V3's E = 256, k = 8, 16K tokens)."""
+    grouped, order = e.sort(stable=True)                # (M,) the pairs grouped by expert, each group in order
+    start = count.cumsum(0) - count                     # (E,) where each expert's group begins in `order`
+    return torch.empty_like(e).scatter_(0, order, torch.arange(e.numel(), device=e.device) - start[grouped])
+
+
+def chosen_experts(x, expert, weight, w1, w3, w2):
+    """Few tokens (decoding): y_n = sum_j weight[n, j] SwiGLU_expert[n, j](x_n) for x (N, d), expert and weight (N, k)
+    -> (N, d); each (token, choice) pair through its own expert's weights, read in place, so only the chosen experts
+    do any work (the grouped dispatch pads each group to ALIGN rows and visits all E). Reading the chosen experts'
+    ids on the host is a sync: decoding, batch 1, can afford it, a training step never takes this path."""
+    ys = []
+    for xn, wn, chosen in zip(x, weight, expert.tolist()):
+        yn = 0
+        for j, i in enumerate(chosen):
+            yn = yn + F.linear(F.silu(F.linear(xn, w1[i])) * F.linear(xn, w3[i]), w2[i]) * wn[j, None]
+        ys.append(yn)
+    return torch.stack(ys)
+
+
+def expert_mlp(xs, w1, w3, w2, end, dt):
+    """The SwiGLU of each expert over its own rows: xs (M, d) holds expert e's rows at end[e-1]..end[e]-1
+    (rows past end[-1] are padding) -> (M', d), M' >= end[-1]. w1, w3: (E, f, d); w2: (E, d, f), as nn.Linear;
+    dt: the dtype the model's matmuls run in (bf16 under autocast).
+
+    One grouped matmul per weight (a batch of E matmuls of different heights, no host sync) where the kernel
+    exists: CUDA in bf16, or eager on CPU; elsewhere a loop over the experts, which needs the group sizes on the
+    host (one sync per layer)."""
+    fits = xs.size(1) % ALIGN == 0 and w1.size(1) % ALIGN == 0  # 16-byte rows in the kernel's memory loads
+    if GROUPED_MM and fits and (xs.is_cuda and dt == torch.bfloat16 or xs.device.type == "cpu"
+                                and not torch.compiler.is_compiling()):
+        offs = end.to(torch.int32)
+        xs, w1, w3, w2 = xs.to(dt), w1.to(dt), w3.to(dt), w2.to(dt)
+        h = F.silu(F.grouped_mm(xs, w1.transpose(1, 2), offs=offs)) * F.grouped_mm(xs, w3.transpose(1, 2), offs=offs)
+        return F.grouped_mm(h, w2.transpose(1, 2), offs=offs)
+    sizes = torch.diff(end, prepend=end.new_zeros(1)).tolist()
+    return torch.cat([F.linear(F.silu(F.linear(x, a)) * F.linear(x, c), b)
+                      for x, a, c, b in zip(xs.split([*sizes, xs.size(0) - sum(sizes)]), w1, w3, w2)])
+
+
+class SparseMoE(nn.Module):
+    """Mixtral's feed-forward (section 2.1, eq. 1-2): y = sum over the top-k experts i of
+    softmax(TopK(x W_g))_i SwiGLU_i(x). Each token pays for k experts; the layer holds n_expert of them.
+
+    The (token, choice) pairs are dispatched in one pass: every pair gets a row in a buffer grouped by expert,
+    the experts run over the buffer (expert_mlp, or a batched matmul), and each pair reads its output row back.
+    forward also returns the router statistics of the step (see `stats`)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        E, d, f = cfg.n_expert, cfg.n_embd, cfg.intermediate_size
+        self.n_expert, self.top_k, self.capacity_factor, self.noise = E, cfg.top_k_experts, cfg.capacity_factor, cfg.router_noise
+        self.gate = nn.Linear(d, E, bias=False)       # the router W_g (HF Mixtral: block_sparse_moe.gate; Jamba: router)
+        # The experts' SwiGLU weights stacked on a leading expert axis (HF Mixtral: experts.N.w1 / w3 / w2; Jamba:
+        # experts.N.gate_proj / up_proj / down_proj). --optimizer muon
+        # leaves them on AdamW: torch's Muon takes 2-D parameters only, and one parameter per expert would undo the
+        # stacking the grouped matmul needs (the README measures what that costs Muon)
+        self.w1 = nn.Parameter(torch.empty(E, f, d))  # gate projection, inside the SiLU
+        self.w3 = nn.Parameter(torch.empty(E, f, d))  # up projection
+        self.w2 = nn.Parameter(torch.empty(E, d, f))  # down projection
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.record = None  # a list while a sample is shown with --show_routing (recording); training never sets it
+
+    def forward(self, x):
+        B, T, d = x.shape
+        x = x.reshape(-1, d)  # (N, d): the router sees tokens, not sequences
+        N, E, k = x.size(0), self.n_expert, self.top_k
+        jitter = self.training and self.noise  # multiplicative noise on the router's input only (Switch, 2.4)
+        logits = self.gate(x * torch.empty_like(x).uniform_(1 - self.noise, 1 + self.noise) if jitter else x)
+        dt, logits = logits.dtype, logits.float()           # (N, E): the matmul's dtype (bf16 under autocast), the
+                                                            # softmax and top-k on it in float32, as the reference
+        weight, expert = self.route(logits)                 # (N, k): the chosen experts and their weights
+        if self.record is not None:                         # --show_routing: the routing of these N tokens
+            self.record.append((expert, weight))
+
+        # Each (token, choice) pair gets a row: choice-major order (all first choices, then all second ones),
+        # so when an expert is full its tokens' first choices won (GShard's priority).
+        e = expert.t().reshape(-1)                          # (k N,) the expert of each pair
+        count = e.new_zeros(E).index_add_(0, e, torch.ones_like(e))  # (E,) pairs per expert: bincount, no host sync
+        if not self.training and k * N <= E:                # decoding: each pair through its own expert alone
+            y, dropped = chosen_experts(x, expert, weight, self.w1, self.w3, self.w2), logits.new_zeros(())
+        else:
+            rank = expert_rank(e, count)                    # (k N,) the pair's place in its expert's queue
+            if self.training and self.capacity_factor:      # capacity: C rows per expert, the overflow dropped
+                C = math.ceil(self.capacity_factor * k * N / E)
+                kept = rank < C
+                row = torch.where(kept, e * C + rank, E * C)    # row E C: a spare row the dropped pairs write to
+                xs = x.new_zeros(E * C + 1, d).index_copy(0, row, x.repeat(k, 1))[:-1].view(E, C, d)
+                h = F.silu(xs @ self.w1.transpose(1, 2)) * (xs @ self.w3.transpose(1, 2))     # (E, C, f)
+                ys = torch.cat([(h @ self.w2.transpose(1, 2)).reshape(E * C, d), x.new_zeros(1, d)])
+                dropped = 1 - kept.float().mean()
+            else:                                           # dropless: every group as long as it needs
+                size = (count + ALIGN - 1) // ALIGN * ALIGN     # padded group sizes
+                end = size.cumsum(0)
+                row = end[e] - size[e] + rank
+                xs = x.new_zeros(k * N + E * (ALIGN - 1), d).index_copy(0, row, x.repeat(k, 1))  # a static bound
+                ys = expert_mlp(xs, self.w1, self.w3, self.w2, end, dt)
+                dropped = logits.new_zeros(())
+            y = (ys[row] * weight.t().reshape(-1, 1)).view(k, N, d).sum(0)  # a dropped pair reads the spare row: 0
+        return self.dropout(y.to(x.dtype)).view(B, T, d), self.stats(logits, count, dropped)
+
+    def route(self, logits):
+        """(weights, experts), each (N, k), from the router's logits (N, E): the k largest logits, their softmax
+        over the chosen k only (eq. 2)."""
+        top, expert = logits.topk(self.top_k, dim=-1)
+        return top.softmax(dim=-1), expert
+
+    def stats(self, logits, count, dropped):
+        """(balance, z, dropped, load_1..load_E) of this layer for this batch, no host sync.
+
+        balance: E sum_i f_i P_i (Switch eq. 4-6), f_i the fraction of tokens sent to expert i (counting all k
+        choices, as Hugging Face does; the f_i sum to k), P_i the mean router probability of expert i. It is
+        k when the load is even, up to E when the router has collapsed; only P carries a gradient. z: mean of logsumexp(logits)^2
+        (ST-MoE eq. 5), keeping the router's logits small. load: each expert's share of the pairs."""
+        N = logits.size(0)
+        f = count.float() / N
+        balance = self.n_expert * (f * logits.softmax(-1).mean(0)).sum()
+        z = logits.logsumexp(-1).pow(2).mean()
+        return torch.cat([balance[None], z[None], dropped[None], f / self.top_k])
+
+
 class Block(nn.Module):
-    """Pre-normalisation, as Llama: RMSNorm on the input of each sub-block."""
+    """Pre-normalisation, as Llama: RMSNorm on the input of each sub-block; Infini-attention, then Llama's SwiGLU or,
+    with n_expert > 0, Mixtral's sparse MoE (HF: block_sparse_moe). The feed-forward sees tokens one by one: segments
+    change nothing there."""
 
     def __init__(self, cfg):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.mlp = FeedForward(cfg.n_embd, cfg.intermediate_size, cfg.dropout)
+        if cfg.n_expert:
+            self.block_sparse_moe = SparseMoE(cfg)
+        else:
+            self.mlp = FeedForward(cfg.n_embd, cfg.intermediate_size, cfg.dropout)
 
     def forward(self, x, cos, sin, state):
+        """-> (x, the router's statistics: None for a dense layer)."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, state)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        if not hasattr(self, "block_sparse_moe"):
+            return x + self.mlp(self.post_attention_layernorm(x)), None
+        y, stats = self.block_sparse_moe(self.post_attention_layernorm(x))
+        return x + y, stats
 
 
 class InfiniTransformer(nn.Module):
@@ -396,25 +553,34 @@ class InfiniTransformer(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.router_stats = None  # with experts: (n_layer, 3 + n_expert) from the last forward, see SparseMoE.stats
+        self.load = 0  # with experts: the expert load counted in eval mode, (n_layer, n_expert), see load_report
         # Initialisation (the papers give none): normal, std 0.02 (Hugging Face's initializer_range); the
         # projections that write into the residual stream scaled by 1/sqrt(2 n_layer), as GPT-2 does.
         for name, p in self.named_parameters():
             if p.dim() >= 2:
-                residual = name.endswith(("o_proj.weight", "down_proj.weight"))
+                residual = name.endswith(("o_proj.weight", "down_proj.weight", "w2"))
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer) if residual else 0.02)
 
-    def num_params(self, non_embedding=True):
+    def num_params(self, non_embedding=True, active=False):
         """Parameters a token computes with: a tied embedding/head counted once, lookups (an untied input embedding, a
-        position table) left out by default."""
+        position table) left out by default; active=True counts top_k of the experts only."""
+        cfg = self.config
         n = sum(p.numel() for p in self.parameters())
-        return n - self.model.embed_tokens.weight.numel() if non_embedding and not self.config.tie_embeddings else n
+        if non_embedding and not cfg.tie_embeddings:
+            n -= self.model.embed_tokens.weight.numel()
+        if active and cfg.n_expert:
+            experts = sum(p.numel() for name, p in self.named_parameters() if name.endswith(("w1", "w2", "w3")))
+            n -= experts * (cfg.n_expert - cfg.top_k_experts) // cfg.n_expert
+        return n
 
     def new_state(self):
         """An empty state per layer, for a fresh sequence."""
         return [MemoryState() for _ in self.model.layers]
 
     def hidden(self, idx, state=None):
-        """idx (B, T) token ids continuing `state` (a fresh sequence if None) -> final hidden states (B, T, n_embd)."""
+        """idx (B, T) token ids continuing `state` (a fresh sequence if None) -> final hidden states (B, T, n_embd);
+        with experts, sets self.router_stats."""
         state = self.new_state() if state is None else state
         n = min(self.config.segment_len, state[0].filled + idx.size(1))       # the positions in a segment used here
         angles = torch.arange(n, device=idx.device, dtype=torch.float32)[:, None] \
@@ -422,14 +588,21 @@ class InfiniTransformer(nn.Module):
         angles = torch.cat((angles, angles), dim=-1)                           # (n, d), the half layout
         cos, sin = angles.cos(), angles.sin()
         x = self.model.drop(self.model.embed_tokens(idx))                      # (B, T, n_embd)
+        stats = []
         for block, layer_state in zip(self.model.layers, state):
-            x = block(x, cos, sin, layer_state)
+            x, s = block(x, cos, sin, layer_state)
+            stats.append(s)
+        self.router_stats = torch.stack(stats) if self.config.n_expert else None
         return self.model.norm(x)
 
     def forward(self, idx, targets=None, state=None):
         """idx (B, T) -> logits (B, T, vocab_size), loss or None. T is any length: the sequence is processed
-        segment by segment, continuing `state` when given (it is updated in place)."""
-        V, Vp = self.config.vocab_size, self.config.padded_vocab_size
+        segment by segment, continuing `state` when given (it is updated in place).
+
+        With experts the loss in training adds the router's auxiliary losses, averaged over the layers and weighted,
+        as mixtral.py does (Switch's load balance, ST-MoE's z-loss); self.stats holds them apart for the log, and in
+        eval mode self.load adds up the expert load."""
+        cfg, V, Vp = self.config, self.config.vocab_size, self.config.padded_vocab_size
         pad = None
         if Vp > V:  # the padding rows are no tokens: a bias of -inf gives them probability exactly 0
             pad = torch.zeros(Vp, device=idx.device, dtype=self.lm_head.weight.dtype)
@@ -438,7 +611,36 @@ class InfiniTransformer(nn.Module):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+        if not cfg.n_expert:
+            return logits[..., :V], loss
+        if self.training and loss is not None:
+            balance, z, dropped = self.router_stats[:, :3].float().mean(0)
+            self.stats = dict(balance=balance, z_loss=z)  # balance is top_k when the load is even
+            if cfg.capacity_factor:  # the share of (token, choice) pairs over their expert's capacity
+                self.stats["dropped"] = dropped
+            loss = loss + cfg.aux_loss_coef * balance + cfg.z_loss_coef * z
+        elif not self.training:
+            self.load = self.load + self.router_stats[:, 3:].detach().float()
         return logits[..., :V], loss
+
+    def train(self, mode=True):
+        if not mode:  # an evaluation begins: its expert load is counted afresh (load_report)
+            self.load = 0
+        return super().train(mode)
+
+    def load_report(self):
+        """With experts: print the expert load counted since the model went into eval mode, each layer a row of bars:
+        each expert's share of the routed (token, choice) pairs, the even share 1/n_expert drawn half high. Collapse
+        shows as a few full bars. Returns it for the metrics (nothing for a dense model)."""
+        if not self.config.n_expert or not torch.is_tensor(self.load):
+            return {}
+        load = (self.load / self.load.sum(-1, keepdim=True).clamp_min(1e-9)).tolist()
+        E, bars = self.config.n_expert, " ▁▂▃▄▅▆▇█"
+        print(f"expert load per layer (even: {100 / E:.1f}% each, drawn ▄; █ is twice that or more)")
+        for i, shares in enumerate(load):
+            row = "".join(bars[min(8, round(4 * E * s))] for s in shares)
+            print(f"  layer {i:<3d}{row}  min {100 * min(shares):4.1f}%  max {100 * max(shares):4.1f}%")
+        return dict(expert_load=load)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
@@ -1110,51 +1312,74 @@ def config_json_errors(from_pretrained):
 
 @config_json_errors
 def from_pretrained(name_or_path, device="cpu", dtype=torch.float32, dropout=0.0, segment_len=None,
-                    memory_update=None, gate_init=None, llama_segment_len=None):
-    """An Infini-attention model from a Hugging Face Llama checkpoint (the paper's continual pre-training setting,
-    section 4.2): a hub id ("meta-llama/Llama-3.2-1B", "TinyLlama/TinyLlama-1.1B-Chat-v1.0", ...) or a local
-    directory with config.json and model.safetensors (or shards + model.safetensors.index.json). The Llama's
-    weights are taken as they are; the gates, which it lacks, start at gate_init; segment_len must not exceed the
-    positions the model was trained on (default: llama_segment_len, at most that many; without it the checkpoint's
-    max_position_embeddings: one segment, 131072 positions for Llama 3.x, in which the memory is never used). On a
-    text no longer than one segment the memory is empty and the result is the Llama's logits. A checkpoint written
-    by save_pretrained has its gates, and segment_len, memory_update and gate_init in config.json: those are the
-    defaults then. Weights are converted to `dtype` on the way in. Returns the model in eval mode."""
+                    memory_update=None, gate_init=None, llama_segment_len=None, **run_time):
+    """An Infini-attention model from a Hugging Face Llama or Mixtral checkpoint (the paper's continual pre-training
+    setting, section 4.2): a hub id ("meta-llama/Llama-3.2-1B", "mistralai/Mixtral-8x7B-v0.1", ...) or a local
+    directory with config.json and model.safetensors (or shards + model.safetensors.index.json). The weights are
+    taken as they are (a Mixtral's one w1/w2/w3 per expert stacked into one tensor per layer, as mixtral.py does);
+    the gates, which neither has, start at gate_init; segment_len must not exceed the positions the model was
+    trained on, nor a Mixtral's sliding window (then the window never cuts inside a segment, where it is the only
+    attention there is; default: llama_segment_len, at most that many; without it the checkpoint's
+    max_position_embeddings or window: one segment, in which the memory is never used). On a text no longer than
+    one segment the memory is empty and the result is the base model's logits. A checkpoint written by
+    save_pretrained has its gates, and segment_len, memory_update and gate_init in config.json: those are the
+    defaults then. Weights are converted to `dtype` on the way in; run_time: a Mixtral's router settings (RUN_TIME
+    but dropout: router_noise, capacity_factor, aux_loss_coef, z_loss_coef). Returns the model in eval mode."""
     path, hf, tensors = read_checkpoint(name_or_path)
-    if hf.get("model_type") != "llama":
-        raise InputError(f"{path} holds a '{hf.get('model_type')}' model, not Llama")
+    moe = hf.get("model_type") == "mixtral"
+    if hf.get("model_type") != "llama" and not moe:
+        raise InputError(f"{path} holds a '{hf.get('model_type')}' model, not Llama or Mixtral")
     for key, allowed in dict(hidden_act="silu", attention_bias=False, mlp_bias=False).items():
         if hf.get(key, allowed) != allowed:  # a variant this file does not implement must not load as Llama
-            raise InputError(f"{path}: {key} = {hf[key]} is a Llama variant this file does not implement")
+            raise InputError(f"{path}: {key} = {hf[key]} is a {hf['model_type']} variant this file does not implement")
+    if run_time and not moe:
+        raise InputError(f"{', '.join(run_time)}: router settings, and {path} is a dense Llama (no experts)")
     # transformers 4 writes rope_theta and rope_scaling; transformers 5 writes both into rope_parameters
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     rope_type = rope.pop("rope_type", rope.pop("type", "default"))
     max_positions = hf.get("max_position_embeddings", 2048)
+    window = hf.get("sliding_window") if moe else None  # Mixtral 8x7B's is null; Mistral-style configs set one
     segment_len = hf.get("segment_len") if segment_len is None else segment_len  # given: given, even 0 or 0.0
     memory_update = hf.get("memory_update", "delta") if memory_update is None else memory_update
     gate_init = hf.get("gate_init", 0.0) if gate_init is None else gate_init
     if segment_len is not None and segment_len > max_positions:
         raise InputError(f"--segment_len {segment_len} is longer than the {max_positions} positions {path} was "
                          "trained on")
-    segment_len = segment_len or min(llama_segment_len or max_positions, max_positions)
+    if segment_len is not None and window is not None and segment_len > window:
+        raise InputError(f"--segment_len {segment_len} is longer than {path}'s sliding window ({window}): a segment "
+                         "is the whole of the local attention, and the window would cut it")
+    segment_len = segment_len or min(llama_segment_len or max_positions, max_positions, window or max_positions)
     cfg = Config(vocab_size=hf["vocab_size"], segment_len=segment_len,
                  n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
                  n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"], n_embd=hf["hidden_size"],
                  head_dim=hf.get("head_dim") or 0, intermediate_size=hf["intermediate_size"],
-                 norm_eps=hf.get("rms_norm_eps", 1e-6),
-                 rope_theta=rope.pop("rope_theta", hf.get("rope_theta", 10000.0)),
+                 n_expert=hf["num_local_experts"] if moe else 0, top_k_experts=hf["num_experts_per_tok"] if moe else 2,
+                 norm_eps=hf.get("rms_norm_eps", 1e-5 if moe else 1e-6),
+                 rope_theta=rope.pop("rope_theta", hf.get("rope_theta", 1e6 if moe else 10000.0)),
                  rope_scaling=None if rope_type == "default" else dict(rope, rope_type=rope_type),
                  tie_embeddings=hf.get("tie_word_embeddings", False), bos_token_id=hf.get("bos_token_id"),
-                 memory_update=memory_update, gate_init=gate_init, dropout=dropout)
+                 memory_update=memory_update, gate_init=gate_init, dropout=dropout, **run_time)
     with torch.device("meta"):
         model = InfiniTransformer(cfg)  # shapes only: the weights come from the file, no time is spent on a random init
     state = {f"model.layers.{i}.self_attn.gate": torch.full((cfg.n_head,), gate_init) for i in range(cfg.n_layer)}
+    experts = {}
     for name, t in tensors.items():  # the gates are new in Infini-attention: not in the checkpoint
         if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and cfg.tie_embeddings):
             continue  # old files kept the rotary table (we compute it); a tied head is the embedding
+        expert = re.fullmatch(r"(.*\.block_sparse_moe)\.experts\.(\d+)\.(w[123])\.weight", name)
+        if expert and moe:  # a matrix per expert in the file, one (n_expert, ...) tensor per layer here
+            experts.setdefault(f"{expert[1]}.{expert[3]}", {})[int(expert[2])] = t
+            continue
         if name in ("model.embed_tokens.weight", "lm_head.weight"):  # pad the vocabulary rows with zeros
             t = F.pad(t, (0, 0, 0, cfg.padded_vocab_size - t.size(0)))
         state[name] = t
+    for name, per_expert in experts.items():
+        if max(per_expert) >= cfg.n_expert:
+            raise InputError(f"{path}: unexpected tensor for expert {max(per_expert)} of '{name}' ({cfg.n_expert} experts)")
+        if len(per_expert) == cfg.n_expert and len({t.shape for t in per_expert.values()}) > 1:
+            raise InputError(f"{path}: the experts of '{name}' differ in shape")
+        if len(per_expert) == cfg.n_expert:  # an expert missing: load_weights says which layer lacks one
+            state[name] = torch.stack([per_expert[i] for i in range(cfg.n_expert)])
     if cfg.tie_embeddings and "model.embed_tokens.weight" in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     load_weights(model, state, path, device, dtype)
@@ -1164,22 +1389,32 @@ def from_pretrained(name_or_path, device="cpu", dtype=torch.float32, dropout=0.0
 
 
 def save_pretrained(model, path):
-    """model in the Hugging Face Llama layout in the directory path, its gates as model.layers.N.self_attn.gate
-    and segment_len, memory_update and gate_init in config.json: transformers' LlamaForCausalLM loads it (the gates
-    left unused: the Llama's logits, which are this model's on a text of one segment), from_pretrained here loads it
-    whole."""
+    """model in the Hugging Face Llama layout in the directory path, or with experts in Mixtral's (one
+    block_sparse_moe.experts.N.w1/w2/w3 per expert, as the hub checkpoints), its gates as
+    model.layers.N.self_attn.gate and segment_len, memory_update and gate_init in config.json: transformers'
+    LlamaForCausalLM or MixtralForCausalLM loads it (the gates left unused: the base model's logits, which are this
+    model's on a text of one segment), from_pretrained here loads it whole."""
     cfg, path = model.config, Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    family = dict(model_type="llama", architectures=["LlamaForCausalLM"], attention_bias=False, mlp_bias=False)
+    if cfg.n_expert:
+        family = dict(model_type="mixtral", architectures=["MixtralForCausalLM"], num_local_experts=cfg.n_expert,
+                      num_experts_per_tok=cfg.top_k_experts, router_jitter_noise=cfg.router_noise,
+                      router_aux_loss_coef=cfg.aux_loss_coef, sliding_window=None)
     (path / "config.json").write_text(json.dumps(dict(
-        model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=cfg.vocab_size,
+        **family, vocab_size=cfg.vocab_size,
         max_position_embeddings=cfg.segment_len, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
         num_key_value_heads=cfg.n_kv_head, hidden_size=cfg.n_embd, head_dim=cfg.head_dim,
         intermediate_size=cfg.intermediate_size, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
         rope_scaling=cfg.rope_scaling, tie_word_embeddings=cfg.tie_embeddings, bos_token_id=cfg.bos_token_id,
-        hidden_act="silu", attention_bias=False, mlp_bias=False, segment_len=cfg.segment_len,
-        memory_update=cfg.memory_update, gate_init=cfg.gate_init), indent=2))
-    state = {k: t[:cfg.vocab_size] if k in ("model.embed_tokens.weight", "lm_head.weight") else t
-             for k, t in model.state_dict().items() if not (k == "lm_head.weight" and cfg.tie_embeddings)}
+        hidden_act="silu", segment_len=cfg.segment_len, memory_update=cfg.memory_update, gate_init=cfg.gate_init),
+        indent=2))
+    state = {}
+    for k, t in model.state_dict().items():
+        if k.endswith(("w1", "w2", "w3")):  # (n_expert, ...) to one matrix per expert
+            state.update({f"{k[:-3]}.experts.{i}.{k[-2:]}.weight": w for i, w in enumerate(t)})
+        elif not (k == "lm_head.weight" and cfg.tie_embeddings):
+            state[k] = t[:cfg.vocab_size] if k in ("model.embed_tokens.weight", "lm_head.weight") else t
     write_safetensors(state, path / "model.safetensors")
 
 
@@ -1258,6 +1493,7 @@ PRESETS = {
                  max_iters=400, eval_interval=50, eval_iters=25, log_interval=25, lr=1e-3, min_lr=1e-4, gate_lr=1e-2,
                  warmup_iters=40, dropout=0.2, patience=3),
 }
+RUN_TIME = ("dropout", "router_noise", "capacity_factor", "aux_loss_coef", "z_loss_coef")  # Config fields a run sets
 
 
 def add_model_flags(p):
@@ -1271,7 +1507,18 @@ def add_model_flags(p):
     p.add_argument("--n_head", type=int)
     p.add_argument("--n_kv_head", type=int, help="key/value heads: n_head is MHA, 1 is MQA")
     p.add_argument("--n_embd", type=int)
-    p.add_argument("--intermediate_size", type=int, help="SwiGLU width (default: 8/3 n_embd, rounded up to 64)")
+    p.add_argument("--intermediate_size", type=int, help="SwiGLU width, each expert's with --n_expert (default: "
+                   "8/3 n_embd, rounded up to 64)")
+    p.add_argument("--n_expert", type=int, default=0, help="experts per layer, Mixtral's sparse MoE (0: Llama's "
+                   "dense SwiGLU)")
+    p.add_argument("--top_k_experts", type=int, default=2, help="experts each token is routed to")
+    p.add_argument("--capacity_factor", type=float, default=0.0,
+                   help="with experts, 0: dropless routing; > 0: each expert takes at most this x its even share of a "
+                        "step's tokens, the rest skip the layer; evaluation and sampling stay dropless")
+    p.add_argument("--aux_loss_coef", type=float, default=0.01, help="load-balancing loss weight (Switch: 0.01)")
+    p.add_argument("--z_loss_coef", type=float, default=0.001, help="router z-loss weight (ST-MoE: 0.001)")
+    p.add_argument("--router_noise", type=float, default=0.0,
+                   help="jitter: multiply the router's input by U(1 - eps, 1 + eps) in training (Switch: 0.01)")
     p.add_argument("--rope_theta", type=float, help="rotary base (default 10000)")
     p.add_argument("--tie_embeddings", action=argparse.BooleanOptionalAction,
                    help="share the embedding with the output head (default: untied)")
@@ -1280,25 +1527,32 @@ def add_model_flags(p):
 
 def build_model(args, given, ckpt, env):
     """(model, tokenizer, note) for --init_from: our checkpoint's model (resume; the harness loads its weights), a
-    Hugging Face Llama turned Infini (gates new), or a fresh one of the flags' size; the gates at --gate_lr."""
+    Hugging Face Llama or Mixtral turned Infini (gates new; a Mixtral's router flags typed), or a fresh one of the
+    flags' size (--n_expert: with Mixtral's MoE); the gates at --gate_lr."""
     if args.segment_len <= 0:
         raise InputError(f"--segment_len must be positive, got {args.segment_len}")
+    run_time = {k: getattr(args, k) for k in RUN_TIME}
+    router = [k for k in RUN_TIME if k in given and k != "dropout"]
     if ckpt is not None:
-        model = InfiniTransformer(Config(**{**ckpt["config"], "dropout": args.dropout}))
+        model = InfiniTransformer(Config(**{**ckpt["config"], **run_time}))
         tokenizer = load_tokenizer(ckpt["tokenizer"])
     elif args.init_from != "scratch":  # sampling keeps the checkpoint's dtype (load_dtype), training loads fp32
         tokenizer = pretrained_tokenizer(checkpoint_dir(args.init_from, weights=False), args.sample_only)
         model = from_pretrained(args.init_from, env.device, load_dtype(args, env), args.dropout,
                                 args.segment_len if "segment_len" in given else None, args.memory_update,
-                                llama_segment_len=args.segment_len)  # not typed: the preset's, not one huge segment
+                                llama_segment_len=args.segment_len,  # not typed: the preset's, not one huge segment
+                                **{k: run_time[k] for k in router})
     else:
         tokenizer = load_tokenizer(args.tokenizer)
         model = InfiniTransformer(Config(vocab_size=tokenizer[3], segment_len=args.segment_len, n_layer=args.n_layer,
                                          n_head=args.n_head, n_kv_head=args.n_kv_head, n_embd=args.n_embd,
-                                         intermediate_size=args.intermediate_size or 0,
-                                         rope_theta=args.rope_theta or 10000.0, tie_embeddings=bool(args.tie_embeddings),
-                                         memory_update=args.memory_update or "delta", dropout=args.dropout))
+                                         intermediate_size=args.intermediate_size or 0, n_expert=args.n_expert,
+                                         top_k_experts=args.top_k_experts, rope_theta=args.rope_theta or 10000.0,
+                                         tie_embeddings=bool(args.tie_embeddings),
+                                         memory_update=args.memory_update or "delta", **run_time))
     cfg = model.config
+    if router and not cfg.n_expert:
+        raise InputError(f"--{router[0]}: a router setting, and this model has no experts (--n_expert 0)")
     for block in model.model.layers:  # configure_optimizer reads it: the gates' rate is --gate_lr, not --lr
         block.self_attn.gate.lr_scale = args.gate_lr / args.lr if args.lr else 0.0
     model.find_unused_parameters = args.block_size <= cfg.segment_len  # one segment: the gates get no gradient
@@ -1310,15 +1564,18 @@ def build_model(args, given, ckpt, env):
         except InputError:
             raise InputError(f"--task passkey: one segment (--segment_len {cfg.segment_len}) is too short for a "
                              f"passkey example with the {tokenizer[0]} tokenizer") from None
-    return model, tokenizer, f" | segments of {cfg.segment_len}, {cfg.memory_update} memory | task {args.task}"
+    moe = "" if not cfg.n_expert else (f" | {model.num_params(active=True) / 1e6:.2f}M active | {cfg.n_expert} "
+                                       f"experts, top {cfg.top_k_experts}, " + (f"capacity {cfg.capacity_factor:g}"
+                                                                                if cfg.capacity_factor else "dropless"))
+    return model, tokenizer, f" | segments of {cfg.segment_len}, {cfg.memory_update} memory | task {args.task}" + moe
 
 
 def flops_per_token(model, T):
     """Training FLOPs per token, for MFU: 6 per parameter, plus attention (PaLM, appendix B), which is local to a
     segment: each query sees at most segment_len keys, whatever T is. The memory's d x d reads and writes per
-    head are left out, as elementwise work."""
+    head are left out, as elementwise work. With experts, 6 per parameter a token computes with (the top_k)."""
     cfg = model.config
-    return 6 * model.num_params() + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * min(T, cfg.segment_len)
+    return 6 * model.num_params(active=True) + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * min(T, cfg.segment_len)
 
 
 def schedule(it, args):  # (learning rate, weight decay) of step it: warmup and cosine, a constant weight decay

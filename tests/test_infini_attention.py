@@ -24,7 +24,7 @@ import transformers
 
 import infini_attention as ia
 from conftest import (ROOT, needs_gpt2_bpe, check_cached_equals_uncached, check_causal, check_overfits, hf_logits, ids,
-                      max_diff, randomize, scale_up, script_home)
+                      max_diff, randomize, scale_up, script_home, train_tokenizer)
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -393,7 +393,8 @@ def test_segments_at_once_equal_the_loop_over_segments(rule, looped):
     one (3 and 5/8), shorter than one, and a state continued in chunks with autograd on (a chunk inside the
     unfinished segment twice, one that finishes it and goes on)."""
     new = tiny(seed=10, memory_update=rule).train()
-    old = looped.InfiniTransformer(looped.Config(**asdict(new.config))).train()
+    fields = looped.Config.__dataclass_fields__  # not the experts' fields, added since
+    old = looped.InfiniTransformer(looped.Config(**{k: v for k, v in asdict(new.config).items() if k in fields})).train()
     old.load_state_dict(new.state_dict())
     idx = ids(300, 2, 42, seed=11)
     for sizes in ([32], [29], [5], [13, 1, 1, 26]):
@@ -691,3 +692,111 @@ def test_cli_refuses_bad_flags(flags, message, tmp_path, monkeypatch, offline, c
     if "invalid choice" not in message:
         assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------ on a mixture of experts (Mixtral)
+
+MIXTRAL = dict(BASE, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, sliding_window=None)
+
+
+def make_mixtral(seed=0, scale=3.0, **kw):
+    """A random MixtralForCausalLM in eval mode, weights scaled up as make_hf's."""
+    torch.manual_seed(seed)
+    return scale_up(transformers.MixtralForCausalLM(transformers.MixtralConfig(**{**MIXTRAL, **kw})), scale)
+
+
+def test_a_converted_mixtral_matches_hf_on_one_segment(tmp_path):
+    """A Mixtral turned Infini: mixtral.py's sparse MoE in place of SwiGLU, the gates at 0. On one segment, and with
+    the gates shut on each segment alone, MixtralForCausalLM's logits. save_pretrained writes Mixtral's layout:
+    transformers loads it with the same one-segment logits, from_pretrained here loads it whole, gates and all."""
+    hf = make_mixtral(seed=3)
+    hf.save_pretrained(tmp_path / "hf")
+    model = ia.from_pretrained(tmp_path / "hf", segment_len=SEG)
+    cfg = model.config
+    assert (cfg.n_expert, cfg.top_k_experts, cfg.rope_theta, cfg.segment_len) == (4, 2, 1e6, SEG)  # Mixtral's rope_theta
+    assert model.model.layers[1].block_sparse_moe.w2.shape == (4, 64, 96)
+    assert all(torch.equal(b.self_attn.gate, torch.zeros(4)) for b in model.model.layers)
+    idx = ids(320, 2, 3 * SEG, seed=3)
+    with torch.no_grad():
+        for T in (SEG, 5):
+            ref = hf_logits(hf, idx[:, :T])
+            assert ref.abs().max() > 1.0 and max_diff(model(idx[:, :T])[0], ref) < 1e-4, T
+        assert max_diff(model(idx)[0][:, SEG:], hf_logits(hf, idx)[:, SEG:]) > 1e-2  # the memory is read
+        set_gates(model, float("-inf"))
+        logits = model(idx)[0]
+        for s in range(3):
+            part = slice(s * SEG, (s + 1) * SEG)
+            assert max_diff(logits[:, part], hf_logits(hf, idx[:, part])) < 1e-4, s
+        set_gates(model, seed=4)
+        ia.save_pretrained(model, tmp_path / "ours")
+        back = ia.from_pretrained(tmp_path / "ours")
+        assert back.config == model.config and max_diff(back(idx)[0], model(idx)[0]) == 0
+        again = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "ours")
+        assert max_diff(hf_logits(again, idx[:, :SEG]), model(idx[:, :SEG])[0]) < 1e-4
+
+
+def test_a_mixtrals_sliding_window_bounds_the_segment(tmp_path):
+    """A segment is the whole of the local attention: it may not be longer than the window, which then never cuts
+    inside it (the logits are the windowed Mixtral's on one segment). Router settings need a router."""
+    hf = make_mixtral(seed=5, sliding_window=12)
+    hf.save_pretrained(tmp_path / "mixtral")
+    model = ia.from_pretrained(tmp_path / "mixtral")
+    assert model.config.segment_len == 12
+    idx = ids(320, 2, 12, seed=5)
+    with torch.no_grad():
+        assert max_diff(model(idx)[0], hf_logits(hf, idx)) < 1e-4
+    with pytest.raises(ia.InputError, match="sliding window"):
+        ia.from_pretrained(tmp_path / "mixtral", segment_len=13)
+    assert ia.from_pretrained(tmp_path / "mixtral", capacity_factor=1.5).config.capacity_factor == 1.5
+    make_hf(seed=1, **HF_CASES["gqa"]).save_pretrained(tmp_path / "llama")
+    with pytest.raises(ia.InputError, match="router settings"):
+        ia.from_pretrained(tmp_path / "llama", capacity_factor=1.5)
+
+
+def test_experts_over_segments_train_the_gates_and_the_router():
+    """A fresh model with experts over three segments: the loss is the cross-entropy plus the router's weighted
+    terms, the gates and the routers get gradients; in eval mode the expert load adds up, one row per layer."""
+    torch.manual_seed(0)
+    model = ia.InfiniTransformer(ia.Config(vocab_size=100, segment_len=8, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+                                           intermediate_size=64, n_expert=4, top_k_experts=2, aux_loss_coef=0.1))
+    idx = ids(100, 2, 24, seed=2)
+    logits, loss = model.train()(idx, idx)
+    s = model.stats
+    assert loss.item() == pytest.approx((F.cross_entropy(logits.flatten(0, 1), idx.flatten()) + 0.1 * s["balance"]
+                                         + 0.001 * s["z_loss"]).item(), rel=1e-5)
+    loss.backward()
+    for block in model.model.layers:
+        assert block.self_attn.gate.grad.abs().min() > 0
+        assert block.block_sparse_moe.gate.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        model.eval()(idx)
+    load = torch.tensor(model.load_report()["expert_load"])
+    assert load.shape == (2, 4) and torch.allclose(load.sum(-1), torch.ones(2))
+    assert model.num_params(active=True) < model.num_params()
+
+
+def test_cli_fine_tunes_a_mixtral_with_router_flags(tmp_path, monkeypatch, offline, capsys):
+    """--init_from a Mixtral trains with the router's flags typed (capacity, jitter, loss weights): they reach the
+    model (the checkpoint's config), the log has the router's terms and the dropped share, each eval the expert
+    load. A fresh model takes experts from --n_expert; router flags on a model without experts are refused."""
+    script_home(ia, tmp_path, monkeypatch)
+    ckpt = tmp_path / "tiny-mixtral"
+    make_mixtral(seed=9, scale=1.0).save_pretrained(ckpt)
+    train_tokenizer(ckpt / "tokenizer.json", vocab_size=300)
+    ia.main(["--init_from", str(ckpt), "--device", "cpu", "--segment_len", "8", "--block_size", "24",
+             "--batch_size", "2", "--max_iters", "2", "--eval_interval", "2", "--eval_iters", "1", "--log_interval", "1",
+             "--router_noise", "0.01", "--capacity_factor", "1.25", "--aux_loss_coef", "0.02", "--max_new_tokens", "4"])
+    out = capsys.readouterr().out
+    assert "4 experts, top 2, capacity 1.25" in next(l for l in out.splitlines() if l.startswith("infini_attention |"))
+    assert "expert load per layer" in out and "done | 2 iters" in out
+    metrics = [json.loads(l) for l in (tmp_path / "out" / "infini_attention" / "metrics.jsonl").read_text().splitlines()]
+    assert any({"balance", "z_loss", "dropped"} <= set(m) for m in metrics) and any("expert_load" in m for m in metrics)
+    cfg = torch.load(tmp_path / "out" / "infini_attention" / "ckpt.pt", map_location="cpu", weights_only=True)["config"]
+    assert (cfg["n_expert"], cfg["router_noise"], cfg["capacity_factor"], cfg["aux_loss_coef"]) == (4, 0.01, 1.25, 0.02)
+    ia.main([*TINY, "--n_expert", "4", "--top_k_experts", "1", "--segment_len", "8", "--block_size", "16",
+             "--max_iters", "1", "--eval_interval", "1", "--max_new_tokens", "2", "--out_dir", str(tmp_path / "fresh")])
+    assert "4 experts, top 1, dropless" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        ia.main([*TINY, "--capacity_factor", "1.0", "--max_iters", "1", "--out_dir", str(tmp_path / "dense")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "--capacity_factor" in err
