@@ -183,8 +183,8 @@ class RMSNorm(nn.Module):
 
 class KVCache:
     """The keys and values of one layer for the tokens so far: (B, n_kv_head, length, head_dim) buffers, filled
-    from position 0 on. Only the n_kv_head shared heads are stored: GQA's saving is a cache n_head / n_kv_head
-    times smaller."""
+    from position 0 on. Only the n_kv_head key/value heads are stored: with grouped-query attention (n_kv_head <
+    n_head) a cache n_head / n_kv_head times smaller than multi-head attention's (GPT-2: n_kv_head = n_head)."""
 
     def __init__(self, length):
         self.length, self.k, self.v = length, None, None
