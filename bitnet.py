@@ -756,7 +756,7 @@ def bpe_merges(ids, merges):
         if nxt[i] < n:
             prev[nxt[i]] = i
         if prev[i] >= 0 and (ids[prev[i]], new) in merges:
-            heapq.heappush(heap, (merges[ids[prev[i]], new][0], merges[ids[prev[i]], new][1], prev[i]))
+            heapq.heappush(heap, (*merges[ids[prev[i]], new], prev[i]))
         if nxt[i] < n and (new, ids[nxt[i]]) in merges:
             heapq.heappush(heap, (*merges[new, ids[nxt[i]]], i))
     return [t for t in ids if t >= 0]

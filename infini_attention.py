@@ -82,8 +82,6 @@ HERE = Path(__file__).resolve().parent
 HF_ENDPOINT = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
 CACHE_DIR = Path(os.environ.get("ONEFILE_CACHE", "~/.cache/onefile")).expanduser()
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-GROUPED_MM = hasattr(F, "grouped_mm")  # recent torch: one kernel for a matmul per expert over jagged groups
-ALIGN = 8  # rows of an expert's group are padded to a multiple of this: grouped GEMMs want 16-byte offsets in bf16
 
 
 class InputError(Exception):
@@ -391,131 +389,6 @@ class FeedForward(nn.Module):
         return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
 
 
-def expert_rank(e, count):
-    """e (M,): the expert of each (token, choice) pair; count (E,): the pairs of each expert -> (M,) each pair's place in
-    its expert's queue, the pairs keeping their order. A stable sort lays the pairs out grouped by expert in that order,
-    so a pair's rank is its place in the sorted order less the pairs of the experts before its own: O(M) memory where a
-    one-hot and its running sum take (M, E) (268 MB per layer at DeepSeek-V3's E = 256, k = 8, 16K tokens)."""
-    grouped, order = e.sort(stable=True)                # (M,) the pairs grouped by expert, each group in order
-    start = count.cumsum(0) - count                     # (E,) where each expert's group begins in `order`
-    return torch.empty_like(e).scatter_(0, order, torch.arange(e.numel(), device=e.device) - start[grouped])
-
-
-def chosen_experts(x, expert, weight, w1, w3, w2):
-    """Few tokens (decoding): y_n = sum_j weight[n, j] SwiGLU_expert[n, j](x_n) for x (N, d), expert and weight (N, k)
-    -> (N, d); each (token, choice) pair through its own expert's weights, read in place, so only the chosen experts
-    do any work (the grouped dispatch pads each group to ALIGN rows and visits all E). Reading the chosen experts'
-    ids on the host is a sync: decoding, batch 1, can afford it, a training step never takes this path."""
-    ys = []
-    for xn, wn, chosen in zip(x, weight, expert.tolist()):
-        yn = 0
-        for j, i in enumerate(chosen):
-            yn = yn + F.linear(F.silu(F.linear(xn, w1[i])) * F.linear(xn, w3[i]), w2[i]) * wn[j, None]
-        ys.append(yn)
-    return torch.stack(ys)
-
-
-def expert_mlp(xs, w1, w3, w2, end, dt):
-    """The SwiGLU of each expert over its own rows: xs (M, d) holds expert e's rows at end[e-1]..end[e]-1
-    (rows past end[-1] are padding) -> (M', d), M' >= end[-1]. w1, w3: (E, f, d); w2: (E, d, f), as nn.Linear;
-    dt: the dtype the model's matmuls run in (bf16 under autocast).
-
-    One grouped matmul per weight (a batch of E matmuls of different heights, no host sync) where the kernel
-    exists: CUDA in bf16, or eager on CPU; elsewhere a loop over the experts, which needs the group sizes on the
-    host (one sync per layer)."""
-    fits = xs.size(1) % ALIGN == 0 and w1.size(1) % ALIGN == 0  # 16-byte rows in the kernel's memory loads
-    if GROUPED_MM and fits and (xs.is_cuda and dt == torch.bfloat16 or xs.device.type == "cpu"
-                                and not torch.compiler.is_compiling()):
-        offs = end.to(torch.int32)
-        xs, w1, w3, w2 = xs.to(dt), w1.to(dt), w3.to(dt), w2.to(dt)
-        h = F.silu(F.grouped_mm(xs, w1.transpose(1, 2), offs=offs)) * F.grouped_mm(xs, w3.transpose(1, 2), offs=offs)
-        return F.grouped_mm(h, w2.transpose(1, 2), offs=offs)
-    sizes = torch.diff(end, prepend=end.new_zeros(1)).tolist()
-    return torch.cat([F.linear(F.silu(F.linear(x, a)) * F.linear(x, c), b)
-                      for x, a, c, b in zip(xs.split([*sizes, xs.size(0) - sum(sizes)]), w1, w3, w2)])
-
-
-class SparseMoE(nn.Module):
-    """Mixtral's feed-forward (section 2.1, eq. 1-2): y = sum over the top-k experts i of
-    softmax(TopK(x W_g))_i SwiGLU_i(x). Each token pays for k experts; the layer holds n_expert of them.
-
-    The (token, choice) pairs are dispatched in one pass: every pair gets a row in a buffer grouped by expert,
-    the experts run over the buffer (expert_mlp, or a batched matmul), and each pair reads its output row back.
-    forward also returns the router statistics of the step (see `stats`)."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        E, d, f = cfg.n_expert, cfg.n_embd, cfg.intermediate_size
-        self.n_expert, self.top_k, self.capacity_factor, self.noise = E, cfg.top_k_experts, cfg.capacity_factor, cfg.router_noise
-        self.gate = nn.Linear(d, E, bias=False)       # the router W_g (HF Mixtral: block_sparse_moe.gate; Jamba: router)
-        # The experts' SwiGLU weights stacked on a leading expert axis (HF Mixtral: experts.N.w1 / w3 / w2; Jamba:
-        # experts.N.gate_proj / up_proj / down_proj). --optimizer muon
-        # leaves them on AdamW: torch's Muon takes 2-D parameters only, and one parameter per expert would undo the
-        # stacking the grouped matmul needs (the README measures what that costs Muon)
-        self.w1 = nn.Parameter(torch.empty(E, f, d))  # gate projection, inside the SiLU
-        self.w3 = nn.Parameter(torch.empty(E, f, d))  # up projection
-        self.w2 = nn.Parameter(torch.empty(E, d, f))  # down projection
-        self.dropout = nn.Dropout(cfg.dropout)
-        self.record = None  # a list while a sample is shown with --show_routing (recording); training never sets it
-
-    def forward(self, x):
-        B, T, d = x.shape
-        x = x.reshape(-1, d)  # (N, d): the router sees tokens, not sequences
-        N, E, k = x.size(0), self.n_expert, self.top_k
-        jitter = self.training and self.noise  # multiplicative noise on the router's input only (Switch, 2.4)
-        logits = self.gate(x * torch.empty_like(x).uniform_(1 - self.noise, 1 + self.noise) if jitter else x)
-        dt, logits = logits.dtype, logits.float()           # (N, E): the matmul's dtype (bf16 under autocast), the
-                                                            # softmax and top-k on it in float32, as the reference
-        weight, expert = self.route(logits)                 # (N, k): the chosen experts and their weights
-        if self.record is not None:                         # --show_routing: the routing of these N tokens
-            self.record.append((expert, weight))
-
-        # Each (token, choice) pair gets a row: choice-major order (all first choices, then all second ones),
-        # so when an expert is full its tokens' first choices won (GShard's priority).
-        e = expert.t().reshape(-1)                          # (k N,) the expert of each pair
-        count = e.new_zeros(E).index_add_(0, e, torch.ones_like(e))  # (E,) pairs per expert: bincount, no host sync
-        if not self.training and k * N <= E:                # decoding: each pair through its own expert alone
-            y, dropped = chosen_experts(x, expert, weight, self.w1, self.w3, self.w2), logits.new_zeros(())
-        else:
-            rank = expert_rank(e, count)                    # (k N,) the pair's place in its expert's queue
-            if self.training and self.capacity_factor:      # capacity: C rows per expert, the overflow dropped
-                C = math.ceil(self.capacity_factor * k * N / E)
-                kept = rank < C
-                row = torch.where(kept, e * C + rank, E * C)    # row E C: a spare row the dropped pairs write to
-                xs = x.new_zeros(E * C + 1, d).index_copy(0, row, x.repeat(k, 1))[:-1].view(E, C, d)
-                h = F.silu(xs @ self.w1.transpose(1, 2)) * (xs @ self.w3.transpose(1, 2))     # (E, C, f)
-                ys = torch.cat([(h @ self.w2.transpose(1, 2)).reshape(E * C, d), x.new_zeros(1, d)])
-                dropped = 1 - kept.float().mean()
-            else:                                           # dropless: every group as long as it needs
-                size = (count + ALIGN - 1) // ALIGN * ALIGN     # padded group sizes
-                end = size.cumsum(0)
-                row = end[e] - size[e] + rank
-                xs = x.new_zeros(k * N + E * (ALIGN - 1), d).index_copy(0, row, x.repeat(k, 1))  # a static bound
-                ys = expert_mlp(xs, self.w1, self.w3, self.w2, end, dt)
-                dropped = logits.new_zeros(())
-            y = (ys[row] * weight.t().reshape(-1, 1)).view(k, N, d).sum(0)  # a dropped pair reads the spare row: 0
-        return self.dropout(y.to(x.dtype)).view(B, T, d), self.stats(logits, count, dropped)
-
-    def route(self, logits):
-        """(weights, experts), each (N, k), from the router's logits (N, E): the k largest logits, their softmax
-        over the chosen k only (eq. 2)."""
-        top, expert = logits.topk(self.top_k, dim=-1)
-        return top.softmax(dim=-1), expert
-
-    def stats(self, logits, count, dropped):
-        """(balance, z, dropped, load_1..load_E) of this layer for this batch, no host sync.
-
-        balance: E sum_i f_i P_i (Switch eq. 4-6), f_i the fraction of tokens sent to expert i (counting all k
-        choices, as Hugging Face does; the f_i sum to k), P_i the mean router probability of expert i. It is
-        k when the load is even, up to E when the router has collapsed; only P carries a gradient. z: mean of logsumexp(logits)^2
-        (ST-MoE eq. 5), keeping the router's logits small. load: each expert's share of the pairs."""
-        N = logits.size(0)
-        f = count.float() / N
-        balance = self.n_expert * (f * logits.softmax(-1).mean(0)).sum()
-        z = logits.logsumexp(-1).pow(2).mean()
-        return torch.cat([balance[None], z[None], dropped[None], f / self.top_k])
-
-
 class Block(nn.Module):
     """Pre-normalisation, as Llama: RMSNorm on the input of each sub-block; Infini-attention, then Llama's SwiGLU or,
     with n_expert > 0, Mixtral's sparse MoE (HF: block_sparse_moe). The feed-forward sees tokens one by one: segments
@@ -678,6 +551,139 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, on_logits=None)
         outside = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this token already reaches top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
+
+
+# ------------------------------------------------------ borrowed: Mixtral's experts (mixtral.py teaches them)
+# With --n_expert or a Mixtral checkpoint, each Block's feed-forward is Mixtral's sparse mixture of experts: the
+# same text as mixtral.py's (dispatch without a loop over tokens, the router's statistics), read there first.
+
+GROUPED_MM = hasattr(F, "grouped_mm")  # recent torch: one kernel for a matmul per expert over jagged groups
+ALIGN = 8  # rows of an expert's group are padded to a multiple of this: grouped GEMMs want 16-byte offsets in bf16
+
+
+def expert_rank(e, count):
+    """e (M,): the expert of each (token, choice) pair; count (E,): the pairs of each expert -> (M,) each pair's place in
+    its expert's queue, the pairs keeping their order. A stable sort lays the pairs out grouped by expert in that order,
+    so a pair's rank is its place in the sorted order less the pairs of the experts before its own: O(M) memory where a
+    one-hot and its running sum take (M, E) (268 MB per layer at DeepSeek-V3's E = 256, k = 8, 16K tokens)."""
+    grouped, order = e.sort(stable=True)                # (M,) the pairs grouped by expert, each group in order
+    start = count.cumsum(0) - count                     # (E,) where each expert's group begins in `order`
+    return torch.empty_like(e).scatter_(0, order, torch.arange(e.numel(), device=e.device) - start[grouped])
+
+
+def chosen_experts(x, expert, weight, w1, w3, w2):
+    """Few tokens (decoding): y_n = sum_j weight[n, j] SwiGLU_expert[n, j](x_n) for x (N, d), expert and weight (N, k)
+    -> (N, d); each (token, choice) pair through its own expert's weights, read in place, so only the chosen experts
+    do any work (the grouped dispatch pads each group to ALIGN rows and visits all E). Reading the chosen experts'
+    ids on the host is a sync: decoding, batch 1, can afford it, a training step never takes this path."""
+    ys = []
+    for xn, wn, chosen in zip(x, weight, expert.tolist()):
+        yn = 0
+        for j, i in enumerate(chosen):
+            yn = yn + F.linear(F.silu(F.linear(xn, w1[i])) * F.linear(xn, w3[i]), w2[i]) * wn[j, None]
+        ys.append(yn)
+    return torch.stack(ys)
+
+
+def expert_mlp(xs, w1, w3, w2, end, dt):
+    """The SwiGLU of each expert over its own rows: xs (M, d) holds expert e's rows at end[e-1]..end[e]-1
+    (rows past end[-1] are padding) -> (M', d), M' >= end[-1]. w1, w3: (E, f, d); w2: (E, d, f), as nn.Linear;
+    dt: the dtype the model's matmuls run in (bf16 under autocast).
+
+    One grouped matmul per weight (a batch of E matmuls of different heights, no host sync) where the kernel
+    exists: CUDA in bf16, or eager on CPU; elsewhere a loop over the experts, which needs the group sizes on the
+    host (one sync per layer)."""
+    fits = xs.size(1) % ALIGN == 0 and w1.size(1) % ALIGN == 0  # 16-byte rows in the kernel's memory loads
+    if GROUPED_MM and fits and (xs.is_cuda and dt == torch.bfloat16 or xs.device.type == "cpu"
+                                and not torch.compiler.is_compiling()):
+        offs = end.to(torch.int32)
+        xs, w1, w3, w2 = xs.to(dt), w1.to(dt), w3.to(dt), w2.to(dt)
+        h = F.silu(F.grouped_mm(xs, w1.transpose(1, 2), offs=offs)) * F.grouped_mm(xs, w3.transpose(1, 2), offs=offs)
+        return F.grouped_mm(h, w2.transpose(1, 2), offs=offs)
+    sizes = torch.diff(end, prepend=end.new_zeros(1)).tolist()
+    return torch.cat([F.linear(F.silu(F.linear(x, a)) * F.linear(x, c), b)
+                      for x, a, c, b in zip(xs.split([*sizes, xs.size(0) - sum(sizes)]), w1, w3, w2)])
+
+
+class SparseMoE(nn.Module):
+    """Mixtral's feed-forward (section 2.1, eq. 1-2): y = sum over the top-k experts i of
+    softmax(TopK(x W_g))_i SwiGLU_i(x). Each token pays for k experts; the layer holds n_expert of them.
+
+    The (token, choice) pairs are dispatched in one pass: every pair gets a row in a buffer grouped by expert,
+    the experts run over the buffer (expert_mlp, or a batched matmul), and each pair reads its output row back.
+    forward also returns the router statistics of the step (see `stats`)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        E, d, f = cfg.n_expert, cfg.n_embd, cfg.intermediate_size
+        self.n_expert, self.top_k, self.capacity_factor, self.noise = E, cfg.top_k_experts, cfg.capacity_factor, cfg.router_noise
+        self.gate = nn.Linear(d, E, bias=False)       # the router W_g (HF Mixtral: block_sparse_moe.gate; Jamba: router)
+        # The experts' SwiGLU weights stacked on a leading expert axis (HF Mixtral: experts.N.w1 / w3 / w2; Jamba:
+        # experts.N.gate_proj / up_proj / down_proj). --optimizer muon leaves them on AdamW: torch's Muon takes 2-D
+        # parameters only, and one parameter per expert would undo the stacking the grouped matmul needs (the README
+        # measures what that costs Muon)
+        self.w1 = nn.Parameter(torch.empty(E, f, d))  # gate projection, inside the SiLU
+        self.w3 = nn.Parameter(torch.empty(E, f, d))  # up projection
+        self.w2 = nn.Parameter(torch.empty(E, d, f))  # down projection
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.record = None  # a list while a sample is shown with --show_routing (recording); training never sets it
+
+    def forward(self, x):
+        B, T, d = x.shape
+        x = x.reshape(-1, d)  # (N, d): the router sees tokens, not sequences
+        N, E, k = x.size(0), self.n_expert, self.top_k
+        jitter = self.training and self.noise  # multiplicative noise on the router's input only (Switch, 2.4)
+        logits = self.gate(x * torch.empty_like(x).uniform_(1 - self.noise, 1 + self.noise) if jitter else x)
+        dt, logits = logits.dtype, logits.float()           # (N, E): the matmul's dtype (bf16 under autocast), the
+                                                            # softmax and top-k on it in float32, as the reference
+        weight, expert = self.route(logits)                 # (N, k): the chosen experts and their weights
+        if self.record is not None:                         # --show_routing: the routing of these N tokens
+            self.record.append((expert, weight))
+
+        # Each (token, choice) pair gets a row: choice-major order (all first choices, then all second ones),
+        # so when an expert is full its tokens' first choices won (GShard's priority).
+        e = expert.t().reshape(-1)                          # (k N,) the expert of each pair
+        count = e.new_zeros(E).index_add_(0, e, torch.ones_like(e))  # (E,) pairs per expert: bincount, no host sync
+        if not self.training and k * N <= E:                # decoding: each pair through its own expert alone
+            y, dropped = chosen_experts(x, expert, weight, self.w1, self.w3, self.w2), logits.new_zeros(())
+        else:
+            rank = expert_rank(e, count)                    # (k N,) the pair's place in its expert's queue
+            if self.training and self.capacity_factor:      # capacity: C rows per expert, the overflow dropped
+                C = math.ceil(self.capacity_factor * k * N / E)
+                kept = rank < C
+                row = torch.where(kept, e * C + rank, E * C)    # row E C: a spare row the dropped pairs write to
+                xs = x.new_zeros(E * C + 1, d).index_copy(0, row, x.repeat(k, 1))[:-1].view(E, C, d)
+                h = F.silu(xs @ self.w1.transpose(1, 2)) * (xs @ self.w3.transpose(1, 2))     # (E, C, f)
+                ys = torch.cat([(h @ self.w2.transpose(1, 2)).reshape(E * C, d), x.new_zeros(1, d)])
+                dropped = 1 - kept.float().mean()
+            else:                                           # dropless: every group as long as it needs
+                size = (count + ALIGN - 1) // ALIGN * ALIGN     # padded group sizes
+                end = size.cumsum(0)
+                row = end[e] - size[e] + rank
+                xs = x.new_zeros(k * N + E * (ALIGN - 1), d).index_copy(0, row, x.repeat(k, 1))  # a static bound
+                ys = expert_mlp(xs, self.w1, self.w3, self.w2, end, dt)
+                dropped = logits.new_zeros(())
+            y = (ys[row] * weight.t().reshape(-1, 1)).view(k, N, d).sum(0)  # a dropped pair reads the spare row: 0
+        return self.dropout(y.to(x.dtype)).view(B, T, d), self.stats(logits, count, dropped)
+
+    def route(self, logits):
+        """(weights, experts), each (N, k), from the router's logits (N, E): the k largest logits, their softmax
+        over the chosen k only (eq. 2)."""
+        top, expert = logits.topk(self.top_k, dim=-1)
+        return top.softmax(dim=-1), expert
+
+    def stats(self, logits, count, dropped):
+        """(balance, z, dropped, load_1..load_E) of this layer for this batch, no host sync.
+
+        balance: E sum_i f_i P_i (Switch eq. 4-6), f_i the fraction of tokens sent to expert i (counting all k
+        choices, as Hugging Face does; the f_i sum to k), P_i the mean router probability of expert i. It is
+        k when the load is even, up to E when the router has collapsed; only P carries a gradient. z: mean of logsumexp(logits)^2
+        (ST-MoE eq. 5), keeping the router's logits small. load: each expert's share of the pairs."""
+        N = logits.size(0)
+        f = count.float() / N
+        balance = self.n_expert * (f * logits.softmax(-1).mean(0)).sum()
+        z = logits.logsumexp(-1).pow(2).mean()
+        return torch.cat([balance[None], z[None], dropped[None], f / self.top_k])
 
 
 # -------------------------------------------------------------- files: checkpoints, token files, downloads
@@ -941,7 +947,7 @@ def bpe_merges(ids, merges):
         if nxt[i] < n:
             prev[nxt[i]] = i
         if prev[i] >= 0 and (ids[prev[i]], new) in merges:
-            heapq.heappush(heap, (merges[ids[prev[i]], new][0], merges[ids[prev[i]], new][1], prev[i]))
+            heapq.heappush(heap, (*merges[ids[prev[i]], new], prev[i]))
         if nxt[i] < n and (new, ids[nxt[i]]) in merges:
             heapq.heappush(heap, (*merges[new, ids[nxt[i]]], i))
     return [t for t in ids if t >= 0]

@@ -289,9 +289,9 @@ class SparseMoE(nn.Module):
         self.n_expert, self.top_k, self.capacity_factor, self.noise = E, cfg.top_k_experts, cfg.capacity_factor, cfg.router_noise
         self.gate = nn.Linear(d, E, bias=False)       # the router W_g (HF Mixtral: block_sparse_moe.gate; Jamba: router)
         # The experts' SwiGLU weights stacked on a leading expert axis (HF Mixtral: experts.N.w1 / w3 / w2; Jamba:
-        # experts.N.gate_proj / up_proj / down_proj). --optimizer muon
-        # leaves them on AdamW: torch's Muon takes 2-D parameters only, and one parameter per expert would undo the
-        # stacking the grouped matmul needs (the README measures what that costs Muon)
+        # experts.N.gate_proj / up_proj / down_proj). --optimizer muon leaves them on AdamW: torch's Muon takes 2-D
+        # parameters only, and one parameter per expert would undo the stacking the grouped matmul needs (the README
+        # measures what that costs Muon)
         self.w1 = nn.Parameter(torch.empty(E, f, d))  # gate projection, inside the SiLU
         self.w3 = nn.Parameter(torch.empty(E, f, d))  # up projection
         self.w2 = nn.Parameter(torch.empty(E, d, f))  # down projection
@@ -803,7 +803,7 @@ def bpe_merges(ids, merges):
         if nxt[i] < n:
             prev[nxt[i]] = i
         if prev[i] >= 0 and (ids[prev[i]], new) in merges:
-            heapq.heappush(heap, (merges[ids[prev[i]], new][0], merges[ids[prev[i]], new][1], prev[i]))
+            heapq.heappush(heap, (*merges[ids[prev[i]], new], prev[i]))
         if nxt[i] < n and (new, ids[nxt[i]]) in merges:
             heapq.heappush(heap, (*merges[new, ids[nxt[i]]], i))
     return [t for t in ids if t >= 0]
