@@ -45,6 +45,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable, NamedTuple
 
 import numpy as np
 import regex
@@ -529,8 +530,16 @@ def byte_decoder():
     return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
 
 
+class Tokenizer(NamedTuple):
+    """What every script passes around as its tokenizer."""
+    name: str                     # "gpt2", "bytes", or a tokenizer.json's path
+    encode: Callable              # text -> list of token ids
+    decode: Callable              # list of token ids -> text
+    vocab_size: int               # the ids run from 0 to vocab_size - 1
+
+
 def hf_tokenizer(path):
-    """(name, encode, decode, vocab) of a Hugging Face tokenizer.json holding a BPE: byte-level (GPT-2's, GPT-NeoX's,
+    """The Tokenizer of a Hugging Face tokenizer.json holding a BPE: byte-level (GPT-2's, GPT-NeoX's,
     Llama 3's, DeepSeek-V3's) or SentencePiece style with byte fallback (Llama 2's, Mistral's, Mixtral's); None when
     there is no such file or it holds another kind (Unigram, WordPiece, normalizers other than those below); a file
     that is not JSON or lacks a key its kind needs is one line of bad input ("damaged").
@@ -554,7 +563,7 @@ def hf_tokenizer(path):
         tokenizer = tiktoken_bpe(tok, path) or python_bpe(tok)
     except (KeyError, TypeError, AttributeError, ValueError, IndexError) as e:
         raise InputError(f"{path}: tokenizer.json is damaged ({type(e).__name__}: {e})") from None
-    return None if tokenizer is None else (str(path), *tokenizer)
+    return None if tokenizer is None else Tokenizer(str(path), *tokenizer)
 
 
 def tiktoken_bpe(tok, path):
@@ -856,8 +865,8 @@ def pretrained_tokenizer(path, sample_only, file="tokenizer.json"):
     eos = {i for i in (eos if isinstance(eos, list) else [eos]) if isinstance(i, int)}  # one id, or several
     if tokenizer is None or not eos:
         return tokenizer
-    name, encode, decode, vocab = tokenizer
-    return name, encode, lambda ids: decode(ids[:next((k for k, i in enumerate(ids) if i in eos), len(ids))]), vocab
+    decode = tokenizer.decode
+    return tokenizer._replace(decode=lambda ids: decode(ids[:next((k for k, i in enumerate(ids) if i in eos), len(ids))]))
 
 
 # Token files as llm.c writes them (and modded-nanogpt's FineWeb shards): a header of 256 int32 (magic, version,
@@ -890,8 +899,8 @@ FINEWEB = {"fineweb10B": "kjj0/fineweb10B-gpt2/resolve/main/fineweb",
 def fineweb_files(name, tokenizer, shards):
     """{split: [token files]} of --data fineweb10B or fineweb-edu10B: the validation shard and `shards` training
     shards, downloaded once into data/<name>/ (through $HF_ENDPOINT, with $HF_TOKEN); GPT-2's tokens only."""
-    if tokenizer[0] != "gpt2":
-        raise InputError(f"--data {name} holds GPT-2's tokens, and this model's tokenizer is {tokenizer[0]}")
+    if tokenizer.name != "gpt2":
+        raise InputError(f"--data {name} holds GPT-2's tokens, and this model's tokenizer is {tokenizer.name}")
     files = {"val": [f"_val_{0:06d}.bin"], "train": [f"_train_{i:06d}.bin" for i in range(1, shards + 1)]}
     try:
         return {split: [read_tokens(download(f"{HF_ENDPOINT}/datasets/{FINEWEB[name]}{f}",
@@ -1084,7 +1093,7 @@ def build_model(args, given, ckpt, env):
         model = from_pretrained(args.init_from, env.device, load_dtype(args, env), args.dropout)
     else:
         tokenizer = load_tokenizer(args.tokenizer)
-        model = Llama(Config(vocab_size=tokenizer[3], block_size=args.block_size, n_layer=args.n_layer,
+        model = Llama(Config(vocab_size=tokenizer.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
                              n_head=args.n_head, n_kv_head=args.n_kv_head, n_embd=args.n_embd,
                              intermediate_size=args.intermediate_size or 0, rope_theta=args.rope_theta or 10000.0,
                              tie_embeddings=bool(args.tie_embeddings), dropout=args.dropout))
@@ -1166,18 +1175,18 @@ def show_sample(model, tokenizer, args, env, title):
 # the model's own PRESETS, add_model_flags, build_model, flops_per_token, schedule, batches and show_sample (above).
 
 def load_tokenizer(name=None):
-    """(name, encode, decode, vocab) of "gpt2" (tiktoken's), "bytes", a tokenizer.json; None: gpt2, or bytes offline."""
+    """The Tokenizer of "gpt2" (tiktoken's), "bytes", a tokenizer.json; None: gpt2, or bytes offline."""
     if name in (None, "gpt2"):
         try:
             enc = tiktoken.get_encoding("gpt2")  # downloads the BPE files once, unless TIKTOKEN_CACHE_DIR has them
-            return "gpt2", enc.encode_ordinary, lambda ids: enc.decode(ids, errors="replace"), enc.n_vocab
+            return Tokenizer("gpt2", enc.encode_ordinary, lambda ids: enc.decode(ids, errors="replace"), enc.n_vocab)
         except Exception as e:  # tiktoken raises whatever its download raised
             if name == "gpt2":
                 raise InputError(f"the gpt2 tokenizer is needed but its files cannot be had ({type(e).__name__}); "
                                  "set TIKTOKEN_CACHE_DIR to a folder that holds them") from None
             print(f"offline: tiktoken's gpt2 files cannot be had ({type(e).__name__}); using raw UTF-8 bytes as tokens")
     if name in (None, "bytes"):
-        return "bytes", lambda s: list(s.encode()), lambda ids: bytes(ids).decode(errors="replace"), 256
+        return Tokenizer("bytes", lambda s: list(s.encode()), lambda ids: bytes(ids).decode(errors="replace"), 256)
     return pretrained_tokenizer(Path(name).parent, False, Path(name).name)  # --tokenizer's, or a checkpoint's
 
 
@@ -1209,18 +1218,18 @@ def prepare_data(data, tokenizer, shards=1):
         return fineweb_files(data, tokenizer, shards)
     name, text = read_text(data)
     out, files = HERE / "data" / name, {split: HERE / "data" / name / f"{split}.bin" for split in ("train", "val")}
-    meta = dict(text=hashlib.sha1(text.encode()).hexdigest(), tokenizer=tokenizer[0], vocab_size=tokenizer[3])
-    if Path(tokenizer[0]).is_file():  # a tokenizer.json: its content, not its name, keys the cache
-        meta["tokenizer"] = hashlib.sha1(Path(tokenizer[0]).read_bytes()).hexdigest()
+    meta = dict(text=hashlib.sha1(text.encode()).hexdigest(), tokenizer=tokenizer.name, vocab_size=tokenizer.vocab_size)
+    if Path(tokenizer.name).is_file():  # a tokenizer.json: its content, not its name, keys the cache
+        meta["tokenizer"] = hashlib.sha1(Path(tokenizer.name).read_bytes()).hexdigest()
     if not all(f.exists() for f in files.values()) or not (out / "meta.json").exists() \
             or (out / "meta.json").read_text() != json.dumps(meta):
-        ids = tokenizer[1](text)
+        ids = tokenizer.encode(text)
         n = int(0.9 * len(ids))
         out.mkdir(parents=True, exist_ok=True)
-        write_tokens(files["train"], ids[:n], tokenizer[3])
-        write_tokens(files["val"], ids[n:], tokenizer[3])
+        write_tokens(files["train"], ids[:n], tokenizer.vocab_size)
+        write_tokens(files["val"], ids[n:], tokenizer.vocab_size)
         (out / "meta.json").write_text(json.dumps(meta))  # written last: the cache is valid once it is there
-        print(f"tokenized {name} with {tokenizer[0]}: {n:,} train and {len(ids) - n:,} val tokens in {out}")
+        print(f"tokenized {name} with {tokenizer.name}: {n:,} train and {len(ids) - n:,} val tokens in {out}")
     return {split: [read_tokens(f)] for split, f in files.items()}
 
 
@@ -1257,15 +1266,13 @@ def lr_at(it, args):
 
 
 def configure_optimizer(model, args, device):
-    """AdamW, weight decay on matrices but `no_weight_decay` ones, `lr_scale` scaling a rate. --optimizer muon: torch's
-    Muon on the blocks' 2-D matrices, AdamW on the rest (modded-nanogpt's split); Muon's step at AdamW's RMS (arXiv
-    2502.16982) lets one --lr serve both, measured as good as a tuned Muon rate (README)."""
-    tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)} | {id(model.lm_head.weight)}
-    groups = {}
-    for p in filter(lambda p: p.requires_grad, model.parameters()):  # keyed by (Muon?, decayed?, lr_scale)
-        decay = p.dim() >= 2 and not getattr(p, "no_weight_decay", False)
-        muon = args.optimizer == "muon" and decay and p.dim() == 2 and id(p) not in tables
-        groups.setdefault((muon, decay, getattr(p, "lr_scale", 1)), []).append(p)
+    """AdamW on the groups the model names (`optimizer_groups`: "muon" and "decay" decayed, "no_decay" not), a
+    model's `lr_scales` scaling a parameter's rate. --optimizer muon: torch's Muon takes the "muon" matrices (the
+    blocks' own, modded-nanogpt's split); Muon's step at AdamW's RMS (arXiv 2502.16982) lets one --lr serve both."""
+    kinds, scales, groups = model.optimizer_groups(), getattr(model, "lr_scales", {}), {}
+    for name, p in ((name, p) for name, p in model.named_parameters() if p.requires_grad):
+        muon = args.optimizer == "muon" and kinds[name] == "muon"
+        groups.setdefault((muon, kinds[name] != "no_decay", scales.get(name, 1)), []).append(p)  # (Muon?, decay?, scale)
     groups = {m: [dict(params=ps, decay=d, weight_decay=args.weight_decay * d, lr_scale=s)
                   for (muon, d, s), ps in groups.items() if muon == m] for m in (False, True)}
     return [torch.optim.Muon(g, lr=args.lr, adjust_lr_fn="match_rms_adamw") if muon else torch.optim.AdamW(
@@ -1274,14 +1281,14 @@ def configure_optimizer(model, args, device):
 
 @torch.no_grad()
 def estimate_loss(model, batch, args, ctx):
-    """Mean loss over --eval_iters batches per split; the same batches at every eval (seeded by --seed)."""
+    """({split: mean loss over --eval_iters batches}, the MoE files' expert load over them); seeded: the same batches."""
     model.eval()
     torch.manual_seed(args.seed % 2**63)
-    with ctx:
-        out = {split: torch.stack([model(*batch(split))[1].float() for _ in range(args.eval_iters)]).mean().item()
-               for split in ("train", "val")}
+    with ctx:  # (loss,) or, in the MoE files, (loss, aux) of each batch
+        out = {split: [model(*batch(split))[1:] for _ in range(args.eval_iters)] for split in ("train", "val")}
     model.train()
-    return out
+    load = sum(dict(*aux).get("load", 0) for outs in out.values() for _, *aux in outs)
+    return {split: torch.stack([o[0].float() for o in outs]).mean().item() for split, outs in out.items()}, load
 
 
 def log_metrics(record, env):
@@ -1320,7 +1327,7 @@ def sample(model, tokenizer, args, ctx, title):
     """Print --num_samples samples after --prompt (and the checkpoint's BOS), --show_top's rows; -> the first's ids."""
     torch.manual_seed(args.seed % 2**63)
     bos = [] if model.config.bos_token_id is None else [model.config.bos_token_id]
-    idx = torch.tensor([bos + (tokenizer[1](args.prompt) if tokenizer else []) or [0]], device=model.lm_head.weight.device)
+    idx = torch.tensor([bos + (tokenizer.encode(args.prompt) if tokenizer else []) or [0]], device=model.lm_head.weight.device)
     if tokenizer is None:  # a checkpoint whose tokenizer.json is of a kind hf_tokenizer does not run, or none
         print(f"no tokenizer this file runs for {args.init_from}: no prompt, the samples shown as token ids")
     samples, tops = [], []
@@ -1331,7 +1338,7 @@ def sample(model, tokenizer, args, ctx, title):
         with ctx:
             out = model.eval().generate(idx, args.max_new_tokens, args.temperature, args.top_k or None, args.top_p,
                                         on_logits=top if args.show_top else None)[0].tolist()
-        print(f"--- {title} ---\n{tokenizer[2](out[len(bos):]) if tokenizer else out}\n---" + (
+        print(f"--- {title} ---\n{tokenizer.decode(out[len(bos):]) if tokenizer else out}\n---" + (
             f"\n--show_top {args.show_top}: each sampled token, then the likeliest next tokens with their "
             f"probabilities, softmax(logits / {args.temperature or 1:g}), before --top_k/--top_p filtering" if tops else ""))
         for t, (p, i) in zip(out[len(out) - len(tops):], tops):
@@ -1344,12 +1351,12 @@ def sample(model, tokenizer, args, ctx, title):
 
 def token_text(tokenizer, i):
     """One token as text, quoted, newlines and other control characters escaped (its id without a tokenizer)."""
-    return repr(tokenizer[2]([i])) if tokenizer else str(i)
+    return repr(tokenizer.decode([i])) if tokenizer else str(i)
 
 
 def evaluate(model, eval_model, batch, optimizers, scaler, state, tokenizer, args, env):
     """Eval both splits, save ckpt.pt (best.pt when val improved), log; True: stop early. --fsdp: all ranks."""
-    losses, it, ckpt_path = estimate_loss(eval_model, batch, args, env.ctx), state["iter_num"], env.out_dir / "ckpt.pt"
+    (losses, load), it, ckpt_path = estimate_loss(eval_model, batch, args, env.ctx), state["iter_num"], env.out_dir / "ckpt.pt"
     if not all(map(math.isfinite, losses.values())):  # the NaN guard: stop before anything bad is saved
         diverged(f"eval {it} | train {losses['train']} | val {losses['val']}", env)
     improved = losses["val"] < state["best_val"]
@@ -1359,12 +1366,12 @@ def evaluate(model, eval_model, batch, optimizers, scaler, state, tokenizer, arg
     if not env.master:
         return False  # rank 0 decides and broadcasts
     ckpt = dict(state, model=trained, optimizer=optimizer_states, args=vars(args), scaler=scaler.state_dict(),
-                config=asdict(model.config), tokenizer=tokenizer[0])
+                config=asdict(model.config), tokenizer=tokenizer.name)
     for path in [ckpt_path] + [env.out_dir / "best.pt"] * improved:  # best.pt: early stopping never loses the best
         save_checkpoint(ckpt, path)
     print(f"eval {it} | train {losses['train']:.4f} | val {losses['val']:.4f} | saved {ckpt_path}"
           + (" (best)" if improved else ""))
-    report = model.load_report() if hasattr(model, "load_report") else {}  # MoE: the experts' share of the tokens
+    report = model.load_report(load) if torch.is_tensor(load) else {}  # MoE: the experts' share of the tokens
     log_metrics(dict(iter=it, **losses, **report), env)
     if args.patience and state["evals_since_best"] >= args.patience:
         print(f"early stop: no better val loss in {args.patience} evals (best {state['best_val']:.4f}, in best.pt)")
@@ -1412,6 +1419,7 @@ def train(model, batch, tokenizer, args, ckpt, env):
     sums, t_log, iters_logged = {}, time.perf_counter(), state["iter_num"]
     train_model.train()
     while state["iter_num"] < args.max_iters:
+        step_load = 0  # the MoE files: the experts' load over the step's micro-batches, for after_step
         lr, weight_decay = schedule(state["iter_num"], args)
         for group in (group for optimizer in optimizers for group in optimizer.param_groups):
             group.update(lr=lr * group["lr_scale"], weight_decay=weight_decay if group["decay"] else 0.0)
@@ -1421,9 +1429,11 @@ def train(model, batch, tokenizer, args, ckpt, env):
             train_model.require_backward_grad_sync = micro == args.grad_accum - 1  # DDP: all-reduce on the last only
             getattr(model, "set_requires_gradient_sync", lambda sync: None)(micro == args.grad_accum - 1)  # FSDP: ditto
             with env.ctx:
-                _, loss = train_model(x, y)
+                _, loss, *aux = train_model(x, y)  # the MoE files: (logits, loss, aux), aux the router's terms
             scaler.scale(loss / args.grad_accum).backward()
-            for k, v in dict(loss=loss, **getattr(model, "stats", {})).items():  # MoE: the router's statistics
+            aux = dict(*aux)
+            step_load = step_load + aux.pop("load", 0)
+            for k, v in dict(loss=loss, **aux).items():  # logged: the loss, a MoE's router terms
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / args.grad_accum
         for optimizer in optimizers:  # fp16: the gradients unscaled, for the clip
             scaler.unscale_(optimizer)
@@ -1432,8 +1442,7 @@ def train(model, batch, tokenizer, args, ckpt, env):
             scaler.step(optimizer)
             optimizer.zero_grad(set_to_none=True)
         scaler.update()
-        if hasattr(model, "after_step"):  # mla_moe.py: the routing bias follows the step's expert load
-            model.after_step()
+        getattr(model, "after_step", lambda load: None)(step_load)  # mla_moe.py: the routing bias follows the load
         state["iter_num"] = it = state["iter_num"] + 1
         if env.master and (it % args.log_interval == 0 or it == args.max_iters):
             means = {k: v.item() / (it - iters_logged) for k, v in sums.items()}  # the host sync, every log_interval
@@ -1575,8 +1584,8 @@ def run(args, given):
         if k in given and k != "block_size" and getattr(args, k) != v:
             raise InputError(f"--{k} {getattr(args, k)} does not match the model from --init_from {args.init_from}, "
                              f"which has {k} {v}")
-    if tokenizer is not None and tokenizer[3] > model.config.vocab_size:
-        raise InputError(f"the tokenizer has {tokenizer[3]:,} tokens, the model only {model.config.vocab_size:,}")
+    if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
+        raise InputError(f"the tokenizer has {tokenizer.vocab_size:,} tokens, the model only {model.config.vocab_size:,}")
     if ckpt is not None:
         load_trained_state(model, ckpt["model"], env.out_dir / "ckpt.pt")
     env.tp = getattr(model, "tp", 1)  # tensor-parallel ranks share their batches
@@ -1584,7 +1593,7 @@ def run(args, given):
     if env.master:
         print(f"{Path(__file__).stem} | {env.device} | {str(env.dtype)[6:]} | compile {'on' if env.compile else 'off'}"
               f" | {model.num_params() / 1e6:.2f}M params | {env.tokens:,} tokens/step | data {args.data} | tokenizer "
-              f"{tokenizer[0] if tokenizer else 'none (token ids)'} | init {args.init_from} | weights {weights_size(model)}"
+              f"{tokenizer.name if tokenizer else 'none (token ids)'} | init {args.init_from} | weights {weights_size(model)}"
               + (f" | {'FSDP' if args.fsdp else 'DDP'} x{env.world // env.tp}" if env.world > 1 else "") + note)
     if env.master and (args.sample_only or ckpt is None and args.init_from != "scratch"):  # before any training
         show_sample(model.to(env.device), tokenizer, args, env, f"sample from {args.init_from}"

@@ -51,6 +51,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable, NamedTuple
 
 import numpy as np
 import regex
@@ -473,9 +474,6 @@ class DeepSeek(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.router_stats = None  # (MoE layers, 1 + n_expert) from the last forward: see DeepSeekMoE.stats
-        self.step_load = 0  # training: the load of the step's micro-batches so far, for after_step
-        self.load = 0  # eval mode: the load counted since, for load_report
         self.grad_checkpoint = False  # training: keep only each block's input, recompute the rest in backward
         # Initialisation (the papers give none): normal, std 0.02 (Hugging Face's initializer_range); the
         # projections that write into the residual stream scaled by 1/sqrt(2 n_layer), as GPT-2 does.
@@ -500,6 +498,21 @@ class DeepSeek(nn.Module):
             n -= routed * (cfg.n_expert - cfg.top_k_experts) // cfg.n_expert
         return n
 
+    def optimizer_groups(self):
+        """Each parameter's optimizer group, by name: "muon", the blocks' matrices (MLA's projections, the gate's
+        centroids, dense and shared SwiGLUs: Muon's under --optimizer muon, else AdamW's with decay); "decay", the
+        embedding, the head and the routed experts' stacked (E, out, in) weights (AdamW: torch's Muon takes 2-D
+        parameters only); "no_decay", the RMSNorm gains."""
+        groups = {}
+        for name, _ in self.named_parameters():
+            if name.endswith("norm.weight"):
+                groups[name] = "no_decay"
+            elif name.startswith("model.layers.") and name.endswith(("_proj.weight", "_mqa.weight", "gate.weight")):
+                groups[name] = "muon"
+            else:
+                groups[name] = "decay"
+        return groups
+
     def kv_bytes_per_token(self, itemsize=4):
         """Bytes the latent cache holds per token: (kv_lora_rank + qk_rope_head_dim) x layers x bytes per number; and
         what MHA with the same heads would hold, n_head x (query/key and value head dims) x layers x bytes."""
@@ -508,7 +521,8 @@ class DeepSeek(nn.Module):
             c.n_head * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim) * c.n_layer * itemsize
 
     def hidden(self, idx, cache=None, pos=0):
-        """idx (B, T) token ids at positions pos..pos+T-1 -> final hidden states (B, T, n_embd); sets router_stats."""
+        """idx (B, T) token ids at positions pos..pos+T-1 -> (final hidden states (B, T, n_embd),
+        the MoE layers' router statistics (MoE layers, 1 + n_expert), see DeepSeekMoE.stats)."""
         B, T = idx.shape
         if pos + T > self.config.block_size:
             raise ValueError(f"positions up to {pos + T} but block_size is {self.config.block_size}")
@@ -525,43 +539,34 @@ class DeepSeek(nn.Module):
                 x, s = block(x, cos, sin, None if cache is None else cache[i], pos)
             if s is not None:
                 stats.append(s)
-        self.router_stats = torch.stack(stats) if stats else x.new_zeros(0, 1 + self.config.n_expert)
-        return self.model.norm(x)
+        return self.model.norm(x), torch.stack(stats) if stats else x.new_zeros(0, 1 + self.config.n_expert)
 
     def forward(self, idx, targets=None, cache=None, pos=0):
-        """idx (B, T) -> logits (B, T, vocab_size), loss or None: the next-token cross-entropy, and in training the
-        sequence-wise balance loss times seq_aux_loss_coef (V3 eq. 17-20; self.stats holds it apart for the log).
-        The router's load adds up: over a step's micro-batches for after_step, in eval mode for load_report."""
+        """idx (B, T) -> (logits (B, T, vocab_size), loss or None, aux): the next-token cross-entropy, and in
+        training the sequence-wise balance loss times seq_aux_loss_coef (V3 eq. 17-20). aux holds the balance apart
+        for the log, and the batch's expert load (MoE layers, n_expert): summed over a step's micro-batches for
+        after_step, over an evaluation for load_report."""
         V, Vp = self.config.vocab_size, self.config.padded_vocab_size
         pad = None
         if Vp > V:  # the padding rows are no tokens: a bias of -inf gives them probability exactly 0
             pad = torch.zeros(Vp, device=idx.device, dtype=self.lm_head.weight.dtype)
             pad[V:] = float("-inf")
-        logits = F.linear(self.hidden(idx, cache, pos), self.lm_head.weight, pad)
+        x, router = self.hidden(idx, cache, pos)
+        logits = F.linear(x, self.lm_head.weight, pad)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
-        load = self.router_stats[:, 1:].detach().float()
+        balance = router[:, 0].float().mean() if len(router) else logits.new_zeros((), dtype=torch.float32)
         if self.training and loss is not None:
-            balance = self.router_stats[:, 0].float().mean() if len(self.router_stats) else loss.new_zeros(())
-            self.stats = dict(balance=balance)  # 1 when the load is even
-            self.step_load = self.step_load + load
             loss = loss + self.config.seq_aux_loss_coef * balance
-        elif not self.training:
-            self.load = self.load + load
-        return logits[..., :V], loss
+        return logits[..., :V], loss, dict(balance=balance, load=router[:, 1:].detach().float())  # balance 1: even
 
-    def train(self, mode=True):
-        if not mode:  # an evaluation begins: its expert load is counted afresh (load_report)
-            self.load = 0
-        return super().train(mode)
-
-    def load_report(self):
-        """Print the expert load counted since the model went into eval mode, each MoE layer (by its index) a row
-        of bars: each expert's share of the routed (token, choice) pairs, the even share 1/n_expert drawn half
-        high (collapse shows as a few full bars), and the range of its routing bias b_i, which drifts to push the
-        load even. Returns both for the metrics."""
-        load = (self.load / self.load.sum(-1, keepdim=True).clamp_min(1e-9)).tolist() if torch.is_tensor(self.load) else []
+    def load_report(self, load):
+        """Print the expert load `load` (MoE layers, n_expert), aux's load summed over an evaluation's batches,
+        each MoE layer (by its index) a row of bars: each expert's share of the routed (token, choice) pairs, the
+        even share 1/n_expert drawn half high (collapse shows as a few full bars), and the range of its routing
+        bias b_i, which drifts to push the load even. Returns both for the metrics."""
+        load = (load / load.sum(-1, keepdim=True).clamp_min(1e-9)).tolist()
         bias = [m.gate.e_score_correction_bias.tolist() for m in self.moe_layers()]
         E, bars = self.config.n_expert, " ▁▂▃▄▅▆▇█"
         print(f"expert load per layer (even: {100 / E:.1f}% each, drawn ▄; █ is twice that or more)")
@@ -571,13 +576,13 @@ class DeepSeek(nn.Module):
                   f"bias {min(b):+.3f}..{max(b):+.3f}")
         return dict(expert_load=load, bias=bias)
 
-    def after_step(self):
-        """After each optimizer step: the routing bias follows the step's load (summed over ranks under DDP)."""
-        if self.config.bias_update_speed and torch.is_tensor(self.step_load) and len(self.step_load):
+    def after_step(self, load):
+        """After each optimizer step: the routing bias follows the step's load (MoE layers, n_expert), aux's load
+        summed over the step's micro-batches (and here over the ranks)."""
+        if self.config.bias_update_speed and len(load):
             if dist.is_initialized():
-                dist.all_reduce(self.step_load)
-            self.update_bias(self.step_load, self.config.bias_update_speed)
-        self.step_load = 0
+                dist.all_reduce(load)
+            self.update_bias(load, self.config.bias_update_speed)
 
     @torch.no_grad()
     def update_bias(self, counts, speed):
@@ -597,11 +602,11 @@ class DeepSeek(nn.Module):
             if use_cache else None, 0
         for _ in range(max_new_tokens):
             if cache is not None and idx.size(1) <= block:
-                x = self.hidden(idx[:, pos:], cache, pos)
+                x, _ = self.hidden(idx[:, pos:], cache, pos)
                 pos = idx.size(1)
             else:
                 cache = None
-                x = self.hidden(idx[:, -block:])
+                x, _ = self.hidden(idx[:, -block:])
             logits = self.lm_head(x[:, -1])[:, :self.config.vocab_size]
             idx = torch.cat([idx, sample_next(logits.float(), temperature, top_k, top_p, on_logits)], dim=1)
         return idx
@@ -800,8 +805,16 @@ def byte_decoder():
     return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
 
 
+class Tokenizer(NamedTuple):
+    """What every script passes around as its tokenizer."""
+    name: str                     # "gpt2", "bytes", or a tokenizer.json's path
+    encode: Callable              # text -> list of token ids
+    decode: Callable              # list of token ids -> text
+    vocab_size: int               # the ids run from 0 to vocab_size - 1
+
+
 def hf_tokenizer(path):
-    """(name, encode, decode, vocab) of a Hugging Face tokenizer.json holding a BPE: byte-level (GPT-2's, GPT-NeoX's,
+    """The Tokenizer of a Hugging Face tokenizer.json holding a BPE: byte-level (GPT-2's, GPT-NeoX's,
     Llama 3's, DeepSeek-V3's) or SentencePiece style with byte fallback (Llama 2's, Mistral's, Mixtral's); None when
     there is no such file or it holds another kind (Unigram, WordPiece, normalizers other than those below); a file
     that is not JSON or lacks a key its kind needs is one line of bad input ("damaged").
@@ -825,7 +838,7 @@ def hf_tokenizer(path):
         tokenizer = tiktoken_bpe(tok, path) or python_bpe(tok)
     except (KeyError, TypeError, AttributeError, ValueError, IndexError) as e:
         raise InputError(f"{path}: tokenizer.json is damaged ({type(e).__name__}: {e})") from None
-    return None if tokenizer is None else (str(path), *tokenizer)
+    return None if tokenizer is None else Tokenizer(str(path), *tokenizer)
 
 
 def tiktoken_bpe(tok, path):
@@ -1127,8 +1140,8 @@ def pretrained_tokenizer(path, sample_only, file="tokenizer.json"):
     eos = {i for i in (eos if isinstance(eos, list) else [eos]) if isinstance(i, int)}  # one id, or several
     if tokenizer is None or not eos:
         return tokenizer
-    name, encode, decode, vocab = tokenizer
-    return name, encode, lambda ids: decode(ids[:next((k for k, i in enumerate(ids) if i in eos), len(ids))]), vocab
+    decode = tokenizer.decode
+    return tokenizer._replace(decode=lambda ids: decode(ids[:next((k for k, i in enumerate(ids) if i in eos), len(ids))]))
 
 
 # Token files as llm.c writes them (and modded-nanogpt's FineWeb shards): a header of 256 int32 (magic, version,
@@ -1161,8 +1174,8 @@ FINEWEB = {"fineweb10B": "kjj0/fineweb10B-gpt2/resolve/main/fineweb",
 def fineweb_files(name, tokenizer, shards):
     """{split: [token files]} of --data fineweb10B or fineweb-edu10B: the validation shard and `shards` training
     shards, downloaded once into data/<name>/ (through $HF_ENDPOINT, with $HF_TOKEN); GPT-2's tokens only."""
-    if tokenizer[0] != "gpt2":
-        raise InputError(f"--data {name} holds GPT-2's tokens, and this model's tokenizer is {tokenizer[0]}")
+    if tokenizer.name != "gpt2":
+        raise InputError(f"--data {name} holds GPT-2's tokens, and this model's tokenizer is {tokenizer.name}")
     files = {"val": [f"_val_{0:06d}.bin"], "train": [f"_train_{i:06d}.bin" for i in range(1, shards + 1)]}
     try:
         return {split: [read_tokens(download(f"{HF_ENDPOINT}/datasets/{FINEWEB[name]}{f}",
@@ -1451,7 +1464,7 @@ def build_model(args, given, ckpt, env):
                              "multiple of 4 (the rotary part is half a head)")
         tokenizer, hd, dense = load_tokenizer(args.tokenizer), args.n_embd // args.n_head, -(-8 * args.n_embd // 3 // 64) * 64
         model = DeepSeek(Config(
-            vocab_size=tokenizer[3], block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
+            vocab_size=tokenizer.vocab_size, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
             n_embd=args.n_embd, intermediate_size=dense, moe_intermediate_size=max(dense // 4, 8), n_expert=args.n_expert,
             n_shared_experts=args.n_shared_experts, top_k_experts=args.top_k_experts, n_group=args.n_group,
             topk_group=args.topk_group, first_k_dense_replace=min(1, args.n_layer - 1) if args.first_k_dense_replace
@@ -1577,18 +1590,18 @@ def show_routing(ids, tokenizer, layers, routes, n_expert, extra=None):
 # the model's own PRESETS, add_model_flags, build_model, flops_per_token, schedule, batches and show_sample (above).
 
 def load_tokenizer(name=None):
-    """(name, encode, decode, vocab) of "gpt2" (tiktoken's), "bytes", a tokenizer.json; None: gpt2, or bytes offline."""
+    """The Tokenizer of "gpt2" (tiktoken's), "bytes", a tokenizer.json; None: gpt2, or bytes offline."""
     if name in (None, "gpt2"):
         try:
             enc = tiktoken.get_encoding("gpt2")  # downloads the BPE files once, unless TIKTOKEN_CACHE_DIR has them
-            return "gpt2", enc.encode_ordinary, lambda ids: enc.decode(ids, errors="replace"), enc.n_vocab
+            return Tokenizer("gpt2", enc.encode_ordinary, lambda ids: enc.decode(ids, errors="replace"), enc.n_vocab)
         except Exception as e:  # tiktoken raises whatever its download raised
             if name == "gpt2":
                 raise InputError(f"the gpt2 tokenizer is needed but its files cannot be had ({type(e).__name__}); "
                                  "set TIKTOKEN_CACHE_DIR to a folder that holds them") from None
             print(f"offline: tiktoken's gpt2 files cannot be had ({type(e).__name__}); using raw UTF-8 bytes as tokens")
     if name in (None, "bytes"):
-        return "bytes", lambda s: list(s.encode()), lambda ids: bytes(ids).decode(errors="replace"), 256
+        return Tokenizer("bytes", lambda s: list(s.encode()), lambda ids: bytes(ids).decode(errors="replace"), 256)
     return pretrained_tokenizer(Path(name).parent, False, Path(name).name)  # --tokenizer's, or a checkpoint's
 
 
@@ -1620,18 +1633,18 @@ def prepare_data(data, tokenizer, shards=1):
         return fineweb_files(data, tokenizer, shards)
     name, text = read_text(data)
     out, files = HERE / "data" / name, {split: HERE / "data" / name / f"{split}.bin" for split in ("train", "val")}
-    meta = dict(text=hashlib.sha1(text.encode()).hexdigest(), tokenizer=tokenizer[0], vocab_size=tokenizer[3])
-    if Path(tokenizer[0]).is_file():  # a tokenizer.json: its content, not its name, keys the cache
-        meta["tokenizer"] = hashlib.sha1(Path(tokenizer[0]).read_bytes()).hexdigest()
+    meta = dict(text=hashlib.sha1(text.encode()).hexdigest(), tokenizer=tokenizer.name, vocab_size=tokenizer.vocab_size)
+    if Path(tokenizer.name).is_file():  # a tokenizer.json: its content, not its name, keys the cache
+        meta["tokenizer"] = hashlib.sha1(Path(tokenizer.name).read_bytes()).hexdigest()
     if not all(f.exists() for f in files.values()) or not (out / "meta.json").exists() \
             or (out / "meta.json").read_text() != json.dumps(meta):
-        ids = tokenizer[1](text)
+        ids = tokenizer.encode(text)
         n = int(0.9 * len(ids))
         out.mkdir(parents=True, exist_ok=True)
-        write_tokens(files["train"], ids[:n], tokenizer[3])
-        write_tokens(files["val"], ids[n:], tokenizer[3])
+        write_tokens(files["train"], ids[:n], tokenizer.vocab_size)
+        write_tokens(files["val"], ids[n:], tokenizer.vocab_size)
         (out / "meta.json").write_text(json.dumps(meta))  # written last: the cache is valid once it is there
-        print(f"tokenized {name} with {tokenizer[0]}: {n:,} train and {len(ids) - n:,} val tokens in {out}")
+        print(f"tokenized {name} with {tokenizer.name}: {n:,} train and {len(ids) - n:,} val tokens in {out}")
     return {split: [read_tokens(f)] for split, f in files.items()}
 
 
@@ -1668,15 +1681,13 @@ def lr_at(it, args):
 
 
 def configure_optimizer(model, args, device):
-    """AdamW, weight decay on matrices but `no_weight_decay` ones, `lr_scale` scaling a rate. --optimizer muon: torch's
-    Muon on the blocks' 2-D matrices, AdamW on the rest (modded-nanogpt's split); Muon's step at AdamW's RMS (arXiv
-    2502.16982) lets one --lr serve both, measured as good as a tuned Muon rate (README)."""
-    tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)} | {id(model.lm_head.weight)}
-    groups = {}
-    for p in filter(lambda p: p.requires_grad, model.parameters()):  # keyed by (Muon?, decayed?, lr_scale)
-        decay = p.dim() >= 2 and not getattr(p, "no_weight_decay", False)
-        muon = args.optimizer == "muon" and decay and p.dim() == 2 and id(p) not in tables
-        groups.setdefault((muon, decay, getattr(p, "lr_scale", 1)), []).append(p)
+    """AdamW on the groups the model names (`optimizer_groups`: "muon" and "decay" decayed, "no_decay" not), a
+    model's `lr_scales` scaling a parameter's rate. --optimizer muon: torch's Muon takes the "muon" matrices (the
+    blocks' own, modded-nanogpt's split); Muon's step at AdamW's RMS (arXiv 2502.16982) lets one --lr serve both."""
+    kinds, scales, groups = model.optimizer_groups(), getattr(model, "lr_scales", {}), {}
+    for name, p in ((name, p) for name, p in model.named_parameters() if p.requires_grad):
+        muon = args.optimizer == "muon" and kinds[name] == "muon"
+        groups.setdefault((muon, kinds[name] != "no_decay", scales.get(name, 1)), []).append(p)  # (Muon?, decay?, scale)
     groups = {m: [dict(params=ps, decay=d, weight_decay=args.weight_decay * d, lr_scale=s)
                   for (muon, d, s), ps in groups.items() if muon == m] for m in (False, True)}
     return [torch.optim.Muon(g, lr=args.lr, adjust_lr_fn="match_rms_adamw") if muon else torch.optim.AdamW(
@@ -1685,14 +1696,14 @@ def configure_optimizer(model, args, device):
 
 @torch.no_grad()
 def estimate_loss(model, batch, args, ctx):
-    """Mean loss over --eval_iters batches per split; the same batches at every eval (seeded by --seed)."""
+    """({split: mean loss over --eval_iters batches}, the MoE files' expert load over them); seeded: the same batches."""
     model.eval()
     torch.manual_seed(args.seed % 2**63)
-    with ctx:
-        out = {split: torch.stack([model(*batch(split))[1].float() for _ in range(args.eval_iters)]).mean().item()
-               for split in ("train", "val")}
+    with ctx:  # (loss,) or, in the MoE files, (loss, aux) of each batch
+        out = {split: [model(*batch(split))[1:] for _ in range(args.eval_iters)] for split in ("train", "val")}
     model.train()
-    return out
+    load = sum(dict(*aux).get("load", 0) for outs in out.values() for _, *aux in outs)
+    return {split: torch.stack([o[0].float() for o in outs]).mean().item() for split, outs in out.items()}, load
 
 
 def log_metrics(record, env):
@@ -1731,7 +1742,7 @@ def sample(model, tokenizer, args, ctx, title):
     """Print --num_samples samples after --prompt (and the checkpoint's BOS), --show_top's rows; -> the first's ids."""
     torch.manual_seed(args.seed % 2**63)
     bos = [] if model.config.bos_token_id is None else [model.config.bos_token_id]
-    idx = torch.tensor([bos + (tokenizer[1](args.prompt) if tokenizer else []) or [0]], device=model.lm_head.weight.device)
+    idx = torch.tensor([bos + (tokenizer.encode(args.prompt) if tokenizer else []) or [0]], device=model.lm_head.weight.device)
     if tokenizer is None:  # a checkpoint whose tokenizer.json is of a kind hf_tokenizer does not run, or none
         print(f"no tokenizer this file runs for {args.init_from}: no prompt, the samples shown as token ids")
     samples, tops = [], []
@@ -1742,7 +1753,7 @@ def sample(model, tokenizer, args, ctx, title):
         with ctx:
             out = model.eval().generate(idx, args.max_new_tokens, args.temperature, args.top_k or None, args.top_p,
                                         on_logits=top if args.show_top else None)[0].tolist()
-        print(f"--- {title} ---\n{tokenizer[2](out[len(bos):]) if tokenizer else out}\n---" + (
+        print(f"--- {title} ---\n{tokenizer.decode(out[len(bos):]) if tokenizer else out}\n---" + (
             f"\n--show_top {args.show_top}: each sampled token, then the likeliest next tokens with their "
             f"probabilities, softmax(logits / {args.temperature or 1:g}), before --top_k/--top_p filtering" if tops else ""))
         for t, (p, i) in zip(out[len(out) - len(tops):], tops):
@@ -1755,12 +1766,12 @@ def sample(model, tokenizer, args, ctx, title):
 
 def token_text(tokenizer, i):
     """One token as text, quoted, newlines and other control characters escaped (its id without a tokenizer)."""
-    return repr(tokenizer[2]([i])) if tokenizer else str(i)
+    return repr(tokenizer.decode([i])) if tokenizer else str(i)
 
 
 def evaluate(model, eval_model, batch, optimizers, scaler, state, tokenizer, args, env):
     """Eval both splits, save ckpt.pt (best.pt when val improved), log; True: stop early. --fsdp: all ranks."""
-    losses, it, ckpt_path = estimate_loss(eval_model, batch, args, env.ctx), state["iter_num"], env.out_dir / "ckpt.pt"
+    (losses, load), it, ckpt_path = estimate_loss(eval_model, batch, args, env.ctx), state["iter_num"], env.out_dir / "ckpt.pt"
     if not all(map(math.isfinite, losses.values())):  # the NaN guard: stop before anything bad is saved
         diverged(f"eval {it} | train {losses['train']} | val {losses['val']}", env)
     improved = losses["val"] < state["best_val"]
@@ -1770,12 +1781,12 @@ def evaluate(model, eval_model, batch, optimizers, scaler, state, tokenizer, arg
     if not env.master:
         return False  # rank 0 decides and broadcasts
     ckpt = dict(state, model=trained, optimizer=optimizer_states, args=vars(args), scaler=scaler.state_dict(),
-                config=asdict(model.config), tokenizer=tokenizer[0])
+                config=asdict(model.config), tokenizer=tokenizer.name)
     for path in [ckpt_path] + [env.out_dir / "best.pt"] * improved:  # best.pt: early stopping never loses the best
         save_checkpoint(ckpt, path)
     print(f"eval {it} | train {losses['train']:.4f} | val {losses['val']:.4f} | saved {ckpt_path}"
           + (" (best)" if improved else ""))
-    report = model.load_report() if hasattr(model, "load_report") else {}  # MoE: the experts' share of the tokens
+    report = model.load_report(load) if torch.is_tensor(load) else {}  # MoE: the experts' share of the tokens
     log_metrics(dict(iter=it, **losses, **report), env)
     if args.patience and state["evals_since_best"] >= args.patience:
         print(f"early stop: no better val loss in {args.patience} evals (best {state['best_val']:.4f}, in best.pt)")
@@ -1823,6 +1834,7 @@ def train(model, batch, tokenizer, args, ckpt, env):
     sums, t_log, iters_logged = {}, time.perf_counter(), state["iter_num"]
     train_model.train()
     while state["iter_num"] < args.max_iters:
+        step_load = 0  # the MoE files: the experts' load over the step's micro-batches, for after_step
         lr, weight_decay = schedule(state["iter_num"], args)
         for group in (group for optimizer in optimizers for group in optimizer.param_groups):
             group.update(lr=lr * group["lr_scale"], weight_decay=weight_decay if group["decay"] else 0.0)
@@ -1832,9 +1844,11 @@ def train(model, batch, tokenizer, args, ckpt, env):
             train_model.require_backward_grad_sync = micro == args.grad_accum - 1  # DDP: all-reduce on the last only
             getattr(model, "set_requires_gradient_sync", lambda sync: None)(micro == args.grad_accum - 1)  # FSDP: ditto
             with env.ctx:
-                _, loss = train_model(x, y)
+                _, loss, *aux = train_model(x, y)  # the MoE files: (logits, loss, aux), aux the router's terms
             scaler.scale(loss / args.grad_accum).backward()
-            for k, v in dict(loss=loss, **getattr(model, "stats", {})).items():  # MoE: the router's statistics
+            aux = dict(*aux)
+            step_load = step_load + aux.pop("load", 0)
+            for k, v in dict(loss=loss, **aux).items():  # logged: the loss, a MoE's router terms
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / args.grad_accum
         for optimizer in optimizers:  # fp16: the gradients unscaled, for the clip
             scaler.unscale_(optimizer)
@@ -1843,8 +1857,7 @@ def train(model, batch, tokenizer, args, ckpt, env):
             scaler.step(optimizer)
             optimizer.zero_grad(set_to_none=True)
         scaler.update()
-        if hasattr(model, "after_step"):  # mla_moe.py: the routing bias follows the step's expert load
-            model.after_step()
+        getattr(model, "after_step", lambda load: None)(step_load)  # mla_moe.py: the routing bias follows the load
         state["iter_num"] = it = state["iter_num"] + 1
         if env.master and (it % args.log_interval == 0 or it == args.max_iters):
             means = {k: v.item() / (it - iters_logged) for k, v in sums.items()}  # the host sync, every log_interval
@@ -1986,8 +1999,8 @@ def run(args, given):
         if k in given and k != "block_size" and getattr(args, k) != v:
             raise InputError(f"--{k} {getattr(args, k)} does not match the model from --init_from {args.init_from}, "
                              f"which has {k} {v}")
-    if tokenizer is not None and tokenizer[3] > model.config.vocab_size:
-        raise InputError(f"the tokenizer has {tokenizer[3]:,} tokens, the model only {model.config.vocab_size:,}")
+    if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
+        raise InputError(f"the tokenizer has {tokenizer.vocab_size:,} tokens, the model only {model.config.vocab_size:,}")
     if ckpt is not None:
         load_trained_state(model, ckpt["model"], env.out_dir / "ckpt.pt")
     env.tp = getattr(model, "tp", 1)  # tensor-parallel ranks share their batches
@@ -1995,7 +2008,7 @@ def run(args, given):
     if env.master:
         print(f"{Path(__file__).stem} | {env.device} | {str(env.dtype)[6:]} | compile {'on' if env.compile else 'off'}"
               f" | {model.num_params() / 1e6:.2f}M params | {env.tokens:,} tokens/step | data {args.data} | tokenizer "
-              f"{tokenizer[0] if tokenizer else 'none (token ids)'} | init {args.init_from} | weights {weights_size(model)}"
+              f"{tokenizer.name if tokenizer else 'none (token ids)'} | init {args.init_from} | weights {weights_size(model)}"
               + (f" | {'FSDP' if args.fsdp else 'DDP'} x{env.world // env.tp}" if env.world > 1 else "") + note)
     if env.master and (args.sample_only or ckpt is None and args.init_from != "scratch"):  # before any training
         show_sample(model.to(env.device), tokenizer, args, env, f"sample from {args.init_from}"

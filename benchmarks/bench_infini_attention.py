@@ -326,7 +326,7 @@ def infini_decoder(model, prompt, n):
     state = model.new_state()
 
     def next_token(idx):
-        return model.lm_head(model.hidden(idx, state)[:, -1])[:, :V].argmax(-1, keepdim=True)
+        return model.lm_head(model.hidden(idx, state)[0][:, -1])[:, :V].argmax(-1, keepdim=True)
 
     def snapshot():
         return [(s.M, s.z, None if s.buffer is None else s.buffer.clone(), s.filled) for s in state]
@@ -345,7 +345,7 @@ def infini_decoder(model, prompt, n):
         return run
 
     with torch.no_grad():
-        logits = model.lm_head(model.hidden(prompt, state)[:, -1])[:, :V]
+        logits = model.lm_head(model.hidden(prompt, state)[0][:, -1])[:, :V]
     first = logits.argmax(-1, keepdim=True)
     d = dict(first=first, finite=bool(torch.isfinite(logits).all()), filled=state[0].filled,
              end_state_bytes=model.state_bytes(state))

@@ -103,7 +103,7 @@ def stepper(model, prompt, n_max, cache, pos_arg=True):
     V, L = model.config.vocab_size, prompt.size(1)
 
     def hidden(tok, pos):
-        return model.hidden(tok, cache, pos) if pos_arg else model.hidden(tok, cache)
+        return model.hidden(tok, cache, pos)[0] if pos_arg else model.hidden(tok, cache)  # jamba's: (x, router)
 
     with torch.no_grad():
         first = model.lm_head(hidden(prompt, 0)[:, -1])[:, :V].argmax(-1, keepdim=True)

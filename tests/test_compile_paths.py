@@ -44,7 +44,7 @@ def step(model, forward, ctx):
     model.zero_grad(set_to_none=True)
     x, y = ids(V, 2, T + 1, seed=1)[:, :-1], ids(V, 2, T + 1, seed=1)[:, 1:]
     with ctx:
-        _, loss = forward(x, y)
+        loss = forward(x, y)[1]
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 

@@ -25,11 +25,14 @@ def built(script, argv=()):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(script, offline, monkeypatch, tmp_path):
-    """Every trainable parameter in exactly one optimizer; Muon: every 2-D matrix inside the blocks and nothing
-    else (no embedding, no output head, no `no_weight_decay` matrix such as mamba's A_log); the MoE files' stacked
-    (E, out, in) experts on AdamW."""
+    """Every trainable parameter in exactly one optimizer; Muon: the parameters the model's optimizer_groups names
+    "muon", each a 2-D matrix inside the blocks (no embedding, no output head, no vector, nothing 3-D), and only
+    AdamW's "no_decay" group without weight decay: mamba's A_log, Transformer-XL's u and v, norms, biases. The
+    groups go by name, so a model loaded with load_state_dict(assign=True), as from_pretrained loads, keeps them
+    (attributes on the old Parameters did not: Transformer-XL's u and v went to Muon, mamba's A_log decayed)."""
     monkeypatch.chdir(tmp_path)
     m, args, model = built(script, ["--optimizer", "muon"])
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
     optimizers = m.configure_optimizer(model, args, torch.device("cpu"))
     kinds = [torch.optim.Muon] if script == "lora" else [torch.optim.AdamW, torch.optim.Muon]  # adapters: matrices
     assert [type(o) for o in optimizers] == kinds
@@ -39,14 +42,18 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(script, offline, monk
     adamw, muon = torch.optim.AdamW, torch.optim.Muon
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
     assert sorted(on[adamw] + on[muon]) == trainable  # each once, frozen ones (lora.py's base) in neither
+    groups, params = model.optimizer_groups(), dict(model.named_parameters())
+    assert set(groups) == set(params) and set(groups.values()) <= {"muon", "decay", "no_decay"}
+    assert set(on[muon]) == {n for n in trainable if groups[n] == "muon"} and on[muon]
     tables = {id(mod.weight) for mod in model.modules() if isinstance(mod, nn.Embedding)} | {id(model.lm_head.weight)}
-    params = dict(model.named_parameters())
-    eligible = {n for n in trainable if params[n].dim() == 2 and id(params[n]) not in tables
-                and not getattr(params[n], "no_weight_decay", False)}
-    assert set(on[muon]) == eligible and eligible
-    assert not any(id(params[n]) in tables for n in on[muon])
-    if script == "mamba":
-        assert any(n.endswith("A_log") for n in on[adamw])
+    assert all(params[n].dim() == 2 and id(params[n]) not in tables for n in on[muon])
+    undecayed = {name[id(p)] for o in optimizers for g in o.param_groups for p in g["params"] if not g["decay"]}
+    assert undecayed == {n for n in trainable if groups[n] == "no_decay"}
+    assert all(params[n].dim() == 1 for n in undecayed if not n.endswith(("A_log", ".u", ".v")))
+    if script in ("mamba", "jamba"):
+        assert any(n.endswith("A_log") for n in undecayed)
+    if script == "transformer_xl":
+        assert {n.rsplit(".", 1)[1] for n in undecayed if n.endswith((".u", ".v"))} == {"u", "v"}
     if script in ("mixtral", "mla_moe"):
         assert any(params[n].dim() == 3 for n in on[adamw])  # the experts' stacked weights
     if script == "lora":
@@ -56,7 +63,7 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(script, offline, monk
 
 
 # The optimizer code is one text in every file (test_harness.py); these differ in what it meets: a tied head, stacked
-# experts, a no_weight_decay matrix, Muon alone (lora.py's adapters), an lr_scale (infini's gates).
+# experts, an undecayed matrix (mamba's A_log), Muon alone (lora.py's adapters), an lr_scale (infini's gates).
 RESUMED = [s for s in ("gpt2", "mixtral", "mamba", "lora", "infini_attention") if s in SCRIPTS]
 
 
