@@ -960,10 +960,10 @@ def write_gpt2(model, path):
 # the schedule, the data and what to show at the end.
 
 # Defaults sized so that a bare run takes about three minutes: tiny on a CPU (where GPT-2's 50K-token output layer
-# costs more than the whole model, about 700 tokens/s on two cores), small on a GPU.
+# costs more than the whole model), small on a GPU.
 # On a GPU 400 steps of 8K tokens are 11 epochs of tiny-shakespeare's 304K tokens, with an eval every 1.3 epochs and
-# early stopping after 3 evals without a better val loss (--patience): the old presets ran 108 epochs and were
-# at their best at their first eval (on an H100). The end's sample comes from the best weights.
+# early stopping after 3 evals without a better val loss (--patience), since a small model overfits a 1 MB text
+# within a few epochs. The end's sample comes from the best weights.
 PRESETS = {
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=8, max_iters=200, eval_interval=100,
                 eval_iters=10, log_interval=25, lr=3e-3, min_lr=3e-4, warmup_iters=20, dropout=0.0, patience=0),

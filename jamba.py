@@ -1497,8 +1497,8 @@ def save_pretrained(model, path):
 # the MoE in every other layer (1 and 3); on the GPU eight layers in the paper's ratio, one attention layer in
 # eight at offset 4 (section 3), the MoE in every other layer; both 16 experts, top 2, as Jamba, and GQA with two
 # key/value heads. On a GPU 400 steps of 8K tokens are 11 epochs of tiny-shakespeare, with an eval every 1.3
-# epochs and early stopping after 3 evals without a better val loss (--patience), as the other files (not
-# measured on a GPU for this file). The end's sample comes from the best weights.
+# epochs and early stopping after 3 evals without a better val loss (--patience), as the other files. The end's
+# sample comes from the best weights.
 PRESETS = {
     "cpu": dict(n_layer=4, n_head=4, n_kv_head=2, n_embd=128, attn_layer_period=4, attn_layer_offset=2,
                 block_size=64, batch_size=8, max_iters=200, eval_interval=100, eval_iters=10, log_interval=25,

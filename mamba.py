@@ -1140,9 +1140,9 @@ def save_pretrained(model, path):
 # costs more than the whole model), small on a GPU. A Mamba block has about 6 n_embd^2 parameters, half a
 # Transformer block's, so Mamba stacks twice the layers for a size (Mamba-130M: 24 x 768, GPT-2 124M: 12 x 768).
 # On the GPU the scan's float32 states, (batch, T, d_inner, d_state) per layer, set the batch size. Tiny
-# Shakespeare is 300K tokens: on an H100 this model's val loss was lowest after 200 steps (5 epochs) and rose
-# from 300 on. 400 steps of 8K tokens are 11 epochs, with an eval every 1.3 epochs and early stopping after 3 evals
-# without a better val loss (--patience); the end's sample comes from the best weights.
+# Shakespeare is 300K tokens, which a small model overfits within a few epochs: 400 steps of 8K tokens are 11
+# epochs, with an eval every 1.3 epochs and early stopping after 3 evals without a better val loss (--patience);
+# the end's sample comes from the best weights.
 PRESETS = {
     "cpu": dict(n_layer=4, n_embd=128, d_state=16, block_size=64, batch_size=8, max_iters=200, eval_interval=100,
                 eval_iters=10, log_interval=25, lr=3e-3, min_lr=3e-4, warmup_iters=20, dropout=0.0, patience=0),

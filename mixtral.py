@@ -1276,8 +1276,8 @@ def save_pretrained(model, path):
 # costs more than the whole model), small on a GPU; both with 8 experts, 2 per token, and GQA with two key/value
 # heads. Mixtral trains without dropout; on a 1 MB text a small model overfits without it, hence 0.2 on the GPU.
 # On a GPU 400 steps of 8K tokens are 11 epochs of tiny-shakespeare's 304K tokens, with an eval every 1.3 epochs and
-# early stopping after 3 evals without a better val loss (--patience): the old presets ran 108 epochs and were
-# at their best at their first eval (on an H100). The end's sample comes from the best weights.
+# early stopping after 3 evals without a better val loss (--patience), since a small model overfits a 1 MB text
+# within a few epochs. The end's sample comes from the best weights.
 PRESETS = {
     "cpu": dict(n_layer=4, n_head=4, n_kv_head=2, n_embd=128, block_size=64, batch_size=8, max_iters=200,
                 eval_interval=100, eval_iters=10, log_interval=25, lr=3e-3, min_lr=3e-4, warmup_iters=20, dropout=0.0, patience=0),
