@@ -16,9 +16,11 @@ pattern); A (a scalar per head, kept as A_log), Delta's bias and D are per head;
 through a group-wise RMSNorm (the extra normalization of section 7.1) before the output projection. Blocks
 are x + Mixer(RMSNorm(x)), the embedding and the head are tied.
 
-`ssd` computes the SSM three ways, as mamba.py's selective_scan does: the recurrence as written (a loop over time,
-the reference the tests check against), the chunked algorithm for training (Listing 1 with the stable segment sums,
-`segsum`), and one recurrent step for decoding from a cached state, the same time and memory at any context length.
+The model section opens with the SSM as the paper writes it: `ssd_step`, one step of the recurrence, and `ssd_loop`,
+the loop over time, which is the reference the tests check against and what decoding runs from a cached state (one
+step a token, the same time and memory at any context length); `ssd_quadratic` writes the same map as one masked
+matrix. `ssd_chunked`, after the model ("the same, fast"), is the chunked algorithm that training and prompts run
+(Listing 1, with the stable segment sums of `segsum`), tested equal to the loop in outputs, states and gradients.
 
 What is here: the model; sampling from the recurrent state; loading `Mamba2ForCausalLM` checkpoints in the Hugging
 Face layout (the converted hub checkpoints, such as AntonV/mamba2-130m-hf, or anything `save_pretrained` writes,
@@ -452,7 +454,7 @@ def ssd_chunked(x, dt, A, B, C, D, chunk_size, h0=None):
     the (P x N) state per head (the off-diagonal blocks, low rank). Matrix products everywhere, at
     O(T Q) cost. In float32, but for the chunks' matrix products, which autocast may run in bf16."""
     dtype, (b, T, H, P), (G, N) = x.dtype, x.shape, B.shape[2:]
-    R, Q = H // G, min(chunk_size, T)                          # heads per group, steps per chunk
+    R, Q = H // G, min(chunk_size, T)                            # heads per group, steps per chunk
     x, dt, B, C = x.float(), dt.float(), B.float(), C.float()
     h0 = x.new_zeros(b, H, P, N) if h0 is None else h0
     pad = -T % Q
@@ -460,7 +462,7 @@ def ssd_chunked(x, dt, A, B, C, D, chunk_size, h0=None):
     xd = (x * dt[..., None]).view(b, T, G, R, P)                 # Delta x, the heads grouped
     a = (dt * A).view(b, T, G, R)                                # the per-step log decays Delta A
     xd, a, Bc, Cc = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)).unflatten(1, (c, Q))
-                     for t in (xd, a, B, C))                       # (b, c, Q, ...)
+                     for t in (xd, a, B, C))                     # (b, c, Q, ...)
     a = a.permute(0, 3, 4, 1, 2)                                 # (b, G, R, c, Q)
     L = torch.exp(segsum(a))                                     # (b, G, R, c, Q, Q): decay s -> l
     # 1. the diagonal blocks, inside each chunk: y_l = sum_{s <= l} (C_l . B_s) exp(a_{s+1} + ... +
@@ -468,8 +470,7 @@ def ssd_chunked(x, dt, A, B, C, D, chunk_size, h0=None):
     CB = torch.einsum("bclgn,bcsgn->bgcls", Cc, Bc)              # (b, G, c, Q, Q)
     y = torch.einsum("bgrcls,bcsgrp->bclgrp", L * CB[:, :, None], xd)
     # 2. each chunk's state at its end from its own inputs: sum_s exp(a_{s+1} + ... + a_{Q-1})
-    # Delta_s x_s B_s^T, the decays being L's last row (the right factors of the off-diagonal
-    # blocks)
+    # Delta_s x_s B_s^T, the decays being L's last row (the off-diagonal blocks' right factors)
     to_end = L[..., -1, :].permute(0, 3, 4, 1, 2)[..., None]     # (b, c, Q, G, R, 1)
     states = torch.einsum("bcsgn,bcsgrp->bcgrpn", Bc, xd * to_end)
     # 3. the recurrence across chunks: the state entering each chunk, from h0 and the chunks before
@@ -482,11 +483,10 @@ def ssd_chunked(x, dt, A, B, C, D, chunk_size, h0=None):
     # 4. the state entering a chunk to its outputs: y_l += exp(a_0 + ... + a_l) C_l . h (the left
     # factors), the decay exp(a_1 + ... + a_l) being L's first column (no cumsum of its own:
     # Inductor's split scan fails on it, CUDA)
-    into = (L[..., 0] * torch.exp(a[..., :1])).permute(0, 3, 4, 1, 2)[..., None]  # (b, c, Q, G, R)
-    y = y + torch.einsum("bclgn,bcgrpn->bclgrp", Cc, states[:, :-1]) * into
+    into = (L[..., 0] * torch.exp(a[..., :1])).permute(0, 3, 4, 1, 2)  # (b, c, Q, G, R)
+    y = y + torch.einsum("bclgn,bcgrpn->bclgrp", Cc, states[:, :-1]) * into[..., None]
     y = y.flatten(1, 2)[:, :T].reshape(b, T, H, P)
-    # the last state in its own storage, not a view that would keep every chunk's state alive while
-    # decoding
+    # the last state in its own storage, not a view keeping every chunk's state alive in decoding
     return (y + D[:, None] * x).to(dtype), states[:, -1].flatten(1, 2).clone()  # + D x: the skip
 
 

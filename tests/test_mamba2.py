@@ -1,9 +1,9 @@
 """mamba2.py at the model level: HF parity (chunk sizes that do and do not divide T, ngroups 1 and > 1, headdim,
 d_state, conv width, biases), greedy generation against transformers', checkpoint formats (sharded, bf16, the hub,
-the GPT-NeoX tokenizer.json beside it) and refusals; the SSD (the chunked algorithm and the loop against the
-recurrence written out in float64, from zeros and from a carried state, their gradients, the segment sums' stability);
-recurrent decoding against the full forward (in place, no conv1d call), its constant-size state, causality,
-training, save_pretrained into transformers."""
+the GPT-NeoX tokenizer.json beside it) and refusals; the SSD (the fast ssd_chunked and the reference ssd_loop against
+the recurrence written out in float64, from zeros and from a carried state, their gradients, ssd_quadratic's matrix
+form, the segment sums' stability); recurrent decoding against the full forward (in place, no conv1d call), its
+constant-size state, causality, training, the optimizer groups by name, save_pretrained into transformers."""
 import json
 import math
 
