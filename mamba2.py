@@ -16,9 +16,11 @@ pattern); A (a scalar per head, kept as A_log), Delta's bias and D are per head;
 through a group-wise RMSNorm (the extra normalization of section 7.1) before the output projection. Blocks
 are x + Mixer(RMSNorm(x)), the embedding and the head are tied.
 
-`ssd` computes the SSM three ways, as mamba.py's selective_scan does: the recurrence as written (a loop over time,
-the reference the tests check against), the chunked algorithm for training (Listing 1 with the stable segment sums,
-`segsum`), and one recurrent step for decoding from a cached state, the same time and memory at any context length.
+The model section opens with the SSM as the paper writes it: `ssd_step`, one step of the recurrence, and `ssd_loop`,
+the loop over time, which is the reference the tests check against and what decoding runs from a cached state (one
+step a token, the same time and memory at any context length); `ssd_quadratic` writes the same map as one masked
+matrix. `ssd_chunked`, after the model ("the same, fast"), is the chunked algorithm that training and prompts run
+(Listing 1, with the stable segment sums of `segsum`), tested equal to the loop in outputs, states and gradients.
 
 What is here: the model; sampling from the recurrent state; loading `Mamba2ForCausalLM` checkpoints in the Hugging
 Face layout (the converted hub checkpoints, such as AntonV/mamba2-130m-hf, or anything `save_pretrained` writes,
@@ -141,6 +143,65 @@ class Config:
 
 # ------------------------------------------------------------------------------------------ model
 
+# The paper first, in its plainest form. The SSM of a Mamba-2 layer: x (b, T, H, P), heads of P
+# channels; Delta (b, T, H) > 0; A (H,) < 0, a scalar per head; B and C (b, T, G, N), G groups each
+# read by its H / G heads; D (H,). Eq. 1's selective SSM with A_t a scalar times the identity (the
+# SSD's structure, section 5), discretised as the reference does (A_bar = exp(Delta A), B_bar x =
+# Delta B x), per head, with a state h of P x N:
+#     h_t = a_t h_{t-1} + Delta_t x_t B_t^T,   y_t = h_t C_t + D x_t,   a_t = exp(Delta_t A)
+# Two ways here: the recurrence, a loop over t (ssd_loop: the reference, and decoding's step), and
+# the whole map as one masked matrix (ssd_quadratic: the attention side of the duality). Training
+# runs the same map chunked (ssd_chunked, "the same, fast", after the model).
+
+def ssd_step(h, x, dt, A, B, C, D):
+    """One step of the recurrence: h (b, H, P, N), x (b, H, P), dt (b, H), A and D (H,), and B, C
+    (b, H, N), one per head -> y (b, H, P), the next h (b, H, P, N)."""
+    a = torch.exp(dt * A)[..., None, None]                      # (b, H, 1, 1): a_t = exp(Delta_t A)
+    h = a * h + (dt[..., None] * x)[..., None] * B[:, :, None]  # a_t h_{t-1} + Delta_t x_t B_t^T
+    y = (h @ C[..., None])[..., 0] + D[:, None] * x             # y_t = h_t C_t + D x_t
+    return y, h
+
+
+def ssd_loop(x, dt, A, B, C, D, h0=None):
+    """The reference: the recurrence as written, a loop over t, from the state h0 (b, H, P, N)
+    (None: zeros). It decodes (T = 1 from the cache) and is what ssd_chunked is tested against.
+    Returns y (b, T, H, P) in x's dtype and the last state (float32)."""
+    (b, T, H, P), N = x.shape, B.size(-1)
+    R = H // B.size(2)                                          # heads per group
+    B, C = B.float().repeat_interleave(R, 2), C.float().repeat_interleave(R, 2)  # (b, T, H, N)
+    h = x.new_zeros(b, H, P, N, dtype=torch.float32) if h0 is None else h0
+    ys = []
+    for t in range(T):
+        y, h = ssd_step(h, x[:, t].float(), dt[:, t].float(), A, B[:, t], C[:, t], D)
+        ys.append(y)
+    return torch.stack(ys, 1).to(x.dtype), h
+
+
+def segsum(a):
+    """a (..., L) -> S (..., L, L) with S_ij = a_{j+1} + ... + a_i for j <= i (0 on the diagonal)
+    and -inf above it, so that exp(S) is the decay from step j to step i, and 0 where j is in i's
+    future: the 1-semiseparable mask L of section 3 (Listing 1's segsum). The stable form: a
+    cumulative sum of a masked copy, never cumsum_i - cumsum_j, whose float32 rounding grows with
+    the cumulative sum (a decay of 1e-3 after a sum of -1e4 is lost)."""
+    L = a.size(-1)
+    strict = torch.ones(L, L, dtype=torch.bool, device=a.device).tril(-1)  # j < i
+    s = a[..., None].expand(*a.shape, L).masked_fill(~strict, 0.0).cumsum(-2)  # row i: a_i, summed
+    return s.masked_fill(~torch.ones(L, L, dtype=torch.bool, device=a.device).tril(), -math.inf)
+
+
+def ssd_quadratic(x, dt, A, B, C, D):
+    """ssd_loop's y from a zero state as one matrix (sections 3 and 5, the duality):
+    y = M (Delta x) + D x with M_ts = C_t . B_s exp(a_{s+1} + ... + a_t) for s <= t, 0 above:
+    masked, decay-weighted attention without a softmax, at O(T^2) cost. ssd_chunked runs it inside
+    each chunk."""
+    R = x.size(2) // B.size(2)
+    B, C = B.float().repeat_interleave(R, 2), C.float().repeat_interleave(R, 2)  # (b, T, H, N)
+    L = torch.exp(segsum((dt.float() * A).transpose(1, 2)))  # (b, H, T, T): L_ts
+    M = L * torch.einsum("bthn,bshn->bhts", C, B)              # (b, H, T, T)
+    y = torch.einsum("bhts,bshp->bthp", M, dt.float()[..., None] * x.float())
+    return (y + D[:, None] * x.float()).to(x.dtype)
+
+
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps) * g: LayerNorm without the mean and the bias (Zhang and Sennrich 2019, eq. 4).
     Computed in float32 whatever the input, as the reference does, then cast back."""
@@ -156,9 +217,10 @@ class RMSNorm(nn.Module):
 
 
 class GatedRMSNorm(nn.Module):
-    """RMSNorm(y * SiLU(z)) * g over groups of d_inner / ngroups channels, each normalised alone (section 7.1: the
-    norm added before the output projection, for stability; the group size makes it the same with tensor parallelism
-    over groups). In float32 whatever the input, as the reference."""
+    """RMSNorm(y * SiLU(z)) * g over groups of d_inner / ngroups channels, each normalised alone
+    (section 7.1: the norm added before the output projection, for stability; the group size makes
+    it the same with tensor parallelism over groups). In float32 whatever the input, as the
+    reference."""
 
     def __init__(self, dim, group_size, eps):
         super().__init__()
@@ -166,140 +228,81 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, y, z):
-        g = (y.float() * F.silu(z.float())).unflatten(-1, (-1, self.group_size))  # (..., groups, group_size)
+        g = (y.float() * F.silu(z.float())).unflatten(-1, (-1, self.group_size))  # (..., G, E / G)
         g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * g.flatten(-2).to(y.dtype)
 
 
-def segsum(a):
-    """a (..., L) -> S (..., L, L) with S_ij = a_{j+1} + ... + a_i for j <= i (0 on the diagonal) and -inf above it,
-    so that exp(S) is the decay from step j to step i, and 0 where j is in i's future (section 6, Listing 1's segsum).
-    The stable form: a cumulative sum of a masked copy, never cumsum_i - cumsum_j, whose float32 rounding grows with
-    the cumulative sum (a decay of 1e-3 from a long sequence's sum of -1e4 is lost)."""
-    L = a.size(-1)
-    strict = torch.ones(L, L, dtype=torch.bool, device=a.device).tril(-1)  # j < i
-    s = a[..., None].expand(*a.shape, L).masked_fill(~strict, 0.0).cumsum(-2)  # a_i in row i, summed down to row i
-    return s.masked_fill(~torch.ones(L, L, dtype=torch.bool, device=a.device).tril(), -math.inf)
-
-
-def ssd(x, dt, A, B, C, D, chunk_size, h0=None, how="chunk"):
-    """The SSM of a Mamba-2 layer: x (b, T, H, P), dt = Delta (b, T, H) > 0, A (H,) < 0, B and C (b, T, G, N) shared
-    by the H / G heads of each group, D (H,), from the state h0 (b, H, P, N) (None: zeros). Returns y (b, T, H, P)
-    and the last state (float32).
-
-    Per head, with a_t = Delta_t A (A a scalar per head) and the reference's discretisation (A_bar = exp(a),
-    B_bar x = Delta B x): h_t = exp(a_t) h_{t-1} + Delta_t x_t B_t^T and y_t = h_t C_t + D x_t. Three ways:
-    "loop", the recurrence as written, a loop over t (the reference the tests compare with); "chunk", the SSD
-    algorithm (section 6, Listing 1) for training and prompts; "step", one token (T = 1) from a cached state, which it
-    advances in place (decoding). In float32, but for the chunks' matrix products, which autocast may run in bf16."""
-    dtype, (b, T, H, P), (G, N) = x.dtype, x.shape, B.shape[2:]
-    R = H // G                                                   # heads per group
-    x, dt, B, C = x.float(), dt.float(), B.float(), C.float()
-    h0 = x.new_zeros(b, H, P, N) if h0 is None else h0
-    xd = (x * dt[..., None]).view(b, T, G, R, P)                 # Delta x, the heads grouped
-    if how == "step":  # h <- exp(a) h + Delta x B^T; y = h C
-        h = h0.view(b, G, R, P, N)
-        h.mul_(torch.exp(dt[:, 0] * A).view(b, G, R, 1, 1)).add_(xd[:, 0, ..., None] * B[:, 0, :, None, None, :])
-        y = torch.einsum("bgrpn,bgn->bgrp", h, C[:, 0]).reshape(b, 1, H, P)
-        h = h0
-    elif how == "chunk":
-        y, h = ssd_chunked(xd, (dt * A).view(b, T, G, R), B, C, h0.view(b, G, R, P, N), min(chunk_size, T))
-    else:
-        dA, h, ys = torch.exp(dt * A).view(b, T, G, R), h0.view(b, G, R, P, N), []
-        for dA_t, xd_t, B_t, C_t in zip(dA.unbind(1), xd.unbind(1), B.unbind(1), C.unbind(1)):
-            h = dA_t[..., None, None] * h + xd_t[..., None] * B_t[:, :, None, None, :]
-            ys.append(torch.einsum("bgrpn,bgn->bgrp", h, C_t))
-        y, h = torch.stack(ys, 1), h.reshape(b, H, P, N)
-    return (y.reshape(b, T, H, P) + D[:, None] * x).to(dtype), h  # + D x, the skip connection
-
-
-def ssd_chunked(xd, a, B, C, h0, Q):
-    """Listing 1: Delta x (b, T, G, R, P), a = Delta A (b, T, G, R), B, C (b, T, G, N), h0 (b, G, R, P, N), chunks of Q
-    steps (T is padded with steps of a = 0 and Delta x = 0, which leave the state as it is) -> y, last state."""
-    b, T, G, R, P = xd.shape
-    pad = -T % Q
-    c = (T + pad) // Q                                           # chunks
-    xd, a, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)).unflatten(1, (c, Q)) for t in (xd, a, B, C))
-    a = a.permute(0, 3, 4, 1, 2)                                 # (b, G, R, c, Q): the per-step log decays
-    L = torch.exp(segsum(a))                                     # (b, G, R, c, Q, Q): decay from step s to step l
-    # 1. the diagonal blocks, inside each chunk: y_l = sum_{s <= l} (C_l . B_s) exp(a_{s+1} + ... + a_l) Delta_s x_s,
-    # a masked attention with the decays as its mask (section 5's quadratic form); C . B once per group of heads
-    CB = torch.einsum("bclgn,bcsgn->bgcls", C, B)                # (b, G, c, Q, Q)
-    y = torch.einsum("bgrcls,bcsgrp->bclgrp", L * CB[:, :, None], xd)
-    # 2. each chunk's state at its end from its own inputs: sum_s exp(a_{s+1} + ... + a_{Q-1}) Delta_s x_s B_s^T, the
-    # decays being L's last row (the right factors of the off-diagonal blocks)
-    states = torch.einsum("bcsgn,bcsgrp->bcgrpn", B, xd * L[..., -1, :].permute(0, 3, 4, 1, 2)[..., None])
-    # 3. the recurrence across chunks: the state entering each chunk, from h0 and the chunks before it, each decayed
-    # by the chunk sums in between (segsum again, over the c + 1 chunk totals): a (c+1) x (c+1) product, in float32
-    with torch.autocast(xd.device.type, enabled=False):
-        decay = torch.exp(segsum(F.pad(a.sum(-1), (1, 0))))    # (b, G, R, c + 1, c + 1)
-        states = torch.cat([h0[:, None], states.float()], 1)  # (b, c + 1, G, R, P, N)
-        states = torch.einsum("bgrzc,bcgrpn->bzgrpn", decay, states)
-    # 4. the state entering a chunk to its outputs: y_l += exp(a_0 + ... + a_l) C_l . h (the left factors), the decay
-    # exp(a_1 + ... + a_l) being L's first column (no cumsum of its own: Inductor's split scan fails on it, CUDA)
-    into = (L[..., 0] * torch.exp(a[..., :1])).permute(0, 3, 4, 1, 2)[..., None]  # (b, c, Q, G, R, 1)
-    y = y + torch.einsum("bclgn,bcgrpn->bclgrp", C, states[:, :-1]) * into
-    # the last state in its own storage, not a view that would keep every chunk's state alive while decoding
-    return y.flatten(1, 2)[:, :T], states[:, -1].flatten(1, 2).clone()  # (b, T, G, R, P), (b, H, P, N)
-
-
 class Mamba2State:
-    """One layer's inference cache, the same size at any context length: the last d_conv - 1 inputs of the
-    convolution (B, d_conv - 1, conv_dim) and the SSM state h (B, H, P, N)."""
+    """One layer's inference cache, the same size at any context length: the last d_conv - 1 inputs
+    of the convolution (B, d_conv - 1, conv_dim) and the SSM state h (B, H, P, N)."""
 
     def __init__(self):
         self.conv, self.ssm = None, None
 
 
 class Mamba2Mixer(nn.Module):
-    """The Mamba-2 block of Figure 6 (section 7): in_proj to (z, x B C, Delta), x B C through the causal depthwise
-    conv1d and SiLU, Delta = softplus(. + dt_bias) clamped to time_step_limit, the SSD (`ssd`), the gated RMSNorm of
-    y * SiLU(z), out_proj back to n_embd. The Hugging Face names (Mamba2Mixer), so checkpoints load as they are."""
+    """The Mamba-2 block of Figure 6 (section 7): in_proj to (z, x B C, Delta), x B C through the
+    causal depthwise conv1d and SiLU, Delta = softplus(. + dt_bias) clamped to time_step_limit, the
+    SSD, the gated RMSNorm of y * SiLU(z), out_proj back to n_embd. The Hugging Face names
+    (Mamba2Mixer), so checkpoints load as they are."""
 
     def __init__(self, cfg):
         super().__init__()
         E, N, G, H = cfg.d_inner, cfg.d_state, cfg.ngroups, cfg.n_head
-        self.d_inner, self.d_state, self.ngroups, self.n_head, self.headdim = E, N, G, H, cfg.headdim
+        self.d_inner, self.d_state, self.ngroups, self.n_head = E, N, G, H
+        self.headdim = cfg.headdim
         self.chunk_size, self.dt_limit = cfg.chunk_size, (cfg.dt_limit_min, cfg.dt_limit_max)
-        self.in_proj = nn.Linear(cfg.n_embd, 2 * E + 2 * G * N + H, bias=cfg.bias)  # z, x, B, C, Delta in one
-        self.conv1d = nn.Conv1d(cfg.conv_dim, cfg.conv_dim, cfg.d_conv, groups=cfg.conv_dim, bias=cfg.conv_bias)
-        self.dt_bias = nn.Parameter(torch.empty(H))             # Delta's bias, per head
-        self.A_log = nn.Parameter(torch.empty(H))               # A = -exp(A_log) < 0, a scalar per head
+        # one projection gives z, x, B, C and Delta
+        self.in_proj = nn.Linear(cfg.n_embd, 2 * E + 2 * G * N + H, bias=cfg.bias)
+        self.conv1d = nn.Conv1d(cfg.conv_dim, cfg.conv_dim, cfg.d_conv, groups=cfg.conv_dim,
+                                bias=cfg.conv_bias)
+        self.dt_bias = nn.Parameter(torch.empty(H))  # Delta's bias, per head
+        self.A_log = nn.Parameter(torch.empty(H))  # A = -exp(A_log) < 0, a scalar per head
         self.D = nn.Parameter(torch.ones(H))
         self.norm = GatedRMSNorm(E, E // G, cfg.norm_eps)
         self.out_proj = nn.Linear(E, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, u, state=None, parallel=True):
-        """u (B, T, n_embd) -> (B, T, n_embd); state (a Mamba2State) is read and then advanced to the last token."""
-        z, xBC, dt = self.in_proj(u).split([self.d_inner, self.conv1d.in_channels, self.n_head], dim=-1)
+        """u (B, T, n_embd) -> (B, T, n_embd); state (a Mamba2State) is read, then advanced to the
+        last token. parallel: the chunked SSD (training, prompts), else the loop; one token from a
+        cache is a loop step."""
+        E, GN = self.d_inner, self.ngroups * self.d_state
+        z, xBC, dt = self.in_proj(u).split([E, self.conv1d.in_channels, self.n_head], dim=-1)
         step = state is not None and state.conv is not None and u.size(1) == 1  # decoding one token
         xBC = F.silu(self.conv(xBC, state))
-        x, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
-        dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.dt_limit)  # (B, T, H), the bias in float32
+        x, B, C = xBC.split([E, GN, GN], dim=-1)
+        x = x.unflatten(-1, (self.n_head, self.headdim))          # (B, T, H, P)
+        B, C = (t.unflatten(-1, (self.ngroups, self.d_state)) for t in (B, C))  # (B, T, G, N)
+        dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.dt_limit)  # (B, T, H)
         A = -torch.exp(self.A_log.float())                       # (H,)
-        how = "step" if step else "chunk" if parallel else "loop"
-        y, h = ssd(x.unflatten(-1, (self.n_head, self.headdim)), dt, A, B.unflatten(-1, (self.ngroups, self.d_state)),
-                   C.unflatten(-1, (self.ngroups, self.d_state)), self.D.float(), self.chunk_size,
-                   None if state is None else state.ssm, how)
-        if state is not None:
+        h0 = None if state is None else state.ssm
+        if parallel and not step:
+            y, h = ssd_chunked(x, dt, A, B, C, self.D.float(), self.chunk_size, h0)
+        else:
+            y, h = ssd_loop(x, dt, A, B, C, self.D.float(), h0)
+        if step:
+            state.ssm.copy_(h)  # decoding keeps one buffer
+        elif state is not None:
             state.ssm = h
         return self.dropout(self.out_proj(self.norm(y.flatten(-2), z)))
 
     def conv(self, x, state):
-        """The causal depthwise convolution over x (B, T, conv_dim), after the cached d_conv - 1 inputs (zeros before a
-        text): out_t = sum_j w_j x_{t+j} over the window of d_conv inputs, one multiply-add per tap on shifted views
-        (no conv1d call: PyTorch's depthwise conv1d is slow on CPUs, 1.7x slower than this at 4 x 512 x 640, and a
-        decoding step is then the same code at T = 1). The cache is updated in place once it exists: decoding keeps
-        one buffer."""
+        """The causal depthwise convolution over x (B, T, conv_dim), after the cached d_conv - 1
+        inputs (zeros before a text): out_t = sum_j w_j x_{t+j} over the window of d_conv inputs,
+        one multiply-add per tap on shifted views. No conv1d call: PyTorch's depthwise conv1d is the
+        slower of the two on CPUs, and a decoding step is then the same code at T = 1. The cache is
+        updated in place once it exists: decoding keeps one buffer."""
         k = self.conv1d.kernel_size[0]
-        past = state.conv if state is not None and state.conv is not None else x.new_zeros(x.size(0), k - 1, x.size(2))
-        x = torch.cat([past.to(x.dtype), x], dim=1)                # (B, k - 1 + T, conv_dim)
-        if state is not None and state.conv is not None:
+        cached = state is not None and state.conv is not None
+        past = state.conv if cached else x.new_zeros(x.size(0), k - 1, x.size(2))
+        x = torch.cat([past.to(x.dtype), x], dim=1)              # (B, k - 1 + T, conv_dim)
+        if cached:
             state.conv.copy_(x[:, x.size(1) - (k - 1):])
         elif state is not None:
             state.conv = x[:, x.size(1) - (k - 1):].clone()
-        w, T = self.conv1d.weight[:, 0], x.size(1) - (k - 1)       # w (conv_dim, k), oldest tap first
+        w, T = self.conv1d.weight[:, 0], x.size(1) - (k - 1)     # w (conv_dim, k), oldest tap first
         out = x[:, :T] * w[:, 0]
         for j in range(1, k):  # the d_conv taps (4), not the tokens
             out = torch.addcmul(out, x[:, j:j + T], w[:, j])
@@ -307,7 +310,8 @@ class Mamba2Mixer(nn.Module):
 
 
 class Block(nn.Module):
-    """A residual block: x + Mamba2Mixer(RMSNorm(x)) (section 7.1: the Mamba-2 block stands alone, as Mamba's does)."""
+    """A residual block: x + Mamba2Mixer(RMSNorm(x)) (section 7.1: the Mamba-2 block stands alone,
+    as Mamba's does)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -319,10 +323,13 @@ class Block(nn.Module):
 
 
 class Mamba2(nn.Module):
+    """The language model: the embedding, n_layer Blocks, a final RMSNorm and the head, tied to the
+    embedding."""
+
     def __init__(self, cfg):
         super().__init__()
         self.config = cfg
-        self.backbone = nn.ModuleDict(dict(  # the Hugging Face names: backbone.embeddings, backbone.layers.N, norm_f
+        self.backbone = nn.ModuleDict(dict(  # the Hugging Face names
             embeddings=nn.Embedding(cfg.padded_vocab_size, cfg.n_embd),
             drop=nn.Dropout(cfg.dropout),
             layers=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
@@ -330,11 +337,12 @@ class Mamba2(nn.Module):
         ))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
         self.lm_head.weight = self.backbone.embeddings.weight  # tied, as in every released Mamba-2
-        self.grad_checkpoint = False  # training: keep only each block's input, recompute the rest in backward
-        # Initialisation as the reference (mamba_ssm's Mamba2 and MambaLMHeadModel): the embedding normal with std
-        # 0.02; the linear and conv layers PyTorch's default (Kaiming-uniform) with zero biases, out_proj then scaled by
-        # 1/sqrt(n_layer) (GPT-2's rule for what writes into the residual stream); A uniform in [1, 16] per head;
-        # Delta's bias softplus^-1(dt) for dt log-uniform in [dt_min, dt_max]; D = 1.
+        self.grad_checkpoint = False  # keep only each block's input, recompute the rest in backward
+        # Initialisation as the reference (mamba_ssm's Mamba2 and MambaLMHeadModel): the embedding
+        # normal with std 0.02; the linear and conv layers PyTorch's default (Kaiming-uniform) with
+        # zero biases, out_proj then scaled by 1/sqrt(n_layer) (GPT-2's rule for what writes into
+        # the residual stream); A uniform in [1, 16] per head; Delta's bias softplus^-1(dt) for dt
+        # log-uniform in [dt_min, dt_max]; D = 1.
         nn.init.normal_(self.backbone.embeddings.weight, std=0.02)
         for block in self.backbone.layers:
             m = block.mixer
@@ -344,41 +352,56 @@ class Mamba2(nn.Module):
             with torch.no_grad():
                 m.out_proj.weight /= math.sqrt(cfg.n_layer)
                 m.A_log.copy_(torch.log(torch.empty(cfg.n_head).uniform_(1.0, 16.0)))
-                dt = torch.exp(torch.rand(cfg.n_head) * (math.log(cfg.dt_max) - math.log(cfg.dt_min))
-                               + math.log(cfg.dt_min)).clamp(min=cfg.dt_init_floor)
+                log_dt = torch.rand(cfg.n_head) * (math.log(cfg.dt_max) - math.log(cfg.dt_min))
+                dt = torch.exp(log_dt + math.log(cfg.dt_min)).clamp(min=cfg.dt_init_floor)
                 m.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
+    def optimizer_groups(self):
+        """Each parameter's optimizer group, by name (--optimizer muon: Muon takes "muon"; AdamW the
+        rest): the mixers' in_proj and out_proj matrices "muon"; the embedding (the tied head) and
+        the convolution's (conv_dim, 1, d_conv) kernels "decay"; the biases, the norms' gains and
+        the SSM's own per-head A_log, D and dt_bias "no_decay"."""
+        kinds = {"in_proj.weight": "muon", "out_proj.weight": "muon", "conv1d.weight": "decay",
+                 "embeddings.weight": "decay"}
+        return {name: kinds.get(".".join(name.split(".")[-2:]), "no_decay")
+                for name, _ in self.named_parameters()}
+
     def num_params(self, non_embedding=True):
-        """Parameters a token computes with: a tied embedding/head counted once (Mamba-2's embedding is tied: it always
-        counts)."""
+        """Parameters a token computes with: a tied embedding/head counted once (Mamba-2's embedding
+        is tied: it always counts)."""
         return sum(p.numel() for p in self.parameters())
 
     def state_bytes(self, itemsize=4):
-        """Bytes of the inference cache for one sequence, whatever its length: per layer the convolution's last
-        d_conv - 1 inputs of x, B and C (itemsize bytes each) and the SSM state H x P x N = d_inner x N (float32)."""
+        """Bytes of the inference cache for one sequence, whatever its length: per layer the
+        convolution's last d_conv - 1 inputs of x, B and C (itemsize bytes each) and the SSM state H
+        x P x N = d_inner x N (float32)."""
         cfg = self.config
-        return cfg.n_layer * ((cfg.d_conv - 1) * cfg.conv_dim * itemsize + cfg.d_inner * cfg.d_state * 4)
+        per_layer = (cfg.d_conv - 1) * cfg.conv_dim * itemsize + cfg.d_inner * cfg.d_state * 4
+        return cfg.n_layer * per_layer
 
     def hidden(self, idx, states=None, parallel=True):
-        """idx (B, T) token ids, following the tokens that `states` (one Mamba2State per layer) have seen, if given ->
-        final hidden states (B, T, n_embd)."""
-        x = self.backbone.drop(self.backbone.embeddings(idx))    # (B, T, n_embd); no position embedding
+        """idx (B, T) token ids, following the tokens that `states` (one Mamba2State per layer) have
+        seen, if given -> final hidden states (B, T, n_embd)."""
+        x = self.backbone.drop(self.backbone.embeddings(idx))  # (B, T, n_embd); no positions
         for i, block in enumerate(self.backbone.layers):
             if self.grad_checkpoint and self.training and states is None:
-                # activation checkpointing: keep each block's input, recompute its activations in backward
+                # activation checkpointing: keep each block's input, recompute its activations in
+                # backward
                 x = torch.utils.checkpoint.checkpoint(block, x, None, parallel, use_reentrant=False)
             else:
                 x = block(x, None if states is None else states[i], parallel)
         return self.backbone.norm_f(x)
 
     def forward(self, idx, targets=None, states=None, parallel=True):
-        """idx (B, T) token ids -> logits (B, T, vocab_size), loss or None. states: continue from a cache."""
+        """idx (B, T) token ids -> logits (B, T, vocab_size), loss or None. states: continue from a
+        cache."""
         V, Vp = self.config.vocab_size, self.config.padded_vocab_size
         pad = None
-        if Vp > V:  # the padding rows are no tokens: a bias of -inf gives them probability exactly 0
+        if Vp > V:  # the padding rows are no tokens: a bias of -inf gives them probability 0
             pad = torch.zeros(Vp, device=idx.device, dtype=self.lm_head.weight.dtype)
             pad[V:] = float("-inf")
-        logits = F.linear(self.hidden(idx, states, parallel), self.lm_head.weight, pad)  # (B, T, padded_vocab_size)
+        x = self.hidden(idx, states, parallel)
+        logits = F.linear(x, self.lm_head.weight, pad)          # (B, T, padded_vocab_size)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
@@ -389,15 +412,16 @@ class Mamba2(nn.Module):
                  on_logits=None):
         """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 is greedy.
 
-        With the cache the prompt goes through the chunked SSD once, leaving each layer's state; every new token is
-        then one recurrent step, the same time and memory at any context length. There is no block_size window: the
-        model has no positions, and the state carries the whole text. Without the cache every step runs the whole
-        text again (same tokens, quadratic time)."""
+        With the cache the prompt goes through the chunked SSD once, leaving each layer's state;
+        every new token is then one recurrent step, the same time and memory at any context length.
+        There is no block_size window: the model has no positions, and the state carries the whole
+        text. Without the cache every step runs the whole text again (same tokens, quadratic
+        time)."""
         states = [Mamba2State() for _ in self.backbone.layers] if use_cache else None
         new = idx
         for _ in range(max_new_tokens):
             x = self.hidden(new if use_cache else idx, states)
-            logits = self.lm_head(x[:, -1])[:, :self.config.vocab_size]  # only the last position is sampled
+            logits = self.lm_head(x[:, -1])[:, :self.config.vocab_size]  # the last position's
             new = sample_next(logits.float(), temperature, top_k, top_p, on_logits)
             idx = torch.cat([idx, new], dim=1)
         return idx
@@ -419,6 +443,52 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, on_logits=None)
         outside = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this token already reaches top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
+
+
+# ------------------------------------------- the same, fast: the chunked SSD (section 6, Listing 1)
+
+def ssd_chunked(x, dt, A, B, C, D, chunk_size, h0=None):
+    """ssd_loop's map (the same arguments, the same y and last state) by the chunked algorithm of
+    section 6 (Listing 1), for training and prompts. It cuts the T steps into chunks of Q =
+    chunk_size (the last one padded with steps of a = 0 and Delta x = 0, which leave the state as it
+    is); inside a chunk, ssd_quadratic's masked matrix (the diagonal blocks); between chunks, only
+    the (P x N) state per head (the off-diagonal blocks, low rank). Matrix products everywhere, at
+    O(T Q) cost. In float32, but for the chunks' matrix products, which autocast may run in bf16."""
+    dtype, (b, T, H, P), (G, N) = x.dtype, x.shape, B.shape[2:]
+    R, Q = H // G, min(chunk_size, T)                            # heads per group, steps per chunk
+    x, dt, B, C = x.float(), dt.float(), B.float(), C.float()
+    h0 = x.new_zeros(b, H, P, N) if h0 is None else h0
+    pad = -T % Q
+    c = (T + pad) // Q                                           # chunks
+    xd = (x * dt[..., None]).view(b, T, G, R, P)                 # Delta x, the heads grouped
+    a = (dt * A).view(b, T, G, R)                                # the per-step log decays Delta A
+    xd, a, Bc, Cc = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)).unflatten(1, (c, Q))
+                     for t in (xd, a, B, C))                     # (b, c, Q, ...)
+    a = a.permute(0, 3, 4, 1, 2)                                 # (b, G, R, c, Q)
+    L = torch.exp(segsum(a))                                     # (b, G, R, c, Q, Q): decay s -> l
+    # 1. the diagonal blocks, inside each chunk: y_l = sum_{s <= l} (C_l . B_s) exp(a_{s+1} + ... +
+    # a_l) Delta_s x_s, ssd_quadratic's masked attention; C . B once per group of heads
+    CB = torch.einsum("bclgn,bcsgn->bgcls", Cc, Bc)              # (b, G, c, Q, Q)
+    y = torch.einsum("bgrcls,bcsgrp->bclgrp", L * CB[:, :, None], xd)
+    # 2. each chunk's state at its end from its own inputs: sum_s exp(a_{s+1} + ... + a_{Q-1})
+    # Delta_s x_s B_s^T, the decays being L's last row (the off-diagonal blocks' right factors)
+    to_end = L[..., -1, :].permute(0, 3, 4, 1, 2)[..., None]     # (b, c, Q, G, R, 1)
+    states = torch.einsum("bcsgn,bcsgrp->bcgrpn", Bc, xd * to_end)
+    # 3. the recurrence across chunks: the state entering each chunk, from h0 and the chunks before
+    # it, each decayed by the chunk sums in between (segsum again, over the c + 1 chunk totals): a
+    # (c+1) x (c+1) product, in float32
+    with torch.autocast(xd.device.type, enabled=False):
+        decay = torch.exp(segsum(F.pad(a.sum(-1), (1, 0))))    # (b, G, R, c + 1, c + 1)
+        states = torch.cat([h0.reshape(b, 1, G, R, P, N), states.float()], 1)  # (b, c + 1, ...)
+        states = torch.einsum("bgrzc,bcgrpn->bzgrpn", decay, states)
+    # 4. the state entering a chunk to its outputs: y_l += exp(a_0 + ... + a_l) C_l . h (the left
+    # factors), the decay exp(a_1 + ... + a_l) being L's first column (no cumsum of its own:
+    # Inductor's split scan fails on it, CUDA)
+    into = (L[..., 0] * torch.exp(a[..., :1])).permute(0, 3, 4, 1, 2)  # (b, c, Q, G, R)
+    y = y + torch.einsum("bclgn,bcgrpn->bclgrp", Cc, states[:, :-1]) * into[..., None]
+    y = y.flatten(1, 2)[:, :T].reshape(b, T, H, P)
+    # the last state in its own storage, not a view keeping every chunk's state alive in decoding
+    return (y + D[:, None] * x).to(dtype), states[:, -1].flatten(1, 2).clone()  # + D x: the skip
 
 
 # -------------------------------------------------------------- files: checkpoints, token files, downloads

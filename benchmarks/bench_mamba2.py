@@ -16,13 +16,14 @@ an explicit (b, c, l, s, h) score tensor, and the segment sums recomputed per he
                losses must agree within 1e-4
   decode       greedy, batch 1, an 8-token prompt; ours with its recurrent state, HF with its cache; tokens identical
   state cache  ours with its recurrent state vs ours recomputing the whole text at every token (reported)
-  ssd          mamba2.ssd alone, forward + backward of sum(y * w) + sum(h^2), B=1, 8 heads x 64, N=64, G=1,
-               T = 256 ... 8192: how="chunk" (Q = 256) vs how="loop" (ratio = loop / chunk). Each measurement runs in a
-               fresh Python process: its time is the median of the runs after the first (within a budget); memory two
-               ways: "peak", the rise of the process's peak resident size (VmHWM, reset through /proc/self/clear_refs)
-               over the first forward + backward (glibc's defaults: it includes freed blocks the allocator kept, so
-               it varies from run to run), and "saved", the bytes autograd keeps for backward (saved_tensors_hooks,
-               each storage once, the inputs not counted), which is exact.
+  ssd          the SSD alone, forward + backward of sum(y * w) + sum(h^2), B=1, 8 heads x 64, N=64, G=1,
+               T = 256 ... 8192: mamba2.ssd_chunked (Q = 256) vs mamba2.ssd_loop, the reference (ratio = loop /
+               chunk). Each measurement runs in a fresh Python process: its time is the median of the runs after
+               the first (within a budget); memory two ways: "peak", the rise of the process's peak resident
+               size (VmHWM, reset through /proc/self/clear_refs) over the first forward + backward (glibc's
+               defaults: it includes freed blocks the allocator kept, so it varies from run to run), and
+               "saved", the bytes autograd keeps for backward (saved_tensors_hooks, each storage once, the inputs
+               not counted), which is exact.
   context      time per new token, greedy, batch 1, after prompts of 1K and 16K tokens (--quick: 32 and 512):
                mamba2.py (the model above), mamba.py (the same width and depth, d_state 16) and llama2.py (the same
                width, half the layers, MHA, 4 heads: a Transformer block holds about two Mamba blocks' parameters),
@@ -126,7 +127,10 @@ def ssd_worker(spec):
             t.grad = None
         t0 = time.perf_counter()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            y, h = mamba2.ssd(*leaves, spec["Q"], how=spec["impl"])
+            if spec["impl"] == "chunk":
+                y, h = mamba2.ssd_chunked(*leaves, spec["Q"])
+            else:
+                y, h = mamba2.ssd_loop(*leaves)
         ((y * w).sum() + h.square().sum()).backward()
         return time.perf_counter() - t0, y.detach(), h.detach()
 
@@ -282,7 +286,8 @@ def main():
 
     ssd, ssd_checks = ssd_rows(c, args.seed)
     checks.update(ssd_checks)
-    print(f"mamba2.ssd alone, forward + backward, B={SSD['B']}, {SSD['H']} heads x {SSD['P']}, N={SSD['N']}, "
+    print(f"mamba2.ssd_chunked and ssd_loop alone, forward + backward, B={SSD['B']}, {SSD['H']} heads x "
+          f"{SSD['P']}, N={SSD['N']}, "
           f"G={SSD['G']}, Q={SSD['Q']}, fp32, each in a fresh process (peak: the rise of VmHWM over the first run; "
           f"saved: what autograd keeps for backward):")
     print_ssd_table(ssd)

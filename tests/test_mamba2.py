@@ -1,9 +1,9 @@
 """mamba2.py at the model level: HF parity (chunk sizes that do and do not divide T, ngroups 1 and > 1, headdim,
 d_state, conv width, biases), greedy generation against transformers', checkpoint formats (sharded, bf16, the hub,
-the GPT-NeoX tokenizer.json beside it) and refusals; the SSD (the chunked algorithm and the loop against the
-recurrence written out in float64, from zeros and from a carried state, their gradients, the segment sums' stability);
-recurrent decoding against the full forward (in place, no conv1d call), its constant-size state, causality,
-training, save_pretrained into transformers."""
+the GPT-NeoX tokenizer.json beside it) and refusals; the SSD (the fast ssd_chunked and the reference ssd_loop against
+the recurrence written out in float64, from zeros and from a carried state, their gradients, ssd_quadratic's matrix
+form, the segment sums' stability); recurrent decoding against the full forward (in place, no conv1d call), its
+constant-size state, causality, training, the optimizer groups by name, save_pretrained into transformers."""
 import json
 import math
 
@@ -220,37 +220,41 @@ def recurrence(x, dt, A, B, C, D, h0=None):
 @pytest.mark.parametrize("from_h0", [False, True])
 @pytest.mark.parametrize("T", [1, 7, 64, 1000])
 def test_ssd_equals_the_recurrence(T, from_h0):
-    """The chunked SSD (chunks of 16: T = 7 is one short chunk, 1000 = 62.5 chunks) and the loop give the float64
-    recurrence's outputs and last state within 1e-5, from zeros or from a carried state (which then matters)."""
+    """The reference ssd_loop and the fast ssd_chunked (chunks of 16: T = 7 is one short chunk, 1000 = 62.5 chunks)
+    give the float64 recurrence's outputs and last state within 1e-5, from zeros or from a carried state (which then
+    matters); from zeros, ssd_quadratic's one masked matrix gives the same y."""
     inputs, h0 = ssd_inputs(T, seed=T)
     h0 = h0 if from_h0 else None
     y_ref, h_ref = recurrence(*inputs, h0=h0)
     assert y_ref.abs().max() > 1.0 and h_ref.abs().max() > 1.0
-    for how in ("chunk", "loop"):
-        y, h = mamba2.ssd(*inputs, 16, h0=None if h0 is None else h0.clone(), how=how)
+    start = (lambda: None) if h0 is None else h0.clone
+    for name, y, h in [("loop", *mamba2.ssd_loop(*inputs, h0=start())),
+                       ("chunked", *mamba2.ssd_chunked(*inputs, 16, h0=start()))]:
         assert y.shape == (2, T, 4, 3) and h.shape == (2, 4, 3, 5) and y.dtype == torch.float32
-        assert max_diff(y, y_ref) < 1e-5 and max_diff(h, h_ref) < 1e-5, how
+        assert max_diff(y, y_ref) < 1e-5 and max_diff(h, h_ref) < 1e-5, name
     if from_h0:
-        assert max_diff(y[:, 0], mamba2.ssd(*inputs, 16, how="chunk")[0][:, 0]) > 1e-2
+        assert max_diff(y[:, 0], mamba2.ssd_chunked(*inputs, 16)[0][:, 0]) > 1e-2
+    elif T <= 64:  # T x T matrices
+        assert max_diff(mamba2.ssd_quadratic(*inputs), y_ref) < 1e-5
 
 
 @pytest.mark.parametrize("Q", [1, 5, 64, 300])
 def test_chunk_size_changes_nothing(Q):
     """Any chunk size (one step, not a divisor, the whole sequence, longer than it) gives the same y and state."""
     inputs, h0 = ssd_inputs(200, seed=1)
-    y_ref, h_ref = mamba2.ssd(*inputs, 16, h0=h0.clone(), how="loop")
-    y, h = mamba2.ssd(*inputs, Q, h0=h0.clone(), how="chunk")
+    y_ref, h_ref = mamba2.ssd_loop(*inputs, h0=h0.clone())
+    y, h = mamba2.ssd_chunked(*inputs, Q, h0=h0.clone())
     assert max_diff(y, y_ref) < 1e-5 and max_diff(h, h_ref) < 1e-5
 
 
 def test_ssd_gradients_equal_the_loops():
-    """Autograd through the chunked SSD gives the loop's gradients for every input and the initial state."""
+    """Autograd through ssd_chunked gives ssd_loop's gradients for every input and the initial state."""
     inputs, h0 = ssd_inputs(50, seed=3)
     w = torch.randn(2, 50, 4, 3)
     grads = []
-    for how in ("chunk", "loop"):
+    for ssd in (lambda *a, h0: mamba2.ssd_chunked(*a, 16, h0=h0), mamba2.ssd_loop):
         leaves = [t.clone().requires_grad_() for t in (*inputs, h0)]
-        y, h = mamba2.ssd(*leaves[:6], 16, h0=leaves[6] * 1.0, how=how)
+        y, h = ssd(*leaves[:6], h0=leaves[6] * 1.0)
         ((y * w).sum() + h.square().sum()).backward()
         grads.append([t.grad for t in leaves])
     for name, a, b in zip(("x", "dt", "A", "B", "C", "D", "h0"), *grads):
@@ -271,7 +275,7 @@ def test_segsum_is_stable():
     assert torch.isneginf(S[0, 1])
     (x, dt, A, B, C, D), h0 = ssd_inputs(500, seed=5)
     dt = dt * 12  # some steps' exp(Delta A) underflow to 0
-    y, h = mamba2.ssd(x, dt, A, B, C, D, 128, h0=h0.clone(), how="chunk")
+    y, h = mamba2.ssd_chunked(x, dt, A, B, C, D, 128, h0=h0.clone())
     y_ref, h_ref = recurrence(x, dt, A, B, C, D, h0=h0)
     assert torch.isfinite(y).all() and max_diff(y, y_ref) < 1e-4 * y_ref.abs().max() and max_diff(h, h_ref) < 1e-4
 
@@ -332,6 +336,29 @@ def test_overfit_one_batch():
     torch.manual_seed(0)
     check_overfits(mamba2.Mamba2(mamba2.Config(vocab_size=100, block_size=32, n_layer=2, n_embd=32, d_state=8,
                                                headdim=16, chunk_size=8)), 100)
+
+
+def test_optimizer_groups_by_name(tmp_path):
+    """optimizer_groups names every parameter: in_proj and out_proj "muon", the tied embedding and conv1d's 3-D kernels
+    "decay", the biases, norms, A_log, D and dt_bias "no_decay" (the old rank rule's outcome for each), the same for a
+    fresh model and one from_pretrained (load_state_dict(assign=True), which drops attributes)."""
+    kinds = {"embeddings.weight": "decay", "conv1d.weight": "decay", "in_proj.weight": "muon",
+             "out_proj.weight": "muon", "conv1d.bias": "no_decay", "in_proj.bias": "no_decay",
+             "out_proj.bias": "no_decay", "dt_bias": "no_decay", "A_log": "no_decay", "D": "no_decay",
+             "norm.weight": "no_decay", "norm_f.weight": "no_decay"}
+    model = tiny(seed=0, bias=True)
+    mamba2.save_pretrained(model, tmp_path)
+    for m in (model, mamba2.from_pretrained(tmp_path)):
+        params = dict(m.named_parameters())
+        groups = m.optimizer_groups()
+        assert groups.keys() == params.keys() and "lm_head.weight" not in groups  # tied: one parameter
+        for name, group in groups.items():
+            leaf = name.split(".")[-1] if name.split(".")[-1] in kinds else ".".join(name.split(".")[-2:])
+            assert group == kinds[leaf], name
+            old = "no_decay" if params[name].dim() < 2 else "decay" if "embeddings" in name or params[name].dim() > 2 \
+                else "muon"
+            assert group == old, name
+    assert set(groups.values()) == {"muon", "decay", "no_decay"}
 
 
 def test_config_heads_and_refusals():
