@@ -13,16 +13,18 @@ What is here: the model, pre-norm as the released code's --pre_lnorm (kimiyoung/
 mem_transformer.py; --no-pre_lnorm gives its default post-norm, which at our short schedules collapses to one hidden
 state for every position and never learns past the unigram loss; see Block); u and v per layer, as the release's
 untie_r option makes them and its released wt103 model has them (without untie_r, the PyTorch code's default, one u
-and one v are shared by all layers); the segments of a training window computed all at once, each with the detached
-memory of the segments before it (exactly the recurrence, see TransformerXL.hidden); evaluation over the validation
-text as parallel streams whose memory is carried from window to window, at memory lengths longer than training's
-(printed at the end of a run); sampling with the memory as the cache; save_pretrained / from_pretrained in this
-file's own layout (config.json and model.safetensors); training on tiny-shakespeare, FineWeb or any text file with
-AdamW or Muon, warmup + cosine, gradient accumulation, bf16 autocast, torch.compile and DistributedDataParallel;
-exact resume from atomic checkpoints. What is not: the adaptive input and softmax (Baevski and Auli 2018; a plain
-softmax over GPT-2's BPE here, as in the other files), the released transfo-xl-wt103 weights (a pickle, a 267K-word
-vocabulary and an adaptive softmax: out of scope, and transformers no longer maintains its TransfoXL), the
-same_length and clamp_len options of the released code.
+and one v are shared by all layers); the recurrence as written, one segment after the other (segment_loop, the
+reference), and the same for all the segments of a window at once (TransformerXL.hidden, the default, tested equal);
+training on windows of --block_size tokens whose segments carry the memory from one to the next, the memory
+restarting at every window (nothing is carried from one training step to the next: see TransformerXL); evaluation
+over the validation text as parallel streams whose memory is carried from window to window, at memory lengths longer
+than training's (printed at the end of a run); sampling with the memory as the cache; save_pretrained /
+from_pretrained in this file's own layout (config.json and model.safetensors); training on tiny-shakespeare, FineWeb
+or any text file with AdamW or Muon, warmup + cosine, gradient accumulation, bf16 autocast, torch.compile and
+DistributedDataParallel; exact resume from atomic checkpoints. What is not: the adaptive input and softmax (Baevski
+and Auli 2018; a plain softmax over GPT-2's BPE here, as in the other files), the released transfo-xl-wt103 weights
+(a pickle, a 267K-word vocabulary and an adaptive softmax: out of scope, and transformers no longer maintains its
+TransfoXL), the same_length and clamp_len options of the released code.
 
     python transformer_xl.py                                     # CPU: a tiny model, about three minutes
     python transformer_xl.py --device cuda                       # one GPU: bf16, torch.compile, 6 layers x 384
@@ -135,7 +137,7 @@ def segment_loop(model, idx, targets=None, mems=None, segment_len=None, mem_len=
     out = []
     for t in range(0, T, L):  # segment tau+1
         h = model.drop(model.embed(idx[:, t:t + L]) * cfg.n_embd ** 0.5)  # h^0, scaled as released
-        P, Lt = mems[0].size(1), h.size(1)
+        P, Lt = mems[0].size(1), h.size(1)  # memory positions, this segment's (the last: shorter)
         R = model.drop(sinusoid(torch.arange(P + Lt, device=idx.device), cfg.n_embd, h.dtype))
         new_mems = []
         for block, m in zip(model.layers, mems):
@@ -161,11 +163,12 @@ def relative_attention(attn, h, m, R):
     """The attention of section 3.3 for one segment h (B, L, d) over h~ = [m; h], m (B, P, d) its
     memory, with attn's weights (W_{k,E} and W_v are kv_net's two halves):
         q = h W_q,   k = h~ W_{k,E},   v = h~ W_v,   r_k = W_{k,R} R_k   (R[k]: distance k's R)
-        A_{i,j} = q_i.k_j + q_i.r_{i-j} + u.k_j + v.r_{i-j} = (q_i + u).k_j + (q_i + v).r_{i-j}
+        A_{i,j} = q_i.k_j (a) + q_i.r_{i-j} (b) + u.k_j (c) + v.r_{i-j} (d)
+                = (q_i + u).k_j + (q_i + v).r_{i-j}
         a_i = sum over j <= P+i of softmax_j(A_{i,j} / sqrt(d_head)) v_j,   out = W_o a
     Query i is position P+i of h~, so key j lies i-j = P+i-j back; each r_{i-j} is looked up (no
     shift). The reference of Attention.forward."""
-    B, L, d = h.shape
+    B, L, _ = h.shape
     P, H, hd = m.size(1), attn.n_head, attn.head_dim
     h_tilde = torch.cat((m, h), dim=1)                                            # (B, P+L, d)
     q = attn.q_net(h).view(B, L, H, hd).transpose(1, 2)                           # (B, H, L, hd)
