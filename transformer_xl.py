@@ -356,7 +356,7 @@ class TransformerXL(nn.Module):
         matrices = ("q_net", "kv_net", "r_net", "o_net", "fc1", "fc2")
         groups = {}
         for name, _ in self.named_parameters():
-            *_, module, kind = name.split(".")
+            module, kind = name.split(".")[-2:]
             if name in ("embed.weight", "lm_head.weight"):
                 groups[name] = "decay"
             elif module in matrices and kind == "weight":

@@ -1,9 +1,9 @@
 """transformer_xl.py: no maintained reference implementation exists (transformers dropped TransfoXL), so the paper's
 equations are written out here, naively, and the model is held to them: the relative shift against explicit indexing,
-the attention scores against the four terms for every (i, j), a segment with memory against [memory; segment] run
-with the mask and distances written out, the recurrence (segments one by one) against the segments side by side, no
-gradient into the memory, decoding against the full forward; then causality, overfitting, the saved layout and bad
-input. The command line, the harness and the common functions are tested in test_scripts.py / test_common.py."""
+the attention scores against the four terms for every (i, j), the file's reference (segment_loop: the recurrence one
+segment at a time) against the segments written out term by term, then the fast path (hidden: the segments side by
+side) against the reference (logits, loss, memory, gradients), no gradient into the memory, decoding against the full
+forward; then causality, overfitting, the optimizer groups, the saved layout and bad input. The command line, the harness and the common functions are tested in test_scripts.py / test_common.py."""
 import math
 
 import pytest
