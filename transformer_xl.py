@@ -13,16 +13,18 @@ What is here: the model, pre-norm as the released code's --pre_lnorm (kimiyoung/
 mem_transformer.py; --no-pre_lnorm gives its default post-norm, which at our short schedules collapses to one hidden
 state for every position and never learns past the unigram loss; see Block); u and v per layer, as the release's
 untie_r option makes them and its released wt103 model has them (without untie_r, the PyTorch code's default, one u
-and one v are shared by all layers); the segments of a training window computed all at once, each with the detached
-memory of the segments before it (exactly the recurrence, see TransformerXL.hidden); evaluation over the validation
-text as parallel streams whose memory is carried from window to window, at memory lengths longer than training's
-(printed at the end of a run); sampling with the memory as the cache; save_pretrained / from_pretrained in this
-file's own layout (config.json and model.safetensors); training on tiny-shakespeare, FineWeb or any text file with
-AdamW or Muon, warmup + cosine, gradient accumulation, bf16 autocast, torch.compile and DistributedDataParallel;
-exact resume from atomic checkpoints. What is not: the adaptive input and softmax (Baevski and Auli 2018; a plain
-softmax over GPT-2's BPE here, as in the other files), the released transfo-xl-wt103 weights (a pickle, a 267K-word
-vocabulary and an adaptive softmax: out of scope, and transformers no longer maintains its TransfoXL), the
-same_length and clamp_len options of the released code.
+and one v are shared by all layers); the recurrence as written, one segment after the other (segment_loop, the
+reference), and the same for all the segments of a window at once (TransformerXL.hidden, the default, tested equal);
+training on windows of --block_size tokens whose segments carry the memory from one to the next, the memory
+restarting at every window (nothing is carried from one training step to the next: see TransformerXL); evaluation
+over the validation text as parallel streams whose memory is carried from window to window, at memory lengths longer
+than training's (printed at the end of a run); sampling with the memory as the cache; save_pretrained /
+from_pretrained in this file's own layout (config.json and model.safetensors); training on tiny-shakespeare, FineWeb
+or any text file with AdamW or Muon, warmup + cosine, gradient accumulation, bf16 autocast, torch.compile and
+DistributedDataParallel; exact resume from atomic checkpoints. What is not: the adaptive input and softmax (Baevski
+and Auli 2018; a plain softmax over GPT-2's BPE here, as in the other files), the released transfo-xl-wt103 weights
+(a pickle, a 267K-word vocabulary and an adaptive softmax: out of scope, and transformers no longer maintains its
+TransfoXL), the same_length and clamp_len options of the released code.
 
     python transformer_xl.py                                     # CPU: a tiny model, about three minutes
     python transformer_xl.py --device cuda                       # one GPU: bf16, torch.compile, 6 layers x 384
@@ -112,11 +114,85 @@ class Config:
 
 
 # ------------------------------------------------------------------------------------------ model
+# The paper first: segment_loop is the recurrence of section 3.2 as written, one segment after the
+# other, and relative_attention the attention of section 3.3 for one segment. Then the same, fast:
+# TransformerXL.hidden runs all the segments of a window at once, each layer once, with the relative
+# shift of appendix B (tests/test_transformer_xl.py holds the two equal).
+
+def segment_loop(model, idx, targets=None, mems=None, segment_len=None, mem_len=None):
+    """The recurrence of section 3.2, one segment tau+1 at a time; at each layer n:
+        h~^{n-1}_{tau+1} = [SG(m^{n-1}_tau) o h^{n-1}_{tau+1}]   memory (no gradient), then segment
+        h^n_{tau+1} = the layer on h^{n-1}_{tau+1}, its attention over h~ (relative_attention)
+        m^{n-1}_{tau+1} = the last M positions of h~^{n-1}_{tau+1}   the next segment's memory
+    idx (B, T), targets (B, T) or None, mems None or one (B, P, d) per layer (the layer's inputs at
+    the P positions before idx) -> (logits (B, T, vocab_size), loss or None, the memory after idx).
+    The reference of TransformerXL.forward and hidden, whose numbers it gives with a loop."""
+    cfg = model.config
+    L = segment_len or cfg.segment_len
+    M = cfg.mem_len if mem_len is None else mem_len
+    B, T = idx.shape
+    dtype = model.embed.weight.dtype
+    if mems is None:
+        mems = [model.embed.weight.new_zeros(B, 0, cfg.n_embd)] * cfg.n_layer  # m_0: nothing before
+    mems = [m[:, m.size(1) - min(M, m.size(1)):].to(dtype).detach() for m in mems]  # SG(m)
+    out = []
+    for t in range(0, T, L):  # segment tau+1
+        h = model.drop(model.embed(idx[:, t:t + L]) * cfg.n_embd ** 0.5)  # h^0, scaled as released
+        P, Lt = mems[0].size(1), h.size(1)  # memory positions, this segment's (the last: shorter)
+        R = model.drop(sinusoid(torch.arange(P + Lt, device=idx.device), cfg.n_embd, h.dtype))
+        new_mems = []
+        for block, m in zip(model.layers, mems):
+            h_tilde = torch.cat((m, h), dim=1)                         # [SG(m^{n-1}_tau) o h^{n-1}]
+            new_mems.append(h_tilde[:, P + Lt - min(M, P + Lt):].detach())  # m^{n-1}_{tau+1}
+            if cfg.pre_lnorm:  # x + f(LayerNorm(x)), the memory normed by the same LayerNorm
+                h = h + relative_attention(block.attn, block.attn_norm(h), block.attn_norm(m), R)
+                h = h + block.ff(block.ff_norm(h))
+            else:  # the paper's o^n = LayerNorm(Linear(a^n) + h^{n-1}), then the same round the FF
+                h = block.attn_norm(h + relative_attention(block.attn, h, m, R))
+                h = block.ff_norm(h + block.ff(h))
+        mems = new_mems
+        out.append(h)
+    h = model.drop(torch.cat(out, dim=1))  # the released code's last dropout
+    logits = F.linear(h, model.lm_head.weight[:cfg.vocab_size])  # the real tokens' rows
+    loss = None
+    if targets is not None:
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+    return logits, loss, mems
+
+
+def relative_attention(attn, h, m, R):
+    """The attention of section 3.3 for one segment h (B, L, d) over h~ = [m; h], m (B, P, d) its
+    memory, with attn's weights (W_{k,E} and W_v are kv_net's two halves):
+        q = h W_q,   k = h~ W_{k,E},   v = h~ W_v,   r_k = W_{k,R} R_k   (R[k]: distance k's R)
+        A_{i,j} = q_i.k_j (a) + q_i.r_{i-j} (b) + u.k_j (c) + v.r_{i-j} (d)
+                = (q_i + u).k_j + (q_i + v).r_{i-j}
+        a_i = sum over j <= P+i of softmax_j(A_{i,j} / sqrt(d_head)) v_j,   out = W_o a
+    Query i is position P+i of h~, so key j lies i-j = P+i-j back; each r_{i-j} is looked up (no
+    shift). The reference of Attention.forward."""
+    B, L, _ = h.shape
+    P, H, hd = m.size(1), attn.n_head, attn.head_dim
+    h_tilde = torch.cat((m, h), dim=1)                                            # (B, P+L, d)
+    q = attn.q_net(h).view(B, L, H, hd).transpose(1, 2)                           # (B, H, L, hd)
+    k, v = attn.kv_net(h_tilde).view(B, P + L, 2, H, hd).permute(2, 0, 3, 1, 4)   # (B, H, P+L, hd)
+    r = attn.r_net(R).view(P + L, H, hd)                                          # r_k
+    distance = P + torch.arange(L, device=h.device)[:, None] - torch.arange(P + L, device=h.device)
+    r_ij = r[distance.clamp(min=0)]                                     # (L, P+L, H, hd): r_{i-j}
+    A = (q + attn.u[:, None]) @ k.transpose(-1, -2)                                # (a) + (c)
+    A = A + torch.einsum("bhid,ijhd->bhij", q + attn.v[:, None], r_ij)             # (b) + (d)
+    A = (A * hd ** -0.5).masked_fill(distance < 0, float("-inf"))  # causal: no key ahead of i
+    a = A.softmax(dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).type_as(q)
+    a = F.dropout(a, attn.dropout, attn.training)
+    y = (a @ v).transpose(1, 2).reshape(B, L, H * hd)                # (B, H, L, hd) -> (B, L, H hd)
+    return attn.resid_dropout(attn.o_net(y))
+
+
+# ------------------------------------------------------------------------ the same, fast
 
 def sinusoid(distances, dim, dtype=torch.float32):
-    """R (section 3.3): the sinusoid of Vaswani et al. 2017 at each distance, (K,) -> (K, dim), sines then cosines as
-    the released code lays them out (no learned parameters: R generalises to distances longer than training's); an odd
-    dim keeps the first dim columns. Computed in float32, or float64 for a float64 model, then cast to dtype."""
+    """R (section 3.3): the sinusoid of Vaswani et al. 2017 at each distance, (K,) -> (K, dim),
+    sines then cosines as the released code lays them out (no learned parameters: R generalises to
+    distances longer than training's); an odd dim keeps the first dim columns. Computed in
+    float32, or float64 for a float64 model, then cast to dtype."""
     work = torch.promote_types(dtype, torch.float32)
     inv_freq = 1.0 / 10000 ** (torch.arange(0, dim, 2, device=distances.device, dtype=work) / dim)
     angles = distances.to(work)[:, None] * inv_freq  # (K, ceil(dim/2))
@@ -124,27 +200,31 @@ def sinusoid(distances, dim, dtype=torch.float32):
 
 
 def rel_shift(x):
-    """(..., L, K) scores in the (query, distance) layout -> the (query, key) layout, K = M + L keys.
+    """(..., L, K) scores in the (query, distance) layout -> the (query, key) layout, K = M + L.
 
-    Column c of row i holds the score of distance K-1-c (R runs from the longest distance down to 0). Key j of query i
-    is M + i - j away, so the score that belongs at (i, j) sits at column j + L-1-i: row i must move left by L-1-i,
-    each row one less than the row above it. The released code's trick does that without indexing: a zero column put
-    in front makes rows K+1 long; the same numbers read as rows K long (the .view) start one place later each row, i.e.
-    row i of that reading starts at old row i-1, position K+1 - i..; dropping the first row and reading the rest as
-    (L, K) again leaves out[i, j] = x[i, j + L-1-i] for every j <= M + i (the keys query i may see). The entries
-    above that diagonal are left-overs of other rows (or the zeros): the causal mask removes them."""
+    Column c of row i holds the score of distance K-1-c (R runs from the longest distance down to
+    0). Key j of query i is M + i - j away, so the score that belongs at (i, j) sits at column
+    j + L-1-i: row i must move left by L-1-i, each row one less than the row above it. The released
+    code's trick does that without indexing: a zero column put in front makes rows K+1 long; the
+    same numbers read as rows K long (the .view) start one place later each row, i.e. row i of that
+    reading starts at old row i-1, position K+1 - i..; dropping the first row and reading the rest
+    as (L, K) again leaves out[i, j] = x[i, j + L-1-i] for every j <= M + i (the keys query i may
+    see). The entries above that diagonal are left-overs of other rows (or the zeros): the causal
+    mask removes them."""
     *lead, L, K = x.shape
     x = F.pad(x, (1, 0)).view(*lead, K + 1, L)  # a zero column in front, read as K+1 rows of L
     return x[..., 1:, :].reshape(*lead, L, K)   # drop the first row, read back as (L, K)
 
 
 class Attention(nn.Module):
-    """Relative multi-head attention over [SG(memory); segment] (section 3.3, the equation of A^rel_{i,j} and the
-    computational procedure of appendix B's "efficient computation"):
-        A_{i,j} = q_i . k_{E,j}  (a)  +  q_i . W_{k,R} R_{i-j}  (b)  +  u . k_{E,j}  (c)  +  v . W_{k,R} R_{i-j}  (d)
-    with q_i = W_q E_i and k_{E,j} = W_{k,E} E_j, i.e. (a) + (c) = (q_i + u) . k_j and (b) + (d) = (q_i + v) . r_{i-j}.
-    The segments of a window are computed side by side: segment s's keys are the memory (the detached hidden states
-    of the M positions before it, see Block) and its own L positions."""
+    """Relative multi-head attention over [SG(memory); segment]: relative_attention for all the
+    segments of a window side by side (section 3.3's A^rel_{i,j} and appendix B's efficient
+    computation):
+        A_{i,j} = q_i.k_{E,j} (a) + q_i.W_{k,R} R_{i-j} (b) + u.k_{E,j} (c) + v.W_{k,R} R_{i-j} (d)
+    with q_i = W_q E_i and k_{E,j} = W_{k,E} E_j, i.e. (a) + (c) = (q_i + u).k_j and
+    (b) + (d) = (q_i + v).r_{i-j}, the latter for all (query, distance) pairs then moved to
+    (query, key) by rel_shift. Segment s's keys are its memory (the detached hidden states of the M
+    positions before it, see Block) and its own L positions."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -154,41 +234,43 @@ class Attention(nn.Module):
         self.kv_net = nn.Linear(cfg.n_embd, 2 * inner, bias=False)  # W_{k,E} and W_v
         self.r_net = nn.Linear(cfg.n_embd, inner, bias=False)       # W_{k,R}: the distances' keys
         self.o_net = nn.Linear(inner, cfg.n_embd, bias=False)
-        self.u = nn.Parameter(torch.zeros(cfg.n_head, cfg.head_dim))  # the global content bias, term (c)
-        self.v = nn.Parameter(torch.zeros(cfg.n_head, cfg.head_dim))  # the global position bias, term (d)
-        self.u.no_weight_decay = self.v.no_weight_decay = True  # biases: no decay, AdamW (the release: Adam, no decay)
+        self.u = nn.Parameter(torch.zeros(cfg.n_head, cfg.head_dim))  # global content bias, (c)
+        self.v = nn.Parameter(torch.zeros(cfg.n_head, cfg.head_dim))  # global position bias, (d)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def heads(self, h, past, L):
-        """q (B, S, H, L, hd), keys and values (B, S, H, M+L, hd) of h (B, S*L, d) and past (B, M + (S-1)L, d), the M
-        memory positions before h and h's own but its last segment, as the layer sees them (normed if pre-norm) after
-        the stop-gradient: segment s's keys are positions sL..sL+M-1 of past (its memory, whose keys and values
-        W_{k,E} and W_v still learn from) and its own L positions."""
+        """q (B, S, H, L, hd), keys and values (B, S, H, M+L, hd) of h (B, S*L, d) and past
+        (B, M + (S-1)L, d), the M memory positions before h and h's own but its last segment, as the
+        layer sees them (normed if pre-norm) after the stop-gradient: segment s's keys are positions
+        sL..sL+M-1 of past (its memory, whose keys and values W_{k,E} and W_v still learn from) and
+        its own L positions."""
         B, T, _ = h.shape
-        S, M, H, hd = T // L, max(0, past.size(1) - (T - L)), self.n_head, self.head_dim  # past empty: M = 0
+        S, H, hd = T // L, self.n_head, self.head_dim
+        M = max(0, past.size(1) - (T - L))  # past empty: M = 0
         q = self.q_net(h).view(B, S, L, H, hd).transpose(2, 3)
-        kv = self.kv_net(h).view(B, S, L, 2 * H * hd)                            # each segment's own positions
+        kv = self.kv_net(h).view(B, S, L, 2 * H * hd)                # each segment's own positions
         if M:
-            before = torch.arange(S, device=h.device)[:, None] * L + torch.arange(M, device=h.device)  # (S, M)
-            kv = torch.cat((self.kv_net(past)[:, before], kv), dim=2)             # (B, S, M+L, 2 H hd)
-        k, v = kv.view(B, S, M + L, 2, H, hd).permute(3, 0, 1, 4, 2, 5)           # each (B, S, H, M+L, hd)
+            s, m = torch.arange(S, device=h.device), torch.arange(M, device=h.device)
+            before = s[:, None] * L + m  # (S, M): segment s's memory, positions sL..sL+M-1
+            kv = torch.cat((self.kv_net(past)[:, before], kv), dim=2)  # (B, S, M+L, 2 H hd)
+        k, v = kv.view(B, S, M + L, 2, H, hd).permute(3, 0, 1, 4, 2, 5)  # each (B, S, H, M+L, hd)
         return q, k, v
 
     def scores(self, q, k, R):
-        """A^rel (B, S, H, L, M+L), scaled by 1/sqrt(hd), unmasked: (a) + (c) by the keys, (b) + (d) by the distances
-        R (M+L, d), longest first, moved to the keys by rel_shift."""
-        r = self.r_net(R).view(-1, self.n_head, self.head_dim).transpose(0, 1)  # (H, M+L, hd): W_{k,R} R
-        ac = (q + self.u[:, None]) @ k.transpose(-1, -2)                         # (a) + (c): (B, S, H, L, M+L)
-        bd = rel_shift((q + self.v[:, None]) @ r.transpose(-1, -2))              # (b) + (d), now (query, key)
+        """A^rel (B, S, H, L, M+L), scaled by 1/sqrt(hd), unmasked: (a) + (c) by the keys, (b) + (d)
+        by the distances R (M+L, d), longest first, moved to the keys by rel_shift."""
+        r = self.r_net(R).view(-1, self.n_head, self.head_dim).transpose(0, 1)  # (H, M+L, hd)
+        ac = (q + self.u[:, None]) @ k.transpose(-1, -2)              # (a) + (c): (B, S, H, L, M+L)
+        bd = rel_shift((q + self.v[:, None]) @ r.transpose(-1, -2))   # (b) + (d), now (query, key)
         return (ac + bd) * self.head_dim ** -0.5
 
     def forward(self, h, past, R, mask):
-        """h (B, S*L, d) the segments, past (B, M + (S-1)L, d) the positions before each segment (see heads), R
-        (M+L, d), mask (S, L, M+L) True where a query sees a key -> (B, S*L, d)."""
+        """h (B, S*L, d) the segments, past (B, M + (S-1)L, d) the positions before each segment
+        (see heads), R (M+L, d), mask (S, L, M+L) True where a query sees a key -> (B, S*L, d)."""
         B, T, _ = h.shape
         q, k, v = self.heads(h, past, mask.size(1))
         att = self.scores(q, k, R).masked_fill(~mask[:, None], float("-inf"))
-        att = att.softmax(dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).type_as(q)  # at least float32
+        att = att.softmax(dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).type_as(q)
         att = F.dropout(att, self.dropout, self.training)
         y = (att @ v).transpose(2, 3).reshape(B, T, -1)  # (B, S, H, L, hd) -> (B, S*L, H hd)
         return self.resid_dropout(self.o_net(y))
@@ -208,15 +290,17 @@ class PositionwiseFF(nn.Module):
 
 
 class Block(nn.Module):
-    """pre_lnorm: x = x + f(LayerNorm(x)), the memory normed by the same LayerNorm before its keys are made, and no
-    final norm, as the released code's --pre_lnorm. Else post-norm, x = LayerNorm(x + f(x)), its default (Vaswani et
-    al.'s order), which needs the paper's long, low learning-rate schedule: at this file's presets (lr 3e-3, 200
-    steps) the feed-forwards learn a large constant output (the unigram direction), the norms then map every position
-    to nearly one vector, and the loss stays at the unigram's (measured: benchmarks/RESULTS.md).
+    """pre_lnorm: x = x + f(LayerNorm(x)), the memory normed by the same LayerNorm before its keys
+    are made, and no final norm, as the released code's --pre_lnorm. Else post-norm,
+    x = LayerNorm(x + f(x)), its default (Vaswani et al.'s order), which needs the paper's long, low
+    learning-rate schedule: at this file's presets the feed-forwards learn a large constant output,
+    the norms then map every position to nearly one vector, and attention has nothing to tell
+    apart (benchmarks/RESULTS.md, "Pre-norm by default").
 
-    The stop-gradient SG(h_{tau-1}) of section 3.2 is on the layer's input h, as the released code keeps it (its
-    mems): the memory is [mem; x] before each segment, detached, and only then normed (pre-norm), so that the norm's
-    weight and bias learn from the memory positions too, as the released code's layer_norm(cat(mems, w))."""
+    The stop-gradient SG(h_{tau-1}) of section 3.2 is on the layer's input h, as the released code
+    keeps it (its mems): the memory is [mem; x] before each segment, detached, and only then normed
+    (pre-norm), so that the norm's weight and bias learn from the memory positions too, as the
+    released code's layer_norm(cat(mems, w))."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -227,8 +311,8 @@ class Block(nn.Module):
         self.ff = PositionwiseFF(cfg.n_embd, cfg.d_inner, cfg.dropout)
 
     def forward(self, x, mem, R, mask):
-        before = x.size(1) - mask.size(1) if mem.size(1) else 0  # all segments but the last are memory to the next
-        past = torch.cat((mem, x[:, :before]), dim=1).detach()    # SG(h): the layer's input, before any norm
+        before = x.size(1) - mask.size(1) if mem.size(1) else 0  # all segments but the last: memory
+        past = torch.cat((mem, x[:, :before]), dim=1).detach()    # SG(h): the input, before norms
         if self.pre_lnorm:
             x = x + self.attn(self.attn_norm(x), self.attn_norm(past), R, mask)
             return x + self.ff(self.ff_norm(x))
@@ -237,6 +321,15 @@ class Block(nn.Module):
 
 
 class TransformerXL(nn.Module):
+    """The Transformer-XL language model: embedding, n_layer Blocks with the memory, the head.
+
+    forward(idx) runs idx (B, T) as segments of segment_len, each seeing the mem_len positions
+    before it at every layer, its first segment with no memory unless mems are given. Training
+    (the shared loop's model(x, y)) therefore restarts the memory at every window of --block_size
+    tokens: a window's segments carry it from one to the next, but nothing is carried from step to
+    step, so that batches stay independent (resume, DDP, torch.compile see no state). Evaluation
+    over a whole text carries it along (stream_loss), as does decoding (generate)."""
+
     def __init__(self, cfg):
         super().__init__()
         self.config = cfg
@@ -246,69 +339,90 @@ class TransformerXL(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        # Initialisation: normal, std 0.02, for the matrices and u, v (the released code's init_std), the projections
-        # that write into the residual stream scaled by 1/sqrt(2 n_layer) as GPT-2 does; biases 0, norms 1.
+        # Initialisation: normal, std 0.02, for the matrices and u, v (the released code's
+        # init_std), the projections that write into the residual stream scaled by
+        # 1/sqrt(2 n_layer) as GPT-2 does; biases 0, norms 1.
         for name, p in self.named_parameters():
             if p.dim() >= 2:
                 residual = name.endswith(("o_net.weight", "fc2.weight"))
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer) if residual else 0.02)
+                std = 0.02 / math.sqrt(2 * cfg.n_layer) if residual else 0.02
+                nn.init.normal_(p, mean=0.0, std=std)
 
-    def load_state_dict(self, state_dict, *args, **kwargs):
-        """nn.Module's, and u and v marked no_weight_decay again: assign=True (from_pretrained) puts in new Parameters."""
-        out = super().load_state_dict(state_dict, *args, **kwargs)
-        for block in self.layers:
-            block.attn.u.no_weight_decay = block.attn.v.no_weight_decay = True
-        return out
+    def optimizer_groups(self):
+        """Each parameter's optimizer group, by name (--optimizer muon: Muon takes "muon"; AdamW the
+        rest): "muon" the blocks' matrices (W_q, W_{k,E} and W_v, W_{k,R}, W_o, the feed-forward's);
+        "decay" the embedding and an untied head; "no_decay" the biases, the LayerNorms and u, v,
+        the global biases of terms (c) and (d) (2-D, but biases: the released code gives them no
+        decay either)."""
+        matrices = ("q_net", "kv_net", "r_net", "o_net", "fc1", "fc2")
+        groups = {}
+        for name, _ in self.named_parameters():
+            module, kind = name.split(".")[-2:]
+            if name in ("embed.weight", "lm_head.weight"):
+                groups[name] = "decay"
+            elif module in matrices and kind == "weight":
+                groups[name] = "muon"
+            else:
+                groups[name] = "no_decay"
+        return groups
 
     def num_params(self, non_embedding=True):
-        """Parameters a token computes with: a tied embedding/head counted once, an untied input embedding left out
-        by default."""
+        """Parameters a token computes with: a tied embedding/head counted once, an untied input
+        embedding left out by default."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.embed.weight.numel() if non_embedding and not self.config.tie_embeddings else n
+        untied_input = non_embedding and not self.config.tie_embeddings
+        return n - self.embed.weight.numel() if untied_input else n
 
     def memory_bytes_per_token(self, itemsize=4):
-        """Bytes the memory holds per position: one hidden state per layer (keys and values are made from it)."""
+        """Bytes the memory holds per position: one hidden state per layer (keys and values are made
+        from it)."""
         return self.config.n_layer * self.config.n_embd * itemsize
 
     def hidden(self, idx, mems=None, segment_len=None, mem_len=None, sliding=False):
-        """idx (B, T), mems (None, or one (B, P, d) per layer: the hidden states entering that layer at the P
-        positions before idx) -> (final hidden states (B, T, d), the memory for what follows: the last mem_len
-        positions of [mems; this input] per layer, detached).
+        """idx (B, T), mems (None, or one (B, P, d) per layer: the hidden states entering that layer
+        at the P positions before idx) -> (final hidden states (B, T, d), the memory for what
+        follows: the last mem_len positions of [mems; this input] per layer, detached).
 
-        idx is cut into segments of segment_len (the last one may be shorter), each seeing the mem_len hidden states
-        before it at every layer (section 3.2). Segment s's memory at layer n is the input of layer n at the
-        positions before it, which earlier segments computed; so all segments of idx run side by side, each layer
-        once, and give exactly what feeding them one by one with the memory carried would (the tests check it),
-        without a Python loop over segments. The memory is not differentiated through, as SG(h_{tau-1}) says.
-        sliding: each position sees the mem_len positions before it and itself, no more (the keys of a query late in
-        its segment are cut to mem_len + 1): what segments of one token give, at a segment's cost (decoding's prefill).
-        The final hidden states go through dropout, as the released code's last self.drop."""
+        segment_loop, fast: idx is cut into segments of segment_len (the last one may be shorter),
+        each seeing the mem_len hidden states before it at every layer (section 3.2). Segment s's
+        memory at layer n is the input of layer n at the positions before it, which earlier segments
+        computed; so all segments of idx run side by side, each layer once, without a Python loop
+        over segments: segment s's keys are gathered from the layer's input (Attention.heads), a
+        mask (S, L, M+L) keeps them causal and hides the memory slots before the given memory. The
+        memory is not differentiated through, as SG(h_{tau-1}) says.
+        sliding: each position sees the mem_len positions before it and itself, no more (the keys of
+        a query late in its segment are cut to mem_len + 1): what segments of one token give, at a
+        segment's cost (decoding's prefill). The final hidden states go through dropout, as the
+        released code's last self.drop."""
         cfg = self.config
         L = segment_len or cfg.segment_len
         M = cfg.mem_len if mem_len is None else mem_len
         B, T = idx.shape
         P = 0 if mems is None or M == 0 else min(mems[0].size(1), M)  # memory positions given
         S = -(-T // L)
-        x = self.drop(self.embed(F.pad(idx, (0, S * L - T))) * cfg.n_embd ** 0.5)  # (B, S*L, d), scaled as released
-        R = self.drop(sinusoid(torch.arange(M + L - 1, -1, -1, device=idx.device), cfg.n_embd, x.dtype))
+        x = self.drop(self.embed(F.pad(idx, (0, S * L - T))) * cfg.n_embd ** 0.5)  # (B, S*L, d)
+        R = self.drop(sinusoid(torch.arange(M + L - 1, -1, -1, device=idx.device), cfg.n_embd,
+                               x.dtype))
         i, j = torch.arange(L, device=idx.device)[:, None], torch.arange(M + L, device=idx.device)
         s = torch.arange(S, device=idx.device)[:, None, None]
-        mask = (j <= M + i) & (j >= M - P - s * L)  # (S, L, M+L): causal, and no key before the given memory
+        mask = (j <= M + i) & (j >= M - P - s * L)  # (S, L, M+L): causal, no key before the memory
         mask = mask & (j >= i) if sliding else mask   # no key further than M back
         new_mems = []
         for n, block in enumerate(self.layers):
-            mem = x.new_zeros(B, M - P, cfg.n_embd)  # positions that do not exist (masked), then the given memory
-            mem = torch.cat((mem, mems[n][:, -P:].to(x.dtype)), dim=1) if P else mem
-            new_mems.append(torch.cat((mem[:, M - P:], x[:, :T]), dim=1)[:, max(0, P + T - M):].detach())
+            mem = x.new_zeros(B, M - P, cfg.n_embd)  # positions that do not exist (masked), then
+            mem = torch.cat((mem, mems[n][:, -P:].to(x.dtype)), dim=1) if P else mem  # the memory
+            kept = torch.cat((mem[:, M - P:], x[:, :T]), dim=1)[:, max(0, P + T - M):]
+            new_mems.append(kept.detach())
             x = block(x, mem, R, mask)
         return self.drop(x[:, :T]), new_mems
 
     def forward(self, idx, targets=None, mems=None, segment_len=None, mem_len=None):
-        """idx (B, T) token ids -> logits (B, T, vocab_size), loss or None. Without mems the first segment starts
-        with an empty memory; the later ones see those before them (a training window of several segments)."""
+        """idx (B, T) token ids -> logits (B, T, vocab_size), loss or None. Without mems the first
+        segment starts with an empty memory; the later ones see those before them (a training
+        window of several segments). segment_loop gives the same with a loop over segments."""
         V, Vp = self.config.vocab_size, self.config.padded_vocab_size
         pad = None
-        if Vp > V:  # the padding rows are no tokens: a bias of -inf gives them probability exactly 0
+        if Vp > V:  # the padding rows are no tokens: a bias of -inf gives them probability 0
             pad = torch.zeros(Vp, device=idx.device, dtype=self.lm_head.weight.dtype)
             pad[V:] = float("-inf")
         logits = F.linear(self.hidden(idx, mems, segment_len, mem_len)[0], self.lm_head.weight, pad)
@@ -318,45 +432,51 @@ class TransformerXL(nn.Module):
         return logits[..., :V], loss
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True, mem_len=None,
-                 on_logits=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
+                 mem_len=None, on_logits=None):
         """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 is greedy.
 
-        Decoding is the recurrence with segments of one token: each token's context at every layer is the memory,
-        the hidden states of the mem_len positions before it (default mem_len + segment_len - 1 of the config: as
-        many keys as training's last query saw). With the cache the memory is kept and each token costs mem_len
-        keys, however long the text; the prompt is fed as segments of segment_len with the sliding mask (the same
-        hidden states, each segment's keys its memory and itself). Without the cache the whole text is run again (all
+        Decoding is the recurrence with segments of one token: each token's context at every layer
+        is the memory, the hidden states of the mem_len positions before it (default
+        mem_len + segment_len - 1 of the config: as many keys as training's last query saw). With
+        the cache the memory is kept and each token costs mem_len keys, however long the text; the
+        prompt is fed as segments of segment_len with the sliding mask (the same hidden states, each
+        segment's keys its memory and itself). Without the cache the whole text is run again (all
         its one-token segments side by side), giving the same tokens."""
-        M = self.config.mem_len + self.config.segment_len - 1 if mem_len is None else mem_len
+        cfg = self.config
+        M = cfg.mem_len + cfg.segment_len - 1 if mem_len is None else mem_len
         mems, fed = None, 0
         for _ in range(max_new_tokens):
             if use_cache:
-                x, mems = self.hidden(idx[:, fed:], mems, min(self.config.segment_len, idx.size(1) - fed), M, True)
+                L = min(cfg.segment_len, idx.size(1) - fed)
+                x, mems = self.hidden(idx[:, fed:], mems, L, M, True)
                 fed = idx.size(1)
             else:
                 x = self.hidden(idx, None, 1, M)[0]
-            logits = self.lm_head(x[:, -1])[:, :self.config.vocab_size]  # only the last position is sampled
-            idx = torch.cat([idx, sample_next(logits.float(), temperature, top_k, top_p, on_logits)], dim=1)
+            logits = self.lm_head(x[:, -1])[:, :cfg.vocab_size]  # only the last position is sampled
+            nxt = sample_next(logits.float(), temperature, top_k, top_p, on_logits)  # (B, 1)
+            idx = torch.cat([idx, nxt], dim=1)
         return idx
 
 
 @torch.no_grad()
 def stream_loss(model, tokens, batch_size, window, mem_len, ctx):
-    """Mean next-token loss over tokens (1-D) read as batch_size parallel streams (the released code's ordered
-    iterator), window tokens at a time, the memory carried from window to window: every segment sees mem_len positions
-    before it, however far back they lie (the paper's evaluation, section 3.2 and table 6)."""
+    """Mean next-token loss over tokens (1-D) read as batch_size parallel streams (the released
+    code's ordered iterator), window tokens at a time, the memory carried from window to window:
+    every segment sees mem_len positions before it, however far back they lie (the paper's
+    evaluation, section 3.2 and table 6)."""
     n = (len(tokens) - 1) // batch_size
     xy = torch.as_tensor(np.asarray(tokens[:n * batch_size + 1], dtype=np.int64))
     device = next(model.parameters()).device
     x, y = xy[:-1].view(batch_size, n).to(device), xy[1:].view(batch_size, n).to(device)
     mems, total = None, 0.0
     model.eval()
-    for t in range(0, n, window):  # the recurrence across windows; inside one, the segments run side by side
+    for t in range(0, n, window):  # the recurrence across windows (hidden: segments side by side)
         with ctx:
             h, mems = model.hidden(x[:, t:t + window], mems, mem_len=mem_len)
             logits = model.lm_head(h)[..., :model.config.vocab_size].float()
-        total += F.cross_entropy(logits.flatten(0, 1), y[:, t:t + window].flatten(), reduction="sum").item()
+        loss = F.cross_entropy(logits.flatten(0, 1), y[:, t:t + window].flatten(), reduction="sum")
+        total += loss.item()
     return total / (n * batch_size)
 
 

