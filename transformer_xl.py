@@ -1188,7 +1188,7 @@ def save_pretrained(model, path):
 # The memory across segments and the shared training loop: the loop calls model(x, y) on batches and keeps nothing
 # between steps. A training window of --block_size tokens is cut into segments of --segment_len, and each segment
 # sees the detached memory of the --mem_len positions before it, as the paper's recurrence (TransformerXL.hidden runs
-# them side by side, exactly equal to feeding them one by one). The memory restarts at each window rather than being
+# them side by side, tested equal to segment_loop, which feeds them one by one). The memory restarts at each window rather than being
 # carried from step to step: a step's batch is independent of the last one, so a resumed run is the same run, DDP
 # ranks and torch.compile see no state, and only the first segment of each window starts without memory. Evaluation
 # with the memory carried along the whole text (stream_loss) is printed at the end, at memory lengths up to 4 x
