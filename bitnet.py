@@ -155,10 +155,11 @@ def quantize_weights(w, bits):
         q = torch.where(w > alpha, 1.0, -1.0)           # Sign(W - alpha)
     else:
         z = w * s                                       # W / gamma
-        q = z.detach().round().clamp(-1, 1)             # RoundClip(W / gamma, -1, 1) (eqs. 1-2)
+        q = z.detach().round().clamp_(-1, 1)            # RoundClip(W / gamma, -1, 1) (eqs. 1-2)
     # q is z rounded, or clamped, or z's sign, so q - z and z + (q - z) are exact in float32 (for
-    # |z| < 2^24): the forward sees the integer codes themselves.
-    return z + (q - z).detach(), s
+    # |z| < 2^24): the forward sees the integer codes themselves. Without a gradient (sampling,
+    # evaluation, pack) the estimator has nothing to do: q as it is.
+    return z + (q - z).detach() if z.requires_grad else q, s
 
 
 def quantize_activations(x):
@@ -170,8 +171,8 @@ def quantize_activations(x):
     x = x.float()
     s = 127.0 / x.detach().abs().amax(-1, keepdim=True).clamp(min=1e-5)  # Q_b / gamma, (..., 1)
     z = x * s
-    q = z.detach().round().clamp(-128, 127)
-    return z + (q - z).detach(), s
+    q = z.detach().round().clamp_(-128, 127)
+    return z + (q - z).detach() if z.requires_grad else q, s
 
 
 class BitLinear(nn.Linear):
