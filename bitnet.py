@@ -10,8 +10,8 @@ rotary, grouped-query attention, no biases) with squared-ReLU in a gated feed-fo
 RMSNorm) before the attention output projection and before the feed-forward down projection.
 
 What is here: BitLinear, the layer that replaces nn.Linear inside the blocks: absmean ternary (or sign
-binary) weights with one scale per matrix, absmax 8-bit activations with one scale per token, a
-straight-through estimator for both, so the full-precision master weights train; the embedding, the norms and
+binary) weights with one scale per matrix, absmax 8-bit activations with one scale per token, the
+straight-through estimator (x + (q - x).detach()) for both, so the full-precision master weights train; the embedding, the norms and
 the output head stay in full precision, as in the papers. Packing: four 2-bit weights per byte in the layout of
 the released microsoft/bitnet-b1.58-2B-4T checkpoint, the model run from that form with the same logits as the
 training-time quantized forward, and its size printed next to fp16. Loading both Hugging Face BitNet layouts:
@@ -26,11 +26,10 @@ boundary, so small steps do little), and with `--two_stage` their two-stage sche
 the first half, with a weight decay that falls by a cosine from --weight_decay to 0, then at the midpoint the
 learning rate is cut in half and decays again by cosine to --min_lr, and weight decay stays off (the report's
 "cooldown"); without it, warmup and one cosine, as the other files. The CPU preset takes twice llama2.py's rate
-(6e-3: val 5.79 after its 200 steps, 5.86 at 3e-3). The CUDA preset keeps llama2.py's 1e-3: there 500 steps are 27
-passes over tiny-shakespeare, and higher rates lower the training loss faster but overfit sooner (val after 500
-steps on an H100: 4.66 at 1e-3, 4.78 at 2e-3, 4.89 at 3e-3, 5.03 at 6e-3); the higher rate is for the data-rich
-regime the papers train in. The quantizers' scales are recomputed at every step, from the current master weights and
-activations.
+(6e-3), better than 3e-3 over its 200 steps. The CUDA preset keeps llama2.py's 1e-3: there 500
+steps are many passes over tiny-shakespeare, and higher rates lower the training loss faster but overfit sooner;
+the higher rate is for the data-rich regime the papers train in (benchmarks/RESULTS.md has the runs behind both
+choices). The quantizers' scales are recomputed at every step, from the current master weights and activations.
 
 What is not here: kernels that compute with 2-bit weights and int8 activations (bitnet.cpp, the authors'
 GPU kernels): training's matmul is a float matmul on integer-valued tensors, exact (the codes are small integers,
@@ -135,152 +134,65 @@ class Config:
         return -(-self.vocab_size // 64) * 64
 
 
-# ----------------------------------------------------------------------------------- quantization
-
-class STE(torch.autograd.Function):
-    """ste(x, s, q): q in the forward pass, and in the backward the gradient of x * s, as if q were x * s: rounding
-    and clamping pass the gradient unchanged. This is the straight-through estimator (Bengio et al. 2013, arXiv
-    1308.3432), which BitNet uses for both weights and activations (2310.11453 section 2.3). One autograd node, no
-    arithmetic in the forward: q.detach() + (z - z.detach()) with z = x * s gives the same numbers in both passes
-    but costs three passes over the tensor (z, the difference, the sum) at every step."""
-
-    @staticmethod
-    def forward(ctx, x, s, q):
-        ctx.save_for_backward(s)
-        return q
-
-    @staticmethod
-    def backward(ctx, grad):
-        (s,) = ctx.saved_tensors
-        return grad * s, None, None
-
-
-ste = STE.apply
-
-
-def quantize_activations(x):
-    """Absmax quantization to 8 bits, one scale per token (b1.58 section 2; BitNet eq. 4 with gamma = max|x|
-    taken per token, as the released models do). x (..., d) -> (codes, s_x): integer codes in [-128, 127],
-    held in a float tensor so that an ordinary matmul consumes them, and s_x = 127 / max|x| (..., 1), so
-    x ~ codes / s_x. Computed in float32 whatever the input. The codes carry the straight-through gradient,
-    the scale none."""
-    x = x.float()
-    s = 127.0 / x.detach().abs().amax(-1, keepdim=True).clamp(min=1e-5)  # max|x| (vector_norm(inf): 14x slower on CPU)
-    return ste(x, s, (x.detach() * s).round_().clamp_(-128, 127)), s
-
+# ------------------------------------------------------------------------------------------ model
 
 def quantize_weights(w, bits):
     """One matrix -> (codes, s_w) with w ~ codes / s_w, one scale for the whole matrix.
 
-    1.58 bits, absmean (b1.58 eqs. 1-3): gamma = mean|W|, codes = RoundClip(W / gamma, -1, 1) in {-1, 0, +1}.
-    1 bit (BitNet eqs. 1-3): codes = Sign(W - alpha) in {-1, +1} with alpha = mean(W) (Sign sends 0 to -1), and
-    the output is rescaled by beta = mean|W|, which is gamma again. So s_w = 1 / mean|W| in both."""
+    1.58 bits, absmean (b1.58 eqs. 1-3): gamma = mean|W|, codes = RoundClip(W / gamma, -1, 1) in
+    {-1, 0, +1}. 1 bit (BitNet eqs. 1-3): codes = Sign(W - alpha) in {-1, +1} with alpha = mean(W)
+    (Sign sends 0 to -1), and the output is rescaled by beta = mean|W|, which is gamma again. So
+    s_w = 1 / mean|W| in both.
+
+    The codes carry the straight-through estimator (Bengio et al. 2013, arXiv 1308.3432), written as
+    the b1.58 "training tips" note writes it: z + (q - z).detach() is q in the forward pass, and its
+    gradient is z's, as if the rounding, clamping or sign were the identity; so the full-precision
+    master weight trains."""
     w = w.float()
-    s = 1.0 / w.detach().abs().mean().clamp(min=1e-5)
-    codes = torch.where(w > w.mean(), 1.0, -1.0) if bits == 1 else (w.detach() * s).round_().clamp_(-1, 1)
-    return ste(w, s, codes), s
+    s = 1.0 / w.detach().abs().mean().clamp(min=1e-5)  # 1 / gamma (eq. 3)
+    if bits == 1:
+        alpha = w.detach().mean()
+        z = (w - alpha) * s                             # (W - alpha) / beta
+        q = torch.where(w > alpha, 1.0, -1.0)           # Sign(W - alpha)
+    else:
+        z = w * s                                       # W / gamma
+        q = z.detach().round().clamp_(-1, 1)            # RoundClip(W / gamma, -1, 1) (eqs. 1-2)
+    # q is z rounded, or clamped, or z's sign, so q - z and z + (q - z) are exact in float32 (for
+    # |z| < 2^24): the forward sees the integer codes themselves. Without a gradient (sampling,
+    # evaluation, pack) the estimator has nothing to do: q as it is.
+    return z + (q - z).detach() if z.requires_grad else q, s
 
 
-def bit_matmul(x, codes, s_w):
-    """y = x W^T for a quantized W: the matmul of 8-bit activation codes and weight codes, rescaled by both
-    scales (BitNet section 2.1's dequantization, y = W~ x~ * beta gamma / Q_b; here beta = 1 / s_w and
-    gamma / Q_b = 1 / s_x). Integers up to 127 and up to
-    127 * in_features in the sums are exact in float32 (and the codes exact in bf16), so the training forward
-    and the packed forward (int8 codes: int_matmul) give the same numbers."""
-    x_q, s_x = quantize_activations(x)
-    y = int_matmul(x_q, codes) if codes.dtype == torch.int8 else F.linear(x_q, codes)
-    return (y / (s_x * s_w)).type_as(x)
-
-
-def int_matmul(x_q, codes):
-    """x_q codes^T in float32 for activation codes x_q (..., in), integers in a float tensor, and int8 weight codes
-    (out, in). On a CPU torch._int_mm, int8 by int8 with int32 sums, any shape: 1.4x to 18x faster there than
-    F.linear of the codes made float at every call (1 to 512 tokens, layers 256 to 6912 wide). Elsewhere that
-    F.linear (CUDA's _int_mm wants more than 16 rows and sizes that are multiples of 8, and has not been timed
-    against the bf16 matmul). Both are exact: every sum is an integer under 128 * in_features, which float32 holds
-    exactly up to 131072 inputs, so the two give the same numbers."""
-    if x_q.device.type != "cpu":
-        return F.linear(x_q, codes.to(x_q.dtype))
-    y = torch._int_mm(x_q.to(torch.int8).flatten(0, -2), codes.t())  # (tokens, out), int32
-    return y.view(*x_q.shape[:-1], -1).to(x_q.dtype)
+def quantize_activations(x):
+    """Absmax quantization to 8 bits, one scale per token (b1.58 section 2; BitNet eq. 4 with
+    gamma = max|x| taken per token, as the released models do). x (..., d) -> (codes, s_x): integer
+    codes in [-128, 127], held in a float tensor so that an ordinary matmul consumes them, and
+    s_x = 127 / max|x| (..., 1), so x ~ codes / s_x. Computed in float32 whatever the input. The
+    codes carry the straight-through estimator, as the weights' do; the scale no gradient."""
+    x = x.float()
+    s = 127.0 / x.detach().abs().amax(-1, keepdim=True).clamp(min=1e-5)  # Q_b / gamma, (..., 1)
+    z = x * s
+    q = z.detach().round().clamp_(-128, 127)
+    return z + (q - z).detach() if z.requires_grad else q, s
 
 
 class BitLinear(nn.Linear):
-    """nn.Linear with a full-precision master weight that the forward pass only ever sees quantized. No bias
-    (BitNet has none). Weight decay and AdamW act on the master weight; the gradient reaches it through the
-    straight-through estimator."""
+    """nn.Linear with a full-precision master weight that the forward pass only ever sees quantized.
+    No bias (BitNet has none). Weight decay and the optimizer act on the master weight; the gradient
+    reaches it through the straight-through estimator."""
 
     def __init__(self, in_features, out_features, bits=1.58):
         super().__init__(in_features, out_features, bias=False)
         self.bits = bits
 
     def forward(self, x):
-        return bit_matmul(x, *quantize_weights(self.weight, self.bits))
+        x_q, s_x = quantize_activations(x)                   # (..., in) integers in [-128, 127]
+        w_q, s_w = quantize_weights(self.weight, self.bits)  # (out, in) in {-1, 0, +1} or {-1, +1}
+        # y = W~ x~ * beta gamma / Q_b (BitNet section 2.1), beta = 1 / s_w, gamma / Q_b = 1 / s_x.
+        # The products are integers up to 127 * in_features, exact in float32 (and the codes exact
+        # in bf16), so PackedBitLinear's int8 matmul gives the same numbers.
+        return (F.linear(x_q, w_q) / (s_x * s_w)).type_as(x)
 
-
-def pack_ternary(codes):
-    """Weight codes (out, in) in {-1, 0, +1} -> uint8 (ceil(out / 4), in): the 2-bit layout of the released
-    checkpoint and of transformers' BitLinear. code + 1 takes 2 bits, and byte [r, j] holds rows r, r + R,
-    r + 2R, r + 3R of column j in bits 0-1, 2-3, 4-5, 6-7 (R = out / 4, rows padded to a multiple of 4)."""
-    out, R = codes.size(0), -(-codes.size(0) // 4)
-    u = F.pad((codes + 1).to(torch.uint8), (0, 0, 0, 4 * R - out)).view(4, R, -1)  # (4, R, in), values 0..2
-    return u[0] | u[1] << 2 | u[2] << 4 | u[3] << 6
-
-
-def unpack_ternary(packed, rows):
-    """The inverse of pack_ternary: uint8 (R, in) -> int8 codes (rows, in) in {-1, 0, +1}."""
-    u = torch.stack([packed >> shift & 3 for shift in (0, 2, 4, 6)])  # (4, R, in)
-    return u.flatten(0, 1)[:rows].to(torch.int8) - 1
-
-
-class PackedBitLinear(nn.Module):
-    """A BitLinear for inference: the codes four to a byte (`weight`, uint8) and the scale s_w
-    (`weight_scale`), the names and meaning of the released checkpoint, which is what is saved; and the codes
-    unpacked once, whenever the packed bytes are loaded, to int8 (`codes`, not saved: four times the packed bytes,
-    a quarter of float32's). Each call computes exactly what BitLinear computed from the master weight: no master
-    weight is kept."""
-
-    def __init__(self, in_features, out_features):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.zeros(-(-out_features // 4), in_features, dtype=torch.uint8))
-        self.register_buffer("weight_scale", torch.ones(1))
-        self.register_buffer("codes", torch.zeros(out_features, in_features, dtype=torch.int8), persistent=False)
-        self.register_load_state_dict_post_hook(lambda module, _: module.unpack())
-
-    def unpack(self):
-        self.codes = unpack_ternary(self.weight, self.out_features)
-
-    def forward(self, x):
-        return bit_matmul(x, self.codes, self.weight_scale)
-
-
-@torch.no_grad()
-def pack(model):
-    """Replace every BitLinear of the model by a PackedBitLinear, in place, and return the model. The master
-    weights are gone afterwards: the model samples, it does not train. Works on the meta device too (shapes)."""
-    for name, m in list(model.named_modules()):
-        if isinstance(m, BitLinear):
-            codes, s_w = quantize_weights(m.weight, m.bits)
-            packed = PackedBitLinear(m.in_features, m.out_features).to(m.weight.device)
-            packed.weight, packed.weight_scale = pack_ternary(codes), s_w.reshape(1)
-            packed.unpack()
-            model.set_submodule(name, packed)
-    return model
-
-
-def packed_size(model):
-    """(bytes of the block linears packed, the same in fp16, bytes of everything else in fp16): the embedding,
-    the head and the norms stay in full precision in both forms."""
-    linears = [m for m in model.modules() if isinstance(m, (BitLinear, PackedBitLinear))]
-    packed = sum(-(-m.out_features // 4) * m.in_features + 4 for m in linears)  # + a float32 scale each
-    fp16 = sum(2 * m.out_features * m.in_features for m in linears)
-    in_linears = {id(m.weight) for m in linears}
-    others = {id(p): p for p in model.parameters() if id(p) not in in_linears}  # a tied head counted once
-    return packed, fp16, sum(2 * p.numel() for p in others.values())
-
-
-# ------------------------------------------------------------------------------------------ model
 
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps) * g: LayerNorm without the mean and the bias (Zhang and Sennrich 2019, eq. 4).
@@ -331,13 +243,14 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Grouped-query attention with BitLinear projections, and an RMSNorm (attn_sub_norm) on the heads'
-    output before o_proj: the sub-norm the 2B4T report keeps from BitNet's SubLN, so that o_proj's 8-bit
-    absmax quantization sees activations of a steady scale."""
+    """Grouped-query attention with BitLinear projections, and an RMSNorm (attn_sub_norm) on the
+    heads' output before o_proj: the sub-norm the 2B4T report keeps from BitNet's SubLN, so that
+    o_proj's 8-bit absmax quantization sees activations of a steady scale."""
 
     def __init__(self, cfg):
         super().__init__()
-        self.n_head, self.n_kv_head, self.head_dim, self.dropout = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.dropout
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.dropout = cfg.dropout
         bits = cfg.weight_bits
         self.q_proj = BitLinear(cfg.n_embd, cfg.n_head * cfg.head_dim, bits)
         self.k_proj = BitLinear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bits)
@@ -348,25 +261,31 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cache=None, pos=0):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, n_head, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        H, H_kv, hd = self.n_head, self.n_kv_head, self.head_dim
+        q = self.q_proj(x).view(B, T, H, hd).transpose(1, 2)     # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, H_kv, hd).transpose(1, 2)  # (B, H_kv, T, hd)
+        v = self.v_proj(x).view(B, T, H_kv, hd).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, pos)
-        # Query i sits at position pos + i and sees keys 0..pos + i: the causal mask from pos 0, no mask for one
-        # new token, and for a chunk after a cache the mask shifted by pos (SDPA's is_causal aligns it top-left).
-        mask = None if pos == 0 or T == 1 else torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(pos)
-        # softmax(q k^T / sqrt(head_dim)) v; enable_gqa: kv head h // (n_head / n_kv_head) serves query head h
+        # Query i sits at position pos + i and sees keys 0..pos + i: the causal mask from pos 0, no
+        # mask for one new token, and for a chunk after a cache the mask shifted by pos (SDPA's
+        # is_causal aligns it top-left).
+        mask = None
+        if pos > 0 and T > 1:
+            mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(pos)
+        # softmax(q k^T / sqrt(hd)) v; enable_gqa: kv head h // (H / H_kv) serves query head h
+        dropout_p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=pos == 0,
-                                           dropout_p=self.dropout if self.training else 0.0, enable_gqa=True)
-        return self.resid_dropout(self.o_proj(self.attn_sub_norm(y.transpose(1, 2).reshape(B, T, -1))))
+                                           dropout_p=dropout_p, enable_gqa=True)
+        y = self.attn_sub_norm(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, n_head * hd)
+        return self.resid_dropout(self.o_proj(y))
 
 
 class BitFeedForward(nn.Module):
-    """down(sub_norm(ReLU(x W_gate)^2 * (x W_up))): the gated feed-forward of the 2B4T report (section 2), squared
-    ReLU (So et al. 2021, Primer, arXiv 2109.08668) in place of SiLU, with an RMSNorm (ffn_sub_norm) before the
-    down projection, as before o_proj."""
+    """down(sub_norm(ReLU(x W_gate)^2 * (x W_up))): the gated feed-forward of the 2B4T report
+    (section 2), squared ReLU (So et al. 2021, Primer, arXiv 2109.08668) in place of SiLU, with an
+    RMSNorm (ffn_sub_norm) before the down projection, as before o_proj."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -377,11 +296,13 @@ class BitFeedForward(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
-        return self.dropout(self.down_proj(self.ffn_sub_norm(F.relu(self.gate_proj(x)).square() * self.up_proj(x))))
+        h = F.relu(self.gate_proj(x)).square() * self.up_proj(x)  # (B, T, intermediate_size)
+        return self.dropout(self.down_proj(self.ffn_sub_norm(h)))
 
 
 class Block(nn.Module):
-    """Pre-normalisation, as Llama: RMSNorm on the input of each sub-block (and the sub-norms inside them)."""
+    """Pre-normalisation, as Llama: RMSNorm on the input of each sub-block (and the sub-norms inside
+    them)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -396,59 +317,83 @@ class Block(nn.Module):
 
 
 class BitNet(nn.Module):
+    """A Llama with a BitLinear for every block linear; the embedding, the norms and the head in
+    full precision (b1.58 section 2). pack(model) makes it the packed model: the same logits."""
+
     def __init__(self, cfg):
         super().__init__()
         self.config = cfg
-        self.model = nn.ModuleDict(dict(  # the Hugging Face names: model.embed_tokens, model.layers.N, model.norm
+        # the Hugging Face names: model.embed_tokens, model.layers.N, model.norm
+        self.model = nn.ModuleDict(dict(
             embed_tokens=nn.Embedding(cfg.padded_vocab_size, cfg.n_embd),
             drop=nn.Dropout(cfg.dropout),
             layers=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
             norm=RMSNorm(cfg.n_embd, cfg.norm_eps),
         ))
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)  # full precision (b1.58 section 2)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)  # full precision
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        # Initialisation (the papers give none): normal, std 0.02 (Hugging Face's initializer_range); the
-        # projections that write into the residual stream scaled by 1/sqrt(2 n_layer), as GPT-2 does.
+        # Initialisation (the papers give none): normal, std 0.02 (Hugging Face's
+        # initializer_range); the projections that write into the residual stream scaled by
+        # 1/sqrt(2 n_layer), as GPT-2 does.
         for name, p in self.named_parameters():
             if p.dim() >= 2:
                 residual = name.endswith(("o_proj.weight", "down_proj.weight"))
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer) if residual else 0.02)
+                std = 0.02 / math.sqrt(2 * cfg.n_layer) if residual else 0.02
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def optimizer_groups(self):
+        """Each parameter's optimizer group, by name (--optimizer muon: Muon takes "muon"; AdamW the
+        rest): the block linears' master weights (q, k, v, o, gate, up, down _proj) "muon"; the
+        embedding and the head (one parameter when tied) "decay"; the norms' gains, sub-norms too,
+        "no_decay". A packed model has no block linear parameters (its codes are buffers)."""
+        def group(name):
+            if name.endswith("_proj.weight"):
+                return "muon"
+            return "no_decay" if name.endswith("norm.weight") else "decay"
+        return {name: group(name) for name, _ in self.named_parameters()}
 
     def num_params(self, non_embedding=True):
-        """Parameters a token computes with: a tied embedding/head counted once, lookups (an untied input embedding, a
-        position table) left out by default; packed weights count one per weight."""
+        """Parameters a token computes with: a tied embedding/head counted once, lookups (an untied
+        input embedding, a position table) left out by default; a packed weight counts as one."""
         n = sum(p.numel() for p in self.parameters())
-        n += sum(m.in_features * m.out_features for m in self.modules() if isinstance(m, PackedBitLinear))
-        return n - self.model.embed_tokens.weight.numel() if non_embedding and not self.config.tie_embeddings else n
+        packed = [m for m in self.modules() if isinstance(m, PackedBitLinear)]
+        n += sum(m.in_features * m.out_features for m in packed)
+        if non_embedding and not self.config.tie_embeddings:
+            return n - self.model.embed_tokens.weight.numel()
+        return n
 
     def kv_bytes_per_token(self, itemsize=4):
-        """Bytes the KV cache holds per token: 2 (K and V) x layers x n_kv_head x head_dim x bytes per number."""
+        """KV cache bytes per token: 2 (K and V) x layers x n_kv_head x head_dim x itemsize."""
         return 2 * self.config.n_layer * self.config.n_kv_head * self.config.head_dim * itemsize
 
     def hidden(self, idx, cache=None, pos=0):
         """idx (B, T) token ids at positions pos..pos+T-1 -> final hidden states (B, T, n_embd)."""
         B, T = idx.shape
         if pos + T > self.config.block_size:
-            raise ValueError(f"positions up to {pos + T} but block_size is {self.config.block_size}")
+            raise ValueError(f"positions up to {pos + T} but block_size is "
+                             f"{self.config.block_size}")
         d = self.config.head_dim
-        inv_freq = 1.0 / self.config.rope_theta ** (torch.arange(0, d, 2, device=idx.device, dtype=torch.float32) / d)
-        angles = torch.arange(pos, pos + T, device=idx.device, dtype=torch.float32)[:, None] * inv_freq  # (T, hd/2)
-        angles = torch.cat((angles, angles), dim=-1)                        # (T, hd), the half layout
+        dims = torch.arange(0, d, 2, device=idx.device, dtype=torch.float32)
+        inv_freq = 1.0 / self.config.rope_theta ** (dims / d)  # theta_i, (hd/2,)
+        m = torch.arange(pos, pos + T, device=idx.device, dtype=torch.float32)
+        angles = m[:, None] * inv_freq                         # m theta_i, (T, hd/2)
+        angles = torch.cat((angles, angles), dim=-1)           # (T, hd), the half layout
         cos, sin = angles.cos(), angles.sin()
-        x = self.model.drop(self.model.embed_tokens(idx))                   # (B, T, n_embd); no position table
+        x = self.model.drop(self.model.embed_tokens(idx))      # (B, T, n_embd); no position table
         for i, block in enumerate(self.model.layers):
             x = block(x, cos, sin, None if cache is None else cache[i], pos)
         return self.model.norm(x)
 
     def forward(self, idx, targets=None, cache=None, pos=0):
-        """idx (B, T) token ids at positions pos..pos+T-1 -> logits (B, T, vocab_size), loss or None."""
+        """idx (B, T) token ids at positions pos..pos+T-1 -> (logits (B, T, vocab_size), loss)."""
         V, Vp = self.config.vocab_size, self.config.padded_vocab_size
         pad = None
-        if Vp > V:  # the padding rows are no tokens: a bias of -inf gives them probability exactly 0
+        if Vp > V:  # the padding rows are no tokens: a bias of -inf gives them probability 0
             pad = torch.zeros(Vp, device=idx.device, dtype=self.lm_head.weight.dtype)
             pad[V:] = float("-inf")
-        logits = F.linear(self.hidden(idx, cache, pos), self.lm_head.weight, pad)  # (B, T, padded_vocab_size)
+        x = self.hidden(idx, cache, pos)
+        logits = F.linear(x, self.lm_head.weight, pad)  # (B, T, padded_vocab_size)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
@@ -457,12 +402,14 @@ class BitNet(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
                  on_logits=None):
-        """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 is greedy. Runs as the model is:
-        from the master weights, or from the packed codes after pack(model), with the same logits.
+        """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 is greedy. Runs as the
+        model is: from the master weights, or from the packed codes after pack(model), the same
+        logits.
 
-        With the cache each new token costs one position. Once the text is longer than block_size the window
-        slides: the model sees the last block_size tokens from position 0 again, the cache no longer holds,
-        and each token re-reads the whole window (as without a cache, and giving the same tokens).
+        With the cache each new token costs one position. Once the text is longer than block_size
+        the window slides: the model sees the last block_size tokens from position 0 again, the
+        cache no longer holds, and each token re-reads the whole window (as without a cache, and
+        giving the same tokens).
         """
         length = min(idx.size(1) + max_new_tokens, self.config.block_size)
         cache, pos = [KVCache(length) for _ in self.model.layers] if use_cache else None, 0
@@ -473,8 +420,9 @@ class BitNet(nn.Module):
             else:
                 cache = None
                 x = self.hidden(idx[:, -self.config.block_size:])
-            logits = self.lm_head(x[:, -1])[:, :self.config.vocab_size]  # only the last position is sampled
-            idx = torch.cat([idx, sample_next(logits.float(), temperature, top_k, top_p, on_logits)], dim=1)
+            logits = self.lm_head(x[:, -1])[:, :self.config.vocab_size]  # only the last is sampled
+            next_id = sample_next(logits.float(), temperature, top_k, top_p, on_logits)  # (B, 1)
+            idx = torch.cat([idx, next_id], dim=1)
         return idx
 
 
@@ -494,6 +442,89 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, on_logits=None)
         outside = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this token already reaches top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
+
+
+# ---------------------------------------- the same, fast: packed ternary weights and int8 matmuls
+
+def pack_ternary(codes):
+    """Weight codes (out, in) in {-1, 0, +1} -> uint8 (ceil(out / 4), in): the 2-bit layout of the
+    released checkpoint and of transformers' BitLinear. code + 1 takes 2 bits, and byte [r, j] holds
+    rows r, r + R, r + 2R, r + 3R of column j in bits 0-1, 2-3, 4-5, 6-7 (R = out / 4, rows padded
+    to a multiple of 4)."""
+    out, R = codes.size(0), -(-codes.size(0) // 4)
+    u = (codes + 1).to(torch.uint8)                      # values 0..2
+    u = F.pad(u, (0, 0, 0, 4 * R - out)).view(4, R, -1)  # (4, R, in)
+    return u[0] | u[1] << 2 | u[2] << 4 | u[3] << 6
+
+
+def unpack_ternary(packed, rows):
+    """The inverse of pack_ternary: uint8 (R, in) -> int8 codes (rows, in) in {-1, 0, +1}."""
+    u = torch.stack([packed >> shift & 3 for shift in (0, 2, 4, 6)])  # (4, R, in)
+    return u.flatten(0, 1)[:rows].to(torch.int8) - 1
+
+
+def int_matmul(x_q, codes):
+    """x_q codes^T in float32 for activation codes x_q (..., in), integers in a float tensor, and
+    int8 weight codes (out, in). On a CPU torch._int_mm, int8 by int8 with int32 sums, any shape,
+    which is faster there than a float matmul of the codes (benchmarks/RESULTS.md); elsewhere
+    F.linear of the codes made float (CUDA's _int_mm wants more than 16 rows and sizes that are
+    multiples of 8). Both are exact: every sum is an integer under 128 * in_features, which float32
+    holds exactly up to 131072 inputs, so the two give the same numbers, and BitLinear's."""
+    if x_q.device.type != "cpu":
+        return F.linear(x_q, codes.to(x_q.dtype))
+    y = torch._int_mm(x_q.to(torch.int8).flatten(0, -2), codes.t())  # (tokens, out), int32
+    return y.view(*x_q.shape[:-1], -1).to(x_q.dtype)
+
+
+class PackedBitLinear(nn.Module):
+    """A BitLinear for inference: the codes four to a byte (`weight`, uint8) and the scale s_w
+    (`weight_scale`), the names and meaning of the released checkpoint, which is what is saved; and
+    the codes unpacked once, whenever the packed bytes are loaded, to int8 (`codes`, not saved: four
+    times the packed bytes, a quarter of float32's). Each call computes exactly what BitLinear
+    computed from the master weight: no master weight is kept."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        R = -(-out_features // 4)
+        self.register_buffer("weight", torch.zeros(R, in_features, dtype=torch.uint8))
+        self.register_buffer("weight_scale", torch.ones(1))
+        codes = torch.zeros(out_features, in_features, dtype=torch.int8)
+        self.register_buffer("codes", codes, persistent=False)
+        self.register_load_state_dict_post_hook(lambda module, _: module.unpack())
+
+    def unpack(self):
+        self.codes = unpack_ternary(self.weight, self.out_features)
+
+    def forward(self, x):
+        x_q, s_x = quantize_activations(x)
+        return (int_matmul(x_q, self.codes) / (s_x * self.weight_scale)).type_as(x)
+
+
+@torch.no_grad()
+def pack(model):
+    """Replace every BitLinear of the model by a PackedBitLinear, in place, and return the model.
+    The master weights are gone afterwards: the model samples, it does not train. Works on the meta
+    device too."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, BitLinear):
+            codes, s_w = quantize_weights(m.weight, m.bits)
+            packed = PackedBitLinear(m.in_features, m.out_features).to(m.weight.device)
+            packed.weight, packed.weight_scale = pack_ternary(codes), s_w.reshape(1)
+            packed.unpack()
+            model.set_submodule(name, packed)
+    return model
+
+
+def packed_size(model):
+    """(bytes of the block linears packed, the same in fp16, bytes of everything else in fp16): the
+    embedding, the head and the norms stay in full precision in both forms."""
+    linears = [m for m in model.modules() if isinstance(m, (BitLinear, PackedBitLinear))]
+    packed = sum(-(-m.out_features // 4) * m.in_features + 4 for m in linears)  # + a float32 scale
+    fp16 = sum(2 * m.out_features * m.in_features for m in linears)
+    in_linears = {id(m.weight) for m in linears}
+    others = {id(p): p for p in model.parameters() if id(p) not in in_linears}  # a tied head once
+    return packed, fp16, sum(2 * p.numel() for p in others.values())
 
 
 # -------------------------------------------------------------- files: checkpoints, token files, downloads

@@ -51,13 +51,14 @@ weights, where a Llama rounds nothing.
                correct implementations differ by one float rounding next to a .5 boundary one activation code
                flips and the logits move by ~1% from there on; the logits of HF and ours on ours' decoded text
                (one forward each) are shown beside it.
-  before/after issue 19's changes, each in the same rounds: the train step (as above) at two shapes, issue 19's
-               (4 x 256, vocab 4096, batch 4 x 128; --quick: 2 x 64, vocab 512) and this section's, before and after
-               against HF (target after >= 1x) and after against before; the packed model's greedy decode and its
-               forward over a batch (4 x 64 tokens) after against before. Before is bitnet.py as it was, rebuilt here
-               (before_issue19): the straight-through estimator as q.detach() + (z - z.detach()) with z = x * s, max|x|
-               as abs then amax, and the packed codes unpacked to float32 at every call. Before and after must agree
-               bit for bit (losses, every gradient, packed logits and tokens).
+  before/after the straight-through estimator's form (issue 30), each in the same rounds: the train step (as
+               above) at two shapes, issue 19's (4 x 256, vocab 4096, batch 4 x 128; --quick: 2 x 64, vocab 512) and
+               this section's, before and after against HF (target after >= 1x) and after against before; the packed
+               model's greedy decode and its forward over a batch (4 x 64 tokens) after against before. After is
+               bitnet.py: z + (q - z).detach() with z = x * s (the b1.58 note's form). Before is its quantizers as
+               they were, rebuilt here (before_issue30): one autograd.Function (STE) whose forward hands on the codes
+               and whose backward is the gradient of x * s. Before and after must agree bit for bit (losses, every
+               gradient, packed logits and tokens).
   GPU          only with CUDA: training throughput and MFU of a BitNet of GPT-2 124M's shape (12 x 768, 12 heads,
                4 kv heads, vocab 50257, T=1024) and of llama2.py's Llama of the same shape, the same helper timing
                both (harness.train_throughput: bf16 autocast, torch.compile, fused AdamW, warmup excluded).
@@ -391,46 +392,49 @@ def speed_rows(c, rounds, seed):
 
 # ------------------------------------------------------------------------------------- before / after
 
-def old_ste(z, q):
-    """bitnet.py's straight-through estimator before issue 19: q.detach() + (z - z.detach()), three passes."""
-    return q.detach() + (z - z.detach())
+class STE(torch.autograd.Function):
+    """bitnet.py's straight-through estimator before issue 30: ste(x, s, q) is q in the forward pass (no arithmetic)
+    and the gradient of x * s in the backward."""
+
+    @staticmethod
+    def forward(ctx, x, s, q):
+        ctx.save_for_backward(s)
+        return q
+
+    @staticmethod
+    def backward(ctx, grad):
+        (s,) = ctx.saved_tensors
+        return grad * s, None, None
 
 
 def old_quantize_activations(x):
     x = x.float()
-    s = (127.0 / x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)).detach()
-    z = x * s
-    return old_ste(z, z.round().clamp(-128, 127)), s
+    s = 127.0 / x.detach().abs().amax(-1, keepdim=True).clamp(min=1e-5)
+    return STE.apply(x, s, (x.detach() * s).round_().clamp_(-128, 127)), s
 
 
 def old_quantize_weights(w, bits):
     w = w.float()
-    s = (1.0 / w.abs().mean().clamp(min=1e-5)).detach()
-    z = w * s
-    return old_ste(z, torch.where(w > w.mean(), 1.0, -1.0) if bits == 1 else z.round().clamp(-1, 1)), s
-
-
-def old_packed_forward(self, x):
-    """PackedBitLinear.forward before issue 19: the 2-bit bytes unpacked to float32 codes at every call."""
-    return bitnet.bit_matmul(x, bitnet.unpack_ternary(self.weight, self.out_features).float(), self.weight_scale)
+    s = 1.0 / w.detach().abs().mean().clamp(min=1e-5)
+    codes = torch.where(w > w.mean(), 1.0, -1.0) if bits == 1 else (w.detach() * s).round_().clamp_(-1, 1)
+    return STE.apply(w, s, codes), s
 
 
 @contextmanager
-def before_issue19():
-    """bitnet.py as it ran before issue 19 (the same numbers, bit for bit: checked by the rows' callers)."""
-    saved = bitnet.quantize_activations, bitnet.quantize_weights, bitnet.PackedBitLinear.forward
+def before_issue30():
+    """bitnet.py's quantizers as they ran before issue 30 (the same numbers, bit for bit: checked by the callers)."""
+    saved = bitnet.quantize_activations, bitnet.quantize_weights
     bitnet.quantize_activations, bitnet.quantize_weights = old_quantize_activations, old_quantize_weights
-    bitnet.PackedBitLinear.forward = old_packed_forward
     try:
         yield
     finally:
-        bitnet.quantize_activations, bitnet.quantize_weights, bitnet.PackedBitLinear.forward = saved
+        bitnet.quantize_activations, bitnet.quantize_weights = saved
 
 
 def run_before(fn):
-    """n -> fn(n) run inside before_issue19()."""
+    """n -> fn(n) run inside before_issue30()."""
     def run(n):
-        with before_issue19():
+        with before_issue30():
             return fn(n)
     return run
 
@@ -448,10 +452,11 @@ def hf_train_step(hf, idx):
 
 
 def before_after_rows(quick, rounds, seed):
-    """Issue 19's rows, each timed in the same rounds: the train step (fwd + bwd) at the issue's shape and at the
+    """Issue 30's rows, each timed in the same rounds: the train step (fwd + bwd) at issue 19's shape and at the
     speed section's, before and after against HF, and after against before; the packed model's greedy decode and
-    its forward over a batch, after (int8 codes unpacked once, torch._int_mm) against before (unpacked to float32 at
-    every call). Returns rows and checks (before and after agree bit for bit: losses, gradients, logits, tokens)."""
+    its forward over a batch, after against before (the activations' estimator runs there too). Before: the
+    quantizers with the STE autograd.Function. Returns rows and checks (before and after agree bit for bit:
+    losses, gradients, logits, tokens)."""
     rows, checks = [], {}
     for name, c in (("issue19", ISSUE19[quick]), ("speed", dict(CONFIGS[quick], vocab=VOCAB))):
         hf, ours = hf_twin(c, seed, c["vocab"])
@@ -608,9 +613,8 @@ def main():
     with torch._dynamo.config.patch(disable=True):
         issue_rows, issue_checks = before_after_rows(quick, args.rounds, args.seed)
     checks.update(issue_checks)
-    print("issue 19, before / after (before: the straight-through estimator as q.detach() + (z - z.detach()), the "
-          "packed codes unpacked to float32 at every call; the same numbers bit for bit: "
-          f"{all(issue_checks.values())}):")
+    print("issue 30, before / after (before: the straight-through estimator as one autograd.Function; after: "
+          f"z + (q - z).detach(); the same numbers bit for bit: {all(issue_checks.values())}):")
     harness.print_ratio_table(issue_rows)
     harness.print_legend(args.quick)
 

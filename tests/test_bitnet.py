@@ -367,31 +367,46 @@ class AtenOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def textbook_quantizers(monkeypatch):
-    """bitnet's quantizers replaced by the textbook straight-through estimator, q.detach() + (z - z.detach()) with
-    z = x * s (what bitnet.py ran before issue 19)."""
+class STE(torch.autograd.Function):
+    """The straight-through estimator as bitnet.py wrote it before issue 30, one autograd node: ste(x, s, q) is q in
+    the forward pass, and its backward is the gradient of x * s."""
+
+    @staticmethod
+    def forward(ctx, x, s, q):
+        ctx.save_for_backward(s)
+        return q
+
+    @staticmethod
+    def backward(ctx, grad):
+        (s,) = ctx.saved_tensors
+        return grad * s, None, None
+
+
+def function_quantizers(monkeypatch):
+    """bitnet's quantizers replaced by the ones before issue 30: the same codes and scales, through STE."""
     def activations(x):
         x = x.float()
-        s = (127.0 / x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)).detach()
-        z = x * s
-        return z.round().clamp(-128, 127).detach() + (z - z.detach()), s
+        s = 127.0 / x.detach().abs().amax(-1, keepdim=True).clamp(min=1e-5)
+        return STE.apply(x, s, (x.detach() * s).round_().clamp_(-128, 127)), s
 
     def weights(w, bits):
         w = w.float()
-        s = (1.0 / w.abs().mean().clamp(min=1e-5)).detach()
-        z = w * s
-        q = torch.where(w > w.mean(), 1.0, -1.0) if bits == 1 else z.round().clamp(-1, 1)
-        return q.detach() + (z - z.detach()), s
+        s = 1.0 / w.detach().abs().mean().clamp(min=1e-5)
+        codes = torch.where(w > w.mean(), 1.0, -1.0) if bits == 1 else (w.detach() * s).round_().clamp_(-1, 1)
+        return STE.apply(w, s, codes), s
     monkeypatch.setattr(bitnet, "quantize_activations", activations)
     monkeypatch.setattr(bitnet, "quantize_weights", weights)
 
 
 @pytest.mark.parametrize("bits", [1.58, 1])
-def test_straight_through_node_is_the_textbook_estimator(bits, monkeypatch):
-    """A train step (loss and every gradient) gives the textbook estimator's numbers bit for bit, and a BitLinear
-    runs no subtraction or addition for it (the textbook form's two extra passes over each tensor) and takes max|x|
-    as abs().amax(), not linalg.vector_norm(x, inf) (7-14x slower on a CPU at 1K tokens x 256-704)."""
+def test_straight_through_estimator_is_the_function_it_replaced(bits):
+    """x + (q - x).detach(), as the b1.58 note writes it, gives the custom autograd.Function's numbers bit for bit:
+    a train step's loss and every gradient (weights offset from 0, so that the binary codes' threshold, the mean,
+    lies away from 0), and max|x| is taken as abs().amax() (linalg.vector_norm(x, inf) is slower on a CPU)."""
     model = tiny(seed=6, bits=bits).train()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
     idx = ids(300, 2, 24, seed=6)
 
     def step():
@@ -401,16 +416,40 @@ def test_straight_through_node_is_the_textbook_estimator(bits, monkeypatch):
         return loss, [p.grad.clone() for p in model.parameters()]
 
     loss, grads = step()
-    with monkeypatch.context() as m:
-        textbook_quantizers(m)
+    with pytest.MonkeyPatch.context() as m:
+        function_quantizers(m)
         ref_loss, ref_grads = step()
     assert loss.item() == ref_loss.item() and all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
     layer = bitnet.BitLinear(40, 24, bits)
     x = torch.randn(2, 7, 40, requires_grad=True)
     with AtenOps() as seen:
         layer(x).sum().backward()
-    assert not {"sub", "add", "rsub"} & set(seen.ops), seen.ops
     assert "amax" in seen.ops and "linalg_vector_norm" not in seen.ops
+
+
+@pytest.mark.parametrize("bits", [1.58, 1])
+def test_straight_through_forward_is_the_codes_exactly(bits):
+    """z + (q - z) in float32 is q itself, not q within a rounding: weights far beyond the clamp, weights between 0
+    and a mean well off 0 (where the binary codes' sign differs from the weight's), tiny and huge tokens; and the
+    gradient is the identity's times the scale: d(sum(codes * g))/dw = g * s_w, d(sum(codes * g))/dx = g * s_x."""
+    g = torch.Generator().manual_seed(7)
+    typical = torch.randn(64, 48, generator=g) * 0.02 + 0.01
+    wide = torch.randn(64, 48, generator=g) * torch.logspace(-4, 2, 48)  # columns of very different size
+    for w in (typical.requires_grad_(), wide.requires_grad_()):
+        codes, s_w = bitnet.quantize_weights(w, bits)
+        expected = torch.where(w > w.mean(), 1.0, -1.0) if bits == 1 else (w * s_w).round().clamp(-1, 1)
+        assert torch.equal(codes, expected.detach())
+        upstream = torch.randn(64, 48, generator=g)
+        (codes * upstream).sum().backward()
+        assert torch.equal(w.grad, upstream * s_w)
+    assert ((typical > 0) & (typical < typical.mean())).sum() > 100  # the binary codes' -1 for positive weights
+    assert ((wide * bitnet.quantize_weights(wide, 1.58)[1]).abs() > 4).sum() > 100  # clamped far from +-1
+    x = (torch.randn(3, 5, 40, generator=g) * torch.logspace(-8, 8, 5).view(1, 5, 1)).requires_grad_()
+    x_codes, s_x = bitnet.quantize_activations(x)
+    assert torch.equal(x_codes, (x * s_x).round().clamp(-128, 127).detach())
+    upstream = torch.randn(3, 5, 40, generator=g)
+    (x_codes * upstream).sum().backward()
+    assert torch.equal(x.grad, upstream * s_x)
 
 
 def test_packed_codes_are_unpacked_once():
@@ -537,6 +576,48 @@ def test_config_and_padded_vocabulary():
     assert logits.shape == (2, 16, 1000) and loss.item() == pytest.approx(math.log(1000), abs=0.1)
     loss.backward()
     assert not model.lm_head.weight.grad[1000:].any() and model.lm_head.weight.grad[:1000].abs().sum() > 0
+
+
+def groups_of(model):
+    """name -> "muon", "decay" or "no_decay" as configure_optimizer (--optimizer muon) files each parameter."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    args = SimpleNamespace(optimizer="muon", lr=1e-3, weight_decay=0.1)
+    out = {}
+    for opt in bitnet.configure_optimizer(model, args, torch.device("cpu")):
+        for group in opt.param_groups:
+            kind = "muon" if isinstance(opt, torch.optim.Muon) else "decay" if group["decay"] else "no_decay"
+            out.update({names[id(p)]: kind for p in group["params"]})
+    return out
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_optimizer_groups(tied, tmp_path):
+    """optimizer_groups names every parameter's group by its name: the block linears' master weights "muon", the
+    embedding and the head (one parameter when tied) "decay", the norms' gains "no_decay"; the groups
+    configure_optimizer gives with --optimizer muon. The same after load_state_dict(assign=True) into a model built
+    on the meta device, and after from_pretrained in both layouts (the packed model has no linear parameters)."""
+    model = tiny(tie_embeddings=tied)
+    groups = model.optimizer_groups()
+    assert list(groups) == [name for name, _ in model.named_parameters()]
+    for name, kind in groups.items():
+        linear = name.endswith("_proj.weight") and name.startswith("model.layers.")
+        assert kind == ("muon" if linear else "no_decay" if name.endswith("norm.weight") else "decay"), name
+    counts = {kind: list(groups.values()).count(kind) for kind in ("muon", "decay", "no_decay")}
+    assert counts == {"muon": 14, "decay": 1 if tied else 2, "no_decay": 9}
+    assert groups_of(model) == groups
+    with torch.device("meta"):
+        empty = bitnet.BitNet(model.config)
+    empty.load_state_dict(model.state_dict(), assign=True)
+    if tied:  # assign=True puts a parameter in each place, untying them; "decay" both
+        assert empty.optimizer_groups() == {**groups, "lm_head.weight": "decay"}
+        empty.lm_head.weight = empty.model.embed_tokens.weight  # tied again, as from_pretrained does
+    assert empty.optimizer_groups() == groups and groups_of(empty) == groups
+    hf = make_hf(seed=2, tie_word_embeddings=tied)
+    online = bitnet.from_pretrained(save_online(hf, tmp_path / "online"))
+    assert online.optimizer_groups() == groups and groups_of(online) == groups
+    packed = bitnet.from_pretrained(save_packed(hf, tmp_path / "packed"))
+    expected = {name: kind for name, kind in groups.items() if kind != "muon"}
+    assert packed.optimizer_groups() == expected and groups_of(packed) == expected
 
 
 def schedule_args(**kw):
