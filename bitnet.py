@@ -195,8 +195,8 @@ class BitLinear(nn.Linear):
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * g: LayerNorm without the mean and the bias (Zhang and Sennrich 2019, eq. 4).
-    Computed in float32 whatever the input, as the reference does, then cast back."""
+    """x / sqrt(mean(x^2) + eps) * g: LayerNorm without the mean and the bias (Zhang and Sennrich
+    2019, eq. 4). Computed in float32 whatever the input, as the reference does, then cast back."""
 
     def __init__(self, dim, eps):
         super().__init__()
@@ -205,18 +205,20 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         x32 = x.float()
-        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+        inv_rms = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)  # 1 / RMS(x), eq. 4
+        return self.weight * (x32 * inv_rms).type_as(x)
 
 
 def apply_rotary(x, cos, sin):
-    """Rotate x (B, heads, T, head_dim) by its positions' angles; cos and sin are (T, head_dim), float32.
+    """Rotate x (B, heads, T, head_dim) by its positions' angles; cos and sin are (T, head_dim),
+    float32.
 
-    RoFormer (section 3.2) reads a query as d/2 complex numbers q_i = x_{2i} + j x_{2i+1} and multiplies each by
-    e^{j m theta_i} at position m, so q_m . k_n depends only on m - n; eq. 34 is the same rotation written with
-    cos and sin on adjacent pairs. Meta's released code does exactly that. Hugging Face checkpoints pair
-    dimension i with i + d/2 instead ("rotate half"): their conversion script permuted the rows of W_q and W_k
-    so that the two layouts give the same scores.
-    We use the half layout, so Hugging Face weights load unchanged:
+    RoFormer (section 3.2) reads a query as d/2 complex numbers q_i = x_{2i} + j x_{2i+1} and
+    multiplies each by e^{j m theta_i} at position m, so q_m . k_n depends only on m - n; eq. 34 is
+    the same rotation written with cos and sin on adjacent pairs. Meta's released code does exactly
+    that. Hugging Face checkpoints pair dimension i with i + d/2 instead ("rotate half"): their
+    conversion script permuted the rows of W_q and W_k so that the two layouts give the same
+    scores. We use the half layout, so Hugging Face weights load unchanged:
         x_i'       = x_i cos(m theta_i) - x_{i+d/2} sin(m theta_i)
         x_{i+d/2}' = x_{i+d/2} cos(m theta_i) + x_i sin(m theta_i)
     """
@@ -225,18 +227,20 @@ def apply_rotary(x, cos, sin):
 
 
 class KVCache:
-    """The keys and values of one layer for the tokens so far: (B, n_kv_head, length, head_dim) buffers, filled
-    from position 0 on. Only the n_kv_head key/value heads are stored: with grouped-query attention (n_kv_head <
-    n_head) a cache n_head / n_kv_head times smaller than multi-head attention's (GPT-2: n_kv_head = n_head)."""
+    """The keys and values of one layer for the tokens so far: (B, n_kv_head, length, head_dim)
+    buffers, filled from position 0 on. Only the n_kv_head key/value heads are stored: with
+    grouped-query attention (n_kv_head < n_head) a cache n_head / n_kv_head times smaller than
+    multi-head attention's (GPT-2: n_kv_head = n_head)."""
 
     def __init__(self, length):
         self.length, self.k, self.v = length, None, None
 
     def update(self, k, v, pos):
-        """Write k, v (B, n_kv_head, T, head_dim) at positions pos..pos+T-1; return all keys and values so far."""
+        """Write k, v (B, n_kv_head, T, head_dim) at positions pos..pos+T-1; return all so far."""
         if self.k is None:
             B, H, _, D = k.shape
-            self.k, self.v = k.new_zeros(B, H, self.length, D), v.new_zeros(B, H, self.length, D)
+            self.k = k.new_zeros(B, H, self.length, D)
+            self.v = v.new_zeros(B, H, self.length, D)
         T = k.size(2)
         self.k[:, :, pos:pos + T], self.v[:, :, pos:pos + T] = k, v
         return self.k[:, :, :pos + T], self.v[:, :, :pos + T]
@@ -427,7 +431,7 @@ class BitNet(nn.Module):
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, on_logits=None):
-    """logits (B, V) -> next token ids (B, 1); on_logits: called with the logits first (--show_top)."""
+    """logits (B, V) -> next token ids (B, 1); on_logits(logits) is called first (--show_top)."""
     if on_logits is not None:
         on_logits(logits)
     if temperature == 0:
@@ -436,10 +440,10 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, on_logits=None)
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k).values[:, [-1]]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:  # nucleus sampling (Holtzman et al. 2019, arXiv 1904.09751)
+    if top_p is not None and top_p < 1.0:  # nucleus sampling (Holtzman et al. 2019, 1904.09751)
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
-        outside = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this token already reaches top_p
+        outside = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this token reaches top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
 

@@ -94,19 +94,48 @@ class Config:
 
 # ------------------------------------------------------------------------------------------ model
 
+def attention_reference(q, k, v, pos=0):
+    """Attention as the paper writes it, softmax(Q K^T / sqrt(d_k) + M) V (Vaswani et al. 2017,
+    eq. 1), with a decoder's causal mask M: query i, at position pos + i, sees keys 0..pos + i
+    (M = 0 there) and none after (M = -inf). q (B, H, T, d_k), k and v (B, H, pos + T, d_k)
+    -> (B, H, T, d_k). No dropout: this is the reader's version, and the tests hold `attention`
+    to it."""
+    T, S = q.size(-2), k.size(-2)
+    M = torch.full((T, S), float("-inf"), dtype=q.dtype, device=q.device).triu(pos + 1)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1)) + M  # (B, H, T, S)
+    return scores.softmax(dim=-1) @ v
+
+
+def attention(q, k, v, pos=0, dropout=0.0):
+    """The same, fast: torch's fused scaled_dot_product_attention (flash attention on CUDA),
+    which keeps no (T, S) scores for backward. Where k and v have fewer heads than q
+    (grouped-query attention, llama2.py), each of theirs serves a consecutive group of q's
+    heads (enable_gqa), read in place."""
+    T = q.size(-2)
+    # From pos 0 the usual causal mask (is_causal); one new token sees the whole cache, no mask;
+    # a chunk after a cache needs the mask shifted by pos (is_causal aligns it top-left).
+    mask = None
+    if pos > 0 and T > 1:
+        mask = torch.ones(T, pos + T, dtype=torch.bool, device=q.device).tril(pos)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=pos == 0,
+                                          dropout_p=dropout, enable_gqa=k.size(1) != q.size(1))
+
+
 class KVCache:
-    """The keys and values of one layer for the tokens so far: (B, n_kv_head, length, head_dim) buffers, filled
-    from position 0 on. Only the n_kv_head key/value heads are stored: with grouped-query attention (n_kv_head <
-    n_head) a cache n_head / n_kv_head times smaller than multi-head attention's (GPT-2: n_kv_head = n_head)."""
+    """The keys and values of one layer for the tokens so far: (B, n_kv_head, length, head_dim)
+    buffers, filled from position 0 on. Only the n_kv_head key/value heads are stored: with
+    grouped-query attention (n_kv_head < n_head) a cache n_head / n_kv_head times smaller than
+    multi-head attention's (GPT-2: n_kv_head = n_head)."""
 
     def __init__(self, length):
         self.length, self.k, self.v = length, None, None
 
     def update(self, k, v, pos):
-        """Write k, v (B, n_kv_head, T, head_dim) at positions pos..pos+T-1; return all keys and values so far."""
+        """Write k, v (B, n_kv_head, T, head_dim) at positions pos..pos+T-1; return all so far."""
         if self.k is None:
             B, H, _, D = k.shape
-            self.k, self.v = k.new_zeros(B, H, self.length, D), v.new_zeros(B, H, self.length, D)
+            self.k = k.new_zeros(B, H, self.length, D)
+            self.v = v.new_zeros(B, H, self.length, D)
         T = k.size(2)
         self.k[:, :, pos:pos + T], self.v[:, :, pos:pos + T] = k, v
         return self.k[:, :, :pos + T], self.v[:, :, :pos + T]
@@ -122,16 +151,11 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, cache=None, pos=0):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (B, nh, T, hd)
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, n_head, T, head_dim)
         if cache is not None:  # the keys and values of the tokens so far (KVCache)
             k, v = cache.update(k, v, pos)
-        # Query i sits at position pos + i and sees keys 0..pos + i. From pos 0 that is the usual causal mask; one
-        # new token sees the whole cache, no mask; a chunk after a cache needs the mask shifted by pos (SDPA's
-        # is_causal would align it top-left, which is wrong there).
-        mask = None if pos == 0 or T == 1 else torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(pos)
-        # softmax(q k^T / sqrt(head_dim)) v, per head (Vaswani et al. 2017, eq. 1); flash attention on CUDA
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=pos == 0,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = attention(q, k, v, pos, self.dropout if self.training else 0.0)  # eq. 1 per head
         y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -149,7 +173,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN residual block: GPT-2 moved LayerNorm to the input of each sub-block (paper section 2.3)."""
+    """Pre-LN residual block: GPT-2 moved LayerNorm to the input of each sub-block (section 2.3)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -172,13 +196,14 @@ class GPT(nn.Module):
             wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
             drop=nn.Dropout(cfg.dropout),
             h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
-            ln_f=nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon),  # the final LayerNorm GPT-2 added
+            ln_f=nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon),  # GPT-2's final LayerNorm
         ))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # one matrix reads tokens in and writes them out
+        self.lm_head.weight = self.transformer.wte.weight  # one matrix reads tokens in, writes out
         self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # "scale the weights of residual layers by 1/sqrt(N)", section 2.3
-            if name.endswith("c_proj.weight"):   # N = 2 n_layer residual additions
+        # "scale the weights of residual layers by 1/sqrt(N)" (section 2.3), N = 2 n_layer additions
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
     def _init_weights(self, module):
@@ -188,42 +213,59 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def num_params(self, non_embedding=True):
-        """Parameters a token computes with: a tied embedding/head counted once, lookups (an untied input embedding, a
-        position table) left out by default."""
+        """Parameters a token computes with: a tied embedding/head counted once, lookups (an untied
+        input embedding, a position table) left out by default."""
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def optimizer_groups(self):
+        """Each parameter's optimizer group, by name (--optimizer muon: Muon takes "muon"; AdamW the
+        rest): the blocks' matrices "muon" (lora.py's adapters A and B, and the frozen base weights
+        they wrap, too); the token table (also the head: one matrix) and the position table
+        "decay"; biases and LayerNorm gains "no_decay"."""
+        groups = {}
+        for name, _ in self.named_parameters():
+            if name.endswith(".bias") or ".ln_" in name:
+                groups[name] = "no_decay"
+            elif name.startswith("transformer.h."):
+                groups[name] = "muon"
+            else:
+                groups[name] = "decay"
+        return groups
 
     def hidden(self, idx, cache=None, pos=0):
         """idx (B, T) token ids at positions pos..pos+T-1 -> final hidden states (B, T, C)."""
         B, T = idx.shape
         if pos + T > self.config.block_size:
-            raise ValueError(f"positions up to {pos + T} but block_size is {self.config.block_size}")
+            raise ValueError(f"positions up to {pos + T}, block_size is {self.config.block_size}")
         positions = torch.arange(pos, pos + T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
+        x = self.transformer.wte(idx) + self.transformer.wpe(positions)  # (B, T, C)
+        x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
             x = block(x, None if cache is None else cache[i], pos)
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None, cache=None, pos=0):
-        """idx (B, T) token ids at positions pos..pos+T-1 -> logits (B, T, vocab_size), loss or None."""
-        V = self.config.vocab_size
-        pad = torch.zeros(self.config.padded_vocab_size, device=idx.device, dtype=self.lm_head.weight.dtype)
-        pad[V:] = float("-inf")  # the padding rows are no tokens: a bias of -inf gives them probability exactly 0
-        logits = F.linear(self.hidden(idx, cache, pos), self.lm_head.weight, pad)  # (B, T, padded_vocab_size)
+        """idx (B, T), tokens at positions pos..pos+T-1 -> logits (B, T, vocab_size), loss/None."""
+        V, Vp = self.config.vocab_size, self.config.padded_vocab_size
+        pad = torch.zeros(Vp, device=idx.device, dtype=self.lm_head.weight.dtype)
+        pad[V:] = float("-inf")  # the padding rows are no tokens: a bias of -inf gives them p = 0
+        logits = F.linear(self.hidden(idx, cache, pos), self.lm_head.weight, pad)  # (B, T, Vp)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
         return logits[..., :V], loss
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
-                 on_logits=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 use_cache=True, on_logits=None):
         """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 is greedy.
 
-        With the cache each new token costs one position. Once the text is longer than block_size the
-        window slides: the model sees the last block_size tokens, and since positions are learned and
-        absolute, every kept token moves to a new position, so the cache no longer holds; from then on
-        each token re-reads the whole window (as without a cache, and giving the same tokens).
+        With the cache each new token costs one position. Once the text is longer than block_size
+        the window slides: the model sees the last block_size tokens, and since positions are
+        learned and absolute, every kept token moves to a new position, so the cache no longer
+        holds; from then on each token re-reads the whole window (as without a cache, and giving
+        the same tokens).
         """
         length = min(idx.size(1) + max_new_tokens, self.config.block_size)
         cache, pos = [KVCache(length) for _ in self.transformer.h] if use_cache else None, 0
@@ -234,13 +276,14 @@ class GPT(nn.Module):
             else:
                 cache = None
                 x = self.hidden(idx[:, -self.config.block_size:])
-            logits = self.lm_head(x[:, -1])[:, :self.config.vocab_size]  # only the last position is sampled
-            idx = torch.cat([idx, sample_next(logits.float(), temperature, top_k, top_p, on_logits)], dim=1)
+            logits = self.lm_head(x[:, -1])[:, :self.config.vocab_size]  # the last position only
+            next_id = sample_next(logits.float(), temperature, top_k, top_p, on_logits)
+            idx = torch.cat([idx, next_id], dim=1)
         return idx
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, on_logits=None):
-    """logits (B, V) -> next token ids (B, 1); on_logits: called with the logits first (--show_top)."""
+    """logits (B, V) -> next token ids (B, 1); on_logits(logits) is called first (--show_top)."""
     if on_logits is not None:
         on_logits(logits)
     if temperature == 0:
@@ -249,10 +292,10 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, on_logits=None)
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k).values[:, [-1]]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:  # nucleus sampling (Holtzman et al. 2019, arXiv 1904.09751)
+    if top_p is not None and top_p < 1.0:  # nucleus sampling (Holtzman et al. 2019, 1904.09751)
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
-        outside = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this token already reaches top_p
+        outside = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this token reaches top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
 

@@ -157,8 +157,8 @@ class Config:
 # ------------------------------------------------------------------------------------------ model
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * g: LayerNorm without the mean and the bias (Zhang and Sennrich 2019, eq. 4).
-    Computed in float32 whatever the input, as the reference does, then cast back."""
+    """x / sqrt(mean(x^2) + eps) * g: LayerNorm without the mean and the bias (Zhang and Sennrich
+    2019, eq. 4). Computed in float32 whatever the input, as the reference does, then cast back."""
 
     def __init__(self, dim, eps):
         super().__init__()
@@ -167,42 +167,47 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         x32 = x.float()
-        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+        inv_rms = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)  # 1 / RMS(x), eq. 4
+        return self.weight * (x32 * inv_rms).type_as(x)
 
 
 def rope_frequencies(cfg, device=None):
-    """theta_i = rope_theta^(-2i/d), i = 0..d/2-1 (RoFormer section 3.2.2, after eq. 15; the paper's base is
-    10000), rescaled for long context if asked.
+    """theta_i = rope_theta^(-2i/d), i = 0..d/2-1 (RoFormer section 3.2.2, after eq. 15; the paper's
+    base is 10000), rescaled for long context if asked.
 
-    llama3 (Llama 3.1; Meta's released code, the paper does not spell it out): wavelengths 2 pi / theta_i longer than
-    original_max_position_embeddings / low_freq_factor are stretched by `factor`, those shorter than
-    original / high_freq_factor are kept, and the band between is interpolated smoothly. linear: all / factor.
+    llama3 (Llama 3.1; Meta's released code, the paper does not spell it out): wavelengths
+    2 pi / theta_i longer than original_max_position_embeddings / low_freq_factor are stretched by
+    `factor`, those shorter than original / high_freq_factor are kept, and the band between is
+    interpolated smoothly. linear: all / factor.
     """
     d = cfg.head_dim
-    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)  # (d/2,)
+    two_i = torch.arange(0, d, 2, device=device, dtype=torch.float32)  # 2i
+    inv_freq = 1.0 / cfg.rope_theta ** (two_i / d)                      # theta_i
     s = cfg.rope_scaling
     if s and s["rope_type"] == "linear":
         return inv_freq / s["factor"]
     if s and s["rope_type"] == "llama3":
         old_len, factor = s["original_max_position_embeddings"], s["factor"]
         wavelen = 2 * math.pi / inv_freq
-        smooth = (old_len / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+        lo, hi = s["low_freq_factor"], s["high_freq_factor"]
+        smooth = (old_len / wavelen - lo) / (hi - lo)
         mixed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-        inv_freq = torch.where(wavelen > old_len / s["low_freq_factor"], inv_freq / factor,      # low frequencies
-                               torch.where(wavelen < old_len / s["high_freq_factor"], inv_freq,  # high ones
-                                           mixed))                                               # in between
-    return inv_freq
+        stretched = wavelen > old_len / lo  # long wavelengths
+        kept = wavelen < old_len / hi       # short ones; the band between is mixed
+        inv_freq = torch.where(stretched, inv_freq / factor, torch.where(kept, inv_freq, mixed))
+    return inv_freq  # (d/2,)
 
 
 def apply_rotary(x, cos, sin):
-    """Rotate x (B, heads, T, head_dim) by its positions' angles; cos and sin are (T, head_dim), float32.
+    """Rotate x (B, heads, T, head_dim) by its positions' angles; cos and sin are (T, head_dim),
+    float32.
 
-    RoFormer (section 3.2) reads a query as d/2 complex numbers q_i = x_{2i} + j x_{2i+1} and multiplies each by
-    e^{j m theta_i} at position m, so q_m . k_n depends only on m - n; eq. 34 is the same rotation written with
-    cos and sin on adjacent pairs. Meta's released code does exactly that. Hugging Face checkpoints pair
-    dimension i with i + d/2 instead ("rotate half"): their conversion script permuted the rows of W_q and W_k
-    so that the two layouts give the same scores.
-    We use the half layout, so Hugging Face weights load unchanged:
+    RoFormer (section 3.2) reads a query as d/2 complex numbers q_i = x_{2i} + j x_{2i+1} and
+    multiplies each by e^{j m theta_i} at position m, so q_m . k_n depends only on m - n; eq. 34 is
+    the same rotation written with cos and sin on adjacent pairs. Meta's released code does exactly
+    that. Hugging Face checkpoints pair dimension i with i + d/2 instead ("rotate half"): their
+    conversion script permuted the rows of W_q and W_k so that the two layouts give the same
+    scores. We use the half layout, so Hugging Face weights load unchanged:
         x_i'       = x_i cos(m theta_i) - x_{i+d/2} sin(m theta_i)
         x_{i+d/2}' = x_{i+d/2} cos(m theta_i) + x_i sin(m theta_i)
     """
@@ -376,8 +381,9 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU (Shazeer 2020, eq. 6 without biases): W_down (SiLU(x W_gate) * (x W_up)). Its width is 8/3 n_embd
-    rather than 4 n_embd in Llama, which keeps the parameter count of a two-matrix MLP (LLaMA paper, section 2)."""
+    """SwiGLU (Shazeer 2020, eq. 6 without biases): W_down (SiLU(x W_gate) * (x W_up)). Its width is
+    8/3 n_embd rather than 4 n_embd in Llama, which keeps the parameter count of a two-matrix MLP
+    (LLaMA paper, section 2)."""
 
     def __init__(self, n_embd, width, dropout=0.0):
         super().__init__()
@@ -541,7 +547,7 @@ class InfiniTransformer(nn.Module):
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, on_logits=None):
-    """logits (B, V) -> next token ids (B, 1); on_logits: called with the logits first (--show_top)."""
+    """logits (B, V) -> next token ids (B, 1); on_logits(logits) is called first (--show_top)."""
     if on_logits is not None:
         on_logits(logits)
     if temperature == 0:
@@ -550,10 +556,10 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, on_logits=None)
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k).values[:, [-1]]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:  # nucleus sampling (Holtzman et al. 2019, arXiv 1904.09751)
+    if top_p is not None and top_p < 1.0:  # nucleus sampling (Holtzman et al. 2019, 1904.09751)
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
-        outside = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this token already reaches top_p
+        outside = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this token reaches top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
 

@@ -169,8 +169,8 @@ class Config:
 # ------------------------------------------------------------------------------------------ model
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * g: LayerNorm without the mean and the bias (Zhang and Sennrich 2019, eq. 4).
-    Computed in float32 whatever the input, as the reference does, then cast back."""
+    """x / sqrt(mean(x^2) + eps) * g: LayerNorm without the mean and the bias (Zhang and Sennrich
+    2019, eq. 4). Computed in float32 whatever the input, as the reference does, then cast back."""
 
     def __init__(self, dim, eps):
         super().__init__()
@@ -179,22 +179,25 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         x32 = x.float()
-        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+        inv_rms = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)  # 1 / RMS(x), eq. 4
+        return self.weight * (x32 * inv_rms).type_as(x)
 
 
 class KVCache:
-    """The keys and values of one layer for the tokens so far: (B, n_kv_head, length, head_dim) buffers, filled
-    from position 0 on. Only the n_kv_head key/value heads are stored: with grouped-query attention (n_kv_head <
-    n_head) a cache n_head / n_kv_head times smaller than multi-head attention's (GPT-2: n_kv_head = n_head)."""
+    """The keys and values of one layer for the tokens so far: (B, n_kv_head, length, head_dim)
+    buffers, filled from position 0 on. Only the n_kv_head key/value heads are stored: with
+    grouped-query attention (n_kv_head < n_head) a cache n_head / n_kv_head times smaller than
+    multi-head attention's (GPT-2: n_kv_head = n_head)."""
 
     def __init__(self, length):
         self.length, self.k, self.v = length, None, None
 
     def update(self, k, v, pos):
-        """Write k, v (B, n_kv_head, T, head_dim) at positions pos..pos+T-1; return all keys and values so far."""
+        """Write k, v (B, n_kv_head, T, head_dim) at positions pos..pos+T-1; return all so far."""
         if self.k is None:
             B, H, _, D = k.shape
-            self.k, self.v = k.new_zeros(B, H, self.length, D), v.new_zeros(B, H, self.length, D)
+            self.k = k.new_zeros(B, H, self.length, D)
+            self.v = v.new_zeros(B, H, self.length, D)
         T = k.size(2)
         self.k[:, :, pos:pos + T], self.v[:, :, pos:pos + T] = k, v
         return self.k[:, :, :pos + T], self.v[:, :, :pos + T]
@@ -417,8 +420,9 @@ class JambaMixer(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU (Shazeer 2020, eq. 6 without biases): W_down (SiLU(x W_gate) * (x W_up)). Its width is 8/3 n_embd
-    rather than 4 n_embd in Llama, which keeps the parameter count of a two-matrix MLP (LLaMA paper, section 2)."""
+    """SwiGLU (Shazeer 2020, eq. 6 without biases): W_down (SiLU(x W_gate) * (x W_up)). Its width is
+    8/3 n_embd rather than 4 n_embd in Llama, which keeps the parameter count of a two-matrix MLP
+    (LLaMA paper, section 2)."""
 
     def __init__(self, n_embd, width, dropout=0.0):
         super().__init__()
@@ -738,7 +742,7 @@ class Jamba(nn.Module):
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, on_logits=None):
-    """logits (B, V) -> next token ids (B, 1); on_logits: called with the logits first (--show_top)."""
+    """logits (B, V) -> next token ids (B, 1); on_logits(logits) is called first (--show_top)."""
     if on_logits is not None:
         on_logits(logits)
     if temperature == 0:
@@ -747,10 +751,10 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, on_logits=None)
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k).values[:, [-1]]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:  # nucleus sampling (Holtzman et al. 2019, arXiv 1904.09751)
+    if top_p is not None and top_p < 1.0:  # nucleus sampling (Holtzman et al. 2019, 1904.09751)
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
-        outside = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this token already reaches top_p
+        outside = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this token reaches top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
 

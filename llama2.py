@@ -122,8 +122,8 @@ class Config:
 # ------------------------------------------------------------------------------------------ model
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * g: LayerNorm without the mean and the bias (Zhang and Sennrich 2019, eq. 4).
-    Computed in float32 whatever the input, as the reference does, then cast back."""
+    """x / sqrt(mean(x^2) + eps) * g: LayerNorm without the mean and the bias (Zhang and Sennrich
+    2019, eq. 4). Computed in float32 whatever the input, as the reference does, then cast back."""
 
     def __init__(self, dim, eps):
         super().__init__()
@@ -132,42 +132,47 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         x32 = x.float()
-        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+        inv_rms = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)  # 1 / RMS(x), eq. 4
+        return self.weight * (x32 * inv_rms).type_as(x)
 
 
 def rope_frequencies(cfg, device=None):
-    """theta_i = rope_theta^(-2i/d), i = 0..d/2-1 (RoFormer section 3.2.2, after eq. 15; the paper's base is
-    10000), rescaled for long context if asked.
+    """theta_i = rope_theta^(-2i/d), i = 0..d/2-1 (RoFormer section 3.2.2, after eq. 15; the paper's
+    base is 10000), rescaled for long context if asked.
 
-    llama3 (Llama 3.1; Meta's released code, the paper does not spell it out): wavelengths 2 pi / theta_i longer than
-    original_max_position_embeddings / low_freq_factor are stretched by `factor`, those shorter than
-    original / high_freq_factor are kept, and the band between is interpolated smoothly. linear: all / factor.
+    llama3 (Llama 3.1; Meta's released code, the paper does not spell it out): wavelengths
+    2 pi / theta_i longer than original_max_position_embeddings / low_freq_factor are stretched by
+    `factor`, those shorter than original / high_freq_factor are kept, and the band between is
+    interpolated smoothly. linear: all / factor.
     """
     d = cfg.head_dim
-    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)  # (d/2,)
+    two_i = torch.arange(0, d, 2, device=device, dtype=torch.float32)  # 2i
+    inv_freq = 1.0 / cfg.rope_theta ** (two_i / d)                      # theta_i
     s = cfg.rope_scaling
     if s and s["rope_type"] == "linear":
         return inv_freq / s["factor"]
     if s and s["rope_type"] == "llama3":
         old_len, factor = s["original_max_position_embeddings"], s["factor"]
         wavelen = 2 * math.pi / inv_freq
-        smooth = (old_len / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+        lo, hi = s["low_freq_factor"], s["high_freq_factor"]
+        smooth = (old_len / wavelen - lo) / (hi - lo)
         mixed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-        inv_freq = torch.where(wavelen > old_len / s["low_freq_factor"], inv_freq / factor,      # low frequencies
-                               torch.where(wavelen < old_len / s["high_freq_factor"], inv_freq,  # high ones
-                                           mixed))                                               # in between
-    return inv_freq
+        stretched = wavelen > old_len / lo  # long wavelengths
+        kept = wavelen < old_len / hi       # short ones; the band between is mixed
+        inv_freq = torch.where(stretched, inv_freq / factor, torch.where(kept, inv_freq, mixed))
+    return inv_freq  # (d/2,)
 
 
 def apply_rotary(x, cos, sin):
-    """Rotate x (B, heads, T, head_dim) by its positions' angles; cos and sin are (T, head_dim), float32.
+    """Rotate x (B, heads, T, head_dim) by its positions' angles; cos and sin are (T, head_dim),
+    float32.
 
-    RoFormer (section 3.2) reads a query as d/2 complex numbers q_i = x_{2i} + j x_{2i+1} and multiplies each by
-    e^{j m theta_i} at position m, so q_m . k_n depends only on m - n; eq. 34 is the same rotation written with
-    cos and sin on adjacent pairs. Meta's released code does exactly that. Hugging Face checkpoints pair
-    dimension i with i + d/2 instead ("rotate half"): their conversion script permuted the rows of W_q and W_k
-    so that the two layouts give the same scores.
-    We use the half layout, so Hugging Face weights load unchanged:
+    RoFormer (section 3.2) reads a query as d/2 complex numbers q_i = x_{2i} + j x_{2i+1} and
+    multiplies each by e^{j m theta_i} at position m, so q_m . k_n depends only on m - n; eq. 34 is
+    the same rotation written with cos and sin on adjacent pairs. Meta's released code does exactly
+    that. Hugging Face checkpoints pair dimension i with i + d/2 instead ("rotate half"): their
+    conversion script permuted the rows of W_q and W_k so that the two layouts give the same
+    scores. We use the half layout, so Hugging Face weights load unchanged:
         x_i'       = x_i cos(m theta_i) - x_{i+d/2} sin(m theta_i)
         x_{i+d/2}' = x_{i+d/2} cos(m theta_i) + x_i sin(m theta_i)
     """
@@ -175,31 +180,73 @@ def apply_rotary(x, cos, sin):
     return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).type_as(x)
 
 
+def attention_reference(q, k, v, pos=0):
+    """Attention as the paper writes it, softmax(Q K^T / sqrt(d_k) + M) V (Vaswani et al. 2017,
+    eq. 1), with a decoder's causal mask M: query i, at position pos + i, sees keys 0..pos + i
+    (M = 0 there) and none after (M = -inf). q (B, H, T, d_k), k and v (B, H, pos + T, d_k)
+    -> (B, H, T, d_k). No dropout: this is the reader's version, and the tests hold `attention`
+    to it."""
+    T, S = q.size(-2), k.size(-2)
+    M = torch.full((T, S), float("-inf"), dtype=q.dtype, device=q.device).triu(pos + 1)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1)) + M  # (B, H, T, S)
+    return scores.softmax(dim=-1) @ v
+
+
+def attention(q, k, v, pos=0, dropout=0.0):
+    """The same, fast: torch's fused scaled_dot_product_attention (flash attention on CUDA),
+    which keeps no (T, S) scores for backward. Where k and v have fewer heads than q
+    (grouped-query attention, llama2.py), each of theirs serves a consecutive group of q's
+    heads (enable_gqa), read in place."""
+    T = q.size(-2)
+    # From pos 0 the usual causal mask (is_causal); one new token sees the whole cache, no mask;
+    # a chunk after a cache needs the mask shifted by pos (is_causal aligns it top-left).
+    mask = None
+    if pos > 0 and T > 1:
+        mask = torch.ones(T, pos + T, dtype=torch.bool, device=q.device).tril(pos)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=pos == 0,
+                                          dropout_p=dropout, enable_gqa=k.size(1) != q.size(1))
+
+
+def gqa_reference(q, k, v, pos=0):
+    """Grouped-query attention as Ainslie et al. 2023 (section 2.2) describe it: the n_head query
+    heads fall into n_kv_head groups of n_head / n_kv_head consecutive heads, each group sharing one
+    key/value head. Copied once per query head of its group, the shared heads make it multi-head
+    attention, eq. 1. q (B, n_head, T, hd), k and v (B, n_kv_head, pos + T, hd). `attention` reads
+    them in place instead of copying (enable_gqa); the tests hold it to this."""
+    group = q.size(1) // k.size(1)           # query heads per key/value head
+    k = k.repeat_interleave(group, dim=1)    # (B, n_head, pos + T, hd): head h reads h // group
+    v = v.repeat_interleave(group, dim=1)
+    return attention_reference(q, k, v, pos)
+
+
 class KVCache:
-    """The keys and values of one layer for the tokens so far: (B, n_kv_head, length, head_dim) buffers, filled
-    from position 0 on. Only the n_kv_head key/value heads are stored: with grouped-query attention (n_kv_head <
-    n_head) a cache n_head / n_kv_head times smaller than multi-head attention's (GPT-2: n_kv_head = n_head)."""
+    """The keys and values of one layer for the tokens so far: (B, n_kv_head, length, head_dim)
+    buffers, filled from position 0 on. Only the n_kv_head key/value heads are stored: with
+    grouped-query attention (n_kv_head < n_head) a cache n_head / n_kv_head times smaller than
+    multi-head attention's (GPT-2: n_kv_head = n_head)."""
 
     def __init__(self, length):
         self.length, self.k, self.v = length, None, None
 
     def update(self, k, v, pos):
-        """Write k, v (B, n_kv_head, T, head_dim) at positions pos..pos+T-1; return all keys and values so far."""
+        """Write k, v (B, n_kv_head, T, head_dim) at positions pos..pos+T-1; return all so far."""
         if self.k is None:
             B, H, _, D = k.shape
-            self.k, self.v = k.new_zeros(B, H, self.length, D), v.new_zeros(B, H, self.length, D)
+            self.k = k.new_zeros(B, H, self.length, D)
+            self.v = v.new_zeros(B, H, self.length, D)
         T = k.size(2)
         self.k[:, :, pos:pos + T], self.v[:, :, pos:pos + T] = k, v
         return self.k[:, :, :pos + T], self.v[:, :, :pos + T]
 
 
 class Attention(nn.Module):
-    """Grouped-query attention (Ainslie et al. 2023): n_head query heads share n_kv_head key/value heads,
-    n_head / n_kv_head queries per group. All heads go through one scaled_dot_product_attention call."""
+    """Grouped-query attention (Ainslie et al. 2023): n_head query heads share n_kv_head key/value
+    heads, n_head / n_kv_head queries per group (gqa_reference), all in one `attention` call."""
 
     def __init__(self, cfg):
         super().__init__()
-        self.n_head, self.n_kv_head, self.head_dim, self.dropout = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.dropout
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.dropout = cfg.dropout
         self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
@@ -208,26 +255,21 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cache=None, pos=0):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, n_head, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # positions enter here, and only here
+        hd = self.head_dim
+        q = self.q_proj(x).view(B, T, self.n_head, hd).transpose(1, 2)     # (B, n_head, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, hd).transpose(1, 2)  # (B, n_kv_head, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, hd).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # positions enter here only
         if cache is not None:
             k, v = cache.update(k, v, pos)
-        # Query i sits at position pos + i and sees keys 0..pos + i: the causal mask from pos 0, no mask for one
-        # new token, and for a chunk after a cache the mask shifted by pos (SDPA's is_causal aligns it top-left).
-        mask = None if pos == 0 or T == 1 else torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(pos)
-        # softmax(q k^T / sqrt(head_dim)) v (Vaswani et al. 2017, eq. 1), flash attention on CUDA. enable_gqa: each
-        # key/value head serves n_head / n_kv_head consecutive query heads (query head h reads kv head
-        # h // (n_head / n_kv_head), as Hugging Face's repeat_kv), read in place rather than copied n_head times.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=pos == 0,
-                                           dropout_p=self.dropout if self.training else 0.0, enable_gqa=True)
+        y = attention(q, k, v, pos, self.dropout if self.training else 0.0)  # (B, n_head, T, hd)
         return self.resid_dropout(self.o_proj(y.transpose(1, 2).reshape(B, T, -1)))
 
 
 class FeedForward(nn.Module):
-    """SwiGLU (Shazeer 2020, eq. 6 without biases): W_down (SiLU(x W_gate) * (x W_up)). Its width is 8/3 n_embd
-    rather than 4 n_embd in Llama, which keeps the parameter count of a two-matrix MLP (LLaMA paper, section 2)."""
+    """SwiGLU (Shazeer 2020, eq. 6 without biases): W_down (SiLU(x W_gate) * (x W_up)). Its width is
+    8/3 n_embd rather than 4 n_embd in Llama, which keeps the parameter count of a two-matrix MLP
+    (LLaMA paper, section 2)."""
 
     def __init__(self, n_embd, width, dropout=0.0):
         super().__init__()
@@ -241,7 +283,8 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-normalisation (LLaMA paper, section 2): RMSNorm on the input of each sub-block, none on the output."""
+    """Pre-normalisation (LLaMA paper, section 2): RMSNorm on the input of each sub-block, none on
+    the output."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -259,7 +302,8 @@ class Llama(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.config = cfg
-        self.model = nn.ModuleDict(dict(  # the Hugging Face names: model.embed_tokens, model.layers.N, model.norm
+        # the Hugging Face names: model.embed_tokens, model.layers.N, model.norm
+        self.model = nn.ModuleDict(dict(
             embed_tokens=nn.Embedding(cfg.padded_vocab_size, cfg.n_embd),
             drop=nn.Dropout(cfg.dropout),
             layers=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
@@ -268,60 +312,78 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        # Initialisation (the papers give none): normal, std 0.02 (Hugging Face's initializer_range); the
-        # projections that write into the residual stream scaled by 1/sqrt(2 n_layer), as GPT-2 does.
+        # Initialisation (the papers give none): normal, std 0.02 (Hugging Face's
+        # initializer_range); the projections that write into the residual stream scaled by
+        # 1/sqrt(2 n_layer), as GPT-2 does.
         for name, p in self.named_parameters():
             if p.dim() >= 2:
                 residual = name.endswith(("o_proj.weight", "down_proj.weight"))
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer) if residual else 0.02)
+                std = 0.02 / math.sqrt(2 * cfg.n_layer) if residual else 0.02
+                nn.init.normal_(p, mean=0.0, std=std)
 
     def num_params(self, non_embedding=True):
-        """Parameters a token computes with: a tied embedding/head counted once, lookups (an untied input embedding, a
-        position table) left out by default."""
+        """Parameters a token computes with: a tied embedding/head counted once, lookups (an untied
+        input embedding, a position table) left out by default."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.model.embed_tokens.weight.numel() if non_embedding and not self.config.tie_embeddings else n
+        if non_embedding and not self.config.tie_embeddings:
+            n -= self.model.embed_tokens.weight.numel()
+        return n
+
+    def optimizer_groups(self):
+        """Each parameter's optimizer group, by name (--optimizer muon: Muon takes "muon"; AdamW the
+        rest): the blocks' projections "muon"; the embedding and the head "decay"; the RMSNorm
+        gains "no_decay"."""
+        groups = {}
+        for name, _ in self.named_parameters():
+            if name.endswith("norm.weight"):
+                groups[name] = "no_decay"
+            elif name.startswith("model.layers."):
+                groups[name] = "muon"
+            else:
+                groups[name] = "decay"
+        return groups
 
     def kv_bytes_per_token(self, itemsize=4):
-        """Bytes the KV cache holds per token: 2 (K and V) x layers x n_kv_head x head_dim x bytes per number."""
+        """Bytes the KV cache holds a token: 2 (K, V) x layers x n_kv_head x head_dim x itemsize."""
         return 2 * self.config.n_layer * self.config.n_kv_head * self.config.head_dim * itemsize
 
     def hidden(self, idx, cache=None, pos=0):
         """idx (B, T) token ids at positions pos..pos+T-1 -> final hidden states (B, T, n_embd)."""
         B, T = idx.shape
         if pos + T > self.config.block_size:
-            raise ValueError(f"positions up to {pos + T} but block_size is {self.config.block_size}")
-        angles = torch.arange(pos, pos + T, device=idx.device, dtype=torch.float32)[:, None] \
-            * rope_frequencies(self.config, idx.device)                   # (T, hd/2): m theta_i
-        angles = torch.cat((angles, angles), dim=-1)                        # (T, hd), the half layout
+            raise ValueError(f"positions up to {pos + T}, block_size is {self.config.block_size}")
+        m = torch.arange(pos, pos + T, device=idx.device, dtype=torch.float32)
+        angles = m[:, None] * rope_frequencies(self.config, idx.device)  # (T, hd/2): m theta_i
+        angles = torch.cat((angles, angles), dim=-1)                     # (T, hd), the half layout
         cos, sin = angles.cos(), angles.sin()
-        x = self.model.drop(self.model.embed_tokens(idx))                   # (B, T, n_embd); no position table
+        x = self.model.drop(self.model.embed_tokens(idx))  # (B, T, n_embd); no position table
         for i, block in enumerate(self.model.layers):
             x = block(x, cos, sin, None if cache is None else cache[i], pos)
         return self.model.norm(x)
 
     def forward(self, idx, targets=None, cache=None, pos=0):
-        """idx (B, T) token ids at positions pos..pos+T-1 -> logits (B, T, vocab_size), loss or None."""
+        """idx (B, T), tokens at positions pos..pos+T-1 -> logits (B, T, vocab_size), loss/None."""
         V, Vp = self.config.vocab_size, self.config.padded_vocab_size
         pad = None
-        if Vp > V:  # the padding rows are no tokens: a bias of -inf gives them probability exactly 0
+        if Vp > V:  # the padding rows are no tokens: a bias of -inf gives them probability 0
             pad = torch.zeros(Vp, device=idx.device, dtype=self.lm_head.weight.dtype)
             pad[V:] = float("-inf")
-        logits = F.linear(self.hidden(idx, cache, pos), self.lm_head.weight, pad)  # (B, T, padded_vocab_size)
+        logits = F.linear(self.hidden(idx, cache, pos), self.lm_head.weight, pad)  # (B, T, Vp)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
         return logits[..., :V], loss
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
-                 on_logits=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 use_cache=True, on_logits=None):
         """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 is greedy.
 
-        With the cache each new token costs one position. Once the text is longer than block_size the window
-        slides: the model sees the last block_size tokens from position 0 again. Rotary scores depend only on
-        m - n, but the kept tokens no longer see the dropped ones, so their keys and values change and the
-        cache no longer holds; from then on each token re-reads the whole window (as without a cache, and
-        giving the same tokens).
+        With the cache each new token costs one position. Once the text is longer than block_size
+        the window slides: the model sees the last block_size tokens from position 0 again. Rotary
+        scores depend only on m - n, but the kept tokens no longer see the dropped ones, so their
+        keys and values change and the cache no longer holds; from then on each token re-reads the
+        whole window (as without a cache, and giving the same tokens).
         """
         length = min(idx.size(1) + max_new_tokens, self.config.block_size)
         cache, pos = [KVCache(length) for _ in self.model.layers] if use_cache else None, 0
@@ -332,13 +394,14 @@ class Llama(nn.Module):
             else:
                 cache = None
                 x = self.hidden(idx[:, -self.config.block_size:])
-            logits = self.lm_head(x[:, -1])[:, :self.config.vocab_size]  # only the last position is sampled
-            idx = torch.cat([idx, sample_next(logits.float(), temperature, top_k, top_p, on_logits)], dim=1)
+            logits = self.lm_head(x[:, -1])[:, :self.config.vocab_size]  # the last position only
+            next_id = sample_next(logits.float(), temperature, top_k, top_p, on_logits)
+            idx = torch.cat([idx, next_id], dim=1)
         return idx
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, on_logits=None):
-    """logits (B, V) -> next token ids (B, 1); on_logits: called with the logits first (--show_top)."""
+    """logits (B, V) -> next token ids (B, 1); on_logits(logits) is called first (--show_top)."""
     if on_logits is not None:
         on_logits(logits)
     if temperature == 0:
@@ -347,10 +410,10 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, on_logits=None)
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k).values[:, [-1]]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:  # nucleus sampling (Holtzman et al. 2019, arXiv 1904.09751)
+    if top_p is not None and top_p < 1.0:  # nucleus sampling (Holtzman et al. 2019, 1904.09751)
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
-        outside = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this token already reaches top_p
+        outside = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this token reaches top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
 

@@ -101,20 +101,251 @@ class Config:
 
 
 # ------------------------------------------------------------------------------------------ model
+# This file's papers first, LoRA and QLoRA's NF4; GPT-2, the model they adapt, is borrowed below.
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus a trainable low-rank update (LoRA, Hu et al. 2021, section 4.1,
+    eq. 3): h = W0 x + (alpha / r) B A x. A (r, in) starts Kaiming-uniform, B (out, r) at zero, so
+    training starts from the base model's function exactly; dropout, if any, acts on the input of
+    A only. The names are peft's (lora_A.weight, lora_B.weight), so adapters move between the two
+    unchanged."""
+
+    def __init__(self, base, rank, alpha, dropout=0.0):
+        super().__init__()
+        self.base, self.scale = base, alpha / rank                    # W0, frozen; alpha / r
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False)   # nn.Linear's Kaiming-uniform
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False)
+        nn.init.zeros_(self.lora_B.weight)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.base(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scale  # eq. 3
+
+
+def swap_layers(model, swap):
+    """Replace, in place, each layer for which swap(name, layer) returns a module (None: keep it);
+    returns model."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            new = swap(name, child)
+            if new is not None:
+                setattr(module, name, new)
+    return model
+
+
+def add_lora(model, rank=8, alpha=16, targets=("c_attn", "c_proj", "c_fc"), dropout=0.0):
+    """Wrap every linear layer named in targets (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj by
+    default) in a LoRALinear, in place, and freeze everything else: afterwards only the adapters
+    require gradients."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return swap_layers(model, lambda name, layer: LoRALinear(layer, rank, alpha, dropout)
+                       if name in targets and isinstance(layer, (nn.Linear, NF4Linear)) else None)
+
+
+def merge_lora(model):
+    """Fold each adapter into its base weight, W0 + (alpha / r) B A (section 4.1: no extra latency
+    at inference), and put the plain linear layer back. An NF4 base is dequantized first (merged
+    weights are no NF4 codes)."""
+    def merged(name, layer):
+        if not isinstance(layer, LoRALinear):
+            return None
+        base = layer.base.dequantized() if isinstance(layer.base, NF4Linear) else layer.base
+        with torch.no_grad():
+            BA = (layer.lora_B.weight @ layer.lora_A.weight).to(base.weight.dtype)
+            base.weight += BA * layer.scale
+        return base
+    return swap_layers(model, merged)
+
+
+def lora_state_dict(model):
+    """The adapters alone: {"transformer.h.0.attn.c_attn.lora_A.weight": ..., ...} (peft's keys
+    without its "base_model.model." prefix)."""
+    return {k: v for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
+
+
+def load_lora(model, adapters):
+    """Copy adapters (as lora_state_dict returns them) into a model that add_lora has wrapped the
+    same way."""
+    wanted = lora_state_dict(model)
+    if set(adapters) != set(wanted):
+        extra, missing = sorted(set(adapters) - set(wanted)), sorted(set(wanted) - set(adapters))
+        raise InputError(f"the adapters do not fit this model: {len(extra)} unexpected "
+                         f"({extra[:2]}), {len(missing)} missing ({missing[:2]})")
+    for k, v in adapters.items():
+        if v.shape != wanted[k].shape:
+            raise InputError(f"the adapters do not fit this model: '{k}' has shape "
+                             f"{tuple(v.shape)}, the model {tuple(wanted[k].shape)} "
+                             "(another --lora_rank?)")
+    model.load_state_dict(adapters, strict=False)
+    return model
+
+
+# The 16 values of 4-bit NormalFloat (QLoRA, Dettmers et al. 2023, section 3): quantiles of N(0, 1),
+# 8 for the positive half and 7 for the negative one plus an exact 0, scaled to [-1, 1]; the values
+# bitsandbytes ships.
+NF4 = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+                    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+                    0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
+                    0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                    0.7229568362236023, 1.0])
+
+
+def nf4_quantize(w, block_size=64):
+    """Block-wise quantization as QLoRA writes it (section 3, eq. 1, with NF4's levels): the
+    flattened w in blocks of block_size, each divided by its absmax c into [-1, 1] and rounded to
+    the nearest NF4 value (halfway between two: the lower one, as bitsandbytes).
+    Returns the codes (n_blocks, block_size), indices into NF4, and c (n_blocks,)."""
+    blocks = w.detach().float().flatten().view(-1, block_size)
+    absmax = blocks.abs().amax(dim=1)                                    # c
+    scaled = blocks / absmax.clamp_min(torch.finfo(torch.float32).tiny)[:, None]  # zero blocks: 0
+    return torch.bucketize(scaled, (NF4[1:] + NF4[:-1]) / 2), absmax    # the nearest value's index
+
+
+def nf4_dequantize(codes, absmax):
+    """The way back (section 3, eq. 2, for NF4): each code's value times its block's absmax c;
+    codes (n_blocks, block_size), absmax (n_blocks,) -> weights (n_blocks, block_size)."""
+    return NF4[codes] * absmax[:, None]
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer whose weight is stored as nf4_quantize's codes (QLoRA, section 3), in
+    blocks of block_size (64), two codes per byte, the first in the high nibble. Double
+    quantization: the per-block absmax scales, less their mean, are themselves stored as int8 in
+    blocks of 256 with one float32 scale each, so the scales cost 8/64 + 32/(64 * 256) bits per
+    weight instead of 32/64 (bitsandbytes uses its 8-bit dynamic map there, the paper FP8; a linear
+    int8 map is used here). The forward pass dequantizes in the compute dtype: bf16 under CUDA
+    autocast, float32 on a CPU."""
+
+    def __init__(self, linear, block_size=64, scale_block=256):
+        super().__init__()
+        n = linear.weight.numel()
+        if n % (2 * block_size):
+            raise InputError(f"NF4: a weight of {n} numbers is not a whole number of blocks "
+                             f"of {block_size}")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.block_size = block_size
+        codes, absmax = nf4_quantize(linear.weight, block_size)
+        codes = codes.to(torch.uint8).flatten()
+        self.register_buffer("packed", codes[0::2] << 4 | codes[1::2])  # (numel / 2,) uint8
+        # the values of the two codes in each of the 256 possible bytes: one lookup reads a byte
+        pairs = torch.stack((NF4.repeat_interleave(16), NF4.repeat(16)), -1)  # (256, 2)
+        self.register_buffer("pairs", pairs, persistent=False)
+        self.register_buffer("offset", absmax.mean())
+        a = F.pad(absmax - self.offset, (0, -absmax.numel() % scale_block)).view(-1, scale_block)
+        tiny = torch.finfo(torch.float32).tiny
+        self.register_buffer("absmax_scale", a.abs().amax(dim=1).clamp_min(tiny) / 127)
+        self.register_buffer("absmax_q", torch.round(a / self.absmax_scale[:, None]).to(torch.int8))
+        self.bias = None
+        if linear.bias is not None:
+            self.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+    def absmax(self):
+        """The blocks' absmax c as stored: int8 x its group's scale, plus the mean; (n_blocks,)."""
+        n_blocks = self.in_features * self.out_features // self.block_size
+        c = self.absmax_q.float() * self.absmax_scale[:, None]  # (groups of 256, 256)
+        return c.flatten()[:n_blocks] + self.offset
+
+    def weight_as(self, dtype):
+        """nf4_dequantize's weight (out, in) in dtype, fast: code value x block absmax in float32,
+        rounded to dtype once. Each byte's two values are one 8-byte word of `pairs`, so the lookup
+        is a 1-D gather with an int32 index (no int64 index tensor, no 2-D indexing); the product
+        is written in place, or straight into dtype."""
+        n_blocks = self.in_features * self.out_features // self.block_size
+        words = self.pairs.view(torch.int64).view(-1).index_select(0, self.packed.int())  # int64
+        w = words.view(torch.float32).view(n_blocks, self.block_size)  # the codes' values
+        out = w if dtype == torch.float32 else torch.empty(w.shape, dtype=dtype, device=w.device)
+        w = torch.mul(w, self.absmax()[:, None], out=out)
+        return w.view(self.out_features, self.in_features)
+
+    def dequantized(self):
+        """A plain nn.Linear holding the dequantized weight (float32)."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.packed.device)
+        with torch.no_grad():
+            linear.weight.copy_(self.weight_as(torch.float32))
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def bits_per_weight(self):
+        stored = self.packed.numel() + self.absmax_q.numel() + 4 * self.absmax_scale.numel() + 4
+        return 8 * stored / (self.in_features * self.out_features)
+
+    def forward(self, x):
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        y = NF4Matmul.apply(x, self)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+class NF4Matmul(torch.autograd.Function):
+    """x W^T with W = layer.weight_as(x.dtype), for memory alone: `x @ W.t()` gives the same values
+    and gradient, but autograd would keep every base layer's dequantized W for backward, the
+    full-precision weights QLoRA exists not to hold. Here W is made again in backward (as
+    bitsandbytes' MatMul4Bit), one gather and one multiply. W is frozen: only x gets a gradient."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        return x @ layer.weight_as(x.dtype).t()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad @ ctx.layer.weight_as(grad.dtype), None
+
+
+def quantize_nf4(model, block_size=64, targets=("c_attn", "c_proj", "c_fc")):
+    """Replace the named linear layers' weights by NF4Linear, in place (the embedding and head stay
+    as they are); returns the model."""
+    return swap_layers(model, lambda name, layer: NF4Linear(layer, block_size)
+                       if name in targets and isinstance(layer, nn.Linear) else None)
+
+
+# ----------------------------------------------------------- borrowed: GPT-2 (gpt2.py teaches it)
+
+def attention_reference(q, k, v, pos=0):
+    """Attention as the paper writes it, softmax(Q K^T / sqrt(d_k) + M) V (Vaswani et al. 2017,
+    eq. 1), with a decoder's causal mask M: query i, at position pos + i, sees keys 0..pos + i
+    (M = 0 there) and none after (M = -inf). q (B, H, T, d_k), k and v (B, H, pos + T, d_k)
+    -> (B, H, T, d_k). No dropout: this is the reader's version, and the tests hold `attention`
+    to it."""
+    T, S = q.size(-2), k.size(-2)
+    M = torch.full((T, S), float("-inf"), dtype=q.dtype, device=q.device).triu(pos + 1)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1)) + M  # (B, H, T, S)
+    return scores.softmax(dim=-1) @ v
+
+
+def attention(q, k, v, pos=0, dropout=0.0):
+    """The same, fast: torch's fused scaled_dot_product_attention (flash attention on CUDA),
+    which keeps no (T, S) scores for backward. Where k and v have fewer heads than q
+    (grouped-query attention, llama2.py), each of theirs serves a consecutive group of q's
+    heads (enable_gqa), read in place."""
+    T = q.size(-2)
+    # From pos 0 the usual causal mask (is_causal); one new token sees the whole cache, no mask;
+    # a chunk after a cache needs the mask shifted by pos (is_causal aligns it top-left).
+    mask = None
+    if pos > 0 and T > 1:
+        mask = torch.ones(T, pos + T, dtype=torch.bool, device=q.device).tril(pos)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=pos == 0,
+                                          dropout_p=dropout, enable_gqa=k.size(1) != q.size(1))
+
 
 class KVCache:
-    """The keys and values of one layer for the tokens so far: (B, n_kv_head, length, head_dim) buffers, filled
-    from position 0 on. Only the n_kv_head key/value heads are stored: with grouped-query attention (n_kv_head <
-    n_head) a cache n_head / n_kv_head times smaller than multi-head attention's (GPT-2: n_kv_head = n_head)."""
+    """The keys and values of one layer for the tokens so far: (B, n_kv_head, length, head_dim)
+    buffers, filled from position 0 on. Only the n_kv_head key/value heads are stored: with
+    grouped-query attention (n_kv_head < n_head) a cache n_head / n_kv_head times smaller than
+    multi-head attention's (GPT-2: n_kv_head = n_head)."""
 
     def __init__(self, length):
         self.length, self.k, self.v = length, None, None
 
     def update(self, k, v, pos):
-        """Write k, v (B, n_kv_head, T, head_dim) at positions pos..pos+T-1; return all keys and values so far."""
+        """Write k, v (B, n_kv_head, T, head_dim) at positions pos..pos+T-1; return all so far."""
         if self.k is None:
             B, H, _, D = k.shape
-            self.k, self.v = k.new_zeros(B, H, self.length, D), v.new_zeros(B, H, self.length, D)
+            self.k = k.new_zeros(B, H, self.length, D)
+            self.v = v.new_zeros(B, H, self.length, D)
         T = k.size(2)
         self.k[:, :, pos:pos + T], self.v[:, :, pos:pos + T] = k, v
         return self.k[:, :, :pos + T], self.v[:, :, :pos + T]
@@ -130,16 +361,11 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, cache=None, pos=0):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (B, nh, T, hd)
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, n_head, T, head_dim)
         if cache is not None:  # the keys and values of the tokens so far (KVCache)
             k, v = cache.update(k, v, pos)
-        # Query i sits at position pos + i and sees keys 0..pos + i. From pos 0 that is the usual causal mask; one
-        # new token sees the whole cache, no mask; a chunk after a cache needs the mask shifted by pos (SDPA's
-        # is_causal would align it top-left, which is wrong there).
-        mask = None if pos == 0 or T == 1 else torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(pos)
-        # softmax(q k^T / sqrt(head_dim)) v, per head (Vaswani et al. 2017, eq. 1); flash attention on CUDA
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=pos == 0,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = attention(q, k, v, pos, self.dropout if self.training else 0.0)  # eq. 1 per head
         y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -157,7 +383,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN residual block: GPT-2 moved LayerNorm to the input of each sub-block (paper section 2.3)."""
+    """Pre-LN residual block: GPT-2 moved LayerNorm to the input of each sub-block (section 2.3)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -180,13 +406,14 @@ class GPT(nn.Module):
             wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
             drop=nn.Dropout(cfg.dropout),
             h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
-            ln_f=nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon),  # the final LayerNorm GPT-2 added
+            ln_f=nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon),  # GPT-2's final LayerNorm
         ))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # one matrix reads tokens in and writes them out
+        self.lm_head.weight = self.transformer.wte.weight  # one matrix reads tokens in, writes out
         self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # "scale the weights of residual layers by 1/sqrt(N)", section 2.3
-            if name.endswith("c_proj.weight"):   # N = 2 n_layer residual additions
+        # "scale the weights of residual layers by 1/sqrt(N)" (section 2.3), N = 2 n_layer additions
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
     def _init_weights(self, module):
@@ -196,42 +423,59 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def num_params(self, non_embedding=True):
-        """Parameters a token computes with: a tied embedding/head counted once, lookups (an untied input embedding, a
-        position table) left out by default."""
+        """Parameters a token computes with: a tied embedding/head counted once, lookups (an untied
+        input embedding, a position table) left out by default."""
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def optimizer_groups(self):
+        """Each parameter's optimizer group, by name (--optimizer muon: Muon takes "muon"; AdamW the
+        rest): the blocks' matrices "muon" (lora.py's adapters A and B, and the frozen base weights
+        they wrap, too); the token table (also the head: one matrix) and the position table
+        "decay"; biases and LayerNorm gains "no_decay"."""
+        groups = {}
+        for name, _ in self.named_parameters():
+            if name.endswith(".bias") or ".ln_" in name:
+                groups[name] = "no_decay"
+            elif name.startswith("transformer.h."):
+                groups[name] = "muon"
+            else:
+                groups[name] = "decay"
+        return groups
 
     def hidden(self, idx, cache=None, pos=0):
         """idx (B, T) token ids at positions pos..pos+T-1 -> final hidden states (B, T, C)."""
         B, T = idx.shape
         if pos + T > self.config.block_size:
-            raise ValueError(f"positions up to {pos + T} but block_size is {self.config.block_size}")
+            raise ValueError(f"positions up to {pos + T}, block_size is {self.config.block_size}")
         positions = torch.arange(pos, pos + T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
+        x = self.transformer.wte(idx) + self.transformer.wpe(positions)  # (B, T, C)
+        x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
             x = block(x, None if cache is None else cache[i], pos)
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None, cache=None, pos=0):
-        """idx (B, T) token ids at positions pos..pos+T-1 -> logits (B, T, vocab_size), loss or None."""
-        V = self.config.vocab_size
-        pad = torch.zeros(self.config.padded_vocab_size, device=idx.device, dtype=self.lm_head.weight.dtype)
-        pad[V:] = float("-inf")  # the padding rows are no tokens: a bias of -inf gives them probability exactly 0
-        logits = F.linear(self.hidden(idx, cache, pos), self.lm_head.weight, pad)  # (B, T, padded_vocab_size)
+        """idx (B, T), tokens at positions pos..pos+T-1 -> logits (B, T, vocab_size), loss/None."""
+        V, Vp = self.config.vocab_size, self.config.padded_vocab_size
+        pad = torch.zeros(Vp, device=idx.device, dtype=self.lm_head.weight.dtype)
+        pad[V:] = float("-inf")  # the padding rows are no tokens: a bias of -inf gives them p = 0
+        logits = F.linear(self.hidden(idx, cache, pos), self.lm_head.weight, pad)  # (B, T, Vp)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
         return logits[..., :V], loss
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
-                 on_logits=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 use_cache=True, on_logits=None):
         """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 is greedy.
 
-        With the cache each new token costs one position. Once the text is longer than block_size the
-        window slides: the model sees the last block_size tokens, and since positions are learned and
-        absolute, every kept token moves to a new position, so the cache no longer holds; from then on
-        each token re-reads the whole window (as without a cache, and giving the same tokens).
+        With the cache each new token costs one position. Once the text is longer than block_size
+        the window slides: the model sees the last block_size tokens, and since positions are
+        learned and absolute, every kept token moves to a new position, so the cache no longer
+        holds; from then on each token re-reads the whole window (as without a cache, and giving
+        the same tokens).
         """
         length = min(idx.size(1) + max_new_tokens, self.config.block_size)
         cache, pos = [KVCache(length) for _ in self.transformer.h] if use_cache else None, 0
@@ -242,13 +486,14 @@ class GPT(nn.Module):
             else:
                 cache = None
                 x = self.hidden(idx[:, -self.config.block_size:])
-            logits = self.lm_head(x[:, -1])[:, :self.config.vocab_size]  # only the last position is sampled
-            idx = torch.cat([idx, sample_next(logits.float(), temperature, top_k, top_p, on_logits)], dim=1)
+            logits = self.lm_head(x[:, -1])[:, :self.config.vocab_size]  # the last position only
+            next_id = sample_next(logits.float(), temperature, top_k, top_p, on_logits)
+            idx = torch.cat([idx, next_id], dim=1)
         return idx
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, on_logits=None):
-    """logits (B, V) -> next token ids (B, 1); on_logits: called with the logits first (--show_top)."""
+    """logits (B, V) -> next token ids (B, 1); on_logits(logits) is called first (--show_top)."""
     if on_logits is not None:
         on_logits(logits)
     if temperature == 0:
@@ -257,174 +502,12 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, on_logits=None)
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k).values[:, [-1]]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:  # nucleus sampling (Holtzman et al. 2019, arXiv 1904.09751)
+    if top_p is not None and top_p < 1.0:  # nucleus sampling (Holtzman et al. 2019, 1904.09751)
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
-        outside = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this token already reaches top_p
+        outside = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this token reaches top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
-
-
-# ------------------------------------------------------------------------------------- LoRA and QLoRA
-
-class LoRALinear(nn.Module):
-    """A frozen linear layer plus a trainable low-rank update (LoRA, Hu et al. 2021, section 4.1, eq. 3):
-    h = W0 x + (alpha / r) B A x. A (r, in) starts Kaiming-uniform, B (out, r) at zero, so training starts from
-    the base model's function exactly; dropout, if any, acts on the input of A only. The names are peft's
-    (lora_A.weight, lora_B.weight), so adapters move between the two unchanged."""
-
-    def __init__(self, base, rank, alpha, dropout=0.0):
-        super().__init__()
-        self.base, self.scale = base, alpha / rank
-        self.lora_A = nn.Linear(base.in_features, rank, bias=False)  # nn.Linear's init: kaiming_uniform_(a=sqrt(5))
-        self.lora_B = nn.Linear(rank, base.out_features, bias=False)
-        nn.init.zeros_(self.lora_B.weight)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x):
-        return self.base(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scale
-
-
-def swap_layers(model, swap):
-    """Replace, in place, each layer for which swap(name, layer) returns a module (None: keep it); returns model."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            new = swap(name, child)
-            if new is not None:
-                setattr(module, name, new)
-    return model
-
-
-def add_lora(model, rank=8, alpha=16, targets=("c_attn", "c_proj", "c_fc"), dropout=0.0):
-    """Wrap every linear layer named in targets (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj by default) in a
-    LoRALinear, in place, and freeze everything else: afterwards only the adapters require gradients."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return swap_layers(model, lambda name, layer: LoRALinear(layer, rank, alpha, dropout)
-                       if name in targets and isinstance(layer, (nn.Linear, NF4Linear)) else None)
-
-
-def merge_lora(model):
-    """Fold each adapter into its base weight, W0 + (alpha / r) B A (section 4.1: no extra latency at inference),
-    and put the plain linear layer back. An NF4 base is dequantized first (merged weights are no NF4 codes)."""
-    def merged(name, layer):
-        if not isinstance(layer, LoRALinear):
-            return None
-        base = layer.base.dequantized() if isinstance(layer.base, NF4Linear) else layer.base
-        with torch.no_grad():
-            base.weight += (layer.lora_B.weight @ layer.lora_A.weight).to(base.weight.dtype) * layer.scale
-        return base
-    return swap_layers(model, merged)
-
-
-def lora_state_dict(model):
-    """The adapters alone: {"transformer.h.0.attn.c_attn.lora_A.weight": ..., ...} (peft's keys without its
-    "base_model.model." prefix)."""
-    return {k: v for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
-
-
-def load_lora(model, adapters):
-    """Copy adapters (as lora_state_dict returns them) into a model that add_lora has wrapped the same way."""
-    wanted = lora_state_dict(model)
-    if set(adapters) != set(wanted):
-        extra, missing = sorted(set(adapters) - set(wanted)), sorted(set(wanted) - set(adapters))
-        raise InputError(f"the adapters do not fit this model: {len(extra)} unexpected ({extra[:2]}), "
-                         f"{len(missing)} missing ({missing[:2]})")
-    for k, v in adapters.items():
-        if v.shape != wanted[k].shape:
-            raise InputError(f"the adapters do not fit this model: '{k}' has shape {tuple(v.shape)}, the model "
-                             f"{tuple(wanted[k].shape)} (another --lora_rank?)")
-    model.load_state_dict(adapters, strict=False)
-    return model
-
-
-# The 16 values of 4-bit NormalFloat (QLoRA, Dettmers et al. 2023, section 3): quantiles of N(0, 1), 8 for the
-# positive half and 7 for the negative one plus an exact 0, scaled to [-1, 1]; the values bitsandbytes ships.
-NF4 = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-                    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-                    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-                    0.7229568362236023, 1.0])
-
-
-class NF4Matmul(torch.autograd.Function):
-    """x W^T with W dequantized now and again in backward: the full-precision W is never kept for backward (as
-    bitsandbytes' MatMul4Bit), so QLoRA's memory is the 4-bit base's; the second dequantization is one gather and
-    one multiply (NF4Linear.weight_as). W is frozen, so only x gets a gradient."""
-
-    @staticmethod
-    def forward(ctx, x, layer):
-        ctx.layer = layer
-        return x @ layer.weight_as(x.dtype).t()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad @ ctx.layer.weight_as(grad.dtype), None
-
-
-class NF4Linear(nn.Module):
-    """A frozen linear layer whose weight is stored as 4-bit NormalFloat codes (QLoRA, section 3): the flattened
-    weight in blocks of block_size (64), each divided by its absmax and rounded to the nearest NF4 value (a value
-    halfway between two goes to the lower one, as bitsandbytes), two codes per byte, the first in the high nibble.
-    Double quantization: the per-block absmax scales, less their mean, are themselves stored as int8 in blocks of
-    256 with one float32 scale each, so the scales cost 8/64 + 32/(64 * 256) bits per weight instead of 32/64
-    (bitsandbytes uses its 8-bit dynamic map there, the paper FP8; a linear int8 map is used here). The forward
-    pass dequantizes in the compute dtype: bf16 under CUDA autocast, float32 on a CPU."""
-
-    def __init__(self, linear, block_size=64, scale_block=256):
-        super().__init__()
-        w = linear.weight.detach().float().flatten()
-        if w.numel() % (2 * block_size):
-            raise InputError(f"NF4: a weight of {w.numel()} numbers is not a whole number of blocks of {block_size}")
-        self.in_features, self.out_features, self.block_size = linear.in_features, linear.out_features, block_size
-        blocks = w.view(-1, block_size)
-        absmax = blocks.abs().amax(dim=1)                                             # (n_blocks,)
-        scaled = blocks / absmax.clamp_min(torch.finfo(torch.float32).tiny)[:, None]  # in [-1, 1]; zero blocks stay 0
-        codes = torch.bucketize(scaled, (NF4[1:] + NF4[:-1]) / 2).to(torch.uint8).flatten()  # nearest NF4 value
-        self.register_buffer("packed", codes[0::2] << 4 | codes[1::2])               # (numel / 2,) uint8
-        # the values of the two codes in each of the 256 possible bytes: one lookup dequantizes a byte
-        self.register_buffer("pairs", torch.stack((NF4.repeat_interleave(16), NF4.repeat(16)), -1), persistent=False)
-        self.register_buffer("offset", absmax.mean())
-        a = F.pad(absmax - self.offset, (0, -absmax.numel() % scale_block)).view(-1, scale_block)
-        self.register_buffer("absmax_scale", a.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127)
-        self.register_buffer("absmax_q", torch.round(a / self.absmax_scale[:, None]).to(torch.int8))
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-
-    def weight_as(self, dtype):
-        """The dequantized weight (out, in) in dtype: code value x block absmax, in float32, rounded to dtype once.
-        Each byte's two values are one 8-byte word of `pairs`, so the lookup is a 1-D gather with an int32 index
-        (no int64 index tensor, no 2-D indexing); the product is written in place, or straight into dtype."""
-        n_blocks = self.in_features * self.out_features // self.block_size
-        absmax = (self.absmax_q.float() * self.absmax_scale[:, None]).flatten()[:n_blocks] + self.offset
-        words = self.pairs.view(torch.int64).view(-1).index_select(0, self.packed.int())  # (numel / 2,) int64
-        w = words.view(torch.float32).view(n_blocks, self.block_size)                      # the codes' values
-        out = w if dtype == torch.float32 else torch.empty(w.shape, dtype=dtype, device=w.device)
-        return torch.mul(w, absmax[:, None], out=out).view(self.out_features, self.in_features)
-
-    def dequantized(self):
-        """A plain nn.Linear holding the dequantized weight (float32)."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=self.packed.device)
-        with torch.no_grad():
-            linear.weight.copy_(self.weight_as(torch.float32))
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
-
-    def bits_per_weight(self):
-        return 8 * (self.packed.numel() + self.absmax_q.numel() + 4 * self.absmax_scale.numel() + 4) \
-            / (self.in_features * self.out_features)
-
-    def forward(self, x):
-        if torch.is_autocast_enabled(x.device.type):
-            x = x.to(torch.get_autocast_dtype(x.device.type))
-        y = NF4Matmul.apply(x, self)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
-
-
-def quantize_nf4(model, block_size=64, targets=("c_attn", "c_proj", "c_fc")):
-    """Replace the named linear layers' weights by NF4Linear, in place (the embedding and head stay as they are);
-    returns the model."""
-    return swap_layers(model, lambda name, layer: NF4Linear(layer, block_size)
-                       if name in targets and isinstance(layer, nn.Linear) else None)
 
 
 # -------------------------------------------------------------- files: checkpoints, token files, downloads

@@ -147,8 +147,8 @@ class Config:
 # ------------------------------------------------------------------------------------------ model
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * g: LayerNorm without the mean and the bias (Zhang and Sennrich 2019, eq. 4).
-    Computed in float32 whatever the input, as the reference does, then cast back."""
+    """x / sqrt(mean(x^2) + eps) * g: LayerNorm without the mean and the bias (Zhang and Sennrich
+    2019, eq. 4). Computed in float32 whatever the input, as the reference does, then cast back."""
 
     def __init__(self, dim, eps):
         super().__init__()
@@ -157,7 +157,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         x32 = x.float()
-        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+        inv_rms = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)  # 1 / RMS(x), eq. 4
+        return self.weight * (x32 * inv_rms).type_as(x)
 
 
 def yarn_rope_frequencies(cfg, device=None):
@@ -193,14 +194,15 @@ def yarn_mscale(factor, mscale=1.0):
 
 
 def apply_rotary(x, cos, sin):
-    """Rotate x (B, heads, T, head_dim) by its positions' angles; cos and sin are (T, head_dim), float32.
+    """Rotate x (B, heads, T, head_dim) by its positions' angles; cos and sin are (T, head_dim),
+    float32.
 
-    RoFormer (section 3.2) reads a query as d/2 complex numbers q_i = x_{2i} + j x_{2i+1} and multiplies each by
-    e^{j m theta_i} at position m, so q_m . k_n depends only on m - n; eq. 34 is the same rotation written with
-    cos and sin on adjacent pairs. Meta's released code does exactly that. Hugging Face checkpoints pair
-    dimension i with i + d/2 instead ("rotate half"): their conversion script permuted the rows of W_q and W_k
-    so that the two layouts give the same scores.
-    We use the half layout, so Hugging Face weights load unchanged:
+    RoFormer (section 3.2) reads a query as d/2 complex numbers q_i = x_{2i} + j x_{2i+1} and
+    multiplies each by e^{j m theta_i} at position m, so q_m . k_n depends only on m - n; eq. 34 is
+    the same rotation written with cos and sin on adjacent pairs. Meta's released code does exactly
+    that. Hugging Face checkpoints pair dimension i with i + d/2 instead ("rotate half"): their
+    conversion script permuted the rows of W_q and W_k so that the two layouts give the same
+    scores. We use the half layout, so Hugging Face weights load unchanged:
         x_i'       = x_i cos(m theta_i) - x_{i+d/2} sin(m theta_i)
         x_{i+d/2}' = x_{i+d/2} cos(m theta_i) + x_i sin(m theta_i)
     """
@@ -286,8 +288,9 @@ class MLA(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU (Shazeer 2020, eq. 6 without biases): W_down (SiLU(x W_gate) * (x W_up)). Its width is 8/3 n_embd
-    rather than 4 n_embd in Llama, which keeps the parameter count of a two-matrix MLP (LLaMA paper, section 2)."""
+    """SwiGLU (Shazeer 2020, eq. 6 without biases): W_down (SiLU(x W_gate) * (x W_up)). Its width is
+    8/3 n_embd rather than 4 n_embd in Llama, which keeps the parameter count of a two-matrix MLP
+    (LLaMA paper, section 2)."""
 
     def __init__(self, n_embd, width, dropout=0.0):
         super().__init__()
@@ -613,7 +616,7 @@ class DeepSeek(nn.Module):
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, on_logits=None):
-    """logits (B, V) -> next token ids (B, 1); on_logits: called with the logits first (--show_top)."""
+    """logits (B, V) -> next token ids (B, 1); on_logits(logits) is called first (--show_top)."""
     if on_logits is not None:
         on_logits(logits)
     if temperature == 0:
@@ -622,10 +625,10 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, on_logits=None)
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k).values[:, [-1]]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:  # nucleus sampling (Holtzman et al. 2019, arXiv 1904.09751)
+    if top_p is not None and top_p < 1.0:  # nucleus sampling (Holtzman et al. 2019, 1904.09751)
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
-        outside = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this token already reaches top_p
+        outside = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this token reaches top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
 

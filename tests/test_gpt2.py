@@ -155,6 +155,55 @@ def test_cached_forward_matches_full_forward():
             model(idx[:, :1], cache=cache, pos=32)  # past block_size
 
 
+# ------------------------------------------------------------------- attention, the paper's and fast
+
+@pytest.mark.parametrize("T, pos", [(9, 0), (1, 0), (1, 7), (5, 7)])  # from 0, one token, a chunk
+def test_attention_is_the_papers_equation(T, pos):
+    """attention (scaled_dot_product_attention) = attention_reference, eq. 1 with the causal mask as
+    written, from position 0 and after pos cached keys, float32."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 3, T, 16)
+    k, v = torch.randn(2, 2, 3, pos + T, 16).unbind(0)
+    fast, ref = gpt2.attention(q, k, v, pos), gpt2.attention_reference(q, k, v, pos)
+    assert fast.shape == ref.shape == (2, 3, T, 16)
+    assert max_diff(fast, ref) < 1e-5
+
+
+def test_the_model_on_the_reference_attention(monkeypatch):
+    """The whole model with attention_reference in place of attention: the same logits, whole and by
+    chunks after a KV cache, to 1e-5."""
+    model = tiny_gpt(seed=3)
+    idx = ids(300, 2, 32, seed=4)
+    with torch.no_grad():
+        fast = model(idx)[0]
+        monkeypatch.setattr(gpt2, "attention", lambda q, k, v, pos=0, dropout=0.0:
+                            gpt2.attention_reference(q, k, v, pos))
+        ref = model(idx)[0]
+        cache = [gpt2.KVCache(32) for _ in model.transformer.h]
+        chunks = torch.cat([model(idx[:, a:b], cache=cache, pos=a)[0] for a, b in [(0, 10), (10, 11), (11, 32)]], 1)
+    assert max_diff(fast, ref) < 1e-5 and max_diff(fast, chunks) < 1e-5
+
+
+def test_optimizer_groups_by_name(tmp_path):
+    """optimizer_groups names every parameter; its groups are the old rule's (decay: a matrix; Muon: a
+    decayed matrix but the embeddings and head), for a fresh model and for one loaded with assign=True
+    (which drops a tensor's attributes: why the groups go by name)."""
+    def old_rule(model):
+        tables = {id(model.transformer.wte.weight), id(model.transformer.wpe.weight)}
+        return {name: "muon" if p.dim() == 2 and id(p) not in tables else "decay" if p.dim() >= 2 else "no_decay"
+                for name, p in model.named_parameters()}
+    model = tiny_gpt()
+    groups = model.optimizer_groups()
+    assert groups == old_rule(model)
+    assert groups["transformer.wpe.weight"] == "decay" and groups["transformer.h.1.ln_2.bias"] == "no_decay"
+    assert groups["transformer.h.0.attn.c_attn.weight"] == "muon"
+    gpt2.save_pretrained(model, tmp_path)
+    assert gpt2.from_pretrained(tmp_path).optimizer_groups() == groups
+    loaded = gpt2.GPT(model.config)
+    loaded.load_state_dict(model.state_dict(), assign=True)  # the head untied: a second "decay" table
+    assert loaded.optimizer_groups() == dict(groups, **{"lm_head.weight": "decay"})
+
+
 @pytest.mark.parametrize("t", [1, 7, 20, 31])
 def test_causality(t):
     model = tiny_gpt(seed=5)

@@ -221,6 +221,60 @@ def test_cached_forward_matches_full_forward():
             model(idx[:, :1], cache=cache, pos=32)  # past block_size
 
 
+# ------------------------------------------------------------------- attention, the paper's and fast
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])  # MHA, GQA, MQA
+@pytest.mark.parametrize("T, pos", [(9, 0), (1, 7), (5, 7)])  # from 0, one token after a cache, a chunk
+def test_attention_is_grouped_query_attention_as_written(n_kv_head, T, pos):
+    """attention (SDPA, enable_gqa) = gqa_reference (the key/value heads copied to every query head of
+    their group, then eq. 1 with the causal mask as written), float32; for MHA both are eq. 1 itself."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, T, 16)
+    k, v = torch.randn(2, 2, n_kv_head, pos + T, 16).unbind(0)
+    fast, ref = llama2.attention(q, k, v, pos), llama2.gqa_reference(q, k, v, pos)
+    assert fast.shape == ref.shape == (2, 4, T, 16)
+    assert max_diff(fast, ref) < 1e-5
+    if n_kv_head == 4:
+        assert torch.equal(ref, llama2.attention_reference(q, k, v, pos))
+
+
+def test_the_model_on_the_reference_attention(monkeypatch):
+    """The whole GQA model with gqa_reference in place of attention: the same logits, whole and by
+    chunks after a KV cache, to 1e-5."""
+    model = tiny_llama(seed=3)
+    idx = ids(300, 2, 32, seed=4)
+    with torch.no_grad():
+        fast = model(idx)[0]
+        monkeypatch.setattr(llama2, "attention", lambda q, k, v, pos=0, dropout=0.0:
+                            llama2.gqa_reference(q, k, v, pos))
+        ref = model(idx)[0]
+        cache = [llama2.KVCache(32) for _ in model.model.layers]
+        chunks = torch.cat([model(idx[:, a:b], cache=cache, pos=a)[0] for a, b in [(0, 10), (10, 11), (11, 32)]], 1)
+    assert max_diff(fast, ref) < 1e-5 and max_diff(fast, chunks) < 1e-5
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_optimizer_groups_by_name(tmp_path, tied):
+    """optimizer_groups names every parameter; its groups are the old rule's (decay: a matrix; Muon: a
+    decayed matrix but the embedding and head), for a fresh model, after from_pretrained, and after
+    load_state_dict(assign=True), which drops a tensor's attributes (why the groups go by name)."""
+    def old_rule(model):
+        tables = {id(model.model.embed_tokens.weight), id(model.lm_head.weight)}
+        return {name: "muon" if p.dim() == 2 and id(p) not in tables else "decay" if p.dim() >= 2 else "no_decay"
+                for name, p in model.named_parameters()}
+    model = tiny_llama(tie_embeddings=tied)
+    groups = model.optimizer_groups()
+    assert groups == old_rule(model) and set(groups) == {name for name, _ in model.named_parameters()}
+    assert groups["model.layers.1.self_attn.k_proj.weight"] == "muon" and groups["model.norm.weight"] == "no_decay"
+    assert ("lm_head.weight" in groups) != tied
+    llama2.save_pretrained(model, tmp_path)
+    assert llama2.from_pretrained(tmp_path).optimizer_groups() == groups
+    if not tied:
+        loaded = llama2.Llama(model.config)
+        loaded.load_state_dict(model.state_dict(), assign=True)
+        assert loaded.optimizer_groups() == groups
+
+
 # ------------------------------------------------------------------------------------- rotary
 
 def test_rotary_is_relative_and_equals_the_complex_form():

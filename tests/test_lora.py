@@ -125,6 +125,30 @@ def test_lora_linear_is_the_papers_update():
 
 # ------------------------------------------------------------------------------------ what trains
 
+def old_rule(model):
+    """The groups configure_optimizer used to infer, frozen parameters included: decay a matrix, Muon a
+    decayed matrix but the embeddings and head."""
+    tables = {id(model.transformer.wte.weight), id(model.transformer.wpe.weight), id(model.lm_head.weight)}
+    return {name: "muon" if p.dim() == 2 and id(p) not in tables else "decay" if p.dim() >= 2 else "no_decay"
+            for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("qlora", [False, True])
+def test_optimizer_groups_by_name(hf_dir, qlora):
+    """GPT.optimizer_groups (gpt2.py's text) names every parameter of an adapted model, frozen or not, NF4
+    base or not, with the old rule's group: the adapters "muon", the frozen biases "no_decay"; after
+    from_pretrained (load_state_dict(assign=True)) too."""
+    for model in (tiny(), lora.from_pretrained(hf_dir)):
+        if qlora:
+            lora.quantize_nf4(model)
+        lora.add_lora(model)
+        groups = model.optimizer_groups()
+        assert groups == old_rule(model)
+        assert groups["transformer.h.0.attn.c_attn.lora_A.weight"] == "muon"
+        assert groups["transformer.h.1.mlp.c_fc.base.bias"] == "no_decay"
+        assert {g for name, g in groups.items() if ".lora_" in name} == {"muon"}
+
+
 @pytest.mark.parametrize("targets", [TARGETS, ("c_attn",), ("c_fc", "c_proj")])
 def test_only_adapters_train(targets):
     """After add_lora only lora_A/lora_B require gradients and get them in a backward; their count is r (in + out)
@@ -353,6 +377,22 @@ def test_nf4_zero_blocks_and_bits():
     assert layer.bits_per_weight() == pytest.approx(4.127, abs=1e-3)
     stored_bits = 8 * sum(t.numel() * t.element_size() for t in layer.state_dict().values())
     assert stored_bits == layer.bits_per_weight() * 256 ** 2
+
+
+def test_nf4_layer_is_the_papers_quantization():
+    """NF4Linear holds nf4_quantize's codes (section 3 as written: block absmax, nearest NF4 value), and its
+    fast dequantization (weight_as: one gather on byte pairs) is nf4_dequantize's, bit for bit, with the
+    stored (double-quantized) absmax; with the exact absmax the reference is within the rounding bound."""
+    torch.manual_seed(0)
+    w = torch.randn(96, 128)
+    layer = lora.NF4Linear(linear_with(w))
+    codes, absmax = lora.nf4_quantize(w)
+    assert codes.shape == (96 * 128 // 64, 64) and torch.equal(unpack(layer), codes.flatten())
+    assert torch.equal(layer.absmax(), stored_absmax(layer)) and max_diff(layer.absmax(), absmax) < 0.01 * absmax.max()
+    fast = layer.weight_as(torch.float32)
+    assert torch.equal(fast, lora.nf4_dequantize(codes, layer.absmax()).view(96, 128))
+    ref = lora.nf4_dequantize(codes, absmax).view(96, 128)
+    assert ((w - ref).view(-1, 64).abs().amax(1) <= absmax * HALF_MAX_GAP + 1e-6).all()
 
 
 # ------------------------------------------------------------------------------------ QLoRA training
