@@ -1,52 +1,68 @@
-"""Infini-attention in one file: a Llama-style decoder whose attention runs segment by segment, with a compressive
-memory carried from segment to segment, so the state it keeps is the same size at any length of context.
+"""Infini-attention in one file: a Llama-style decoder whose attention runs segment by segment,
+with a compressive memory carried from segment to segment, so the state it keeps is the same size at
+any length of context.
 
-Paper: Munkhdalai, Faruqui and Gopal 2024, "Leave No Context Behind: Efficient Infinite Context Transformers with
-Infini-attention", arXiv 2404.07143, section 2. Inside a segment of --segment_len tokens: causal dot-product
-attention with rotary positions (RoFormer, arXiv 2104.09864). Across segments: per layer and per key/value head a
-memory M (d_key x d_value) and a normaliser z (d_key), written with each finished segment's keys and values and
-read by the next segments' queries, as linear attention (Katharopoulos et al. 2020, arXiv 2006.16236) with
-sigma = ELU + 1: retrieval A_mem = sigma(Q) M / (sigma(Q) z) (eq. 3), then the update, either linear
-M += sigma(K)^T V (eq. 4) or delta M += sigma(K)^T (V - sigma(K) M / (sigma(K) z)) (eq. 5, Schlag et al. 2021),
-and z += sum_t sigma(K_t). A learned gate per head mixes the two: A = sigmoid(beta) A_mem + (1 - sigmoid(beta)) A_dot
-(eq. 6). The rest is Llama's (llama2.py): RMSNorm, SwiGLU, grouped-query attention, no biases; or, with
---n_expert (or a Mixtral checkpoint), Mixtral's sparse mixture of experts in place of SwiGLU (mixtral.py's SparseMoE,
-the same text: Jiang et al. 2024, arXiv 2401.04088), its router's flags and statistics as in mixtral.py.
+Paper: Munkhdalai, Faruqui and Gopal 2024, "Leave No Context Behind: Efficient Infinite Context
+Transformers with Infini-attention", arXiv 2404.07143, section 2. Inside a segment of --segment_len
+tokens: causal dot-product attention with rotary positions (RoFormer, arXiv 2104.09864). Across
+segments: per layer and per key/value head a memory M (d_key x d_value) and a normaliser z (d_key),
+written with each finished segment's keys and values and read by the next segments' queries, as
+linear attention (Katharopoulos et al. 2020, arXiv 2006.16236) with sigma = ELU + 1: retrieval
+    A_mem = sigma(Q) M / (sigma(Q) z)                                        (eq. 3)
+then the update, either linear or delta (Schlag et al. 2021), and z += sum_t sigma(K_t):
+    M += sigma(K)^T V                                                        (eq. 4)
+    M += sigma(K)^T (V - sigma(K) M / (sigma(K) z))                          (eq. 5)
+A learned gate per head mixes the two:
+    A = sigmoid(beta) A_mem + (1 - sigmoid(beta)) A_dot                      (eq. 6)
+The rest is Llama's (llama2.py): RMSNorm, SwiGLU, grouped-query attention, no biases; or, with
+--n_expert (or a Mixtral checkpoint), Mixtral's sparse mixture of experts in place of SwiGLU
+(mixtral.py's SparseMoE, the same text: Jiang et al. 2024, arXiv 2401.04088), its router's flags and
+statistics as in mixtral.py.
 
-Choices the paper leaves open, made here and said once: memory keys and queries carry no position (the rotary
-angles are applied only to the local attention's copies); a segment reads the memory as it was when the segment
-began (retrieval before update); an empty memory (the first segment) is read as nothing at all, so there the
-output is the local attention alone, exactly (no 0/0, no gate), which makes a converted Llama give the base
-model's logits on any text no longer than one segment; rotary positions restart at 0 in every segment (scores
-inside a segment depend only on distances, so this changes nothing there, and no position ever exceeds
---segment_len, however long the context); with grouped-query attention the memory is per key/value head, read by
-the query heads of its group. Training runs over --block_size = segments x segment_len tokens with gradients
-through the memory (back-propagation through all segments of the sequence), all segments at once: one causal
-attention call with the segments as a batch (rotary restarts in each), the memories they read as a cumulative sum
-over the segments before (the delta rule's recurrence runs over the d x d memories only). The gates' parameters
-take no weight decay and their own learning rate (--gate_lr): public attempts to reproduce the paper found that at
-the model's rate the gates hardly move.
+Choices the paper leaves open, made here and said once: memory keys and queries carry no position
+(the rotary angles are applied only to the local attention's copies); a segment reads the memory as
+it was when the segment began (retrieval before update); an empty memory (the first segment) is read
+as nothing at all, so there the output is the local attention alone, exactly (no 0/0, no gate),
+which makes a converted Llama give the base model's logits on any text no longer than one segment;
+rotary positions restart at 0 in every segment (scores inside a segment depend only on distances, so
+this changes nothing there, and no position ever exceeds --segment_len, however long the context);
+with grouped-query attention the memory is per key/value head, read by the query heads of its group.
+Training runs over --block_size = segments x segment_len tokens with gradients through the memory
+(back-propagation through all segments of the sequence). The gates' parameters take no
+weight decay and their own learning rate (--gate_lr): public attempts to reproduce the paper found
+that at the model's rate the gates hardly move.
 
-What is here: the model; `generate` with a state per layer of one segment's keys and values plus the memory, the
-same bytes at 1K and at 100K tokens of context; `from_pretrained` turning a Hugging Face Llama or Mixtral checkpoint
-into an Infini-attention model (the paper's continual pre-training setting; a Mixtral's sliding window, if it has
-one, bounds the segment: a segment no longer than the window is never cut by it, a longer one is refused); training
-on tiny-shakespeare (FineWeb, or any text file) and on a synthetic passkey-retrieval task (`--task passkey`, with
-accuracy by context length, with the memory and with it gated off); bf16 autocast, torch.compile,
-DistributedDataParallel, exact resume. What is not: the paper's 1M-token passkey and 500K-token book-summary
-experiments (its models are 1B and 8B, trained on far more text), and fused kernels (the memory is plain matmuls).
+The model section opens with `Attention.segment_loop`, section 2.1 as written: for each segment,
+local attention, the memory's retrieval, the gate, the memory's update, then the next segment.
+`Attention.forward`, which the model runs, is the same, fast: all segments at once, one causal
+attention call with the segments as a batch (rotary restarts in each), the memories they read as a
+cumulative sum over the segments before (the delta rule's recurrence runs over the d x d memories
+only); the tests hold the two equal.
 
-    python infini_attention.py                                     # CPU: a tiny model, about three minutes
+What is here: the model; `generate` with a state per layer of one segment's keys and values plus the
+memory, the same bytes at 1K and at 100K tokens of context; `from_pretrained` turning a Hugging Face
+Llama or Mixtral checkpoint into an Infini-attention model (the paper's continual pre-training
+setting; a Mixtral's sliding window, if it has one, bounds the segment: a segment no longer than the
+window is never cut by it, a longer one is refused); training on tiny-shakespeare (FineWeb, or any
+text file) and on a synthetic passkey-retrieval task (`--task passkey`, with accuracy by context
+length, with the memory and with it gated off); bf16 autocast, torch.compile,
+DistributedDataParallel, exact resume. What is not: the paper's 1M-token passkey and 500K-token
+book-summary experiments (its models are 1B and 8B, trained on far more text), and fused kernels
+(the memory is plain matmuls).
+
+    python infini_attention.py                                     # CPU: a tiny model, 3 minutes
     python infini_attention.py --device cuda                       # one GPU: bf16, torch.compile
-    python infini_attention.py --task passkey --device cuda        # passkey retrieval, accuracy by length
+    python infini_attention.py --task passkey --device cuda        # passkey, accuracy by length
     torchrun --standalone --nproc_per_node 8 infini_attention.py   # DDP on 8 GPUs
-    HF_TOKEN=... python infini_attention.py --init_from meta-llama/Llama-3.2-1B --segment_len 512 --block_size 2048
-    python infini_attention.py --init_from DIR --task passkey      # DIR: a Llama or a Mixtral (mixtral.py --export DIR)
+    HF_TOKEN=... python infini_attention.py --init_from meta-llama/Llama-3.2-1B --segment_len 512 \
+        --block_size 2048
+    python infini_attention.py --init_from DIR --task passkey      # DIR: a Llama or a Mixtral
     python infini_attention.py --n_expert 8 --top_k_experts 2      # from scratch, with Mixtral's experts
 
-Offline (no download, no tiktoken files) it says so and carries on: the Python standard library's own source as
-the text, raw UTF-8 bytes as the tokens. Every step's randomness (batches, dropout) is drawn from a seed made of
-(--seed, iteration, rank), so `--init_from resume` continues exactly as an uninterrupted run would.
+Offline (no download, no tiktoken files) it says so and carries on: the Python standard library's
+own source as the text, raw UTF-8 bytes as the tokens. Every step's randomness (batches, dropout) is
+drawn from a seed made of (--seed, iteration, rank), so `--init_from resume` continues exactly as an
+uninterrupted run would.
 """
 import argparse
 import hashlib
