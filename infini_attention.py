@@ -1,52 +1,68 @@
-"""Infini-attention in one file: a Llama-style decoder whose attention runs segment by segment, with a compressive
-memory carried from segment to segment, so the state it keeps is the same size at any length of context.
+"""Infini-attention in one file: a Llama-style decoder whose attention runs segment by segment,
+with a compressive memory carried from segment to segment, so the state it keeps is the same size at
+any length of context.
 
-Paper: Munkhdalai, Faruqui and Gopal 2024, "Leave No Context Behind: Efficient Infinite Context Transformers with
-Infini-attention", arXiv 2404.07143, section 2. Inside a segment of --segment_len tokens: causal dot-product
-attention with rotary positions (RoFormer, arXiv 2104.09864). Across segments: per layer and per key/value head a
-memory M (d_key x d_value) and a normaliser z (d_key), written with each finished segment's keys and values and
-read by the next segments' queries, as linear attention (Katharopoulos et al. 2020, arXiv 2006.16236) with
-sigma = ELU + 1: retrieval A_mem = sigma(Q) M / (sigma(Q) z) (eq. 3), then the update, either linear
-M += sigma(K)^T V (eq. 4) or delta M += sigma(K)^T (V - sigma(K) M / (sigma(K) z)) (eq. 5, Schlag et al. 2021),
-and z += sum_t sigma(K_t). A learned gate per head mixes the two: A = sigmoid(beta) A_mem + (1 - sigmoid(beta)) A_dot
-(eq. 6). The rest is Llama's (llama2.py): RMSNorm, SwiGLU, grouped-query attention, no biases; or, with
---n_expert (or a Mixtral checkpoint), Mixtral's sparse mixture of experts in place of SwiGLU (mixtral.py's SparseMoE,
-the same text: Jiang et al. 2024, arXiv 2401.04088), its router's flags and statistics as in mixtral.py.
+Paper: Munkhdalai, Faruqui and Gopal 2024, "Leave No Context Behind: Efficient Infinite Context
+Transformers with Infini-attention", arXiv 2404.07143, section 2. Inside a segment of --segment_len
+tokens: causal dot-product attention with rotary positions (RoFormer, arXiv 2104.09864). Across
+segments: per layer and per key/value head a memory M (d_key x d_value) and a normaliser z (d_key),
+written with each finished segment's keys and values and read by the next segments' queries, as
+linear attention (Katharopoulos et al. 2020, arXiv 2006.16236) with sigma = ELU + 1: retrieval
+    A_mem = sigma(Q) M / (sigma(Q) z)                                        (eq. 3)
+then the update, either linear or delta (Schlag et al. 2021), and z += sum_t sigma(K_t):
+    M += sigma(K)^T V                                                        (eq. 4)
+    M += sigma(K)^T (V - sigma(K) M / (sigma(K) z))                          (eq. 5)
+A learned gate per head mixes the two:
+    A = sigmoid(beta) A_mem + (1 - sigmoid(beta)) A_dot                      (eq. 6)
+The rest is Llama's (llama2.py): RMSNorm, SwiGLU, grouped-query attention, no biases; or, with
+--n_expert (or a Mixtral checkpoint), Mixtral's sparse mixture of experts in place of SwiGLU
+(mixtral.py's SparseMoE, the same text: Jiang et al. 2024, arXiv 2401.04088), its router's flags and
+statistics as in mixtral.py.
 
-Choices the paper leaves open, made here and said once: memory keys and queries carry no position (the rotary
-angles are applied only to the local attention's copies); a segment reads the memory as it was when the segment
-began (retrieval before update); an empty memory (the first segment) is read as nothing at all, so there the
-output is the local attention alone, exactly (no 0/0, no gate), which makes a converted Llama give the base
-model's logits on any text no longer than one segment; rotary positions restart at 0 in every segment (scores
-inside a segment depend only on distances, so this changes nothing there, and no position ever exceeds
---segment_len, however long the context); with grouped-query attention the memory is per key/value head, read by
-the query heads of its group. Training runs over --block_size = segments x segment_len tokens with gradients
-through the memory (back-propagation through all segments of the sequence), all segments at once: one causal
-attention call with the segments as a batch (rotary restarts in each), the memories they read as a cumulative sum
-over the segments before (the delta rule's recurrence runs over the d x d memories only). The gates' parameters
-take no weight decay and their own learning rate (--gate_lr): public attempts to reproduce the paper found that at
-the model's rate the gates hardly move.
+Choices the paper leaves open, made here and said once: memory keys and queries carry no position
+(the rotary angles are applied only to the local attention's copies); a segment reads the memory as
+it was when the segment began (retrieval before update); an empty memory (the first segment) is read
+as nothing at all, so there the output is the local attention alone, exactly (no 0/0, no gate),
+which makes a converted Llama give the base model's logits on any text no longer than one segment;
+rotary positions restart at 0 in every segment (scores inside a segment depend only on distances, so
+this changes nothing there, and no position ever exceeds --segment_len, however long the context);
+with grouped-query attention the memory is per key/value head, read by the query heads of its group.
+Training runs over --block_size = segments x segment_len tokens with gradients through the memory
+(back-propagation through all segments of the sequence). The gates' parameters take no
+weight decay and their own learning rate (--gate_lr): public attempts to reproduce the paper found
+that at the model's rate the gates hardly move.
 
-What is here: the model; `generate` with a state per layer of one segment's keys and values plus the memory, the
-same bytes at 1K and at 100K tokens of context; `from_pretrained` turning a Hugging Face Llama or Mixtral checkpoint
-into an Infini-attention model (the paper's continual pre-training setting; a Mixtral's sliding window, if it has
-one, bounds the segment: a segment no longer than the window is never cut by it, a longer one is refused); training
-on tiny-shakespeare (FineWeb, or any text file) and on a synthetic passkey-retrieval task (`--task passkey`, with
-accuracy by context length, with the memory and with it gated off); bf16 autocast, torch.compile,
-DistributedDataParallel, exact resume. What is not: the paper's 1M-token passkey and 500K-token book-summary
-experiments (its models are 1B and 8B, trained on far more text), and fused kernels (the memory is plain matmuls).
+The model section opens with `Attention.segment_loop`, section 2.1 as written: for each segment,
+local attention, the memory's retrieval, the gate, the memory's update, then the next segment.
+`Attention.forward`, which the model runs, is the same, fast: all segments at once, one causal
+attention call with the segments as a batch (rotary restarts in each), the memories they read as a
+cumulative sum over the segments before (the delta rule's recurrence runs over the d x d memories
+only); the tests hold the two equal.
 
-    python infini_attention.py                                     # CPU: a tiny model, about three minutes
+What is here: the model; `generate` with a state per layer of one segment's keys and values plus the
+memory, the same bytes at 1K and at 100K tokens of context; `from_pretrained` turning a Hugging Face
+Llama or Mixtral checkpoint into an Infini-attention model (the paper's continual pre-training
+setting; a Mixtral's sliding window, if it has one, bounds the segment: a segment no longer than the
+window is never cut by it, a longer one is refused); training on tiny-shakespeare (FineWeb, or any
+text file) and on a synthetic passkey-retrieval task (`--task passkey`, with accuracy by context
+length, with the memory and with it gated off); bf16 autocast, torch.compile,
+DistributedDataParallel, exact resume. What is not: the paper's 1M-token passkey and 500K-token
+book-summary experiments (its models are 1B and 8B, trained on far more text), and fused kernels
+(the memory is plain matmuls).
+
+    python infini_attention.py                                     # CPU: a tiny model, 3 minutes
     python infini_attention.py --device cuda                       # one GPU: bf16, torch.compile
-    python infini_attention.py --task passkey --device cuda        # passkey retrieval, accuracy by length
+    python infini_attention.py --task passkey --device cuda        # passkey, accuracy by length
     torchrun --standalone --nproc_per_node 8 infini_attention.py   # DDP on 8 GPUs
-    HF_TOKEN=... python infini_attention.py --init_from meta-llama/Llama-3.2-1B --segment_len 512 --block_size 2048
-    python infini_attention.py --init_from DIR --task passkey      # DIR: a Llama or a Mixtral (mixtral.py --export DIR)
+    HF_TOKEN=... python infini_attention.py --init_from meta-llama/Llama-3.2-1B --segment_len 512 \
+        --block_size 2048
+    python infini_attention.py --init_from DIR --task passkey      # DIR: a Llama or a Mixtral
     python infini_attention.py --n_expert 8 --top_k_experts 2      # from scratch, with Mixtral's experts
 
-Offline (no download, no tiktoken files) it says so and carries on: the Python standard library's own source as
-the text, raw UTF-8 bytes as the tokens. Every step's randomness (batches, dropout) is drawn from a seed made of
-(--seed, iteration, rank), so `--init_from resume` continues exactly as an uninterrupted run would.
+Offline (no download, no tiktoken files) it says so and carries on: the Python standard library's
+own source as the text, raw UTF-8 bytes as the tokens. Every step's randomness (batches, dropout) is
+drawn from a seed made of (--seed, iteration, rank), so `--init_from resume` continues exactly as an
+uninterrupted run would.
 """
 import argparse
 import hashlib
@@ -155,6 +171,439 @@ class Config:
 
 
 # ------------------------------------------------------------------------------------------ model
+# The paper first: Attention.segment_loop is section 2.1 as written, one segment after the other
+# (local attention, the memory's retrieval, the gate, the memory's update, then the next segment).
+# Then the same, fast: Attention.forward, which the model calls, takes every segment of a call at
+# once; tests/test_infini_attention.py holds the two equal (logits, loss, gradients, the memory).
+# The pieces Llama's paper brings (RMSNorm, rotary, SwiGLU) come after the model, borrowed.
+
+def elu1(x):
+    """sigma(x) = ELU(x) + 1 > 0, the feature map of the memory's linear attention (section 2.1.2),
+    in float32."""
+    return F.elu(x.float()) + 1
+
+
+def retrieve(s, M, z):
+    """A_mem = sigma(q) M / (sigma(q) z) (eq. 3) for features s = sigma(q) (..., H_kv, n, d), each
+    row read by its own key/value head's memory M (..., H_kv, d, d), z (..., H_kv, d). The
+    denominator is a sum of positive terms once the memory holds a segment; the clamp only guards
+    the exact zeros of an empty row."""
+    with torch.autocast(s.device.type, enabled=False):  # the memory is read and written in float32
+        return (s @ M) / (s @ z.unsqueeze(-1)).clamp(min=1e-6)
+
+
+class MemoryState:
+    """What one layer carries from call to call: the compressive memory M (B, n_kv_head, d, d)
+    and z (B, n_kv_head, d), float32, None while empty; and the keys and values of the current,
+    unfinished segment, without rotary (added at each use), in a buffer of segment_len - 1 slots
+    (2, B, n_kv_head, segment_len - 1, d) taken when the segment starts and let go when it is
+    written into the memory: a decoded token writes its key and value into the buffer rather than
+    copying the segment so far. Its size is bounded by one segment."""
+
+    def __init__(self):
+        self.M = self.z = self.buffer = None
+        self.filled = 0  # tokens of the current segment seen so far, < segment_len
+
+    @property
+    def k(self):  # (B, n_kv_head, filled, d): the segment's keys so far, a view (None: none yet)
+        return None if self.buffer is None else self.buffer[0, :, :, :self.filled]
+
+    @property
+    def v(self):
+        return None if self.buffer is None else self.buffer[1, :, :, :self.filled]
+
+    def append(self, k, v, segment_len):
+        """k, v (B, n_kv_head, T, d) after the segment so far, which stays unfinished
+        (filled + T < segment_len)."""
+        if self.buffer is None:
+            self.buffer = k.new_empty(2, *k.shape[:2], segment_len - 1, k.size(-1))
+        elif torch.is_grad_enabled():  # autograd may hold the buffer for its backward: write a copy
+            self.buffer = self.buffer.clone()
+        T = k.size(2)
+        self.buffer[0, :, :, self.filled:self.filled + T] = k
+        self.buffer[1, :, :, self.filled:self.filled + T] = v
+        self.filled += T
+
+    def nbytes(self):
+        tensors = (self.M, self.z, self.buffer)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+class Attention(nn.Module):
+    """Infini-attention (Figure 1, section 2.1): local causal attention inside the segment, the
+    memory's retrieval, a gated sum, then o_proj. Projections named as Hugging Face's Llama, so its
+    weights load unchanged. segment_loop is the paper's loop over segments; forward gives its
+    numbers without a loop (the same, fast)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.dropout = cfg.dropout
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
+        # beta, one per query head (eq. 6)
+        self.gate = nn.Parameter(torch.full((cfg.n_head,), cfg.gate_init))
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def segment_loop(self, x, cos, sin, state):
+        """Section 2.1 as written, one segment s at a time, its queries Q, keys K, values V:
+            A_dot = softmax(Q K^T / sqrt(d)) V, causal, rotary inside the segment       (eq. 2)
+            A_mem = sigma(Q) M_{s-1} / (sigma(Q) z_{s-1})                                (eq. 3)
+            A = sigmoid(beta) A_mem + (1 - sigmoid(beta)) A_dot                          (eq. 6)
+            M_s = M_{s-1} + sigma(K)^T V                                     (eq. 4, linear)
+            M_s = M_{s-1} + sigma(K)^T (V - sigma(K) M_{s-1} / (sigma(K) z_{s-1}))   (eq. 5, delta)
+            z_s = z_{s-1} + sum_t sigma(K_t)
+        then the next segment. The memory starts empty and is read as nothing (A = A_dot).
+        x (B, T, C) continues `state` (updated in place); T is any length, cut at the segment
+        boundaries (the first piece finishes the state's unfinished segment, whose keys and values
+        the state holds). forward gives the same, fast."""
+        B, T, _ = x.shape
+        H, Hkv, d, N = self.n_head, self.n_kv_head, self.head_dim, self.cfg.segment_len
+        g = torch.sigmoid(self.gate.float()).view(1, H, 1, 1)               # sigmoid(beta) per head
+        p_drop = self.dropout if self.training else 0.0
+        outs, t = [], 0
+        while t < T:  # segment s, or its next n tokens: positions p..p+n-1 of the segment
+            p = state.filled
+            n = min(T - t, N - p)
+            xs = x[:, t:t + n]
+            q = self.q_proj(xs).view(B, n, H, d).transpose(1, 2)              # (B, H, n, d)
+            k = self.k_proj(xs).view(B, n, Hkv, d).transpose(1, 2)            # (B, Hkv, n, d)
+            v = self.v_proj(xs).view(B, n, Hkv, d).transpose(1, 2)
+            K = torch.cat((state.k, k), dim=2) if p else k                    # (B, Hkv, p+n, d)
+            V = torch.cat((state.v, v), dim=2) if p else v                    # the segment so far
+            # eq. 2: rotary at the positions inside the segment, query p+i sees keys 0..p+i
+            causal = torch.ones(n, p + n, dtype=torch.bool, device=x.device).tril(p)
+            A_dot = F.scaled_dot_product_attention(apply_rotary(q, cos[p:p + n], sin[p:p + n]),
+                                                   apply_rotary(K, cos[:p + n], sin[:p + n]), V,
+                                                   attn_mask=causal, dropout_p=p_drop,
+                                                   enable_gqa=True)          # (B, H, n, d)
+            A = A_dot
+            if state.M is not None:  # eq. 3, a kv head's memory read by its group of query heads
+                A_mem = retrieve(elu1(q.reshape(B, Hkv, H // Hkv * n, d)), state.M, state.z)
+                A = (g * A_mem.view(B, H, n, d) + (1 - g) * A_dot.float()).type_as(A_dot)  # eq. 6
+            outs.append(A)
+            if p + n == N:  # the segment is complete: write it into the memory (eqs. 4-5)
+                sK, V = elu1(K), V.float()                                     # (B, Hkv, N, d)
+                with torch.autocast(x.device.type, enabled=False):
+                    if state.M is None:  # M_0 = 0, z_0 = 0: the first write is the memory
+                        state.M, state.z = sK.transpose(-1, -2) @ V, sK.sum(dim=2)
+                    else:
+                        if self.cfg.memory_update == "delta":  # eq. 5: what M does not yet return
+                            V = V - retrieve(sK, state.M, state.z)
+                        state.M = state.M + sK.transpose(-1, -2) @ V
+                        state.z = state.z + sK.sum(dim=2)
+                state.buffer, state.filled = None, 0  # the next segment starts empty
+            else:  # unfinished: its keys and values wait in the state
+                state.append(k, v, N)
+            t += n
+        y = torch.cat(outs, dim=2).transpose(1, 2).reshape(B, T, H * d)
+        return self.resid_dropout(self.o_proj(y))
+
+    # The same, fast. A call first finishes the state's unfinished segment (extend: decoding,
+    # chunks), then takes every later segment at once (segments): rotary restarts in each segment,
+    # so their local attentions are one causal attention with the segments as a batch, and the
+    # memory each segment reads is a cumulative sum over the segments before it.
+
+    def forward(self, x, cos, sin, state):
+        """segment_loop's output, fast: x (B, T, C) continuing `state` (updated in place); T any
+        length."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)      # (B, T, H, d), no rotary yet
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)   # (B, T, Hkv, d)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        # n: the rest of the unfinished segment
+        n = min(T, self.cfg.segment_len - state.filled) if state.filled else 0
+        parts = []
+        if n:
+            parts.append(self.extend(q[:, :n], k[:, :n], v[:, :n], cos, sin, state))
+        if T > n:
+            parts.append(self.segments(q[:, n:], k[:, n:], v[:, n:], cos, sin, state))
+        y = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]    # (B, T, H, d)
+        return self.resid_dropout(self.o_proj(y.reshape(B, T, -1)))
+
+    def extend(self, q, k, v, cos, sin, state):
+        """q (B, T, H, d), k, v (B, T, Hkv, d): the next T tokens of the unfinished segment
+        (0 < filled, filled + T <= segment_len) -> (B, T, H, d)."""
+        T, p, N = q.size(1), state.filled, self.cfg.segment_len
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # (B, heads, T, d)
+        if p + T < N:  # into the buffer, after the segment so far
+            state.append(k, v, N)
+            k, v = state.k, state.v
+        else:  # the segment ends here: its keys and values for the memory, one concatenation
+            k, v = torch.cat((state.k, k), dim=2), torch.cat((state.v, v), dim=2)
+        # local attention (eq. 2): rotary at positions p..p+T-1 of this segment, keys 0..p+T-1
+        mask = None if T == 1 else torch.ones(T, p + T, dtype=torch.bool, device=q.device).tril(p)
+        a = F.scaled_dot_product_attention(apply_rotary(q, cos[p:p + T], sin[p:p + T]),
+                                           apply_rotary(k, cos[:p + T], sin[:p + T]), v,
+                                           attn_mask=mask, enable_gqa=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        if state.M is not None:  # retrieval from the memory (none: local attention alone)
+            a = self.gated(a, q, state.M, state.z)
+        if p + T == N:  # the segment is complete: write it into the memory, start an empty one
+            M, z = self.memories(elu1(k).unsqueeze(1), v.float().unsqueeze(1), state.M, state.z)
+            state.M, state.z, state.buffer, state.filled = M[:, 1], z[:, 1], None, 0
+        return a.transpose(1, 2)
+
+    def segments(self, q, k, v, cos, sin, state):
+        """q (B, T, H, d), k, v (B, T, Hkv, d): T tokens from a segment boundary (filled = 0), every
+        segment at once (the last may be unfinished: its keys and values stay in the state)
+        -> (B, T, H, d)."""
+        B, T, H, d = q.shape
+        N = self.cfg.segment_len
+        L = min(T, N)                    # the fold's segment length (T < N: one short segment)
+        S, full = -(-T // L), T // N     # segments, finished segments
+
+        def fold(t):  # (B, T, h, d) -> (B, S, h, L, d), zeros after the end: causal, unseen
+            t = F.pad(t, (0, 0, 0, 0, 0, S * L - T)) if S * L > T else t
+            return t.view(B, S, L, t.size(2), d).transpose(2, 3)
+
+        qs, ks, vs = fold(q), fold(k), fold(v)
+        # local attention (eq. 2) of all segments in one call: rotary restarts at 0 in each, so
+        # they are a batch
+        a = F.scaled_dot_product_attention(apply_rotary(qs.flatten(0, 1), cos[:L], sin[:L]),
+                                           apply_rotary(ks.flatten(0, 1), cos[:L], sin[:L]),
+                                           vs.flatten(0, 1), is_causal=True, enable_gqa=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        a = a.view(B, S, H, L, d)
+        M_in = state.M
+        if full:  # the memory before each segment, and after the last one (B, full + 1, ...)
+            M, z = self.memories(elu1(ks[:, :full]), vs[:, :full].float(), state.M, state.z)
+            state.M, state.z = M[:, full], z[:, full]
+        elif M_in is not None:
+            M, z = state.M.unsqueeze(1), state.z.unsqueeze(1)
+        first = 0 if M_in is not None else 1  # an empty memory is read as nothing: A_dot alone
+        if S > first:
+            read = self.gated(a[:, first:], qs[:, first:], M[:, first:S], z[:, first:S])
+            a = torch.cat((a[:, :first], read), dim=1) if first else read
+        if T > full * N:  # the unfinished last segment: its keys and values stay in the state
+            state.append(k[:, full * N:].transpose(1, 2), v[:, full * N:].transpose(1, 2), N)
+        return a.transpose(2, 3).reshape(B, S * L, H, d)[:, :T]
+
+    def gated(self, a, q, M, z):
+        """sigmoid(beta) A_mem + (1 - sigmoid(beta)) A_dot (eq. 6), A_mem read by the queries
+        without rotary (eq. 3): a = A_dot and q (..., H, n, d), M (..., Hkv, d, d), z (..., Hkv, d)
+        -> a's shape and dtype."""
+        *lead, H, n, d = q.shape
+        s = elu1(q.reshape(*lead, self.n_kv_head, H // self.n_kv_head * n, d))  # kv heads' groups
+        g = torch.sigmoid(self.gate.float()).view(H, 1, 1)
+        return (g * retrieve(s, M, z).view(q.shape) + (1 - g) * a.float()).type_as(a)
+
+    def memories(self, sk, v, M, z):
+        """Write S finished segments into the memory (eqs. 4-5): sk = sigma(K) and V
+        (B, S, Hkv, N, d), float32, after M (B, Hkv, d, d) and z (B, Hkv, d) (None: empty, read as
+        zeros) -> M and z before each segment and after the last, (B, S + 1, Hkv, d, d) and
+        (B, S + 1, Hkv, d)."""
+        B, S, Hkv, _, d = sk.shape
+        start_empty = M is None
+        M = sk.new_zeros(B, Hkv, d, d) if start_empty else M
+        z = sk.new_zeros(B, Hkv, d) if start_empty else z
+        with torch.autocast(sk.device.type, enabled=False):
+            W = sk.transpose(-1, -2) @ v                          # sigma(K)^T V (B, S, Hkv, d, d)
+            zs = torch.cat((z.unsqueeze(1), sk.sum(dim=3)), dim=1).cumsum(1)  # z += sum sigma(K_t)
+            if self.cfg.memory_update == "linear":  # eq. 4: M_s = M_{s-1} + W_s, a cumulative sum
+                return torch.cat((M.unsqueeze(1), W), dim=1).cumsum(1), zs
+            # eq. 5: M_s = M_{s-1} + sigma(K)^T (V - sigma(K) M_{s-1} / (sigma(K) z_{s-1}))
+            #            = M_{s-1} + W_s - A_s M_{s-1},
+            # A_s = sigma(K)^T diag(1 / sigma(K) z_{s-1}) sigma(K): only the d x d products go
+            # segment by segment
+            A = sk.transpose(-1, -2) @ (sk / (sk @ zs[:, :-1].unsqueeze(-1)).clamp(min=1e-6))
+            Ms = [M]
+            for s in range(S):  # the first write into an empty memory is the memory
+                first = start_empty and s == 0
+                Ms.append(Ms[-1] + W[:, s] if first else Ms[-1] + (W[:, s] - A[:, s] @ Ms[-1]))
+            return torch.stack(Ms, dim=1), zs
+
+
+class Block(nn.Module):
+    """Pre-normalisation, as Llama: RMSNorm on the input of each sub-block; Infini-attention, then
+    Llama's SwiGLU or, with n_expert > 0, Mixtral's sparse MoE (HF: block_sparse_moe). The
+    feed-forward sees tokens one by one: segments change nothing there."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        if cfg.n_expert:
+            self.block_sparse_moe = SparseMoE(cfg)
+        else:
+            self.mlp = FeedForward(cfg.n_embd, cfg.intermediate_size, cfg.dropout)
+
+    def forward(self, x, cos, sin, state):
+        """-> (x, the router's statistics: None for a dense layer)."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, state)
+        if not hasattr(self, "block_sparse_moe"):
+            return x + self.mlp(self.post_attention_layernorm(x)), None
+        y, stats = self.block_sparse_moe(self.post_attention_layernorm(x))
+        return x + y, stats
+
+
+class InfiniTransformer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        # the Hugging Face Llama names: model.embed_tokens, model.layers.N, model.norm
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(cfg.padded_vocab_size, cfg.n_embd),
+            drop=nn.Dropout(cfg.dropout),
+            layers=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
+            norm=RMSNorm(cfg.n_embd, cfg.norm_eps),
+        ))
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        # Initialisation (the papers give none): normal, std 0.02 (Hugging Face's
+        # initializer_range); the projections that write into the residual stream scaled by
+        # 1/sqrt(2 n_layer), as GPT-2 does.
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                residual = name.endswith(("o_proj.weight", "down_proj.weight", "w2"))
+                std = 0.02 / math.sqrt(2 * cfg.n_layer) if residual else 0.02
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def num_params(self, non_embedding=True, active=False):
+        """Parameters a token computes with: a tied embedding/head counted once, lookups (an untied
+        input embedding, a position table) left out by default; active=True counts top_k of the
+        experts only."""
+        cfg = self.config
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and not cfg.tie_embeddings:
+            n -= self.model.embed_tokens.weight.numel()
+        if active and cfg.n_expert:
+            named = self.named_parameters()
+            experts = sum(p.numel() for name, p in named if name.endswith(("w1", "w2", "w3")))
+            n -= experts * (cfg.n_expert - cfg.top_k_experts) // cfg.n_expert
+        return n
+
+    def optimizer_groups(self):
+        """Each parameter's optimizer group, by name: "muon", the blocks' matrices (attention, a
+        dense SwiGLU, a router: Muon's under --optimizer muon, else AdamW's with decay); "decay",
+        the embedding, the head and stacked experts (AdamW: torch's Muon takes 2-D parameters
+        only); "no_decay", the RMSNorm gains and the memory gates beta (their rate is --gate_lr:
+        lr_scales)."""
+        groups = {}
+        matrices = ("_proj.weight", "gate.weight")  # q k v o, gate up down; a MoE's router
+        for name, _ in self.named_parameters():
+            if name.endswith(("norm.weight", "self_attn.gate")):
+                groups[name] = "no_decay"
+            elif name.startswith("model.layers.") and name.endswith(matrices):
+                groups[name] = "muon"
+            else:
+                groups[name] = "decay"
+        return groups
+
+    def new_state(self):
+        """An empty state per layer, for a fresh sequence."""
+        return [MemoryState() for _ in self.model.layers]
+
+    def hidden(self, idx, state=None):
+        """idx (B, T) token ids continuing `state` (a fresh sequence if None) -> (final hidden
+        states (B, T, n_embd), with experts the routers' statistics (n_layer, 3 + n_expert), see
+        SparseMoE.stats, else None)."""
+        state = self.new_state() if state is None else state
+        n = min(self.config.segment_len, state[0].filled + idx.size(1))  # positions in a segment
+        angles = torch.arange(n, device=idx.device, dtype=torch.float32)[:, None] \
+            * rope_frequencies(self.config, idx.device)                   # (n, d/2)
+        angles = torch.cat((angles, angles), dim=-1)                      # (n, d), the half layout
+        cos, sin = angles.cos(), angles.sin()
+        x = self.model.drop(self.model.embed_tokens(idx))                 # (B, T, n_embd)
+        stats = []
+        for block, layer_state in zip(self.model.layers, state):
+            x, s = block(x, cos, sin, layer_state)
+            stats.append(s)
+        return self.model.norm(x), torch.stack(stats) if self.config.n_expert else None
+
+    def forward(self, idx, targets=None, state=None):
+        """idx (B, T) -> (logits (B, T, vocab_size), loss or None, aux). T is any length: the
+        sequence is processed segment by segment, continuing `state` when given (it is updated in
+        place).
+
+        With experts the loss in training adds the router's auxiliary losses, averaged over the
+        layers and weighted, as mixtral.py does (Switch's load balance, ST-MoE's z-loss); aux holds
+        them apart for the log, with the expert load of this batch (n_layer, n_expert) for the load
+        report ({} for a dense model)."""
+        cfg, V, Vp = self.config, self.config.vocab_size, self.config.padded_vocab_size
+        pad = None
+        if Vp > V:  # the padding rows are no tokens: a bias of -inf gives them probability 0
+            pad = torch.zeros(Vp, device=idx.device, dtype=self.lm_head.weight.dtype)
+            pad[V:] = float("-inf")
+        x, router = self.hidden(idx, state)
+        logits = F.linear(x, self.lm_head.weight, pad)  # (B, T, padded_vocab_size)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+        if router is None:
+            return logits[..., :V], loss, {}
+        balance, z, dropped = router[:, :3].float().mean(0)  # balance is top_k when even
+        aux = dict(balance=balance, z_loss=z, load=router[:, 3:].detach().float())
+        if self.training and cfg.capacity_factor:  # the share of pairs over their expert's capacity
+            aux["dropped"] = dropped
+        if self.training and loss is not None:
+            loss = loss + cfg.aux_loss_coef * balance + cfg.z_loss_coef * z
+        return logits[..., :V], loss, aux
+
+    def load_report(self, load):
+        """With experts: print the expert load `load` (n_layer, n_expert), aux's load summed over an
+        evaluation's batches, each layer a row of bars: each expert's share of the routed (token,
+        choice) pairs, the even share 1/n_expert drawn half high. Collapse shows as a few full
+        bars. Returns it for the metrics."""
+        load = (load / load.sum(-1, keepdim=True).clamp_min(1e-9)).tolist()
+        E, bars = self.config.n_expert, " ▁▂▃▄▅▆▇█"
+        even = f"even: {100 / E:.1f}% each, drawn ▄; █ is twice that or more"
+        print(f"expert load per layer ({even})")
+        for i, shares in enumerate(load):
+            row = "".join(bars[min(8, round(4 * E * s))] for s in shares)
+            low, high = 100 * min(shares), 100 * max(shares)
+            print(f"  layer {i:<3d}{row}  min {low:4.1f}%  max {high:4.1f}%")
+        return dict(expert_load=load)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
+                 on_logits=None):
+        """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 is greedy.
+
+        With the state (use_cache) each new token costs one position: the prompt is read once, then
+        each token attends to its segment so far and reads the memory. Without it each token
+        re-reads the whole text from an empty state, giving the same tokens. Either way the context
+        has no length limit.
+        """
+        state = self.new_state() if use_cache else None
+        V = self.config.vocab_size
+        for i in range(max_new_tokens):
+            x, _ = self.hidden(idx[:, -1:], state) if use_cache and i else self.hidden(idx, state)
+            logits = self.lm_head(x[:, -1])[:, :V]  # only the last position is sampled
+            nxt = sample_next(logits.float(), temperature, top_k, top_p, on_logits)
+            idx = torch.cat([idx, nxt], dim=1)
+        return idx
+
+    def state_bytes(self, state):
+        return sum(s.nbytes() for s in state)
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, on_logits=None):
+    """logits (B, V) -> next token ids (B, 1); on_logits(logits) is called first (--show_top)."""
+    if on_logits is not None:
+        on_logits(logits)
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:  # nucleus sampling (Holtzman et al. 2019, 1904.09751)
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        outside = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this token reaches top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
+
+
+
+# ---------------------------------------------- borrowed: Llama's pieces (llama2.py teaches them)
+# RMSNorm, rotary positions and SwiGLU, as llama2.py has them (the same text), read there first.
 
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps) * g: LayerNorm without the mean and the bias (Zhang and Sennrich
@@ -169,6 +618,7 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         inv_rms = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)  # 1 / RMS(x), eq. 4
         return self.weight * (x32 * inv_rms).type_as(x)
+
 
 
 def rope_frequencies(cfg, device=None):
@@ -198,6 +648,7 @@ def rope_frequencies(cfg, device=None):
     return inv_freq  # (d/2,)
 
 
+
 def apply_rotary(x, cos, sin):
     """Rotate x (B, heads, T, head_dim) by its positions' angles; cos and sin are (T, head_dim),
     float32.
@@ -215,170 +666,6 @@ def apply_rotary(x, cos, sin):
     return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).type_as(x)
 
 
-def elu1(x):
-    """sigma(x) = ELU(x) + 1 > 0, the feature map of the memory's linear attention (section 2.1.2), in float32."""
-    return F.elu(x.float()) + 1
-
-
-class MemoryState:
-    """What one layer carries from call to call: the compressive memory M (B, n_kv_head, d, d) and z
-    (B, n_kv_head, d), float32, None while empty; and the keys and values of the current, unfinished segment,
-    without rotary (added at each use), in a buffer of segment_len - 1 slots (2, B, n_kv_head, segment_len - 1, d)
-    taken when the segment starts and let go when it is written into the memory: a decoded token writes its key and
-    value into the buffer rather than copying the segment so far. Its size is bounded by one segment."""
-
-    def __init__(self):
-        self.M = self.z = self.buffer = None
-        self.filled = 0  # tokens of the current segment seen so far, < segment_len
-
-    @property
-    def k(self):  # (B, n_kv_head, filled, d): the segment's keys so far, a view of the buffer (None: none yet)
-        return None if self.buffer is None else self.buffer[0, :, :, :self.filled]
-
-    @property
-    def v(self):
-        return None if self.buffer is None else self.buffer[1, :, :, :self.filled]
-
-    def append(self, k, v, segment_len):
-        """k, v (B, n_kv_head, T, d) after the segment so far, which stays unfinished (filled + T < segment_len)."""
-        if self.buffer is None:
-            self.buffer = k.new_empty(2, *k.shape[:2], segment_len - 1, k.size(-1))
-        elif torch.is_grad_enabled():  # autograd may hold the buffer for its backward: write into a copy
-            self.buffer = self.buffer.clone()
-        T = k.size(2)
-        self.buffer[0, :, :, self.filled:self.filled + T] = k
-        self.buffer[1, :, :, self.filled:self.filled + T] = v
-        self.filled += T
-
-    def nbytes(self):
-        return sum(t.numel() * t.element_size() for t in (self.M, self.z, self.buffer) if t is not None)
-
-
-def retrieve(s, M, z):
-    """A_mem = sigma(q) M / (sigma(q) z) (eq. 3) for features s = sigma(q) (..., H_kv, n, d), each row read by its own
-    key/value head's memory M (..., H_kv, d, d), z (..., H_kv, d). The denominator is a sum of positive terms once
-    the memory holds a segment; the clamp only guards the exact zeros of an empty row."""
-    with torch.autocast(s.device.type, enabled=False):  # the memory is read and written in float32
-        return (s @ M) / (s @ z.unsqueeze(-1)).clamp(min=1e-6)
-
-
-class Attention(nn.Module):
-    """Infini-attention (Figure 1, section 2.1): local causal attention inside the segment, the memory's retrieval,
-    a gated sum, then o_proj. Projections named as Hugging Face's Llama, so its weights load unchanged.
-
-    A call first finishes the state's unfinished segment (extend: decoding, chunks), then takes every later segment
-    at once (segments): rotary restarts in each segment, so their local attentions are one causal attention with
-    the segments as a batch, and the memory each segment reads is a cumulative sum over the segments before it."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.cfg = cfg
-        self.n_head, self.n_kv_head, self.head_dim, self.dropout = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.dropout
-        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
-        self.gate = nn.Parameter(torch.full((cfg.n_head,), cfg.gate_init))  # beta, one per query head (eq. 6)
-        self.resid_dropout = nn.Dropout(cfg.dropout)
-
-    def forward(self, x, cos, sin, state):
-        """x (B, T, C) continuing `state` (updated in place); T any length."""
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)             # (B, T, H, d), no position yet
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)          # (B, T, Hkv, d)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
-        n = min(T, self.cfg.segment_len - state.filled) if state.filled else 0  # the rest of the unfinished segment
-        parts = []
-        if n:
-            parts.append(self.extend(q[:, :n], k[:, :n], v[:, :n], cos, sin, state))
-        if T > n:
-            parts.append(self.segments(q[:, n:], k[:, n:], v[:, n:], cos, sin, state))
-        y = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]           # (B, T, H, d)
-        return self.resid_dropout(self.o_proj(y.reshape(B, T, -1)))
-
-    def extend(self, q, k, v, cos, sin, state):
-        """q (B, T, H, d), k, v (B, T, Hkv, d): the next T tokens of the unfinished segment (0 < filled,
-        filled + T <= segment_len) -> (B, T, H, d)."""
-        T, p, N = q.size(1), state.filled, self.cfg.segment_len
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)    # (B, heads, T, d)
-        if p + T < N:  # into the buffer, after the segment so far
-            state.append(k, v, N)
-            k, v = state.k, state.v
-        else:  # the segment ends here: its keys and values for the memory, one concatenation per segment
-            k, v = torch.cat((state.k, k), dim=2), torch.cat((state.v, v), dim=2)
-        # local attention (eq. 2): rotary at positions p..p+T-1 of this segment, causal, keys 0..p+T-1
-        mask = None if T == 1 else torch.ones(T, p + T, dtype=torch.bool, device=q.device).tril(p)
-        a = F.scaled_dot_product_attention(apply_rotary(q, cos[p:p + T], sin[p:p + T]),
-                                           apply_rotary(k, cos[:p + T], sin[:p + T]), v, attn_mask=mask,
-                                           dropout_p=self.dropout if self.training else 0.0, enable_gqa=True)
-        if state.M is not None:  # retrieval from the memory of the segments before (none: local attention alone)
-            a = self.gated(a, q, state.M, state.z)
-        if p + T == N:  # the segment is complete: write it into the memory, start an empty one
-            M, z = self.memories(elu1(k).unsqueeze(1), v.float().unsqueeze(1), state.M, state.z)
-            state.M, state.z, state.buffer, state.filled = M[:, 1], z[:, 1], None, 0
-        return a.transpose(1, 2)
-
-    def segments(self, q, k, v, cos, sin, state):
-        """q (B, T, H, d), k, v (B, T, Hkv, d): T tokens from a segment boundary (filled = 0), every segment at
-        once (the last may be unfinished: its keys and values stay in the state) -> (B, T, H, d)."""
-        B, T, H, d = q.shape
-        N = self.cfg.segment_len
-        L = min(T, N)                                    # the fold's segment length (T < N: one short segment)
-        S, full = -(-T // L), T // N                     # segments, finished segments
-
-        def fold(t):  # (B, T, h, d) -> (B, S, h, L, d), zeros after the end: causal, so no real query sees them
-            t = F.pad(t, (0, 0, 0, 0, 0, S * L - T)) if S * L > T else t
-            return t.view(B, S, L, t.size(2), d).transpose(2, 3)
-
-        qs, ks, vs = fold(q), fold(k), fold(v)
-        # local attention (eq. 2) of all segments in one call: rotary restarts at 0 in each, so they are a batch
-        a = F.scaled_dot_product_attention(apply_rotary(qs.flatten(0, 1), cos[:L], sin[:L]),
-                                           apply_rotary(ks.flatten(0, 1), cos[:L], sin[:L]), vs.flatten(0, 1),
-                                           is_causal=True, dropout_p=self.dropout if self.training else 0.0,
-                                           enable_gqa=True).view(B, S, H, L, d)
-        M_in = state.M
-        if full:  # the memory before each segment, and after the last finished one (B, full + 1, Hkv, ...)
-            M, z = self.memories(elu1(ks[:, :full]), vs[:, :full].float(), state.M, state.z)
-            state.M, state.z = M[:, full], z[:, full]
-        elif M_in is not None:
-            M, z = state.M.unsqueeze(1), state.z.unsqueeze(1)
-        first = 0 if M_in is not None else 1  # an empty memory is read as nothing: the local attention alone
-        if S > first:
-            read = self.gated(a[:, first:], qs[:, first:], M[:, first:S], z[:, first:S])
-            a = torch.cat((a[:, :first], read), dim=1) if first else read
-        if T > full * N:  # the unfinished last segment: its keys and values stay in the state
-            state.append(k[:, full * N:].transpose(1, 2), v[:, full * N:].transpose(1, 2), N)
-        return a.transpose(2, 3).reshape(B, S * L, H, d)[:, :T]
-
-    def gated(self, a, q, M, z):
-        """sigmoid(beta) A_mem + (1 - sigmoid(beta)) A_dot (eq. 6), A_mem read by the queries without rotary (eq. 3):
-        a = A_dot and q (..., H, n, d), M (..., Hkv, d, d), z (..., Hkv, d) -> a's shape and dtype."""
-        *lead, H, n, d = q.shape
-        s = elu1(q.reshape(*lead, self.n_kv_head, H // self.n_kv_head * n, d))  # each kv head's query group
-        g = torch.sigmoid(self.gate.float()).view(H, 1, 1)
-        return (g * retrieve(s, M, z).view(q.shape) + (1 - g) * a.float()).type_as(a)
-
-    def memories(self, sk, v, M, z):
-        """Write S finished segments into the memory (eqs. 4-5): sk = sigma(K) and V (B, S, Hkv, N, d), float32,
-        after M (B, Hkv, d, d) and z (B, Hkv, d) (None: empty, read as zeros) -> M and z before each segment and
-        after the last, (B, S + 1, Hkv, d, d) and (B, S + 1, Hkv, d)."""
-        B, S, Hkv, _, d = sk.shape
-        start_empty = M is None
-        M = sk.new_zeros(B, Hkv, d, d) if start_empty else M
-        z = sk.new_zeros(B, Hkv, d) if start_empty else z
-        with torch.autocast(sk.device.type, enabled=False):
-            W = sk.transpose(-1, -2) @ v                                     # sigma(K)^T V (B, S, Hkv, d, d)
-            zs = torch.cat((z.unsqueeze(1), sk.sum(dim=3)), dim=1).cumsum(1)  # z += sum_t sigma(K_t)
-            if self.cfg.memory_update == "linear":  # eq. 4: M_s = M_{s-1} + W_s, an exclusive cumulative sum
-                return torch.cat((M.unsqueeze(1), W), dim=1).cumsum(1), zs
-            # eq. 5: M_s = M_{s-1} + sigma(K)^T (V - sigma(K) M_{s-1} / (sigma(K) z_{s-1})) = M_{s-1} + W_s - A_s M_{s-1}
-            # with A_s = sigma(K)^T diag(1 / sigma(K) z_{s-1}) sigma(K): only the d x d products go segment by segment
-            A = sk.transpose(-1, -2) @ (sk / (sk @ zs[:, :-1].unsqueeze(-1)).clamp(min=1e-6))
-            Ms = [M]
-            for s in range(S):  # the first write into an empty memory is the memory
-                Ms.append(Ms[-1] + W[:, s] if start_empty and s == 0 else Ms[-1] + (W[:, s] - A[:, s] @ Ms[-1]))
-            return torch.stack(Ms, dim=1), zs
-
 
 class FeedForward(nn.Module):
     """SwiGLU (Shazeer 2020, eq. 6 without biases): W_down (SiLU(x W_gate) * (x W_up)). Its width is
@@ -395,173 +682,6 @@ class FeedForward(nn.Module):
     def forward(self, x):
         return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
 
-
-class Block(nn.Module):
-    """Pre-normalisation, as Llama: RMSNorm on the input of each sub-block; Infini-attention, then Llama's SwiGLU or,
-    with n_expert > 0, Mixtral's sparse MoE (HF: block_sparse_moe). The feed-forward sees tokens one by one: segments
-    change nothing there."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        if cfg.n_expert:
-            self.block_sparse_moe = SparseMoE(cfg)
-        else:
-            self.mlp = FeedForward(cfg.n_embd, cfg.intermediate_size, cfg.dropout)
-
-    def forward(self, x, cos, sin, state):
-        """-> (x, the router's statistics: None for a dense layer)."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, state)
-        if not hasattr(self, "block_sparse_moe"):
-            return x + self.mlp(self.post_attention_layernorm(x)), None
-        y, stats = self.block_sparse_moe(self.post_attention_layernorm(x))
-        return x + y, stats
-
-
-class InfiniTransformer(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.config = cfg
-        self.model = nn.ModuleDict(dict(  # the Hugging Face Llama names: model.embed_tokens, model.layers.N, model.norm
-            embed_tokens=nn.Embedding(cfg.padded_vocab_size, cfg.n_embd),
-            drop=nn.Dropout(cfg.dropout),
-            layers=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
-            norm=RMSNorm(cfg.n_embd, cfg.norm_eps),
-        ))
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        # Initialisation (the papers give none): normal, std 0.02 (Hugging Face's initializer_range); the
-        # projections that write into the residual stream scaled by 1/sqrt(2 n_layer), as GPT-2 does.
-        for name, p in self.named_parameters():
-            if p.dim() >= 2:
-                residual = name.endswith(("o_proj.weight", "down_proj.weight", "w2"))
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer) if residual else 0.02)
-
-    def num_params(self, non_embedding=True, active=False):
-        """Parameters a token computes with: a tied embedding/head counted once, lookups (an untied input embedding, a
-        position table) left out by default; active=True counts top_k of the experts only."""
-        cfg = self.config
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding and not cfg.tie_embeddings:
-            n -= self.model.embed_tokens.weight.numel()
-        if active and cfg.n_expert:
-            experts = sum(p.numel() for name, p in self.named_parameters() if name.endswith(("w1", "w2", "w3")))
-            n -= experts * (cfg.n_expert - cfg.top_k_experts) // cfg.n_expert
-        return n
-
-    def optimizer_groups(self):
-        """Each parameter's optimizer group, by name: "muon", the blocks' matrices (attention, a dense SwiGLU, a
-        router: Muon's under --optimizer muon, else AdamW's with decay); "decay", the embedding, the head and stacked
-        experts (AdamW: torch's Muon takes 2-D parameters only); "no_decay", the RMSNorm gains and the memory gates
-        beta (their rate is --gate_lr: lr_scales)."""
-        groups = {}
-        for name, _ in self.named_parameters():
-            if name.endswith(("norm.weight", "self_attn.gate")):
-                groups[name] = "no_decay"
-            elif name.startswith("model.layers.") and name.endswith(("_proj.weight", "gate.weight")):
-                groups[name] = "muon"
-            else:
-                groups[name] = "decay"
-        return groups
-
-    def new_state(self):
-        """An empty state per layer, for a fresh sequence."""
-        return [MemoryState() for _ in self.model.layers]
-
-    def hidden(self, idx, state=None):
-        """idx (B, T) token ids continuing `state` (a fresh sequence if None) -> (final hidden states (B, T, n_embd),
-        with experts the routers' statistics (n_layer, 3 + n_expert), see SparseMoE.stats, else None)."""
-        state = self.new_state() if state is None else state
-        n = min(self.config.segment_len, state[0].filled + idx.size(1))       # the positions in a segment used here
-        angles = torch.arange(n, device=idx.device, dtype=torch.float32)[:, None] \
-            * rope_frequencies(self.config, idx.device)                        # (n, d/2)
-        angles = torch.cat((angles, angles), dim=-1)                           # (n, d), the half layout
-        cos, sin = angles.cos(), angles.sin()
-        x = self.model.drop(self.model.embed_tokens(idx))                      # (B, T, n_embd)
-        stats = []
-        for block, layer_state in zip(self.model.layers, state):
-            x, s = block(x, cos, sin, layer_state)
-            stats.append(s)
-        return self.model.norm(x), torch.stack(stats) if self.config.n_expert else None
-
-    def forward(self, idx, targets=None, state=None):
-        """idx (B, T) -> (logits (B, T, vocab_size), loss or None, aux). T is any length: the sequence is processed
-        segment by segment, continuing `state` when given (it is updated in place).
-
-        With experts the loss in training adds the router's auxiliary losses, averaged over the layers and weighted,
-        as mixtral.py does (Switch's load balance, ST-MoE's z-loss); aux holds them apart for the log, with the
-        expert load of this batch (n_layer, n_expert) for the load report ({} for a dense model)."""
-        cfg, V, Vp = self.config, self.config.vocab_size, self.config.padded_vocab_size
-        pad = None
-        if Vp > V:  # the padding rows are no tokens: a bias of -inf gives them probability exactly 0
-            pad = torch.zeros(Vp, device=idx.device, dtype=self.lm_head.weight.dtype)
-            pad[V:] = float("-inf")
-        x, router = self.hidden(idx, state)
-        logits = F.linear(x, self.lm_head.weight, pad)  # (B, T, padded_vocab_size)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
-        if router is None:
-            return logits[..., :V], loss, {}
-        balance, z, dropped = router[:, :3].float().mean(0)  # balance is top_k when the load is even
-        aux = dict(balance=balance, z_loss=z, load=router[:, 3:].detach().float())
-        if self.training and cfg.capacity_factor:  # the share of (token, choice) pairs over their expert's capacity
-            aux["dropped"] = dropped
-        if self.training and loss is not None:
-            loss = loss + cfg.aux_loss_coef * balance + cfg.z_loss_coef * z
-        return logits[..., :V], loss, aux
-
-    def load_report(self, load):
-        """With experts: print the expert load `load` (n_layer, n_expert), aux's load summed over an evaluation's
-        batches, each layer a row of bars: each expert's share of the routed (token, choice) pairs, the even share
-        1/n_expert drawn half high. Collapse shows as a few full bars. Returns it for the metrics."""
-        load = (load / load.sum(-1, keepdim=True).clamp_min(1e-9)).tolist()
-        E, bars = self.config.n_expert, " ▁▂▃▄▅▆▇█"
-        print(f"expert load per layer (even: {100 / E:.1f}% each, drawn ▄; █ is twice that or more)")
-        for i, shares in enumerate(load):
-            row = "".join(bars[min(8, round(4 * E * s))] for s in shares)
-            print(f"  layer {i:<3d}{row}  min {100 * min(shares):4.1f}%  max {100 * max(shares):4.1f}%")
-        return dict(expert_load=load)
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
-                 on_logits=None):
-        """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 is greedy.
-
-        With the state (use_cache) each new token costs one position: the prompt is read once, then each token
-        attends to its segment so far and reads the memory. Without it each token re-reads the whole text from an
-        empty state, giving the same tokens. Either way the context has no length limit.
-        """
-        state = self.new_state() if use_cache else None
-        for i in range(max_new_tokens):
-            x, _ = self.hidden(idx[:, -1:], state) if use_cache and i else self.hidden(idx, state)
-            logits = self.lm_head(x[:, -1])[:, :self.config.vocab_size]  # only the last position is sampled
-            idx = torch.cat([idx, sample_next(logits.float(), temperature, top_k, top_p, on_logits)], dim=1)
-        return idx
-
-    def state_bytes(self, state):
-        return sum(s.nbytes() for s in state)
-
-
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, on_logits=None):
-    """logits (B, V) -> next token ids (B, 1); on_logits(logits) is called first (--show_top)."""
-    if on_logits is not None:
-        on_logits(logits)
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k).values[:, [-1]]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:  # nucleus sampling (Holtzman et al. 2019, 1904.09751)
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        outside = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this token reaches top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
-    return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
 
 
 # ------------------------------------------------------ borrowed: Mixtral's experts (mixtral.py teaches them)

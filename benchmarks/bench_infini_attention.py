@@ -31,9 +31,9 @@ each op for the other); the ratios below do not depend on it.
                before each pass), timed in this process with harness.run_rounds (5 rounds + 1 warmup, the order of
                the pair flipping each round, medians, range = the per-round ratios), Infini with segments of 256
                (4 segments: the CUDA preset's) and of 512 (this bench's), each against llama2.py's Llama (target:
-               no slower, ratio >= 1) and against infini_attention.py as it was before issue 19
-               (commit BEFORE_19, read with git show and imported under another name; skipped when this checkout's
-               history lacks it), whose forward looped over the segments; same weights, and their losses must
+               no slower, ratio >= 1) and against the same model with each attention layer running
+               Attention.segment_loop, the file's loop over segments (the paper as written, the reference the
+               tests hold forward equal to), in place of forward; same weights, and their losses must
                agree (1e-5)
   decode       greedy, batch 1, each model from its own cache, after a context of L = 1K, 4K, 16K tokens: a random
                prompt of L - 32 tokens is prefilled once (not timed), then 64 tokens are decoded one at a time
@@ -81,14 +81,12 @@ import time
 T_START = time.perf_counter()  # the wall time printed at the end includes the imports
 
 import argparse
-import importlib.util
+import copy
 import inspect
 import json
 import math
 import subprocess
 import sys
-import tempfile
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -255,36 +253,22 @@ def print_forward_table(rows, scores_column=True):
          + ((mib(r["scores_bytes"]),) if scores_column else ()) for r in rows])
 
 
-# ------------------------------------------------------------------------------- fwd+bwd A/B (issue 19)
+# ----------------------------------------------------------------------------------------- fwd+bwd A/B
 
-BEFORE_19 = "7702f9aa244b37f1e599d71cf914f92246a8fac8"  # the last commit whose forward looped over segments
-
-
-def looped_module():
-    """infini_attention.py at BEFORE_19, imported as infini_attention_before_19; None when git cannot give it."""
-    try:
-        r = subprocess.run(["git", "show", f"{BEFORE_19}:infini_attention.py"], cwd=HERE.parent, capture_output=True,
-                           text=True)
-    except OSError:
-        return None
-    if r.returncode != 0:
-        return None
-    path = Path(tempfile.mkdtemp()) / "infini_attention_before_19.py"
-    path.write_text(r.stdout)
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+def looped(model):
+    """A copy of model whose attention layers run Attention.segment_loop (the loop over segments) as forward."""
+    model = copy.deepcopy(model)
+    for block in model.model.layers:
+        block.self_attn.forward = block.self_attn.segment_loop
+    return model
 
 
 def train_rows(c, rounds, seed):
     """Forward + backward at T = c["ab_T"], A/B in this process: Infini (segments of each c["ab_segments"]) against
-    llama2.Llama and against the looped Infini of BEFORE_19, all holding the same weights. Returns rows, checks."""
+    llama2.Llama and against Infini's segment_loop, all holding the same weights. Returns rows, checks."""
     T, V = c["ab_T"], c["shape"]["vocab_size"]
     x = torch.randint(0, V, (1, T + 1), generator=torch.Generator().manual_seed(seed + 3))
     idx, targets = x[:, :-1].contiguous(), x[:, 1:].contiguous()
-    looped = looped_module()
 
     def step(model):
         def run(_):
@@ -299,17 +283,13 @@ def train_rows(c, rounds, seed):
         llama, infini = build_models(c["shape"], S, T, seed, INIT_STD, MEMORY_UPDATE)
         cases[f"seg{S}_llama2"] = (0, step(infini), step(llama))
         specs.append((f"seg{S}_llama2", f"fwd+bwd T={T:,}, Infini segments of {S}", "llama2.py", 1.0))
-        if looped is not None:
-            old = looped.InfiniTransformer(looped.Config(**asdict(infini.config)))
-            old.load_state_dict(infini.state_dict())
-            cases[f"seg{S}_looped"] = (0, step(infini), step(old))
-            specs.append((f"seg{S}_looped", f"fwd+bwd T={T:,}, segments of {S}", "before issue 19", None))
+        cases[f"seg{S}_looped"] = (0, step(infini), step(looped(infini)))
+        specs.append((f"seg{S}_looped", f"fwd+bwd T={T:,}, segments of {S}", "segment_loop", None))
     times, outputs = harness.run_rounds(cases, rounds, name="fwd+bwd round")
     rows = [harness.ratio_row(key, label, ref, target, *times[key]) for key, label, ref, target in specs]
     for r in rows:
         r["tokens_per_s_ours"], r["tokens_per_s_ref"] = T / r["ours_median_s"], T / r["ref_median_s"]
-    checks = {"ab_losses_finite": all(math.isfinite(v) for pair in outputs.values() for v in pair),
-              "ab_looped_available": looped is not None}
+    checks = {"ab_losses_finite": all(math.isfinite(v) for pair in outputs.values() for v in pair)}
     checks.update({f"{key}_loss_match": abs(a - b) <= 1e-5 for key, (a, b) in outputs.items() if "looped" in key})
     return rows, checks
 
@@ -578,8 +558,8 @@ def main():
           f"warmup, each pair alternating, medians, range = the per-round ratios:")
     harness.print_ratio_table(ab)
     harness.print_legend(args.quick)
-    print(f"before issue 19 (commit {BEFORE_19[:7]}) available: {ab_checks['ab_looped_available']} | losses equal "
-          f"to it: {harness.passed(ab_checks)} | losses finite: {ab_checks['ab_losses_finite']}")
+    print(f"losses equal to segment_loop's: {harness.passed(ab_checks)} | losses finite: "
+          f"{ab_checks['ab_losses_finite']}")
 
     dec, dec_checks = decode_rows(c, llama, infini, args.rounds, args.seed)
     checks.update(dec_checks)

@@ -2,18 +2,15 @@
 MQA, tied, rope theta, llama3 scaling) and, with the gates shut, on every segment alone; one attention layer against
 the paper's equations written out here (eqs. 2-6, both update rules, GQA, a partial last segment, fed whole and in
 chunks); the segment-wise forward against token-by-token decoding and cached against uncached generation; decoding
-into one buffer per segment; all segments at once against the loop over segments of the code before issue 19
-(logits and gradients); a state that does not grow with the context; 64 segments without NaN; causality across
-segments; gradients through the memory; the optimizer's gate group; the passkey data and metric; and the command
+into one buffer per segment; forward (all segments at once) against the file's Attention.segment_loop (logits,
+loss, gradients, the memory after); a state that does not grow with the context; 64 segments without NaN; causality across
+segments; gradients through the memory; the optimizer's groups, by name; the passkey data and metric; and the command
 line in-process (the common command-line tests, end to end, resume, DDP and bad inputs, are in test_scripts.py)."""
-import importlib.util
+import copy
 import json
 import math
 import re
-import subprocess
-import sys
 from contextlib import nullcontext
-from dataclasses import asdict
 from types import SimpleNamespace
 
 import pytest
@@ -23,7 +20,7 @@ import torch.nn.functional as F
 import transformers
 
 import infini_attention as ia
-from conftest import (ROOT, needs_gpt2_bpe, check_cached_equals_uncached, check_causal, check_overfits, hf_logits, ids,
+from conftest import (needs_gpt2_bpe, check_cached_equals_uncached, check_causal, check_overfits, hf_logits, ids,
                       max_diff, randomize, scale_up, script_home, train_tokenizer)
 
 transformers.logging.set_verbosity_error()
@@ -210,8 +207,8 @@ def cos_sin(cfg):
 @pytest.mark.parametrize("rule", ["linear", "delta"])
 def test_attention_equals_the_paper_equations(rule):
     """One Attention layer over four segments of 5 and a partial one of 3 (GQA, 4 query heads on 2 key/value
-    heads, random gates), fed whole and in chunks that cross the boundaries: the output and the memory equal the
-    loops above. And the test can tell: the other rule, or the gates shut, give other outputs."""
+    heads, random gates), fed whole and in chunks that cross the boundaries, through forward and through
+    segment_loop: the output and the memory equal the loops above. And the test can tell: the other rule, or the gates shut, give other outputs."""
     cfg = ia.Config(vocab_size=64, segment_len=5, n_layer=1, n_head=4, n_kv_head=2, n_embd=32, memory_update=rule)
     torch.manual_seed(0)
     attn = ia.Attention(cfg).eval()
@@ -229,6 +226,13 @@ def test_attention_equals_the_paper_equations(rule):
         assert max_diff(whole, ref) < 1e-5
         assert state.M.shape == (2, 2, 8, 8) and state.z.shape == (2, 2, 8) and state.filled == 3
         assert max_diff(state.M, M) < 1e-5 * M.abs().max() and max_diff(state.z, z) < 1e-5 * z.abs().max()
+        for sizes in ([23], [1, 3, 2, 7, 1, 9]):  # the file's own loop over segments, whole and in chunks
+            state, outs, t = ia.MemoryState(), [], 0
+            for n in sizes:
+                outs.append(attn.segment_loop(x[:, t:t + n], cos, sin, state))
+                t += n
+            assert max_diff(torch.cat(outs, dim=1), ref) < 1e-5 and state.filled == 3, sizes
+            assert max_diff(state.M, M) < 1e-5 * M.abs().max() and max_diff(state.z, z) < 1e-5 * z.abs().max()
         state, outs, t = ia.MemoryState(), [], 0
         for n in (1, 3, 2, 7, 1, 9):  # 1, 4, 6, 13, 14, 23: boundaries at 5, 10, 15, 20 fall inside chunks
             outs.append(attn(x[:, t:t + n], cos, sin, state))
@@ -364,60 +368,60 @@ def test_causality(t):
     check_causal(tiny(seed=5, segment_len=8), 300, t)
 
 
-# ---------------------------------------------------------------- all segments at once (issue 19)
+# ------------------------------------------------------------------- the same, fast: against segment_loop
 
-BEFORE_19 = "7702f9aa244b37f1e599d71cf914f92246a8fac8"  # the last commit whose forward looped over segments
-
-
-@pytest.fixture(scope="module")
-def looped(tmp_path_factory):
-    """infini_attention.py as it was at BEFORE_19, imported under another name (skip: not in this git history)."""
-    r = subprocess.run(["git", "show", f"{BEFORE_19}:infini_attention.py"], cwd=ROOT, capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"infini_attention.py at {BEFORE_19[:7]} is not in this checkout's git history")
-    path = tmp_path_factory.mktemp("before_19") / "infini_attention_before_19.py"
-    path.write_text(r.stdout)
-    spec = importlib.util.spec_from_file_location("infini_attention_before_19", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+def looped(model):
+    """model with every attention layer running Attention.segment_loop, the paper's loop over segments, in place
+    of forward (the weights are the model's own)."""
+    for block in model.model.layers:
+        block.self_attn.forward = block.self_attn.segment_loop
+    return model
 
 
-@pytest.mark.parametrize("rule", ["linear", "delta"])
-def test_segments_at_once_equal_the_loop_over_segments(rule, looped):
-    """The forward without a loop over segments (one local attention call for all of them, the memory as a
-    cumulative sum, the delta rule's recurrence over d x d matrices only) gives the logits and gradients of the loop
-    over segments it replaced, on the same weights, in train mode: T a multiple of segment_len (4 segments), not
-    one (3 and 5/8), shorter than one, and a state continued in chunks with autograd on (a chunk inside the
-    unfinished segment twice, one that finishes it and goes on)."""
-    new = tiny(seed=10, memory_update=rule).train()
-    fields = looped.Config.__dataclass_fields__  # not the experts' fields, added since
-    old = looped.InfiniTransformer(looped.Config(**{k: v for k, v in asdict(new.config).items() if k in fields})).train()
-    old.load_state_dict(new.state_dict())
+@pytest.mark.parametrize("rule,experts", [("linear", 0), ("delta", 0), ("delta", 4)])
+def test_forward_equals_segment_loop(rule, experts):
+    """forward (every segment at once: one local attention call, the memory as a cumulative sum, the delta rule's
+    recurrence over d x d matrices only) gives segment_loop's logits, loss, gradients and memory after, on the same
+    weights, in train mode: T a multiple of segment_len (4 segments), not one (3 and 5/8), shorter than one, and a
+    state continued in chunks with autograd on (a chunk inside the unfinished segment twice, one that finishes it
+    and goes on); with Mixtral's experts too (the loss adds the router's terms)."""
+    moe = dict(n_expert=experts, intermediate_size=48) if experts else {}
+    fast = tiny(seed=10, memory_update=rule, **moe).train()
+    loop = looped(copy.deepcopy(fast))
     idx = ids(300, 2, 42, seed=11)
     for sizes in ([32], [29], [5], [13, 1, 1, 26]):
         T = sum(sizes)
-        grads = []
-        for model in (new, old):
+        runs = []
+        for model in (fast, loop):
             model.zero_grad(set_to_none=True)
-            state, outs, t = model.new_state(), [], 0
-            for n in (sizes if model is new else [T]):
-                outs.append(model(idx[:, t:t + n], state=state)[0])
+            state, outs, losses, t = model.new_state(), [], [], 0
+            for n in sizes:
+                logits, loss = model(idx[:, t:t + n], idx[:, t + 1:t + n + 1], state=state)[:2]
+                outs.append(logits)
+                losses.append(loss * n / T)
                 t += n
-            logits = torch.cat(outs, dim=1)
-            F.cross_entropy(logits.flatten(0, 1), idx[:, 1:T + 1].flatten()).backward()
-            grads.append((logits.detach(), {name: p.grad for name, p in model.named_parameters()}))
-        (ours, ours_grad), (ref, ref_grad) = grads
-        assert max_diff(ours, ref) < 1e-5, sizes
-        for name, g in ref_grad.items():
+            loss = sum(losses)
+            loss.backward()
+            runs.append((torch.cat(outs, dim=1).detach(), loss.item(), state,
+                         {name: p.grad for name, p in model.named_parameters()}))
+        (logits, loss, state, grads), (ref, ref_loss, ref_state, ref_grads) = runs
+        assert max_diff(logits, ref) < 1e-5 and abs(loss - ref_loss) < 1e-5, sizes
+        for ours, theirs in zip(state, ref_state):
+            assert ours.filled == theirs.filled == T % 8
+            if T >= 8:
+                assert max_diff(ours.M, theirs.M) < 1e-5 * theirs.M.abs().max()
+                assert max_diff(ours.z, theirs.z) < 1e-5 * theirs.z.abs().max()
+            else:
+                assert ours.M is None and theirs.M is None
+            if T % 8:
+                assert max_diff(ours.k, theirs.k) < 1e-5 and max_diff(ours.v, theirs.v) < 1e-5
+        for name, g in ref_grads.items():
             if g is None:  # the gates of a text of one segment: the memory is never read
-                assert T <= 8 and ours_grad[name] is None, name
+                assert T <= 8 and grads[name] is None, name
                 continue
-            assert max_diff(ours_grad[name], g) < 1e-5 * max(1.0, g.abs().max().item()), (sizes, name)
+            assert max_diff(grads[name], g) < 1e-5 * max(1.0, g.abs().max().item()), (sizes, name)
         if T > 8:
-            assert max(ref_grad[f"model.layers.{i}.self_attn.gate"].abs().max() for i in (0, 1)) > 1e-4
+            assert max(ref_grads[f"model.layers.{i}.self_attn.gate"].abs().max() for i in (0, 1)) > 1e-4
 
 
 # ----------------------------------------------------------------------------------------- training
@@ -489,6 +493,43 @@ def test_configure_optimizer_groups():
     gate.grad = torch.ones_like(gate)
     opt.step()
     assert torch.allclose(start - gate.detach(), torch.full_like(start, 3e-2), rtol=1e-3)
+
+
+def expected_groups(model):
+    """The groups by the parameters' roles: norms and gates undecayed, the blocks' matrices (attention, SwiGLU, the
+    routers) Muon's, the embedding, the head and the stacked experts AdamW's with decay."""
+    out = {}
+    for name, p in model.named_parameters():
+        if name.endswith(("layernorm.weight", "model.norm.weight", "self_attn.gate")):
+            out[name] = "no_decay"
+        elif p.dim() == 2 and name.startswith("model.layers."):
+            out[name] = "muon"
+        else:
+            out[name] = "decay"
+    return out
+
+
+def test_optimizer_groups_by_name(tmp_path):
+    """optimizer_groups names every parameter: a fresh dense model (tied and untied) and one with experts, a
+    converted Llama, and models whose tensors came in with load_state_dict(assign=True) (no attribute survives it)
+    get the expected groups; the gates are never decayed."""
+    models = [tiny(seed=8), tiny(seed=8, tie_embeddings=True), tiny(seed=8, n_expert=4, intermediate_size=48)]
+    make_hf(seed=1, **HF_CASES["gqa"]).save_pretrained(tmp_path)
+    models.append(ia.from_pretrained(tmp_path, segment_len=8))
+    for model in list(models):
+        fresh = ia.InfiniTransformer(model.config)
+        fresh.load_state_dict(model.state_dict(), assign=True)
+        models.append(fresh)
+    for model in models:
+        groups = model.optimizer_groups()
+        assert groups == expected_groups(model)
+        assert groups.keys() == dict(model.named_parameters()).keys()
+        for i in range(model.config.n_layer):
+            assert groups[f"model.layers.{i}.self_attn.gate"] == "no_decay"
+            assert groups[f"model.layers.{i}.self_attn.q_proj.weight"] == "muon"
+        assert groups["model.embed_tokens.weight"] == "decay"
+    assert models[2].optimizer_groups()["model.layers.0.block_sparse_moe.w1"] == "decay"
+    assert models[2].optimizer_groups()["model.layers.0.block_sparse_moe.gate.weight"] == "muon"
 
 
 # ------------------------------------------------------------------------------------------ passkey
