@@ -18,6 +18,10 @@ renormalised. Decoding keeps a hybrid cache: keys and values for the attention l
 inputs and the SSM state for the Mamba layers, whose size does not grow with the text: the paper's point
 (Table 1: a 256K-token cache of 4 GB where Mixtral's is 32 GB). The start of every sample prints it.
 
+The model section reads in that order: Jamba's own code first (attention without positions, JambaMixer with
+its norms, jamba_route, Block with the layer pattern, the model), then what it borrows under headings that
+name the files teaching it: mamba.py's selective scan, then mixtral.py's experts (JambaMoE last, after SparseMoE).
+
 What is here: the model; sampling with the hybrid cache; loading `JambaForCausalLM` checkpoints in the Hugging
 Face layout (ai21labs/Jamba-tiny-dev, ai21labs/AI21-Jamba-Mini-1.5, Jamba-v0.1, or anything `save_pretrained`
 writes; one matrix per expert, as the hub stores them, or stacked; one file or shards) with a safetensors
@@ -267,8 +271,7 @@ class JambaMixer(nn.Module):
 
     def forward(self, u, state=None, parallel=True):
         """u (B, T, n_embd) -> (B, T, n_embd); state (a MambaState) is read and then advanced to the
-        last token. parallel: the chunked scan; False: the loop over t as written (the
-        reference)."""
+        last token. parallel: the chunked scan; False: the reference, the loop over t as written."""
         x, z = self.in_proj(u).chunk(2, dim=-1)                  # (B, T, d_inner) each
         step = state is not None and state.conv is not None and u.size(1) == 1  # decoding one token
         x = F.silu(self.conv_step(x, state) if step else self.conv(x, state))
@@ -811,9 +814,9 @@ class SparseMoE(nn.Module):
 
 
 class JambaMoE(SparseMoE):
-    """Jamba's mixture of experts: SparseMoE above (dispatch, SwiGLU experts, router statistics) with
-    jamba_route's weights, the top k of the softmax over all E, not renormalised. W_g is the Hugging
-    Face router.weight."""
+    """Jamba's mixture of experts: SparseMoE above (dispatch, SwiGLU experts, router statistics)
+    with jamba_route's weights, the top k of the softmax over all E, not renormalised. W_g is the
+    Hugging Face router.weight."""
 
     def route(self, logits):
         return jamba_route(logits, self.top_k)
