@@ -18,6 +18,10 @@ renormalised. Decoding keeps a hybrid cache: keys and values for the attention l
 inputs and the SSM state for the Mamba layers, whose size does not grow with the text: the paper's point
 (Table 1: a 256K-token cache of 4 GB where Mixtral's is 32 GB). The start of every sample prints it.
 
+The model section reads in that order: Jamba's own code first (attention without positions, JambaMixer with
+its norms, jamba_route, Block with the layer pattern, the model), then what it borrows under headings that
+name the files teaching it: mamba.py's selective scan, then mixtral.py's experts (JambaMoE last, after SparseMoE).
+
 What is here: the model; sampling with the hybrid cache; loading `JambaForCausalLM` checkpoints in the Hugging
 Face layout (ai21labs/Jamba-tiny-dev, ai21labs/AI21-Jamba-Mini-1.5, Jamba-v0.1, or anything `save_pretrained`
 writes; one matrix per expert, as the hub stores them, or stacked; one file or shards) with a safetensors
@@ -73,8 +77,6 @@ HERE = Path(__file__).resolve().parent
 HF_ENDPOINT = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
 CACHE_DIR = Path(os.environ.get("ONEFILE_CACHE", "~/.cache/onefile")).expanduser()
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-GROUPED_MM = hasattr(F, "grouped_mm")  # recent torch: one kernel for a matmul per expert over jagged groups
-ALIGN = 8  # rows of an expert's group are padded to a multiple of this: grouped GEMMs want 16-byte offsets in bf16
 
 
 class InputError(Exception):
@@ -204,36 +206,359 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Grouped-query attention (Ainslie et al. 2023) without any positional encoding: no rotary, no position table.
-    Jamba's attention layers sit after Mamba layers, whose recurrence already tells tokens apart by their place,
-    and the paper found explicit positions add nothing (section 6, "Jamba does not require explicit positional
-    information"); the cache can then grow past block_size with nothing to re-encode. One
-    scaled_dot_product_attention call for all heads."""
+    """Grouped-query attention (Ainslie et al. 2023) without any positional encoding: no rotary, no
+    position table. Jamba's attention layers sit after Mamba layers, whose recurrence already
+    tells tokens apart by their place, and the paper found explicit positions add nothing (section
+    6, "Jamba does not require explicit positional information"); the cache can then grow past
+    block_size with nothing to re-encode. One scaled_dot_product_attention call for all heads."""
 
     def __init__(self, cfg):
         super().__init__()
-        self.n_head, self.n_kv_head, self.head_dim, self.dropout = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.dropout
-        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
+        H, K, hd, d = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.n_embd
+        self.n_head, self.n_kv_head, self.head_dim, self.dropout = H, K, hd, cfg.dropout
+        self.q_proj = nn.Linear(d, H * hd, bias=False)
+        self.k_proj = nn.Linear(d, K * hd, bias=False)
+        self.v_proj = nn.Linear(d, K * hd, bias=False)
+        self.o_proj = nn.Linear(H * hd, d, bias=False)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, cache=None, pos=0):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, n_head, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        H, K, hd = self.n_head, self.n_kv_head, self.head_dim
+        q = self.q_proj(x).view(B, T, H, hd).transpose(1, 2)  # (B, n_head, T, hd)
+        k = self.k_proj(x).view(B, T, K, hd).transpose(1, 2)  # (B, n_kv_head, T, hd)
+        v = self.v_proj(x).view(B, T, K, hd).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(k, v, pos)
-        # Query i sits at position pos + i and sees keys 0..pos + i: the causal mask from pos 0, no mask for one
-        # new token, and for a chunk after a cache the mask shifted by pos (SDPA's is_causal aligns it top-left).
-        mask = None if pos == 0 or T == 1 else torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(pos)
-        # softmax(q k^T / sqrt(head_dim)) v; enable_gqa: kv head h // (n_head / n_kv_head) serves query head h
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=pos == 0,
-                                           dropout_p=self.dropout if self.training else 0.0, enable_gqa=True)
+        # Query i sits at position pos + i and sees keys 0..pos + i: the causal mask from pos 0, no
+        # mask for one new token, and for a chunk after a cache the mask shifted by pos (SDPA's
+        # is_causal aligns it top-left).
+        mask = None
+        if pos > 0 and T > 1:
+            mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(pos)
+        # softmax(q k^T / sqrt(head_dim)) v; enable_gqa: kv head h // (H / K) serves query head h
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=pos == 0, dropout_p=p,
+                                           enable_gqa=True)
         return self.resid_dropout(self.o_proj(y.transpose(1, 2).reshape(B, T, -1)))
 
+
+class JambaMixer(nn.Module):
+    """The Mamba layer: mamba.py's Mixer (Mamba's Figure 3, Algorithm 2: in_proj to x and the gate
+    z, a causal depthwise conv1d and SiLU, x_proj to (Delta's low-rank input, B, C), dt_proj and
+    softplus to Delta, the selective scan, y * SiLU(z), out_proj), with Jamba's three RMSNorms on
+    Delta's low-rank input, B and C (section 6: without them large Mamba layers' activations grew
+    and the loss spiked). The scan is mamba.py's, below. The Hugging Face names (JambaMambaMixer),
+    so checkpoints load as they are."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        E, N, R = cfg.d_inner, cfg.d_state, cfg.dt_rank
+        self.d_state, self.dt_rank = N, R
+        self.in_proj = nn.Linear(cfg.n_embd, 2 * E, bias=cfg.bias)
+        # depthwise, no padding: the state is the past
+        self.conv1d = nn.Conv1d(E, E, cfg.d_conv, groups=E, bias=cfg.conv_bias)
+        self.x_proj = nn.Linear(E, R + 2 * N, bias=False)
+        self.dt_layernorm = RMSNorm(R, cfg.norm_eps)  # Jamba's addition
+        self.b_layernorm = RMSNorm(N, cfg.norm_eps)
+        self.c_layernorm = RMSNorm(N, cfg.norm_eps)
+        self.dt_proj = nn.Linear(R, E, bias=True)
+        # S4D-Real (Mamba, section 3.6): A = -(1, 2, ..., N) in every channel, kept as log(-A) so
+        # that A stays < 0; not decayed (optimizer_groups), as the reference: decay would pull every
+        # A to -1
+        A = torch.arange(1, N + 1, dtype=torch.float32).repeat(E, 1)  # (E, N): -A
+        self.A_log = nn.Parameter(torch.log(A))
+        self.D = nn.Parameter(torch.ones(E))
+        self.out_proj = nn.Linear(E, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, u, state=None, parallel=True):
+        """u (B, T, n_embd) -> (B, T, n_embd); state (a MambaState) is read and then advanced to the
+        last token. parallel: the chunked scan; False: the reference, the loop over t as written."""
+        x, z = self.in_proj(u).chunk(2, dim=-1)                  # (B, T, d_inner) each
+        step = state is not None and state.conv is not None and u.size(1) == 1  # decoding one token
+        x = F.silu(self.conv_step(x, state) if step else self.conv(x, state))
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        # Jamba (section 6): an RMSNorm on each of Delta's low-rank input, B and C
+        dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
+        # Delta (B, T, d_inner) > 0, its bias added in float32 as in the reference's kernel
+        delta = F.softplus(F.linear(dt, self.dt_proj.weight).float() + self.dt_proj.bias.float())
+        A = -torch.exp(self.A_log.float())                         # (d_inner, N), < 0
+        how = "step" if step else "scan" if parallel else "loop"
+        h0 = None if state is None else state.ssm
+        y, h = selective_scan(x, delta, A, B, C, self.D.float(), h0, how)
+        if state is not None:
+            state.ssm = h
+        return self.dropout(self.out_proj(y * F.silu(z)))
+
+    def conv(self, x, state):
+        """The causal depthwise convolution over x (B, T, d_inner), after the cached inputs (zeros
+        before a text)."""
+        k = self.conv1d.kernel_size[0]
+        fresh = state is None or state.conv is None
+        past = x.new_zeros(x.size(0), k - 1, x.size(2)) if fresh else state.conv
+        x = torch.cat([past.to(x.dtype), x], dim=1)                # (B, k - 1 + T, d_inner)
+        if state is not None:
+            state.conv = x[:, x.size(1) - (k - 1):].clone()  # its own storage: conv_step updates it
+        # channels first for conv1d
+        x = F.conv1d(x.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, groups=x.size(2))
+        return x.transpose(1, 2)
+
+    def conv_step(self, x, state):
+        """The convolution at one new token x (B, 1, d_inner): a dot product of the kernel with the
+        cached d_conv - 1 inputs and x, no conv1d call; the cache shifts by one in place."""
+        window = torch.cat([state.conv, x.to(state.conv.dtype)], 1)  # (B, d_conv, d_inner), by age
+        state.conv.copy_(window[:, 1:])
+        out = (window * self.conv1d.weight[:, 0].t()).sum(1, keepdim=True)  # (B, 1, d_inner)
+        return out if self.conv1d.bias is None else out + self.conv1d.bias
+
+
+def jamba_route(logits, k):
+    """Jamba's router: (weights, experts), each (N, k), from the router's logits x W_g (N, E). The
+    weights are the k largest of p = softmax(x W_g) over all E experts, p_i as they are, not
+    renormalised: they sum to less than 1 (the reference code, transformers' JambaTopKRouter; the
+    paper gives no formula). Mixtral's route (SparseMoE.route, below) chooses the same k experts,
+    the softmax keeping the logits' order, but renormalises their weights over the k chosen,
+    softmax(TopK(x W_g)), which sum to 1."""
+    return logits.softmax(dim=-1).topk(k, dim=-1)  # (N, k) each: probabilities and experts
+
+
+class FeedForward(nn.Module):
+    """SwiGLU (Shazeer 2020, eq. 6 without biases): W_down (SiLU(x W_gate) * (x W_up)). Its width is
+    8/3 n_embd rather than 4 n_embd in Llama, which keeps the parameter count of a two-matrix MLP
+    (LLaMA paper, section 2)."""
+
+    def __init__(self, n_embd, width, dropout=0.0):
+        super().__init__()
+        self.gate_proj = nn.Linear(n_embd, width, bias=False)
+        self.up_proj = nn.Linear(n_embd, width, bias=False)
+        self.down_proj = nn.Linear(width, n_embd, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+
+
+class Block(nn.Module):
+    """One Jamba layer (section 2, Figure 1): x + Mixer(RMSNorm(x)), then x + FFN(RMSNorm(x)), the
+    mixer attention or Mamba, the FFN the MoE or a SwiGLU MLP, as the layer pattern puts layer i
+    (Config.is_attention, Config.is_moe: in the released model attention in one layer of 8, a:m =
+    1:7, and the MoE in every other layer, e = 2; section 3). The Hugging Face names."""
+
+    def __init__(self, cfg, i):
+        super().__init__()
+        self.attends, self.routes = cfg.is_attention(i), cfg.is_moe(i)  # the layer pattern
+        self.input_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        if self.attends:
+            self.self_attn = Attention(cfg)
+        else:
+            self.mamba = JambaMixer(cfg)
+        self.pre_ff_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        if self.routes:
+            self.feed_forward = JambaMoE(cfg)  # mixtral.py's experts, jamba_route's weights
+        else:
+            self.feed_forward = FeedForward(cfg.n_embd, cfg.intermediate_size, cfg.dropout)
+
+    def forward(self, x, cache=None, pos=0, parallel=True):
+        """x (B, T, n_embd) -> (x, the router's statistics or None); cache: this layer's KVCache or
+        MambaState."""
+        h = self.input_layernorm(x)
+        x = x + (self.self_attn(h, cache, pos) if self.attends else self.mamba(h, cache, parallel))
+        h = self.pre_ff_layernorm(x)
+        y, stats = self.feed_forward(h) if self.routes else (self.feed_forward(h), None)
+        return x + y, stats
+
+
+class Jamba(nn.Module):
+    """The language model (section 2): the token embedding (no positions), n_layer Blocks in the
+    layer pattern, a final RMSNorm and the head."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        # the Hugging Face names: model.embed_tokens, model.layers.N, model.final_layernorm
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(cfg.padded_vocab_size, cfg.n_embd),
+            drop=nn.Dropout(cfg.dropout),
+            layers=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer)),
+            final_layernorm=RMSNorm(cfg.n_embd, cfg.norm_eps),
+        ))
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.moe_layers = [i for i in range(cfg.n_layer) if cfg.is_moe(i)]
+        # Initialisation (the paper gives none): matrices normal with std 0.02 (Hugging Face's
+        # initializer_range), those that write into the residual stream scaled by 1/sqrt(2 n_layer)
+        # as GPT-2 does; the Mamba layers' own as mamba.py (the conv PyTorch's default, A and D as
+        # built, Delta's projection for steps in [dt_min, dt_max]).
+        own = ("conv1d", "A_log", "dt_proj")
+        residual = ("o_proj.weight", "down_proj.weight", "out_proj.weight", "w2")
+        for name, p in self.named_parameters():
+            if p.dim() >= 2 and not any(s in name for s in own):
+                std = 0.02 / math.sqrt(2 * cfg.n_layer) if name.endswith(residual) else 0.02
+                nn.init.normal_(p, mean=0.0, std=std)
+            elif name.endswith(("in_proj.bias", "out_proj.bias")):
+                nn.init.zeros_(p)
+        for block in self.model.layers:
+            if not block.attends:
+                m = block.mamba
+                with torch.no_grad():
+                    nn.init.uniform_(m.dt_proj.weight, -cfg.dt_rank ** -0.5, cfg.dt_rank ** -0.5)
+                    lo, hi = math.log(cfg.dt_min), math.log(cfg.dt_max)
+                    dt = torch.exp(torch.rand(cfg.d_inner) * (hi - lo) + lo)  # log-uniform
+                    dt = dt.clamp(min=cfg.dt_init_floor)
+                    m.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+
+    def num_params(self, non_embedding=True, active=False):
+        """Parameters a token computes with: a tied embedding/head counted once, lookups (an untied
+        input embedding, a position table) left out by default; active=True counts top_k of the
+        experts only."""
+        cfg = self.config
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and not cfg.tie_embeddings:
+            n -= self.model.embed_tokens.weight.numel()
+        if active:
+            stacked = ("w1", "w2", "w3")
+            experts = sum(p.numel() for n, p in self.named_parameters() if n.endswith(stacked))
+            n -= experts * (cfg.n_expert - cfg.top_k_experts) // cfg.n_expert
+        return n
+
+    def optimizer_groups(self):
+        """Each parameter's optimizer group, by name: "muon", the blocks' matrices (attention, the
+        Mamba layers' projections, the router, dense SwiGLUs: Muon's under --optimizer muon, else
+        AdamW's with decay); "decay", the embedding, the head, the (d_inner, 1, d_conv) convolutions
+        and the experts' stacked (E, out, in) weights (AdamW: torch's Muon takes 2-D parameters
+        only); "no_decay", the RMSNorm gains, biases, D and A_log (decay would pull every A =
+        -exp(A_log) to -1)."""
+        groups = {}
+        matrices = ("_proj.weight", "router.weight", "gate.weight")
+        for name, _ in self.named_parameters():
+            if name.endswith(("norm.weight", "bias", ".D", "A_log")):
+                groups[name] = "no_decay"
+            elif name.startswith("model.layers.") and name.endswith(matrices):
+                groups[name] = "muon"
+            else:
+                groups[name] = "decay"
+        return groups
+
+    def cache_bytes(self, T, itemsize=4):
+        """(bytes of this model's decoding cache for one sequence of T tokens, those of an
+        all-attention model of the same shape). An attention layer keeps K and V: 2 n_kv_head
+        head_dim numbers a token; a Mamba layer keeps the convolution's last d_conv - 1 inputs and
+        the SSM state (float32), d_inner x each, at any T (mamba.py)."""
+        cfg = self.config
+        kv = 2 * cfg.n_kv_head * cfg.head_dim * T * itemsize
+        ssm = cfg.d_inner * ((cfg.d_conv - 1) * itemsize + cfg.d_state * 4)
+        n_attn = sum(block.attends for block in self.model.layers)
+        return n_attn * kv + (cfg.n_layer - n_attn) * ssm, cfg.n_layer * kv
+
+    def new_cache(self, length):
+        """The hybrid cache for up to `length` tokens: a KVCache per attention layer, a MambaState
+        per Mamba layer."""
+        return [KVCache(length) if block.attends else MambaState() for block in self.model.layers]
+
+    def hidden(self, idx, cache=None, pos=0, parallel=True):
+        """idx (B, T) token ids at positions pos..pos+T-1, after the pos tokens the cache holds ->
+        (final hidden states (B, T, n_embd), the MoE layers' router statistics
+        (MoE layers, 3 + n_expert) or None)."""
+        x = self.model.drop(self.model.embed_tokens(idx))  # (B, T, n_embd); no positions anywhere
+        stats = []
+        for i, block in enumerate(self.model.layers):
+            x, s = block(x, None if cache is None else cache[i], pos, parallel)
+            if s is not None:
+                stats.append(s)
+        return self.model.final_layernorm(x), torch.stack(stats) if stats else None
+
+    def forward(self, idx, targets=None, cache=None, pos=0, parallel=True):
+        """idx (B, T) token ids -> (logits (B, T, vocab_size), loss or None, aux).
+
+        The loss is the next-token cross-entropy; in training, plus the load-balancing loss, each
+        MoE layer's own averaged over the layers, weighted by aux_loss_coef (the reference,
+        transformers' load_balancing_loss_func, pools f and P over all the layers' tokens before the
+        product: the same when the layers' loads agree, not in general), and a z-loss if
+        z_loss_coef > 0. aux holds the router's terms for the log, with the expert load of this
+        batch (MoE layers, n_expert) for the load report ({} without MoE layers)."""
+        cfg, V, Vp = self.config, self.config.vocab_size, self.config.padded_vocab_size
+        pad = None
+        if Vp > V:  # the padding rows are no tokens: a bias of -inf gives them probability 0
+            pad = torch.zeros(Vp, device=idx.device, dtype=self.lm_head.weight.dtype)
+            pad[V:] = float("-inf")
+        x, router = self.hidden(idx, cache, pos, parallel)
+        logits = F.linear(x, self.lm_head.weight, pad)  # (B, T, padded_vocab_size)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+        if router is None:
+            return logits[..., :V], loss, {}
+        balance, z, dropped = router[:, :3].float().mean(0)  # balance: top_k when the load is even
+        aux = dict(balance=balance, load=router[:, 3:].detach().float())
+        if cfg.z_loss_coef:
+            aux["z_loss"] = z
+        # dropped: the share of (token, choice) pairs over their expert's capacity
+        if self.training and cfg.capacity_factor:
+            aux["dropped"] = dropped
+        if self.training and loss is not None:
+            loss = loss + cfg.aux_loss_coef * balance + cfg.z_loss_coef * z
+        return logits[..., :V], loss, aux
+
+    def load_report(self, load):
+        """Print the expert load `load` (MoE layers, n_expert), aux's load summed over an
+        evaluation's batches, each MoE layer a row of bars: each expert's share of the routed
+        (token, choice) pairs, the even share 1/n_expert drawn half high. Collapse shows as a few
+        full bars. Returns it for the metrics."""
+        load = (load / load.sum(-1, keepdim=True).clamp_min(1e-9)).tolist()
+        E, bars = self.config.n_expert, " ▁▂▃▄▅▆▇█"
+        print(f"expert load per MoE layer (even: {100 / E:.1f}% each, drawn ▄; "
+              "█ is twice that or more)")
+        for i, shares in zip(self.moe_layers, load):
+            row = "".join(bars[min(8, round(4 * E * s))] for s in shares)
+            low, high = 100 * min(shares), 100 * max(shares)
+            print(f"  layer {i:<3d}{row}  min {low:4.1f}%  max {high:4.1f}%")
+        return dict(expert_load=load)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
+                 on_logits=None):
+        """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 is greedy. Routing is
+        dropless.
+
+        With the hybrid cache the prompt goes through the model once, leaving each attention layer's
+        keys and values and each Mamba layer's state; every new token is then one position:
+        attention over the cached keys, one recurrent step in the Mamba layers. Nothing depends on a
+        position, so there is no window: the text may grow past block_size and the cache holds the
+        whole of it. Without the cache every step runs the whole text again (the same tokens,
+        quadratic time)."""
+        cache, pos = self.new_cache(idx.size(1) + max_new_tokens) if use_cache else None, 0
+        for _ in range(max_new_tokens):
+            x, _ = self.hidden(idx[:, pos:], cache, pos)
+            pos = idx.size(1) if use_cache else 0
+            logits = self.lm_head(x[:, -1])[:, :self.config.vocab_size]  # the last position only
+            nxt = sample_next(logits.float(), temperature, top_k, top_p, on_logits)  # (B, 1)
+            idx = torch.cat([idx, nxt], dim=1)
+        return idx
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, on_logits=None):
+    """logits (B, V) -> next token ids (B, 1); on_logits(logits) is called first (--show_top)."""
+    if on_logits is not None:
+        on_logits(logits)
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:  # nucleus sampling (Holtzman et al. 2019, 1904.09751)
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        outside = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this token reaches top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
+
+
+# ----------------------------------------- borrowed: Mamba's selective scan (mamba.py teaches it)
+# Jamba's Mamba layers (JambaMixer) run Mamba-1's selective scan: the same text as mamba.py's, read
+# there first: the recurrence as a loop over t (the reference), and the chunked parallel scan.
 
 def parallel_scan(a, b, reverse=False):
     """Every h_t = a_t h_{t-1} + b_t, with h_{-1} = 0, for a and b (B, T, d_inner, N), without a loop over t; reverse:
@@ -359,80 +684,12 @@ class MambaState:
         self.conv, self.ssm = None, None
 
 
-class JambaMixer(nn.Module):
-    """The Mamba layer: mamba.py's Mixer (Mamba's Figure 3, Algorithm 2: in_proj to x and the gate z, a causal
-    depthwise conv1d and SiLU, x_proj to (Delta's low-rank input, B, C), dt_proj and softplus to Delta, the
-    selective scan, y * SiLU(z), out_proj), with Jamba's three RMSNorms on Delta's low-rank input, B and C (section
-    6: without them large Mamba layers' activations grew and the loss spiked). The Hugging Face names
-    (JambaMambaMixer), so checkpoints load as they are."""
+# ------------------------------------------ borrowed: Mixtral's experts (mixtral.py teaches them)
+# Jamba's MoE layers are Mixtral's sparse mixture of experts, the same text as mixtral.py's (the
+# dispatch without a loop over tokens, the router's statistics); JambaMoE routes with jamba_route.
 
-    def __init__(self, cfg):
-        super().__init__()
-        E, N, R = cfg.d_inner, cfg.d_state, cfg.dt_rank
-        self.d_state, self.dt_rank = N, R
-        self.in_proj = nn.Linear(cfg.n_embd, 2 * E, bias=cfg.bias)
-        self.conv1d = nn.Conv1d(E, E, cfg.d_conv, groups=E, bias=cfg.conv_bias)  # no padding: the state is the past
-        self.x_proj = nn.Linear(E, R + 2 * N, bias=False)
-        self.dt_layernorm = RMSNorm(R, cfg.norm_eps)  # Jamba's addition
-        self.b_layernorm = RMSNorm(N, cfg.norm_eps)
-        self.c_layernorm = RMSNorm(N, cfg.norm_eps)
-        self.dt_proj = nn.Linear(R, E, bias=True)
-        # S4D-Real (Mamba, section 3.6): A = -(1, 2, ..., N) in every channel, kept as log(-A) so that A stays < 0
-        self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(E, 1))  # (E, N)
-        self.A_log.no_weight_decay = True  # as the reference: decay would pull every A = -exp(A_log) to -1
-        self.D = nn.Parameter(torch.ones(E))
-        self.out_proj = nn.Linear(E, cfg.n_embd, bias=cfg.bias)
-        self.dropout = nn.Dropout(cfg.dropout)
-
-    def forward(self, u, state=None, parallel=True):
-        """u (B, T, n_embd) -> (B, T, n_embd); state (a MambaState) is read and then advanced to the last token."""
-        x, z = self.in_proj(u).chunk(2, dim=-1)                  # (B, T, d_inner) each
-        step = state is not None and state.conv is not None and u.size(1) == 1  # decoding one token
-        x = F.silu(self.conv_step(x, state) if step else self.conv(x, state))
-        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)  # Jamba: RMSNorm on each
-        # Delta (B, T, d_inner) > 0, its bias added in float32 as in the reference's kernel (mamba.py)
-        delta = F.softplus(F.linear(dt, self.dt_proj.weight).float() + self.dt_proj.bias.float())
-        A = -torch.exp(self.A_log.float())                         # (d_inner, N), < 0
-        how = "step" if step else "scan" if parallel else "loop"
-        y, h = selective_scan(x, delta, A, B, C, self.D.float(), None if state is None else state.ssm, how)
-        if state is not None:
-            state.ssm = h
-        return self.dropout(self.out_proj(y * F.silu(z)))
-
-    def conv(self, x, state):
-        """The causal depthwise convolution over x (B, T, d_inner), after the cached inputs (zeros before a text)."""
-        k = self.conv1d.kernel_size[0]
-        past = state.conv if state is not None and state.conv is not None else x.new_zeros(x.size(0), k - 1, x.size(2))
-        x = torch.cat([past.to(x.dtype), x], dim=1)                # (B, k - 1 + T, d_inner)
-        if state is not None:
-            state.conv = x[:, x.size(1) - (k - 1):].clone()        # its own storage: conv_step updates it in place
-        x = F.conv1d(x.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, groups=x.size(2))  # channels first
-        return x.transpose(1, 2)
-
-    def conv_step(self, x, state):
-        """The convolution at one new token x (B, 1, d_inner): a dot product of the kernel with the cached d_conv - 1
-        inputs and x, no conv1d call; the cache shifts by one in place."""
-        window = torch.cat([state.conv, x.to(state.conv.dtype)], 1)  # (B, d_conv, d_inner), oldest first
-        state.conv.copy_(window[:, 1:])
-        out = (window * self.conv1d.weight[:, 0].t()).sum(1, keepdim=True)  # (B, 1, d_inner)
-        return out if self.conv1d.bias is None else out + self.conv1d.bias
-
-
-class FeedForward(nn.Module):
-    """SwiGLU (Shazeer 2020, eq. 6 without biases): W_down (SiLU(x W_gate) * (x W_up)). Its width is
-    8/3 n_embd rather than 4 n_embd in Llama, which keeps the parameter count of a two-matrix MLP
-    (LLaMA paper, section 2)."""
-
-    def __init__(self, n_embd, width, dropout=0.0):
-        super().__init__()
-        self.gate_proj = nn.Linear(n_embd, width, bias=False)
-        self.up_proj = nn.Linear(n_embd, width, bias=False)
-        self.down_proj = nn.Linear(width, n_embd, bias=False)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x):
-        return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+GROUPED_MM = hasattr(F, "grouped_mm")  # recent torch: one kernel for a matmul per expert over jagged groups
+ALIGN = 8  # rows of an expert's group are padded to a multiple of this: grouped GEMMs want 16-byte offsets in bf16
 
 
 def expert_rank(e, count):
@@ -561,202 +818,12 @@ class SparseMoE(nn.Module):
 
 
 class JambaMoE(SparseMoE):
-    """Jamba's mixture of experts: mixtral.py's SparseMoE (its dropless dispatch, SwiGLU experts and router
-    statistics, the same text) with Jamba's router weights. Mixtral renormalises the chosen experts' weights,
-    softmax(TopK(x W_g)); Jamba's reference keeps the top k of the softmax over all E experts, p_i = softmax(x W_g)_i,
-    which sum to less than 1. The router is the Hugging Face router.weight, W_g."""
+    """Jamba's mixture of experts: SparseMoE above (dispatch, SwiGLU experts, router statistics)
+    with jamba_route's weights, the top k of the softmax over all E, not renormalised. W_g is the
+    Hugging Face router.weight."""
 
     def route(self, logits):
-        return logits.softmax(dim=-1).topk(self.top_k, dim=-1)  # (N, k) probabilities and experts, not renormalised
-
-
-class Block(nn.Module):
-    """One Jamba layer (section 2, Figure 1): x + Mixer(RMSNorm(x)), then x + FFN(RMSNorm(x)), the mixer attention or
-    Mamba, the FFN the MoE or a SwiGLU MLP, as the layer's index says. The Hugging Face names."""
-
-    def __init__(self, cfg, i):
-        super().__init__()
-        self.attends, self.routes = cfg.is_attention(i), cfg.is_moe(i)
-        self.input_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        if self.attends:
-            self.self_attn = Attention(cfg)
-        else:
-            self.mamba = JambaMixer(cfg)
-        self.pre_ff_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.feed_forward = JambaMoE(cfg) if self.routes else FeedForward(cfg.n_embd, cfg.intermediate_size, cfg.dropout)
-
-    def forward(self, x, cache=None, pos=0, parallel=True):
-        """x (B, T, n_embd) -> (x, the router's statistics or None); cache: this layer's KVCache or MambaState."""
-        h = self.input_layernorm(x)
-        x = x + (self.self_attn(h, cache, pos) if self.attends else self.mamba(h, cache, parallel))
-        h = self.pre_ff_layernorm(x)
-        y, stats = self.feed_forward(h) if self.routes else (self.feed_forward(h), None)
-        return x + y, stats
-
-
-class Jamba(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.config = cfg
-        self.model = nn.ModuleDict(dict(  # the Hugging Face names: model.embed_tokens, model.layers.N, final_layernorm
-            embed_tokens=nn.Embedding(cfg.padded_vocab_size, cfg.n_embd),
-            drop=nn.Dropout(cfg.dropout),
-            layers=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer)),
-            final_layernorm=RMSNorm(cfg.n_embd, cfg.norm_eps),
-        ))
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        self.moe_layers = [i for i in range(cfg.n_layer) if cfg.is_moe(i)]
-        # Initialisation (the paper gives none): matrices normal with std 0.02 (Hugging Face's initializer_range),
-        # those that write into the residual stream scaled by 1/sqrt(2 n_layer) as GPT-2 does; the Mamba layers'
-        # own as mamba.py (the conv PyTorch's default, A and D as built, Delta's projection for steps in
-        # [dt_min, dt_max]).
-        for name, p in self.named_parameters():
-            if p.dim() >= 2 and "conv1d" not in name and "A_log" not in name and "dt_proj" not in name:
-                residual = name.endswith(("o_proj.weight", "down_proj.weight", "out_proj.weight", "w2"))
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer) if residual else 0.02)
-            elif name.endswith(("in_proj.bias", "out_proj.bias")):
-                nn.init.zeros_(p)
-        for block in self.model.layers:
-            if not block.attends:
-                m = block.mamba
-                with torch.no_grad():
-                    nn.init.uniform_(m.dt_proj.weight, -cfg.dt_rank ** -0.5, cfg.dt_rank ** -0.5)
-                    dt = torch.exp(torch.rand(cfg.d_inner) * (math.log(cfg.dt_max) - math.log(cfg.dt_min))
-                                   + math.log(cfg.dt_min)).clamp(min=cfg.dt_init_floor)
-                    m.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
-
-    def num_params(self, non_embedding=True, active=False):
-        """Parameters a token computes with: a tied embedding/head counted once, lookups (an untied input embedding, a
-        position table) left out by default; active=True counts top_k of the experts only."""
-        cfg = self.config
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding and not cfg.tie_embeddings:
-            n -= self.model.embed_tokens.weight.numel()
-        if active:
-            experts = sum(p.numel() for name, p in self.named_parameters() if name.endswith(("w1", "w2", "w3")))
-            n -= experts * (cfg.n_expert - cfg.top_k_experts) // cfg.n_expert
-        return n
-
-    def optimizer_groups(self):
-        """Each parameter's optimizer group, by name: "muon", the blocks' matrices (attention, the Mamba layers'
-        projections, the router, dense SwiGLUs: Muon's under --optimizer muon, else AdamW's with decay); "decay",
-        the embedding, the head, the (d_inner, 1, d_conv) convolutions and the experts' stacked (E, out, in) weights
-        (AdamW: torch's Muon takes 2-D parameters only); "no_decay", the RMSNorm gains, biases, D and A_log (decay
-        would pull every A = -exp(A_log) to -1)."""
-        groups = {}
-        for name, _ in self.named_parameters():
-            if name.endswith(("norm.weight", "bias", ".D", "A_log")):
-                groups[name] = "no_decay"
-            elif name.startswith("model.layers.") and name.endswith(("_proj.weight", "router.weight", "gate.weight")):
-                groups[name] = "muon"
-            else:
-                groups[name] = "decay"
-        return groups
-
-    def cache_bytes(self, T, itemsize=4):
-        """(bytes of this model's decoding cache for one sequence of T tokens, those of an all-attention model of the
-        same shape). An attention layer keeps K and V: 2 n_kv_head head_dim numbers a token; a Mamba layer keeps the
-        convolution's last d_conv - 1 inputs and the SSM state (float32), d_inner x each, at any T (mamba.py)."""
-        cfg = self.config
-        kv = 2 * cfg.n_kv_head * cfg.head_dim * T * itemsize
-        ssm = cfg.d_inner * ((cfg.d_conv - 1) * itemsize + cfg.d_state * 4)
-        n_attn = sum(block.attends for block in self.model.layers)
-        return n_attn * kv + (cfg.n_layer - n_attn) * ssm, cfg.n_layer * kv
-
-    def new_cache(self, length):
-        """The hybrid cache for up to `length` tokens: a KVCache per attention layer, a MambaState per Mamba layer."""
-        return [KVCache(length) if block.attends else MambaState() for block in self.model.layers]
-
-    def hidden(self, idx, cache=None, pos=0, parallel=True):
-        """idx (B, T) token ids at positions pos..pos+T-1, after the pos tokens the cache holds -> (final hidden
-        states (B, T, n_embd), the MoE layers' router statistics (MoE layers, 3 + n_expert) or None)."""
-        x = self.model.drop(self.model.embed_tokens(idx))              # (B, T, n_embd); no positions anywhere
-        stats = []
-        for i, block in enumerate(self.model.layers):
-            x, s = block(x, None if cache is None else cache[i], pos, parallel)
-            if s is not None:
-                stats.append(s)
-        return self.model.final_layernorm(x), torch.stack(stats) if stats else None
-
-    def forward(self, idx, targets=None, cache=None, pos=0, parallel=True):
-        """idx (B, T) token ids -> (logits (B, T, vocab_size), loss or None, aux).
-
-        The loss is the next-token cross-entropy; in training, plus the load-balancing loss, each MoE layer's own
-        averaged over the layers, weighted by aux_loss_coef (the reference, transformers' load_balancing_loss_func,
-        pools f and P over all the layers' tokens before the product: the same when the layers' loads agree, not in
-        general), and a z-loss if z_loss_coef > 0. aux holds the router's terms for the log, with the expert load of
-        this batch (MoE layers, n_expert) for the load report ({} without MoE layers)."""
-        cfg, V, Vp = self.config, self.config.vocab_size, self.config.padded_vocab_size
-        pad = None
-        if Vp > V:  # the padding rows are no tokens: a bias of -inf gives them probability exactly 0
-            pad = torch.zeros(Vp, device=idx.device, dtype=self.lm_head.weight.dtype)
-            pad[V:] = float("-inf")
-        x, router = self.hidden(idx, cache, pos, parallel)
-        logits = F.linear(x, self.lm_head.weight, pad)  # (B, T, padded_vocab_size)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
-        if router is None:
-            return logits[..., :V], loss, {}
-        balance, z, dropped = router[:, :3].float().mean(0)  # balance is top_k when the load is even
-        aux = dict(balance=balance, load=router[:, 3:].detach().float())
-        if cfg.z_loss_coef:
-            aux["z_loss"] = z
-        if self.training and cfg.capacity_factor:  # the share of (token, choice) pairs over their expert's capacity
-            aux["dropped"] = dropped
-        if self.training and loss is not None:
-            loss = loss + cfg.aux_loss_coef * balance + cfg.z_loss_coef * z
-        return logits[..., :V], loss, aux
-
-    def load_report(self, load):
-        """Print the expert load `load` (MoE layers, n_expert), aux's load summed over an evaluation's batches,
-        each MoE layer a row of bars: each expert's share of the routed (token, choice) pairs, the even share
-        1/n_expert drawn half high. Collapse shows as a few full bars. Returns it for the metrics."""
-        load = (load / load.sum(-1, keepdim=True).clamp_min(1e-9)).tolist()
-        E, bars = self.config.n_expert, " ▁▂▃▄▅▆▇█"
-        print(f"expert load per MoE layer (even: {100 / E:.1f}% each, drawn ▄; █ is twice that or more)")
-        for i, shares in zip(self.moe_layers, load):
-            row = "".join(bars[min(8, round(4 * E * s))] for s in shares)
-            print(f"  layer {i:<3d}{row}  min {100 * min(shares):4.1f}%  max {100 * max(shares):4.1f}%")
-        return dict(expert_load=load)
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
-                 on_logits=None):
-        """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 is greedy. Routing is dropless.
-
-        With the hybrid cache the prompt goes through the model once, leaving each attention layer's keys and values
-        and each Mamba layer's state; every new token is then one position: attention over the cached keys, one
-        recurrent step in the Mamba layers. Nothing depends on a position, so there is no window: the text may grow
-        past block_size and the cache holds the whole of it. Without the cache every step runs the whole text
-        again (the same tokens, quadratic time)."""
-        cache, pos = self.new_cache(idx.size(1) + max_new_tokens) if use_cache else None, 0
-        for _ in range(max_new_tokens):
-            x, _ = self.hidden(idx[:, pos:], cache, pos)
-            pos = idx.size(1) if use_cache else 0
-            logits = self.lm_head(x[:, -1])[:, :self.config.vocab_size]  # only the last position is sampled
-            idx = torch.cat([idx, sample_next(logits.float(), temperature, top_k, top_p, on_logits)], dim=1)
-        return idx
-
-
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, on_logits=None):
-    """logits (B, V) -> next token ids (B, 1); on_logits(logits) is called first (--show_top)."""
-    if on_logits is not None:
-        on_logits(logits)
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k).values[:, [-1]]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:  # nucleus sampling (Holtzman et al. 2019, 1904.09751)
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        outside = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this token reaches top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
-    return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
+        return jamba_route(logits, self.top_k)
 
 
 # -------------------------------------------------------------- files: checkpoints, token files, downloads
@@ -1459,9 +1526,6 @@ def from_pretrained(name_or_path, device="cpu", dtype=torch.float32, **run_time)
     load_weights(model, state, path, device, dtype)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight  # assign=True replaced both: tie them again
-    for block in model.model.layers:
-        if not block.attends:
-            block.mamba.A_log.no_weight_decay = True  # and made new parameters: mark A_log again
     return model.eval()
 
 

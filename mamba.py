@@ -1111,8 +1111,6 @@ def from_pretrained(name_or_path, device="cpu", dtype=torch.float32, dropout=0.0
         model = Mamba(cfg)  # shapes only: the weights come from the file, no time is spent on a random init
     load_weights(model, state, path, device, dtype)
     model.lm_head.weight = model.backbone.embeddings.weight  # assign=True replaced both: tie them again
-    for block in model.backbone.layers:
-        block.mixer.A_log.no_weight_decay = True  # and made new parameters: mark A_log again
     return model.eval()
 
 

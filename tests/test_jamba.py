@@ -1,11 +1,13 @@
 """jamba.py at the model level: HF parity on several layer patterns (attention first, last, none; the MoE in every
 layer, every other one, none; GQA, MHA and MQA; Mamba's biases and ranks), greedy generation against the reference's,
 the hybrid cache (cached = uncached decoding across the attention/Mamba boundary and past block_size, its bytes
-against the formula, the paper's Table 1 figures), Jamba's router weights against the formula written out, the hub
+against the formula, the paper's Table 1 figures), Jamba's router weights against the formula written out and
+against Mixtral's route, the scan as written against the chunked scan, the optimizer groups by name, the hub
 layouts (sharded, one matrix per expert or stacked, a SentencePiece tokenizer.json: token ids), refusals,
 causality, training, and the command line's own flags."""
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import safetensors.torch
@@ -208,6 +210,57 @@ def test_router_weights_are_the_top_k_of_a_softmax_over_all_experts():
                     want[b, t] += wi * (moe.w2[ei] @ h)
     assert max_diff(y, want) < 1e-5
     assert (p.topk(3).values.sum(-1) < 0.99).any()  # the weights really are not renormalised
+
+
+def test_jamba_route_is_mixtrals_choice_without_the_renormalisation():
+    """jamba_route chooses Mixtral's experts (SparseMoE.route's) with weights p_i = softmax(logits)_i
+    as they are: they sum to less than 1, and renormalised over the k they are Mixtral's."""
+    logits = torch.randn(7, 6, generator=torch.Generator().manual_seed(0))
+    weight, expert = jamba.jamba_route(logits, 2)
+    mixtral_weight, mixtral_expert = jamba.SparseMoE.route(SimpleNamespace(top_k=2), logits)
+    assert torch.equal(expert, mixtral_expert)
+    assert max_diff(weight, logits.softmax(-1).gather(1, expert)) == 0
+    assert (weight.sum(-1) < 1).all()
+    assert max_diff(weight / weight.sum(-1, keepdim=True), mixtral_weight) < 1e-6
+
+
+def test_the_scan_as_written_and_the_chunked_scan_give_the_same_model():
+    """JambaMixer's reference (parallel=False: selective_scan's loop over t) and its default (the
+    chunked parallel scan): the same logits and the same gradients."""
+    model = tiny(seed=4).train()
+    idx = ids(300, 2, 40, seed=3)
+    outs = []
+    for parallel in (False, True):
+        model.zero_grad()
+        logits, loss, _ = model(idx[:, :-1], idx[:, 1:], parallel=parallel)
+        loss.backward()
+        outs.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (ref, ref_grads), (fast, fast_grads) = outs
+    assert max_diff(fast, ref) < 1e-4
+    assert max(max_diff(fast_grads[n], g) for n, g in ref_grads.items()) < 1e-4
+
+
+def test_optimizer_groups_by_name(tmp_path):
+    """Every parameter named: the blocks' 2-D matrices "muon"; A_log (2-D), D, the norms and biases
+    "no_decay"; the embedding, the head, the 3-D convolutions and stacked experts "decay". The same
+    for a fresh model, one loaded with load_state_dict(assign=True) and one from_pretrained."""
+    model = tiny(seed=5, bias=True)
+    assigned = tiny(seed=6, bias=True)
+    assigned.load_state_dict(model.state_dict(), assign=True)
+    jamba.save_pretrained(model, tmp_path)
+    for m in (model, assigned, jamba.from_pretrained(tmp_path)):
+        groups = m.optimizer_groups()
+        params = dict(m.named_parameters())
+        assert groups.keys() == params.keys()
+        for name, p in params.items():
+            if p.dim() < 2 or name.endswith("A_log"):
+                assert groups[name] == "no_decay", name
+            elif p.dim() == 2 and name.startswith("model.layers."):
+                assert groups[name] == "muon", name
+            else:
+                assert groups[name] == "decay", name
+    assert groups["model.layers.0.mamba.A_log"] == "no_decay"
+    assert groups["model.layers.1.feed_forward.w1"] == "decay"
 
 
 @pytest.mark.parametrize("prompt_len, new_tokens", [(1, 20), (12, 30)])
