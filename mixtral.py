@@ -16,12 +16,14 @@ optional capacity factor (GShard, Lepikhin et al. 2020, arXiv 2006.16668; Switch
 at most capacity_factor x its fair share of the tokens of a step, the overflow skips the layer through the
 residual, and every shape is static. The router's flags are run settings: they apply to a pretrained model too.
 
-Dispatch has no loop over tokens and, with a torch that has F.grouped_mm (on CUDA in bf16), no host sync:
-the (token, expert) pairs are laid out grouped by expert and each weight matrix of all experts is applied in
-one grouped matmul (dropless, exact: Mixtral's own way, used for sampling and parity), or in one batched
-matmul over fixed-size expert buffers (capacity mode). Decoding (eval, k N <= n_expert pairs) runs each pair
-through its chosen expert alone, the ids read on the host (chosen_experts). What is not here: expert parallelism
-across GPUs, instruction tuning. The released checkpoints' SentencePiece-style tokenizer.json runs (hf_tokenizer).
+The MoE layer is written twice: SparseMoE.forward_loop is the paper's equation as a loop over the experts (as
+Mistral's reference code), and forward computes the same sum in one pass (the tests hold the two equal), with no
+loop over tokens and, with a torch that has F.grouped_mm (on CUDA in bf16), no host sync: the (token, expert)
+pairs are laid out grouped by expert and each weight matrix of all experts is applied in one grouped matmul
+(dropless, exact: Mixtral's own way, used for sampling and parity), or in one batched matmul over fixed-size
+expert buffers (capacity mode). Decoding (eval, k N <= n_expert pairs) runs each pair through its chosen expert
+alone, the ids read on the host (chosen_experts). What is not here: expert parallelism across GPUs, instruction
+tuning. The released checkpoints' SentencePiece-style tokenizer.json runs (hf_tokenizer).
 
     python mixtral.py                                      # CPU: a tiny model, about three minutes
     python mixtral.py --device cuda                        # one GPU: bf16, torch.compile, 6 layers x 384, 8 experts
