@@ -271,7 +271,7 @@ class SparseMoE(nn.Module):
         against."""
         B, T, d = x.shape
         x = x.reshape(-1, d)                                # (N, d): each token is routed alone
-        weight, expert = self.route(self.gate(x).float())   # (N, k): G(x)'s nonzero entries, where
+        weight, expert = self.route(self.gate(x).float())   # (N, k): the nonzero G(x)_i, and i
         y = torch.zeros_like(x, dtype=weight.dtype)
         for i in range(self.n_expert):
             token, j = torch.where(expert == i)             # the tokens that chose i, as choice j
