@@ -16,12 +16,14 @@ optional capacity factor (GShard, Lepikhin et al. 2020, arXiv 2006.16668; Switch
 at most capacity_factor x its fair share of the tokens of a step, the overflow skips the layer through the
 residual, and every shape is static. The router's flags are run settings: they apply to a pretrained model too.
 
-Dispatch has no loop over tokens and, with a torch that has F.grouped_mm (on CUDA in bf16), no host sync:
-the (token, expert) pairs are laid out grouped by expert and each weight matrix of all experts is applied in
-one grouped matmul (dropless, exact: Mixtral's own way, used for sampling and parity), or in one batched
-matmul over fixed-size expert buffers (capacity mode). Decoding (eval, k N <= n_expert pairs) runs each pair
-through its chosen expert alone, the ids read on the host (chosen_experts). What is not here: expert parallelism
-across GPUs, instruction tuning. The released checkpoints' SentencePiece-style tokenizer.json runs (hf_tokenizer).
+The MoE layer is written twice: SparseMoE.forward_loop is the paper's equation as a loop over the experts (as
+Mistral's reference code), and forward computes the same sum in one pass (the tests hold the two equal), with no
+loop over tokens and, with a torch that has F.grouped_mm (on CUDA in bf16), no host sync: the (token, expert)
+pairs are laid out grouped by expert and each weight matrix of all experts is applied in one grouped matmul
+(dropless, exact: Mixtral's own way, used for sampling and parity), or in one batched matmul over fixed-size
+expert buffers (capacity mode). Decoding (eval, k N <= n_expert pairs) runs each pair through its chosen expert
+alone, the ids read on the host (chosen_experts). What is not here: expert parallelism across GPUs, instruction
+tuning. The released checkpoints' SentencePiece-style tokenizer.json runs (hf_tokenizer).
 
     python mixtral.py                                      # CPU: a tiny model, about three minutes
     python mixtral.py --device cuda                        # one GPU: bf16, torch.compile, 6 layers x 384, 8 experts
@@ -71,8 +73,6 @@ HERE = Path(__file__).resolve().parent
 HF_ENDPOINT = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
 CACHE_DIR = Path(os.environ.get("ONEFILE_CACHE", "~/.cache/onefile")).expanduser()
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-GROUPED_MM = hasattr(F, "grouped_mm")  # recent torch: one kernel for a matmul per expert over jagged groups
-ALIGN = 8  # rows of an expert's group are padded to a multiple of this: grouped GEMMs want 16-byte offsets in bf16
 
 
 class InputError(Exception):
@@ -173,42 +173,46 @@ def apply_rotary(x, cos, sin):
 
 
 class RollingKVCache:
-    """The keys and values of one layer, (B, n_kv_head, size, head_dim); only the n_kv_head shared heads (GQA).
+    """The keys and values of one layer, (B, n_kv_head, size, head_dim): only the n_kv_head shared
+    heads (GQA).
 
-    Without a sliding window, size is the length of the text and position i lives in slot i. With a window of
-    W positions no query looks further back than W - 1 positions, so W slots are enough: Mistral's rolling
-    buffer cache (Mistral 7B, section 2, figure 2) keeps position i in slot i mod W, over position i - W, which
-    no later query can see. Memory then stays the same however long the sample grows."""
+    Without a sliding window, size is the length of the text and position i lives in slot i. With a
+    window of W positions no query looks further back than W - 1 positions, so W slots are enough:
+    Mistral's rolling buffer cache (Mistral 7B, section 2, figure 2) keeps position i in slot i mod
+    W, over position i - W, which no later query can see. Memory then stays the same however long
+    the sample grows."""
 
     def __init__(self, size):
         self.size, self.k, self.v = size, None, None
 
     def update(self, k, v, pos):
-        """Store k, v (B, n_kv_head, T, hd) of positions pos..pos+T-1; return the keys and values the T new
-        queries attend to, and the positions of those keys."""
+        """Store k, v (B, n_kv_head, T, hd) of positions pos..pos+T-1; return the keys and values
+        the T new queries attend to, and the positions of those keys."""
         B, H, T, D = k.shape
         if self.k is None:
             self.k, self.v = k.new_zeros(B, H, self.size, D), v.new_zeros(B, H, self.size, D)
-        if pos + T <= self.size or T == 1:  # write, then read: nothing these queries need is overwritten
+        if pos + T <= self.size or T == 1:  # write, then read: nothing these queries need is lost
             slots = torch.arange(pos, pos + T, device=k.device) % self.size
             self.k[:, :, slots], self.v[:, :, slots] = k, v
             n, last = min(pos + T, self.size), pos + T - 1
-            return self.k[:, :, :n], self.v[:, :, :n], last - (last - torch.arange(n, device=k.device)) % self.size
-        if pos == 0:  # a prompt longer than the buffer attends to itself; its last `size` positions are kept
+            k_pos = last - (last - torch.arange(n, device=k.device)) % self.size  # slots' positions
+            return self.k[:, :, :n], self.v[:, :, :n], k_pos
+        if pos == 0:  # a prompt longer than the buffer attends to itself; its last `size` are kept
             slots = torch.arange(T - self.size, T, device=k.device) % self.size
             self.k[:, :, slots], self.v[:, :, slots] = k[:, :, -self.size:], v[:, :, -self.size:]
             return k, v, torch.arange(T, device=k.device)
-        raise ValueError(f"{T} tokens at position {pos} overflow a rolling cache of {self.size}: feed them one by one")
+        raise ValueError(f"{T} tokens at position {pos} overflow a rolling cache of {self.size}: "
+                         "feed them one by one")
 
 
 class Attention(nn.Module):
-    """Grouped-query attention, as Llama 2, with Mistral's optional sliding window: query i sees keys j with
-    i - W < j <= i. All heads go through one scaled_dot_product_attention call."""
+    """Grouped-query attention, as Llama 2, with Mistral's optional sliding window: query i sees
+    keys j with i - W < j <= i. All heads go through one scaled_dot_product_attention call."""
 
     def __init__(self, cfg):
         super().__init__()
-        self.n_head, self.n_kv_head, self.head_dim, self.dropout = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.dropout
-        self.window = cfg.sliding_window
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.dropout, self.window = cfg.dropout, cfg.sliding_window
         self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
@@ -217,141 +221,102 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cache=None, pos=0):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, n_head, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        H, H_kv, hd = self.n_head, self.n_kv_head, self.head_dim
+        q = self.q_proj(x).view(B, T, H, hd).transpose(1, 2)     # (B, n_head, T, hd)
+        k = self.k_proj(x).view(B, T, H_kv, hd).transpose(1, 2)  # (B, n_kv_head, T, hd)
+        v = self.v_proj(x).view(B, T, H_kv, hd).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         k_pos = torch.arange(T, device=x.device)  # the keys' positions
         if cache is not None:
             k, v, k_pos = cache.update(k, v, pos)
         q_pos = torch.arange(pos, pos + T, device=x.device)[:, None]
-        visible = k_pos <= q_pos                                # (T, keys): causal
+        visible = k_pos <= q_pos                    # (T, keys): causal
         if self.window is not None:
-            visible &= k_pos > q_pos - self.window              # and within the window (Mistral, figure 1)
-        plain = pos == 0 and self.window is None                # then SDPA's own causal mask: flash attention
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if plain else visible, is_causal=plain and T > 1,
-                                           dropout_p=self.dropout if self.training else 0.0, enable_gqa=True)
+            visible &= k_pos > q_pos - self.window  # and within the window (Mistral, figure 1)
+        plain = pos == 0 and self.window is None    # then SDPA's own causal mask: flash attention
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if plain else visible,
+                                           is_causal=plain and T > 1, enable_gqa=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
         return self.resid_dropout(self.o_proj(y.transpose(1, 2).reshape(B, T, -1)))
-
-
-def expert_rank(e, count):
-    """e (M,): the expert of each (token, choice) pair; count (E,): the pairs of each expert -> (M,) each pair's place in
-    its expert's queue, the pairs keeping their order. A stable sort lays the pairs out grouped by expert in that order,
-    so a pair's rank is its place in the sorted order less the pairs of the experts before its own: O(M) memory where a
-    one-hot and its running sum take (M, E) (268 MB per layer at DeepSeek-V3's E = 256, k = 8, 16K tokens)."""
-    grouped, order = e.sort(stable=True)                # (M,) the pairs grouped by expert, each group in order
-    start = count.cumsum(0) - count                     # (E,) where each expert's group begins in `order`
-    return torch.empty_like(e).scatter_(0, order, torch.arange(e.numel(), device=e.device) - start[grouped])
-
-
-def chosen_experts(x, expert, weight, w1, w3, w2):
-    """Few tokens (decoding): y_n = sum_j weight[n, j] SwiGLU_expert[n, j](x_n) for x (N, d), expert and weight (N, k)
-    -> (N, d); each (token, choice) pair through its own expert's weights, read in place, so only the chosen experts
-    do any work (the grouped dispatch pads each group to ALIGN rows and visits all E). Reading the chosen experts'
-    ids on the host is a sync: decoding, batch 1, can afford it, a training step never takes this path."""
-    ys = []
-    for xn, wn, chosen in zip(x, weight, expert.tolist()):
-        yn = 0
-        for j, i in enumerate(chosen):
-            yn = yn + F.linear(F.silu(F.linear(xn, w1[i])) * F.linear(xn, w3[i]), w2[i]) * wn[j, None]
-        ys.append(yn)
-    return torch.stack(ys)
-
-
-def expert_mlp(xs, w1, w3, w2, end, dt):
-    """The SwiGLU of each expert over its own rows: xs (M, d) holds expert e's rows at end[e-1]..end[e]-1
-    (rows past end[-1] are padding) -> (M', d), M' >= end[-1]. w1, w3: (E, f, d); w2: (E, d, f), as nn.Linear;
-    dt: the dtype the model's matmuls run in (bf16 under autocast).
-
-    One grouped matmul per weight (a batch of E matmuls of different heights, no host sync) where the kernel
-    exists: CUDA in bf16, or eager on CPU; elsewhere a loop over the experts, which needs the group sizes on the
-    host (one sync per layer)."""
-    fits = xs.size(1) % ALIGN == 0 and w1.size(1) % ALIGN == 0  # 16-byte rows in the kernel's memory loads
-    if GROUPED_MM and fits and (xs.is_cuda and dt == torch.bfloat16 or xs.device.type == "cpu"
-                                and not torch.compiler.is_compiling()):
-        offs = end.to(torch.int32)
-        xs, w1, w3, w2 = xs.to(dt), w1.to(dt), w3.to(dt), w2.to(dt)
-        h = F.silu(F.grouped_mm(xs, w1.transpose(1, 2), offs=offs)) * F.grouped_mm(xs, w3.transpose(1, 2), offs=offs)
-        return F.grouped_mm(h, w2.transpose(1, 2), offs=offs)
-    sizes = torch.diff(end, prepend=end.new_zeros(1)).tolist()
-    return torch.cat([F.linear(F.silu(F.linear(x, a)) * F.linear(x, c), b)
-                      for x, a, c, b in zip(xs.split([*sizes, xs.size(0) - sum(sizes)]), w1, w3, w2)])
 
 
 class SparseMoE(nn.Module):
     """Mixtral's feed-forward (section 2.1, eq. 1-2): y = sum over the top-k experts i of
-    softmax(TopK(x W_g))_i SwiGLU_i(x). Each token pays for k experts; the layer holds n_expert of them.
+    softmax(TopK(x W_g))_i SwiGLU_i(x). Each token pays for k experts; the layer holds n_expert of
+    them.
 
-    The (token, choice) pairs are dispatched in one pass: every pair gets a row in a buffer grouped by expert,
-    the experts run over the buffer (expert_mlp, or a batched matmul), and each pair reads its output row back.
-    forward also returns the router statistics of the step (see `stats`)."""
+    forward_loop is the layer as the paper writes it, a loop over the experts. forward computes the
+    same sum in one pass (`dispatch`, after the model) and returns the router's statistics too
+    (`stats`)."""
 
     def __init__(self, cfg):
         super().__init__()
         E, d, f = cfg.n_expert, cfg.n_embd, cfg.intermediate_size
-        self.n_expert, self.top_k, self.capacity_factor, self.noise = E, cfg.top_k_experts, cfg.capacity_factor, cfg.router_noise
-        self.gate = nn.Linear(d, E, bias=False)       # the router W_g (HF Mixtral: block_sparse_moe.gate; Jamba: router)
-        # The experts' SwiGLU weights stacked on a leading expert axis (HF Mixtral: experts.N.w1 / w3 / w2; Jamba:
-        # experts.N.gate_proj / up_proj / down_proj). --optimizer muon leaves them on AdamW: torch's Muon takes 2-D
-        # parameters only, and one parameter per expert would undo the stacking the grouped matmul needs (the README
-        # measures what that costs Muon)
+        self.n_expert, self.top_k = E, cfg.top_k_experts
+        self.capacity_factor, self.noise = cfg.capacity_factor, cfg.router_noise
+        self.gate = nn.Linear(d, E, bias=False)  # the router W_g (HF Mixtral: gate; Jamba: router)
+        # The experts' SwiGLU weights stacked on a leading expert axis (HF Mixtral: experts.N.w1 /
+        # w3 / w2; Jamba: experts.N.gate_proj / up_proj / down_proj). --optimizer muon leaves them
+        # on AdamW: torch's Muon takes 2-D parameters only, and one parameter per expert would undo
+        # the stacking the grouped matmul needs (the README measures what that costs Muon)
         self.w1 = nn.Parameter(torch.empty(E, f, d))  # gate projection, inside the SiLU
         self.w3 = nn.Parameter(torch.empty(E, f, d))  # up projection
         self.w2 = nn.Parameter(torch.empty(E, d, f))  # down projection
         self.dropout = nn.Dropout(cfg.dropout)
-        self.record = None  # a list while a sample is shown with --show_routing (recording); training never sets it
+        self.record = None  # a list while --show_routing draws a sample (recording), else None
 
-    def forward(self, x):
+    def forward_loop(self, x):
+        """The layer as the paper writes it (eq. 1), a loop over the experts as in Mistral's
+        reference moe.py: x (B, T, d) -> y (B, T, d), y = sum_i G(x)_i E_i(x). The gate G(x)
+        (`route`) is zero but for the k experts a token chose, so expert i runs on the tokens that
+        chose it alone. Dropless, no router jitter, no statistics: the reference forward is tested
+        against."""
         B, T, d = x.shape
-        x = x.reshape(-1, d)  # (N, d): the router sees tokens, not sequences
-        N, E, k = x.size(0), self.n_expert, self.top_k
-        jitter = self.training and self.noise  # multiplicative noise on the router's input only (Switch, 2.4)
-        logits = self.gate(x * torch.empty_like(x).uniform_(1 - self.noise, 1 + self.noise) if jitter else x)
-        dt, logits = logits.dtype, logits.float()           # (N, E): the matmul's dtype (bf16 under autocast), the
-                                                            # softmax and top-k on it in float32, as the reference
-        weight, expert = self.route(logits)                 # (N, k): the chosen experts and their weights
-        if self.record is not None:                         # --show_routing: the routing of these N tokens
-            self.record.append((expert, weight))
-
-        # Each (token, choice) pair gets a row: choice-major order (all first choices, then all second ones),
-        # so when an expert is full its tokens' first choices won (GShard's priority).
-        e = expert.t().reshape(-1)                          # (k N,) the expert of each pair
-        count = e.new_zeros(E).index_add_(0, e, torch.ones_like(e))  # (E,) pairs per expert: bincount, no host sync
-        if not self.training and k * N <= E:                # decoding: each pair through its own expert alone
-            y, dropped = chosen_experts(x, expert, weight, self.w1, self.w3, self.w2), logits.new_zeros(())
-        else:
-            rank = expert_rank(e, count)                    # (k N,) the pair's place in its expert's queue
-            if self.training and self.capacity_factor:      # capacity: C rows per expert, the overflow dropped
-                C = math.ceil(self.capacity_factor * k * N / E)
-                kept = rank < C
-                row = torch.where(kept, e * C + rank, E * C)    # row E C: a spare row the dropped pairs write to
-                xs = x.new_zeros(E * C + 1, d).index_copy(0, row, x.repeat(k, 1))[:-1].view(E, C, d)
-                h = F.silu(xs @ self.w1.transpose(1, 2)) * (xs @ self.w3.transpose(1, 2))     # (E, C, f)
-                ys = torch.cat([(h @ self.w2.transpose(1, 2)).reshape(E * C, d), x.new_zeros(1, d)])
-                dropped = 1 - kept.float().mean()
-            else:                                           # dropless: every group as long as it needs
-                size = (count + ALIGN - 1) // ALIGN * ALIGN     # padded group sizes
-                end = size.cumsum(0)
-                row = end[e] - size[e] + rank
-                xs = x.new_zeros(k * N + E * (ALIGN - 1), d).index_copy(0, row, x.repeat(k, 1))  # a static bound
-                ys = expert_mlp(xs, self.w1, self.w3, self.w2, end, dt)
-                dropped = logits.new_zeros(())
-            y = (ys[row] * weight.t().reshape(-1, 1)).view(k, N, d).sum(0)  # a dropped pair reads the spare row: 0
-        return self.dropout(y.to(x.dtype)).view(B, T, d), self.stats(logits, count, dropped)
+        x = x.reshape(-1, d)                                # (N, d): each token is routed alone
+        weight, expert = self.route(self.gate(x).float())   # (N, k): the nonzero G(x)_i, and i
+        y = torch.zeros_like(x, dtype=weight.dtype)
+        for i in range(self.n_expert):
+            token, j = torch.where(expert == i)             # the tokens that chose i, as choice j
+            h = F.silu(F.linear(x[token], self.w1[i])) * F.linear(x[token], self.w3[i])  # SwiGLU_i
+            y[token] += weight[token, j, None] * F.linear(h, self.w2[i])
+        return self.dropout(y.to(x.dtype)).view(B, T, d)
 
     def route(self, logits):
-        """(weights, experts), each (N, k), from the router's logits (N, E): the k largest logits, their softmax
-        over the chosen k only (eq. 2)."""
+        """(weights, experts), each (N, k), from the router's logits (N, E): the gate's nonzero
+        entries, G(x) = softmax(TopK(x W_g)) (eq. 2), the k largest logits and their softmax over
+        the k only."""
         top, expert = logits.topk(self.top_k, dim=-1)
         return top.softmax(dim=-1), expert
+
+    def forward(self, x):
+        """The same, fast: x (B, T, d) -> (forward_loop's y (B, T, d), this batch's router
+        statistics (3 + n_expert,), see `stats`), the experts run by `dispatch`. In training the
+        router's input may be jittered and, with a capacity factor, each expert's overflow skips the
+        layer."""
+        B, T, d = x.shape
+        x = x.reshape(-1, d)                                # (N, d): tokens, not sequences
+        if self.training and self.noise:                    # multiplicative jitter (Switch 2.4)
+            logits = self.gate(x * torch.empty_like(x).uniform_(1 - self.noise, 1 + self.noise))
+        else:
+            logits = self.gate(x)
+        # (N, E); dt: the matmuls' dtype (bf16 under autocast); top-k and softmax in float32
+        dt, logits = logits.dtype, logits.float()
+        weight, expert = self.route(logits)                 # (N, k): G(x)'s nonzero entries (eq. 2)
+        if self.record is not None:                         # --show_routing: these tokens' routes
+            self.record.append((expert, weight))
+        capacity = self.capacity_factor if self.training else 0.0  # eval and sampling: dropless
+        y, count, dropped = dispatch(x, expert, weight, self.w1, self.w3, self.w2, dt, capacity,
+                                     decoding=not self.training)
+        return self.dropout(y.to(x.dtype)).view(B, T, d), self.stats(logits, count, dropped)
 
     def stats(self, logits, count, dropped):
         """(balance, z, dropped, load_1..load_E) of this layer for this batch, no host sync.
 
-        balance: E sum_i f_i P_i (Switch eq. 4-6), f_i the fraction of tokens sent to expert i (counting all k
-        choices, as Hugging Face does; the f_i sum to k), P_i the mean router probability of expert i. It is
-        k when the load is even, up to E when the router has collapsed; only P carries a gradient. z: mean of logsumexp(logits)^2
-        (ST-MoE eq. 5), keeping the router's logits small. load: each expert's share of the pairs."""
+        balance: E sum_i f_i P_i (Switch eq. 4-6), f_i the fraction of tokens sent to expert i
+        (counting all k choices, as Hugging Face does; the f_i sum to k), P_i the mean router
+        probability of expert i. It is k when the load is even, up to E when the router has
+        collapsed; only P carries a gradient. z: mean of logsumexp(logits)^2 (ST-MoE eq. 5), keeping
+        the router's logits small. load: each expert's share of the pairs."""
         N = logits.size(0)
         f = count.float() / N
         balance = self.n_expert * (f * logits.softmax(-1).mean(0)).sum()
@@ -376,8 +341,9 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-normalisation: RMSNorm on the input of each sub-block; attention, then the sparse MoE (Mixtral) or, with
-    n_expert 0, one dense SwiGLU (Mistral 7B; HF: mlp.gate_proj / up_proj / down_proj)."""
+    """Pre-normalisation: RMSNorm on the input of each sub-block; attention, then the sparse MoE
+    (Mixtral) or, with n_expert 0, one dense SwiGLU (Mistral 7B; HF: mlp.gate_proj / up_proj /
+    down_proj)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -402,7 +368,8 @@ class Mixtral(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.config = cfg
-        self.model = nn.ModuleDict(dict(  # the Hugging Face names: model.embed_tokens, model.layers.N, model.norm
+        # Hugging Face's names: model.embed_tokens, model.layers.N, model.norm
+        self.model = nn.ModuleDict(dict(
             embed_tokens=nn.Embedding(cfg.padded_vocab_size, cfg.n_embd),
             drop=nn.Dropout(cfg.dropout),
             layers=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
@@ -411,74 +378,86 @@ class Mixtral(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        # Initialisation (the papers give none): normal, std 0.02 (Hugging Face's initializer_range); the
-        # projections that write into the residual stream scaled by 1/sqrt(2 n_layer), as GPT-2 does.
+        # Initialisation (the papers give none): normal, std 0.02 (Hugging Face's
+        # initializer_range); the projections that write into the residual stream scaled by
+        # 1/sqrt(2 n_layer), as GPT-2 does.
         for name, p in self.named_parameters():
             if p.dim() >= 2:
                 residual = name.endswith(("o_proj.weight", "w2", "down_proj.weight"))
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer) if residual else 0.02)
+                std = 0.02 / math.sqrt(2 * cfg.n_layer) if residual else 0.02
+                nn.init.normal_(p, mean=0.0, std=std)
 
     def num_params(self, non_embedding=True, active=False):
-        """Parameters a token computes with: a tied embedding/head counted once, lookups (an untied input embedding, a
-        position table) left out by default; active=True counts top_k of the experts only."""
+        """Parameters a token computes with: a tied embedding/head counted once, lookups (an untied
+        input embedding, a position table) left out by default; active=True counts top_k of the
+        experts only."""
         cfg = self.config
         n = sum(p.numel() for p in self.parameters())
         if non_embedding and not cfg.tie_embeddings:
             n -= self.model.embed_tokens.weight.numel()
         if active and cfg.n_expert:
-            experts = sum(p.numel() for name, p in self.named_parameters() if name.endswith(("w1", "w2", "w3")))
+            experts = sum(p.numel() for name, p in self.named_parameters()
+                          if name.endswith(("w1", "w2", "w3")))
             n -= experts * (cfg.n_expert - cfg.top_k_experts) // cfg.n_expert
         return n
 
     def optimizer_groups(self):
-        """Each parameter's optimizer group, by name: "muon", the blocks' matrices (attention, the router, a dense
-        SwiGLU: Muon's under --optimizer muon, else AdamW's with decay); "decay", the embedding, the head and the
-        experts' stacked (E, out, in) w1, w3, w2 (AdamW: torch's Muon takes 2-D parameters only); "no_decay", the
-        RMSNorm gains."""
+        """Each parameter's optimizer group, by name: "muon", the blocks' matrices (attention, the
+        router, a dense SwiGLU: Muon's under --optimizer muon, else AdamW's with decay); "decay",
+        the embedding, the head and the experts' stacked (E, out, in) w1, w3, w2 (AdamW: torch's
+        Muon takes 2-D parameters only); "no_decay", the RMSNorm gains."""
         groups = {}
         for name, _ in self.named_parameters():
             if name.endswith("norm.weight"):
                 groups[name] = "no_decay"
-            elif name.startswith("model.layers.") and name.endswith(("_proj.weight", "gate.weight")):
+            elif name.startswith("model.layers.") and name.endswith(("proj.weight", "gate.weight")):
                 groups[name] = "muon"
             else:
                 groups[name] = "decay"
         return groups
 
     def kv_bytes_per_token(self, itemsize=4):
-        """Bytes the KV cache holds per token: 2 (K and V) x layers x n_kv_head x head_dim x bytes per number."""
+        """Bytes the KV cache holds per token: 2 (K and V) x layers x n_kv_head x head_dim x bytes
+        per number."""
         return 2 * self.config.n_layer * self.config.n_kv_head * self.config.head_dim * itemsize
 
     def hidden(self, idx, cache=None, pos=0):
-        """idx (B, T) token ids at positions pos..pos+T-1 -> (final hidden states (B, T, n_embd), the routers'
-        statistics (n_layer, 3 + n_expert), see SparseMoE.stats; None for a dense Mistral)."""
+        """idx (B, T) token ids at positions pos..pos+T-1 -> (final hidden states (B, T, n_embd),
+        the routers' statistics (n_layer, 3 + n_expert), see SparseMoE.stats; None for a dense
+        Mistral)."""
+        cfg = self.config
         B, T = idx.shape
-        if pos + T > self.config.block_size and self.config.sliding_window is None:
-            raise ValueError(f"positions up to {pos + T} but block_size is {self.config.block_size}")
-        d = self.config.head_dim  # theta_i = rope_theta^(-2i/d) (RoFormer section 3.2.2); angles m theta_i
-        inv_freq = 1.0 / self.config.rope_theta ** (torch.arange(0, d, 2, device=idx.device, dtype=torch.float32) / d)
-        angles = torch.arange(pos, pos + T, device=idx.device, dtype=torch.float32)[:, None] * inv_freq  # (T, d/2)
-        angles = torch.cat((angles, angles), dim=-1)                         # (T, d), the half layout
+        if pos + T > cfg.block_size and cfg.sliding_window is None:
+            raise ValueError(f"positions up to {pos + T} but block_size is {cfg.block_size}")
+        d = cfg.head_dim  # theta_i = rope_theta^(-2i/d) (RoFormer section 3.2.2); angles m theta_i
+        two_i = torch.arange(0, d, 2, device=idx.device, dtype=torch.float32)
+        inv_freq = 1.0 / cfg.rope_theta ** (two_i / d)      # (d/2,)
+        m = torch.arange(pos, pos + T, device=idx.device, dtype=torch.float32)
+        angles = m[:, None] * inv_freq                      # (T, d/2)
+        angles = torch.cat((angles, angles), dim=-1)        # (T, d), the half layout
         cos, sin = angles.cos(), angles.sin()
-        x = self.model.drop(self.model.embed_tokens(idx))                    # (B, T, n_embd); no position table
+        x = self.model.drop(self.model.embed_tokens(idx))   # (B, T, n_embd); no position table
         stats = []
         for i, block in enumerate(self.model.layers):
             x, s = block(x, cos, sin, None if cache is None else cache[i], pos)
             stats.append(s)
-        return self.model.norm(x), torch.stack(stats) if self.config.n_expert else None
+        return self.model.norm(x), torch.stack(stats) if cfg.n_expert else None
 
     def forward(self, idx, targets=None, cache=None, pos=0):
-        """idx (B, T) token ids at positions pos..pos+T-1 -> (logits (B, T, vocab_size), loss or None, aux).
+        """idx (B, T) token ids at positions pos..pos+T-1 -> (logits (B, T, vocab_size), loss
+        or None, aux).
 
-        The loss is the next-token cross-entropy; in training, plus the router's auxiliary losses, each layer's own
-        averaged over the layers and weighted: the load-balancing loss (Switch, eq. 4) and the z-loss (ST-MoE, eq. 5;
-        Hugging Face's Mixtral has none). Hugging Face's load_balancing_loss_func pools f and P over all the layers'
-        tokens before the product instead: the same when the layers' loads agree, not in general. aux holds what
-        the training log and the load report read off this batch: balance, z_loss, dropped (with a capacity in
-        training) and load (n_layer, n_expert), each expert's share of the pairs; {} for a dense Mistral."""
+        The loss is the next-token cross-entropy; in training, plus the router's auxiliary losses,
+        each layer's own averaged over the layers and weighted: the load-balancing loss (Switch,
+        eq. 4) and the z-loss (ST-MoE, eq. 5; Hugging Face's Mixtral has none). Hugging Face's
+        load_balancing_loss_func pools f and P over all the layers' tokens before the product
+        instead: the same when the layers' loads agree, not in general. aux holds what the training
+        log and the load report read off this batch: balance, z_loss, dropped (with a capacity in
+        training) and load (n_layer, n_expert), each expert's share of the pairs; {} for a dense
+        Mistral."""
         cfg, V, Vp = self.config, self.config.vocab_size, self.config.padded_vocab_size
         pad = None
-        if Vp > V:  # the padding rows are no tokens: a bias of -inf gives them probability exactly 0
+        if Vp > V:  # the padding rows are no tokens: a bias of -inf gives them probability 0
             pad = torch.zeros(Vp, device=idx.device, dtype=self.lm_head.weight.dtype)
             pad[V:] = float("-inf")
         x, router = self.hidden(idx, cache, pos)
@@ -488,35 +467,40 @@ class Mixtral(nn.Module):
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
         if router is None:  # Mistral: no router, no auxiliary losses
             return logits[..., :V], loss, {}
-        balance, z, dropped = router[:, :3].float().mean(0)  # balance is top_k when the load is even
+        balance, z, dropped = router[:, :3].float().mean(0)  # balance: top_k when the load is even
         aux = dict(balance=balance, z_loss=z, load=router[:, 3:].detach().float())
-        if self.training and cfg.capacity_factor:  # the share of (token, choice) pairs over their expert's capacity
+        if self.training and cfg.capacity_factor:  # the share of pairs over their expert's capacity
             aux["dropped"] = dropped
         if self.training and loss is not None:
             loss = loss + cfg.aux_loss_coef * balance + cfg.z_loss_coef * z
         return logits[..., :V], loss, aux
 
     def load_report(self, load):
-        """Print the expert load `load` (n_layer, n_expert), aux's load summed over an evaluation's batches, each
-        layer a row of bars: each expert's share of the routed (token, choice) pairs, the even share 1/n_expert
-        drawn half high. Collapse shows as a few full bars. Returns it for the metrics."""
+        """Print the expert load `load` (n_layer, n_expert), aux's load summed over an evaluation's
+        batches, each layer a row of bars: each expert's share of the routed (token, choice) pairs,
+        the even share 1/n_expert drawn half high. Collapse shows as a few full bars. Returns it for
+        the metrics."""
         load = (load / load.sum(-1, keepdim=True).clamp_min(1e-9)).tolist()
         E, bars = self.config.n_expert, " ▁▂▃▄▅▆▇█"
-        print(f"expert load per layer (even: {100 / E:.1f}% each, drawn ▄; █ is twice that or more)")
+        print(f"expert load per layer (even: {100 / E:.1f}% each, drawn ▄; "
+              "█ is twice that or more)")
         for i, shares in enumerate(load):
             row = "".join(bars[min(8, round(4 * E * s))] for s in shares)
-            print(f"  layer {i:<3d}{row}  min {100 * min(shares):4.1f}%  max {100 * max(shares):4.1f}%")
+            low, high = 100 * min(shares), 100 * max(shares)
+            print(f"  layer {i:<3d}{row}  min {low:4.1f}%  max {high:4.1f}%")
         return dict(expert_load=load)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
                  on_logits=None):
-        """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 is greedy. Routing is dropless.
+        """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 is greedy. Routing is
+        dropless.
 
-        With a sliding window the cache is the rolling buffer of W positions and the text can grow without
-        end: each token sees W positions, the model never needs more. Without one, past block_size the
-        window of the text slides: the model sees its last block_size tokens from position 0 again, the
-        cache no longer holds and each token re-reads the whole window (as without a cache).
+        With a sliding window the cache is the rolling buffer of W positions and the text can grow
+        without end: each token sees W positions, the model never needs more. Without one, past
+        block_size the window of the text slides: the model sees its last block_size tokens from
+        position 0 again, the cache no longer holds and each token re-reads the whole window (as
+        without a cache).
         """
         window, block = self.config.sliding_window, self.config.block_size
         size = min(idx.size(1) + max_new_tokens, window or block)
@@ -528,8 +512,9 @@ class Mixtral(nn.Module):
             else:
                 cache = None
                 x, _ = self.hidden(idx if window is not None else idx[:, -block:])
-            logits = self.lm_head(x[:, -1])[:, :self.config.vocab_size]  # only the last position is sampled
-            idx = torch.cat([idx, sample_next(logits.float(), temperature, top_k, top_p, on_logits)], dim=1)
+            logits = self.lm_head(x[:, -1])[:, :self.config.vocab_size]  # the last position alone
+            next_id = sample_next(logits.float(), temperature, top_k, top_p, on_logits)
+            idx = torch.cat([idx, next_id], dim=1)
         return idx
 
 
@@ -549,6 +534,124 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, on_logits=None)
         outside = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this token reaches top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
+
+
+# -------------------------------------------------------- the same, fast: dispatching the experts
+# SparseMoE.forward_loop runs each expert on the tokens a torch.where found for it: E small matmuls
+# per weight, and the tokens' count read on the host for every expert. `dispatch` computes the same
+# sum with no loop over tokens or experts and, where F.grouped_mm runs, no host sync: each (token,
+# choice) pair gets a row in one buffer grouped by expert, each weight of all the experts multiplies
+# that buffer in one call, and each pair reads its output row back, scaled by its gate weight.
+
+GROUPED_MM = hasattr(F, "grouped_mm")  # recent torch: one kernel, a matmul per expert's rows
+ALIGN = 8  # an expert's group is padded to a multiple of this many rows: 16-byte offsets in bf16
+
+
+def dispatch(x, expert, weight, w1, w3, w2, dt, capacity_factor=0.0, decoding=False):
+    """y_n = sum_j weight[n, j] SwiGLU_e(x_n), e = expert[n, j]: x (N, d), expert and weight
+    (N, k), the experts' SwiGLU weights stacked as nn.Linear's, w1 and w3 (E, f, d), w2 (E, d, f);
+    dt the dtype the matmuls run in (bf16 under autocast) -> (y (N, d), count (E,) the pairs each
+    expert got, dropped: the share of the pairs dropped, a 0-d tensor, 0 but with a capacity).
+
+    Decoding with k N <= E pairs: chosen_experts, the chosen experts alone. With a capacity factor:
+    capacity_experts, each expert takes at most capacity_factor x its even share of the pairs, the
+    rest are dropped. Else grouped_experts: dropless, every pair computed. The pairs go choice-major
+    (every token's first choice, then every second one), so a full expert keeps first choices over
+    second ones (GShard)."""
+    (N, k), E = expert.shape, w1.size(0)
+    e = expert.t().reshape(-1)                          # (k N,) each pair's expert, choice-major
+    count = e.new_zeros(E).index_add_(0, e, torch.ones_like(e))  # (E,) pairs per expert, no sync
+    dropped = weight.new_zeros(())
+    if decoding and k * N <= E:
+        return chosen_experts(x, expert, weight, w1, w3, w2), count, dropped
+    rank = expert_rank(e, count)                        # (k N,) each pair's place in its queue
+    xk = x.repeat(k, 1)                                 # (k N, d) each pair's input, choice-major
+    if capacity_factor:
+        C = math.ceil(capacity_factor * k * N / E)      # the rows of each expert's buffer
+        row, ys = capacity_experts(xk, e, rank, w1, w3, w2, C)
+        dropped = 1 - (rank < C).float().mean()
+    else:
+        row, ys = grouped_experts(xk, e, count, rank, w1, w3, w2, dt)
+    y = (ys[row] * weight.t().reshape(-1, 1)).view(k, N, -1).sum(0)  # a dropped pair reads zeros
+    return y, count, dropped
+
+
+def expert_rank(e, count):
+    """e (M,): the expert of each (token, choice) pair; count (E,): the pairs of each expert -> (M,)
+    each pair's place in its expert's queue, the pairs keeping their order. A stable sort lays the
+    pairs out grouped by expert in that order, so a pair's rank is its place in the sorted order
+    less the pairs of the experts before its own: O(M) memory where a one-hot and its running sum
+    take (M, E) (268 MB per layer at DeepSeek-V3's E = 256, k = 8, 16K tokens)."""
+    grouped, order = e.sort(stable=True)                # (M,) the pairs grouped by expert, in order
+    start = count.cumsum(0) - count                     # (E,) where each group begins in `order`
+    place = torch.arange(e.numel(), device=e.device) - start[grouped]
+    return torch.empty_like(e).scatter_(0, order, place)
+
+
+def grouped_experts(xk, e, count, rank, w1, w3, w2, dt):
+    """Dropless: xk (M, d) the pairs' inputs, e and rank (M,) each pair's expert and place in its
+    queue, count (E,) the pairs of each expert -> (row (M,) each pair's row in ys, ys the experts'
+    outputs). Expert e's group starts where expert e - 1's ends, padded to a multiple of ALIGN rows,
+    so the buffer's M + E (ALIGN - 1) rows bound every routing: its shape is static."""
+    E, (M, d) = count.numel(), xk.shape
+    size = (count + ALIGN - 1) // ALIGN * ALIGN         # (E,) the padded group sizes
+    end = size.cumsum(0)                                # (E,) where each group ends
+    row = end[e] - size[e] + rank                       # (M,)
+    xs = xk.new_zeros(M + E * (ALIGN - 1), d).index_copy(0, row, xk)  # rows between groups: 0
+    return row, expert_mlp(xs, w1, w3, w2, end, dt)
+
+
+def expert_mlp(xs, w1, w3, w2, end, dt):
+    """The SwiGLU of each expert over its own rows: xs (M, d) holds expert e's rows at
+    end[e-1]..end[e]-1 (rows past end[-1] are padding) -> (M', d), M' >= end[-1]. w1, w3: (E, f, d);
+    w2: (E, d, f), as nn.Linear; dt: the dtype the model's matmuls run in (bf16 under autocast).
+
+    One grouped matmul per weight (a batch of E matmuls of different heights, no host sync) where
+    the kernel exists: CUDA in bf16, or eager on CPU; elsewhere a loop over the experts, which needs
+    the group sizes on the host (one sync per layer)."""
+    fits = xs.size(1) % ALIGN == 0 and w1.size(1) % ALIGN == 0  # 16-byte rows in the kernel's loads
+    on_cpu = xs.device.type == "cpu" and not torch.compiler.is_compiling()
+    if GROUPED_MM and fits and (xs.is_cuda and dt == torch.bfloat16 or on_cpu):
+        offs = end.to(torch.int32)
+        xs, w1, w3, w2 = xs.to(dt), w1.to(dt), w3.to(dt), w2.to(dt)
+        gate = F.grouped_mm(xs, w1.transpose(1, 2), offs=offs)
+        h = F.silu(gate) * F.grouped_mm(xs, w3.transpose(1, 2), offs=offs)
+        return F.grouped_mm(h, w2.transpose(1, 2), offs=offs)
+    sizes = torch.diff(end, prepend=end.new_zeros(1)).tolist()
+    groups = xs.split([*sizes, xs.size(0) - sum(sizes)])  # each expert's rows, then the padding
+    return torch.cat([F.linear(F.silu(F.linear(x, a)) * F.linear(x, c), b)
+                      for x, a, c, b in zip(groups, w1, w3, w2)])
+
+
+def capacity_experts(xk, e, rank, w1, w3, w2, C):
+    """Capacity mode (GShard; Switch section 2.2): each expert's buffer holds C rows, its first C
+    pairs. xk (M, d) the pairs' inputs, e and rank (M,) each pair's expert and place in its queue ->
+    (row (M,) each pair's row in ys, ys (E C + 1, d)). A pair ranked C or later is dropped: its
+    input goes to a spare row no expert reads, and it reads back ys' last row, zeros (the block's
+    residual carries its token). Every shape is static: one batched matmul per weight over the
+    (E, C, d) buffer."""
+    E, d = w1.size(0), xk.size(1)
+    row = torch.where(rank < C, e * C + rank, E * C)    # row E C: the spare row
+    xs = xk.new_zeros(E * C + 1, d).index_copy(0, row, xk)[:-1].view(E, C, d)
+    h = F.silu(xs @ w1.transpose(1, 2)) * (xs @ w3.transpose(1, 2))    # (E, C, f)
+    ys = (h @ w2.transpose(1, 2)).reshape(E * C, d)
+    return row, torch.cat([ys, xk.new_zeros(1, d)])
+
+
+def chosen_experts(x, expert, weight, w1, w3, w2):
+    """Few tokens (decoding): y_n = sum_j weight[n, j] SwiGLU_expert[n, j](x_n) for x (N, d), expert
+    and weight (N, k) -> (N, d); each (token, choice) pair through its own expert's weights, read in
+    place, so only the chosen experts do any work (the grouped dispatch pads each group to ALIGN
+    rows and visits all E). Reading the chosen experts' ids on the host is a sync: decoding,
+    batch 1, can afford it, a training step never takes this path."""
+    ys = []
+    for xn, wn, chosen in zip(x, weight, expert.tolist()):
+        yn = 0
+        for j, i in enumerate(chosen):
+            h = F.silu(F.linear(xn, w1[i])) * F.linear(xn, w3[i])
+            yn = yn + F.linear(h, w2[i]) * wn[j, None]
+        ys.append(yn)
+    return torch.stack(ys)
 
 
 # -------------------------------------------------------------- files: checkpoints, token files, downloads

@@ -16,9 +16,9 @@ per implementation, the order flipping each round, round 0 a warmup; ratio = ref
                  smaller head: the experts weigh more); tokens identical. One token routes to k N = 2 <= 8
                  pairs, so mixtral.py decodes through chosen_experts (the chosen experts only, read in place)
   KV cache       mixtral.py with its cache vs mixtral.py recomputing the whole prefix at every token (reported)
-  MoE layer      forward + backward of one mixtral.SparseMoE on (B, T, n_embd) against a per-expert Python loop
-                 over the same weights and routing (each expert: gather its tokens, SwiGLU, scale by the routing
-                 weight, index_add back); output and gradients must agree. Three rows: dropless (F.grouped_mm);
+  MoE layer      forward + backward of one mixtral.SparseMoE on (B, T, n_embd) against its forward_loop, the
+                 paper's loop over the experts on the same weights and routing (each expert: gather its tokens,
+                 SwiGLU, scale by the routing weight, add back); output and gradients must agree. Three rows: dropless (F.grouped_mm);
                  dropless with mixtral.GROUPED_MM = False (expert_mlp's own loop over the experts); capacity
                  mode (train mode, capacity_factor 1.25: one batched matmul over fixed-size expert buffers, may
                  drop tokens, so timed only)
@@ -45,7 +45,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import MixtralConfig, MixtralForCausalLM
 
 HERE = Path(__file__).resolve().parent
@@ -132,24 +131,8 @@ def decode_vocab_rows(c, rounds, seed, vocab=4096, prompt_len=16):
     return [row], {"decode_vocab_tokens_identical": torch.equal(*outputs["decode_vocab"])}
 
 
-def loop_moe(moe, x):
-    """The reference: mixtral's routing (top k of the router logits, softmax over the k), then a Python loop over
-    the experts, each taking the tokens routed to it."""
-    B, T, d = x.shape
-    x = x.reshape(-1, d)
-    top, expert = moe.gate(x).float().topk(moe.top_k, dim=-1)
-    weight = top.softmax(dim=-1)
-    y = torch.zeros_like(x)
-    for e in range(moe.n_expert):
-        tok, choice = torch.where(expert == e)
-        h = x[tok]
-        out = F.linear(F.silu(F.linear(h, moe.w1[e])) * F.linear(h, moe.w3[e]), moe.w2[e])
-        y.index_add_(0, tok, out * weight[tok, choice, None])
-    return y.view(B, T, d)
-
-
 def moe_rows(c, rounds, seed):
-    """One SparseMoE's forward + backward (train mode, dropout 0) vs loop_moe on the same weights and input."""
+    """One SparseMoE's forward + backward (train mode, dropout 0) vs its forward_loop on the same input."""
     torch.manual_seed(seed)
     moe = mixtral.SparseMoE(mixtral.Config(vocab_size=1, n_layer=1, n_head=c["n_head"], n_kv_head=c["n_kv_head"],
                                            n_embd=c["n_embd"], intermediate_size=0, n_expert=N_EXPERT,
@@ -175,13 +158,13 @@ def moe_rows(c, rounds, seed):
         return moe(x)[0]
 
     n = x.numel() // x.size(-1)
-    variants = {  # key: (label, target, ours); the reference is loop_moe in each
+    variants = {  # key: (label, target, ours); the reference is SparseMoE.forward_loop in each
         "moe": (f"MoE layer fwd+bwd, dropless (grouped_mm), {n} tok x {c['n_embd']}, {N_EXPERT} experts top {TOP_K}",
                 1.0, step(ours)),
         "moe_no_grouped_mm": ("MoE layer, dropless, GROUPED_MM = False", 1.0, step(ours, grouped=False)),
         "moe_capacity": (f"MoE layer, capacity {CAPACITY} (train mode)", None, step(ours, capacity=CAPACITY)),
     }
-    ref = step(lambda x: loop_moe(moe, x))
+    ref = step(moe.forward_loop)
     times, outputs = harness.run_rounds({k: (0, f, ref) for k, (_, _, f) in variants.items()}, rounds, "MoE round")
     mixtral.GROUPED_MM, moe.capacity_factor = grouped_mm, CAPACITY
     with torch.no_grad():

@@ -255,6 +255,46 @@ def test_dropless_dispatch_equals_a_per_expert_loop(n_expert, top_k, grouped, mo
         assert max_diff(a, b) < 1e-4
 
 
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("n_expert, top_k, N", [(4, 2, 33), (8, 2, 24), (5, 1, 17), (3, 3, 9), (8, 2, 1), (4, 4, 1)])
+def test_forward_equals_the_papers_loop(n_expert, top_k, N, train):
+    """SparseMoE.forward (the dispatch: grouped, or each token's chosen experts when decoding k N <= E pairs in
+    eval) equals SparseMoE.forward_loop, the paper's loop over the experts: outputs and the gradients of x and of
+    every weight, in train and eval mode, dropless, float32."""
+    moe = moe_layer(n_expert=n_expert, top_k=top_k).train(train)
+    x = torch.randn(1, N, 32, generator=torch.Generator().manual_seed(N), requires_grad=True)
+    grad = torch.randn(1, N, 32, generator=torch.Generator().manual_seed(N + 1))
+    y, _ = moe(x)
+    ref = moe.forward_loop(x)
+    assert ref.abs().max() > 0.5 and max_diff(y, ref) < 1e-6 * ref.abs().max()  # float32 rounding, relative
+    for a, b in zip(*(torch.autograd.grad(out, [x, *moe.parameters()], grad) for out in (y, ref))):
+        assert max_diff(a, b) < 1e-5 * max(1.0, b.abs().max().item())
+
+
+def test_model_with_the_loop_equals_the_model():
+    """A whole model whose MoE layers run forward_loop gives the logits and gradients of the fast forward."""
+    model = tiny(n_expert=4, top_k_experts=2).train()
+    x = ids(300, 2, 20)
+    loss_fast = model(x, x)[1]
+    fast = torch.autograd.grad(loss_fast, list(model.parameters()))
+    for block in model.model.layers:
+        moe = block.block_sparse_moe
+        moe.forward = lambda h, moe=moe: (moe.forward_loop(h), router_stats(moe, h))
+    loss_loop = model(x, x)[1]
+    loop = torch.autograd.grad(loss_loop, list(model.parameters()))
+    assert abs(loss_fast.item() - loss_loop.item()) < 1e-5
+    for a, b in zip(fast, loop):
+        assert max_diff(a, b) < 1e-5 * max(1.0, b.abs().max().item())
+
+
+def router_stats(moe, h):
+    """The router statistics of h as SparseMoE.forward computes them (for the loop, which has none)."""
+    logits = moe.gate(h.reshape(-1, h.size(-1))).float()
+    expert = moe.route(logits)[1].flatten()
+    count = torch.bincount(expert, minlength=moe.n_expert)
+    return moe.stats(logits, count, logits.new_zeros(()))
+
+
 def one_hot_rank(e, count):
     """The rank as mixtral.py computed it before expert_rank: a one-hot (k N, E) and its running sum."""
     onehot = F.one_hot(e, count.numel())
@@ -470,6 +510,38 @@ def test_config_params_and_init():
     torch.manual_seed(0)
     dense = mixtral.Mixtral(mixtral.Config(vocab_size=100, n_layer=8, n_head=4, n_kv_head=2, n_embd=64, n_expert=0))
     assert dense.model.layers[0].mlp.down_proj.weight.std().item() == pytest.approx(0.02 / 4, rel=0.05)  # Mistral
+
+
+def expected_groups(model):
+    """The groups by the rule the harness used before optimizer_groups: decay = 2-D or more; muon = decayed, 2-D,
+    not an embedding, not the head."""
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)} | {id(model.lm_head.weight)}
+    return {n: "no_decay" if p.dim() < 2 else "muon" if p.dim() == 2 and id(p) not in tables else "decay"
+            for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("n_expert, tie", [(4, False), (0, False), (4, True)])
+def test_optimizer_groups_by_name(n_expert, tie, tmp_path):
+    """Every parameter named once: attention, router and a dense SwiGLU on Muon; the embedding, the head and the
+    stacked (E, out, in) experts decayed on AdamW; the RMSNorm gains undecayed. The same after
+    load_state_dict(assign=True) (new Parameters) and after save_pretrained -> from_pretrained."""
+    model = tiny(n_expert=n_expert, tie_embeddings=tie)
+    groups = model.optimizer_groups()
+    assert groups == expected_groups(model)
+    assert groups["model.layers.0.self_attn.q_proj.weight"] == "muon"
+    assert groups["model.layers.1.post_attention_layernorm.weight"] == "no_decay"
+    assert groups["model.embed_tokens.weight"] == "decay" and ("lm_head.weight" in groups) != tie
+    if n_expert:
+        assert groups["model.layers.0.block_sparse_moe.gate.weight"] == "muon"
+        assert groups["model.layers.0.block_sparse_moe.w2"] == "decay"
+    else:
+        assert groups["model.layers.0.mlp.down_proj.weight"] == "muon"
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    after = model.optimizer_groups()  # (assign=True unties a tied head: then lm_head.weight is a name, "decay")
+    assert {n: after[n] for n in groups} == groups and after == expected_groups(model)
+    if not tie:  # (the Hugging Face layout of a tied model is tested in test_export.py)
+        mixtral.save_pretrained(model, tmp_path)
+        assert mixtral.from_pretrained(tmp_path).optimizer_groups() == groups
 
 
 # ------------------------------------------------------------------------------------- command line
