@@ -688,128 +688,83 @@ class MambaState:
 # Jamba's MoE layers are Mixtral's sparse mixture of experts, the same text as mixtral.py's (the
 # dispatch without a loop over tokens, the router's statistics); JambaMoE routes with jamba_route.
 
-GROUPED_MM = hasattr(F, "grouped_mm")  # recent torch: one kernel for a matmul per expert over jagged groups
-ALIGN = 8  # rows of an expert's group are padded to a multiple of this: grouped GEMMs want 16-byte offsets in bf16
-
-
-def expert_rank(e, count):
-    """e (M,): the expert of each (token, choice) pair; count (E,): the pairs of each expert -> (M,) each pair's place in
-    its expert's queue, the pairs keeping their order. A stable sort lays the pairs out grouped by expert in that order,
-    so a pair's rank is its place in the sorted order less the pairs of the experts before its own: O(M) memory where a
-    one-hot and its running sum take (M, E) (268 MB per layer at DeepSeek-V3's E = 256, k = 8, 16K tokens)."""
-    grouped, order = e.sort(stable=True)                # (M,) the pairs grouped by expert, each group in order
-    start = count.cumsum(0) - count                     # (E,) where each expert's group begins in `order`
-    return torch.empty_like(e).scatter_(0, order, torch.arange(e.numel(), device=e.device) - start[grouped])
-
-
-def chosen_experts(x, expert, weight, w1, w3, w2):
-    """Few tokens (decoding): y_n = sum_j weight[n, j] SwiGLU_expert[n, j](x_n) for x (N, d), expert and weight (N, k)
-    -> (N, d); each (token, choice) pair through its own expert's weights, read in place, so only the chosen experts
-    do any work (the grouped dispatch pads each group to ALIGN rows and visits all E). Reading the chosen experts'
-    ids on the host is a sync: decoding, batch 1, can afford it, a training step never takes this path."""
-    ys = []
-    for xn, wn, chosen in zip(x, weight, expert.tolist()):
-        yn = 0
-        for j, i in enumerate(chosen):
-            yn = yn + F.linear(F.silu(F.linear(xn, w1[i])) * F.linear(xn, w3[i]), w2[i]) * wn[j, None]
-        ys.append(yn)
-    return torch.stack(ys)
-
-
-def expert_mlp(xs, w1, w3, w2, end, dt):
-    """The SwiGLU of each expert over its own rows: xs (M, d) holds expert e's rows at end[e-1]..end[e]-1
-    (rows past end[-1] are padding) -> (M', d), M' >= end[-1]. w1, w3: (E, f, d); w2: (E, d, f), as nn.Linear;
-    dt: the dtype the model's matmuls run in (bf16 under autocast).
-
-    One grouped matmul per weight (a batch of E matmuls of different heights, no host sync) where the kernel
-    exists: CUDA in bf16, or eager on CPU; elsewhere a loop over the experts, which needs the group sizes on the
-    host (one sync per layer)."""
-    fits = xs.size(1) % ALIGN == 0 and w1.size(1) % ALIGN == 0  # 16-byte rows in the kernel's memory loads
-    if GROUPED_MM and fits and (xs.is_cuda and dt == torch.bfloat16 or xs.device.type == "cpu"
-                                and not torch.compiler.is_compiling()):
-        offs = end.to(torch.int32)
-        xs, w1, w3, w2 = xs.to(dt), w1.to(dt), w3.to(dt), w2.to(dt)
-        h = F.silu(F.grouped_mm(xs, w1.transpose(1, 2), offs=offs)) * F.grouped_mm(xs, w3.transpose(1, 2), offs=offs)
-        return F.grouped_mm(h, w2.transpose(1, 2), offs=offs)
-    sizes = torch.diff(end, prepend=end.new_zeros(1)).tolist()
-    return torch.cat([F.linear(F.silu(F.linear(x, a)) * F.linear(x, c), b)
-                      for x, a, c, b in zip(xs.split([*sizes, xs.size(0) - sum(sizes)]), w1, w3, w2)])
-
-
 class SparseMoE(nn.Module):
     """Mixtral's feed-forward (section 2.1, eq. 1-2): y = sum over the top-k experts i of
-    softmax(TopK(x W_g))_i SwiGLU_i(x). Each token pays for k experts; the layer holds n_expert of them.
+    softmax(TopK(x W_g))_i SwiGLU_i(x). Each token pays for k experts; the layer holds n_expert of
+    them.
 
-    The (token, choice) pairs are dispatched in one pass: every pair gets a row in a buffer grouped by expert,
-    the experts run over the buffer (expert_mlp, or a batched matmul), and each pair reads its output row back.
-    forward also returns the router statistics of the step (see `stats`)."""
+    forward_loop is the layer as the paper writes it, a loop over the experts. forward computes the
+    same sum in one pass (`dispatch`, after the model) and returns the router's statistics too
+    (`stats`)."""
 
     def __init__(self, cfg):
         super().__init__()
         E, d, f = cfg.n_expert, cfg.n_embd, cfg.intermediate_size
-        self.n_expert, self.top_k, self.capacity_factor, self.noise = E, cfg.top_k_experts, cfg.capacity_factor, cfg.router_noise
-        self.gate = nn.Linear(d, E, bias=False)       # the router W_g (HF Mixtral: block_sparse_moe.gate; Jamba: router)
-        # The experts' SwiGLU weights stacked on a leading expert axis (HF Mixtral: experts.N.w1 / w3 / w2; Jamba:
-        # experts.N.gate_proj / up_proj / down_proj). --optimizer muon leaves them on AdamW: torch's Muon takes 2-D
-        # parameters only, and one parameter per expert would undo the stacking the grouped matmul needs (the README
-        # measures what that costs Muon)
+        self.n_expert, self.top_k = E, cfg.top_k_experts
+        self.capacity_factor, self.noise = cfg.capacity_factor, cfg.router_noise
+        self.gate = nn.Linear(d, E, bias=False)  # the router W_g (HF Mixtral: gate; Jamba: router)
+        # The experts' SwiGLU weights stacked on a leading expert axis (HF Mixtral: experts.N.w1 /
+        # w3 / w2; Jamba: experts.N.gate_proj / up_proj / down_proj). --optimizer muon leaves them
+        # on AdamW: torch's Muon takes 2-D parameters only, and one parameter per expert would undo
+        # the stacking the grouped matmul needs (the README measures what that costs Muon)
         self.w1 = nn.Parameter(torch.empty(E, f, d))  # gate projection, inside the SiLU
         self.w3 = nn.Parameter(torch.empty(E, f, d))  # up projection
         self.w2 = nn.Parameter(torch.empty(E, d, f))  # down projection
         self.dropout = nn.Dropout(cfg.dropout)
-        self.record = None  # a list while a sample is shown with --show_routing (recording); training never sets it
+        self.record = None  # a list while --show_routing draws a sample (recording), else None
 
-    def forward(self, x):
+    def forward_loop(self, x):
+        """The layer as the paper writes it (eq. 1), a loop over the experts as in Mistral's
+        reference moe.py: x (B, T, d) -> y (B, T, d), y = sum_i G(x)_i E_i(x). The gate G(x)
+        (`route`) is zero but for the k experts a token chose, so expert i runs on the tokens that
+        chose it alone. Dropless, no router jitter, no statistics: the reference forward is tested
+        against."""
         B, T, d = x.shape
-        x = x.reshape(-1, d)  # (N, d): the router sees tokens, not sequences
-        N, E, k = x.size(0), self.n_expert, self.top_k
-        jitter = self.training and self.noise  # multiplicative noise on the router's input only (Switch, 2.4)
-        logits = self.gate(x * torch.empty_like(x).uniform_(1 - self.noise, 1 + self.noise) if jitter else x)
-        dt, logits = logits.dtype, logits.float()           # (N, E): the matmul's dtype (bf16 under autocast), the
-                                                            # softmax and top-k on it in float32, as the reference
-        weight, expert = self.route(logits)                 # (N, k): the chosen experts and their weights
-        if self.record is not None:                         # --show_routing: the routing of these N tokens
-            self.record.append((expert, weight))
-
-        # Each (token, choice) pair gets a row: choice-major order (all first choices, then all second ones),
-        # so when an expert is full its tokens' first choices won (GShard's priority).
-        e = expert.t().reshape(-1)                          # (k N,) the expert of each pair
-        count = e.new_zeros(E).index_add_(0, e, torch.ones_like(e))  # (E,) pairs per expert: bincount, no host sync
-        if not self.training and k * N <= E:                # decoding: each pair through its own expert alone
-            y, dropped = chosen_experts(x, expert, weight, self.w1, self.w3, self.w2), logits.new_zeros(())
-        else:
-            rank = expert_rank(e, count)                    # (k N,) the pair's place in its expert's queue
-            if self.training and self.capacity_factor:      # capacity: C rows per expert, the overflow dropped
-                C = math.ceil(self.capacity_factor * k * N / E)
-                kept = rank < C
-                row = torch.where(kept, e * C + rank, E * C)    # row E C: a spare row the dropped pairs write to
-                xs = x.new_zeros(E * C + 1, d).index_copy(0, row, x.repeat(k, 1))[:-1].view(E, C, d)
-                h = F.silu(xs @ self.w1.transpose(1, 2)) * (xs @ self.w3.transpose(1, 2))     # (E, C, f)
-                ys = torch.cat([(h @ self.w2.transpose(1, 2)).reshape(E * C, d), x.new_zeros(1, d)])
-                dropped = 1 - kept.float().mean()
-            else:                                           # dropless: every group as long as it needs
-                size = (count + ALIGN - 1) // ALIGN * ALIGN     # padded group sizes
-                end = size.cumsum(0)
-                row = end[e] - size[e] + rank
-                xs = x.new_zeros(k * N + E * (ALIGN - 1), d).index_copy(0, row, x.repeat(k, 1))  # a static bound
-                ys = expert_mlp(xs, self.w1, self.w3, self.w2, end, dt)
-                dropped = logits.new_zeros(())
-            y = (ys[row] * weight.t().reshape(-1, 1)).view(k, N, d).sum(0)  # a dropped pair reads the spare row: 0
-        return self.dropout(y.to(x.dtype)).view(B, T, d), self.stats(logits, count, dropped)
+        x = x.reshape(-1, d)                                # (N, d): each token is routed alone
+        weight, expert = self.route(self.gate(x).float())   # (N, k): the nonzero G(x)_i, and i
+        y = torch.zeros_like(x, dtype=weight.dtype)
+        for i in range(self.n_expert):
+            token, j = torch.where(expert == i)             # the tokens that chose i, as choice j
+            h = F.silu(F.linear(x[token], self.w1[i])) * F.linear(x[token], self.w3[i])  # SwiGLU_i
+            y[token] += weight[token, j, None] * F.linear(h, self.w2[i])
+        return self.dropout(y.to(x.dtype)).view(B, T, d)
 
     def route(self, logits):
-        """(weights, experts), each (N, k), from the router's logits (N, E): the k largest logits, their softmax
-        over the chosen k only (eq. 2)."""
+        """(weights, experts), each (N, k), from the router's logits (N, E): the gate's nonzero
+        entries, G(x) = softmax(TopK(x W_g)) (eq. 2), the k largest logits and their softmax over
+        the k only."""
         top, expert = logits.topk(self.top_k, dim=-1)
         return top.softmax(dim=-1), expert
+
+    def forward(self, x):
+        """The same, fast: x (B, T, d) -> (forward_loop's y (B, T, d), this batch's router
+        statistics (3 + n_expert,), see `stats`), the experts run by `dispatch`. In training the
+        router's input may be jittered and, with a capacity factor, each expert's overflow skips the
+        layer."""
+        B, T, d = x.shape
+        x = x.reshape(-1, d)                                # (N, d): tokens, not sequences
+        if self.training and self.noise:                    # multiplicative jitter (Switch 2.4)
+            logits = self.gate(x * torch.empty_like(x).uniform_(1 - self.noise, 1 + self.noise))
+        else:
+            logits = self.gate(x)
+        # (N, E); dt: the matmuls' dtype (bf16 under autocast); top-k and softmax in float32
+        dt, logits = logits.dtype, logits.float()
+        weight, expert = self.route(logits)                 # (N, k): G(x)'s nonzero entries (eq. 2)
+        if self.record is not None:                         # --show_routing: these tokens' routes
+            self.record.append((expert, weight))
+        capacity = self.capacity_factor if self.training else 0.0  # eval and sampling: dropless
+        y, count, dropped = dispatch(x, expert, weight, self.w1, self.w3, self.w2, dt, capacity,
+                                     decoding=not self.training)
+        return self.dropout(y.to(x.dtype)).view(B, T, d), self.stats(logits, count, dropped)
 
     def stats(self, logits, count, dropped):
         """(balance, z, dropped, load_1..load_E) of this layer for this batch, no host sync.
 
-        balance: E sum_i f_i P_i (Switch eq. 4-6), f_i the fraction of tokens sent to expert i (counting all k
-        choices, as Hugging Face does; the f_i sum to k), P_i the mean router probability of expert i. It is
-        k when the load is even, up to E when the router has collapsed; only P carries a gradient. z: mean of logsumexp(logits)^2
-        (ST-MoE eq. 5), keeping the router's logits small. load: each expert's share of the pairs."""
+        balance: E sum_i f_i P_i (Switch eq. 4-6), f_i the fraction of tokens sent to expert i
+        (counting all k choices, as Hugging Face does; the f_i sum to k), P_i the mean router
+        probability of expert i. It is k when the load is even, up to E when the router has
+        collapsed; only P carries a gradient. z: mean of logsumexp(logits)^2 (ST-MoE eq. 5), keeping
+        the router's logits small. load: each expert's share of the pairs."""
         N = logits.size(0)
         f = count.float() / N
         balance = self.n_expert * (f * logits.softmax(-1).mean(0)).sum()
@@ -824,6 +779,119 @@ class JambaMoE(SparseMoE):
 
     def route(self, logits):
         return jamba_route(logits, self.top_k)
+
+
+# The same, fast: dispatching the experts (mixtral.py explains it).
+
+GROUPED_MM = hasattr(F, "grouped_mm")  # recent torch: one kernel, a matmul per expert's rows
+ALIGN = 8  # an expert's group is padded to a multiple of this many rows: 16-byte offsets in bf16
+
+
+def dispatch(x, expert, weight, w1, w3, w2, dt, capacity_factor=0.0, decoding=False):
+    """y_n = sum_j weight[n, j] SwiGLU_e(x_n), e = expert[n, j]: x (N, d), expert and weight
+    (N, k), the experts' SwiGLU weights stacked as nn.Linear's, w1 and w3 (E, f, d), w2 (E, d, f);
+    dt the dtype the matmuls run in (bf16 under autocast) -> (y (N, d), count (E,) the pairs each
+    expert got, dropped: the share of the pairs dropped, a 0-d tensor, 0 but with a capacity).
+
+    Decoding with k N <= E pairs: chosen_experts, the chosen experts alone. With a capacity factor:
+    capacity_experts, each expert takes at most capacity_factor x its even share of the pairs, the
+    rest are dropped. Else grouped_experts: dropless, every pair computed. The pairs go choice-major
+    (every token's first choice, then every second one), so a full expert keeps first choices over
+    second ones (GShard)."""
+    (N, k), E = expert.shape, w1.size(0)
+    e = expert.t().reshape(-1)                          # (k N,) each pair's expert, choice-major
+    count = e.new_zeros(E).index_add_(0, e, torch.ones_like(e))  # (E,) pairs per expert, no sync
+    dropped = weight.new_zeros(())
+    if decoding and k * N <= E:
+        return chosen_experts(x, expert, weight, w1, w3, w2), count, dropped
+    rank = expert_rank(e, count)                        # (k N,) each pair's place in its queue
+    xk = x.repeat(k, 1)                                 # (k N, d) each pair's input, choice-major
+    if capacity_factor:
+        C = math.ceil(capacity_factor * k * N / E)      # the rows of each expert's buffer
+        row, ys = capacity_experts(xk, e, rank, w1, w3, w2, C)
+        dropped = 1 - (rank < C).float().mean()
+    else:
+        row, ys = grouped_experts(xk, e, count, rank, w1, w3, w2, dt)
+    y = (ys[row] * weight.t().reshape(-1, 1)).view(k, N, -1).sum(0)  # a dropped pair reads zeros
+    return y, count, dropped
+
+
+def expert_rank(e, count):
+    """e (M,): the expert of each (token, choice) pair; count (E,): the pairs of each expert -> (M,)
+    each pair's place in its expert's queue, the pairs keeping their order. A stable sort lays the
+    pairs out grouped by expert in that order, so a pair's rank is its place in the sorted order
+    less the pairs of the experts before its own: O(M) memory where a one-hot and its running sum
+    take (M, E) (268 MB per layer at DeepSeek-V3's E = 256, k = 8, 16K tokens)."""
+    grouped, order = e.sort(stable=True)                # (M,) the pairs grouped by expert, in order
+    start = count.cumsum(0) - count                     # (E,) where each group begins in `order`
+    place = torch.arange(e.numel(), device=e.device) - start[grouped]
+    return torch.empty_like(e).scatter_(0, order, place)
+
+
+def grouped_experts(xk, e, count, rank, w1, w3, w2, dt):
+    """Dropless: xk (M, d) the pairs' inputs, e and rank (M,) each pair's expert and place in its
+    queue, count (E,) the pairs of each expert -> (row (M,) each pair's row in ys, ys the experts'
+    outputs). Expert e's group starts where expert e - 1's ends, padded to a multiple of ALIGN rows,
+    so the buffer's M + E (ALIGN - 1) rows bound every routing: its shape is static."""
+    E, (M, d) = count.numel(), xk.shape
+    size = (count + ALIGN - 1) // ALIGN * ALIGN         # (E,) the padded group sizes
+    end = size.cumsum(0)                                # (E,) where each group ends
+    row = end[e] - size[e] + rank                       # (M,)
+    xs = xk.new_zeros(M + E * (ALIGN - 1), d).index_copy(0, row, xk)  # rows between groups: 0
+    return row, expert_mlp(xs, w1, w3, w2, end, dt)
+
+
+def expert_mlp(xs, w1, w3, w2, end, dt):
+    """The SwiGLU of each expert over its own rows: xs (M, d) holds expert e's rows at
+    end[e-1]..end[e]-1 (rows past end[-1] are padding) -> (M', d), M' >= end[-1]. w1, w3: (E, f, d);
+    w2: (E, d, f), as nn.Linear; dt: the dtype the model's matmuls run in (bf16 under autocast).
+
+    One grouped matmul per weight (a batch of E matmuls of different heights, no host sync) where
+    the kernel exists: CUDA in bf16, or eager on CPU; elsewhere a loop over the experts, which needs
+    the group sizes on the host (one sync per layer)."""
+    fits = xs.size(1) % ALIGN == 0 and w1.size(1) % ALIGN == 0  # 16-byte rows in the kernel's loads
+    on_cpu = xs.device.type == "cpu" and not torch.compiler.is_compiling()
+    if GROUPED_MM and fits and (xs.is_cuda and dt == torch.bfloat16 or on_cpu):
+        offs = end.to(torch.int32)
+        xs, w1, w3, w2 = xs.to(dt), w1.to(dt), w3.to(dt), w2.to(dt)
+        gate = F.grouped_mm(xs, w1.transpose(1, 2), offs=offs)
+        h = F.silu(gate) * F.grouped_mm(xs, w3.transpose(1, 2), offs=offs)
+        return F.grouped_mm(h, w2.transpose(1, 2), offs=offs)
+    sizes = torch.diff(end, prepend=end.new_zeros(1)).tolist()
+    groups = xs.split([*sizes, xs.size(0) - sum(sizes)])  # each expert's rows, then the padding
+    return torch.cat([F.linear(F.silu(F.linear(x, a)) * F.linear(x, c), b)
+                      for x, a, c, b in zip(groups, w1, w3, w2)])
+
+
+def capacity_experts(xk, e, rank, w1, w3, w2, C):
+    """Capacity mode (GShard; Switch section 2.2): each expert's buffer holds C rows, its first C
+    pairs. xk (M, d) the pairs' inputs, e and rank (M,) each pair's expert and place in its queue ->
+    (row (M,) each pair's row in ys, ys (E C + 1, d)). A pair ranked C or later is dropped: its
+    input goes to a spare row no expert reads, and it reads back ys' last row, zeros (the block's
+    residual carries its token). Every shape is static: one batched matmul per weight over the
+    (E, C, d) buffer."""
+    E, d = w1.size(0), xk.size(1)
+    row = torch.where(rank < C, e * C + rank, E * C)    # row E C: the spare row
+    xs = xk.new_zeros(E * C + 1, d).index_copy(0, row, xk)[:-1].view(E, C, d)
+    h = F.silu(xs @ w1.transpose(1, 2)) * (xs @ w3.transpose(1, 2))    # (E, C, f)
+    ys = (h @ w2.transpose(1, 2)).reshape(E * C, d)
+    return row, torch.cat([ys, xk.new_zeros(1, d)])
+
+
+def chosen_experts(x, expert, weight, w1, w3, w2):
+    """Few tokens (decoding): y_n = sum_j weight[n, j] SwiGLU_expert[n, j](x_n) for x (N, d), expert
+    and weight (N, k) -> (N, d); each (token, choice) pair through its own expert's weights, read in
+    place, so only the chosen experts do any work (the grouped dispatch pads each group to ALIGN
+    rows and visits all E). Reading the chosen experts' ids on the host is a sync: decoding,
+    batch 1, can afford it, a training step never takes this path."""
+    ys = []
+    for xn, wn, chosen in zip(x, weight, expert.tolist()):
+        yn = 0
+        for j, i in enumerate(chosen):
+            h = F.silu(F.linear(xn, w1[i])) * F.linear(xn, w3[i])
+            yn = yn + F.linear(h, w2[i]) * wn[j, None]
+        ys.append(yn)
+    return torch.stack(ys)
 
 
 # -------------------------------------------------------------- files: checkpoints, token files, downloads

@@ -71,8 +71,8 @@ HERE = Path(__file__).resolve().parent
 HF_ENDPOINT = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
 CACHE_DIR = Path(os.environ.get("ONEFILE_CACHE", "~/.cache/onefile")).expanduser()
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-GROUPED_MM = hasattr(F, "grouped_mm")  # recent torch: one kernel for a matmul per expert over jagged groups
-ALIGN = 8  # rows of an expert's group are padded to a multiple of this: grouped GEMMs want 16-byte offsets in bf16
+GROUPED_MM = hasattr(F, "grouped_mm")  # recent torch: one kernel, a matmul per expert's rows
+ALIGN = 8  # an expert's group is padded to a multiple of this many rows: 16-byte offsets in bf16
 
 
 class InputError(Exception):
@@ -304,47 +304,53 @@ class FeedForward(nn.Module):
 
 
 def expert_rank(e, count):
-    """e (M,): the expert of each (token, choice) pair; count (E,): the pairs of each expert -> (M,) each pair's place in
-    its expert's queue, the pairs keeping their order. A stable sort lays the pairs out grouped by expert in that order,
-    so a pair's rank is its place in the sorted order less the pairs of the experts before its own: O(M) memory where a
-    one-hot and its running sum take (M, E) (268 MB per layer at DeepSeek-V3's E = 256, k = 8, 16K tokens)."""
-    grouped, order = e.sort(stable=True)                # (M,) the pairs grouped by expert, each group in order
-    start = count.cumsum(0) - count                     # (E,) where each expert's group begins in `order`
-    return torch.empty_like(e).scatter_(0, order, torch.arange(e.numel(), device=e.device) - start[grouped])
+    """e (M,): the expert of each (token, choice) pair; count (E,): the pairs of each expert -> (M,)
+    each pair's place in its expert's queue, the pairs keeping their order. A stable sort lays the
+    pairs out grouped by expert in that order, so a pair's rank is its place in the sorted order
+    less the pairs of the experts before its own: O(M) memory where a one-hot and its running sum
+    take (M, E) (268 MB per layer at DeepSeek-V3's E = 256, k = 8, 16K tokens)."""
+    grouped, order = e.sort(stable=True)                # (M,) the pairs grouped by expert, in order
+    start = count.cumsum(0) - count                     # (E,) where each group begins in `order`
+    place = torch.arange(e.numel(), device=e.device) - start[grouped]
+    return torch.empty_like(e).scatter_(0, order, place)
 
 
 def chosen_experts(x, expert, weight, w1, w3, w2):
-    """Few tokens (decoding): y_n = sum_j weight[n, j] SwiGLU_expert[n, j](x_n) for x (N, d), expert and weight (N, k)
-    -> (N, d); each (token, choice) pair through its own expert's weights, read in place, so only the chosen experts
-    do any work (the grouped dispatch pads each group to ALIGN rows and visits all E). Reading the chosen experts'
-    ids on the host is a sync: decoding, batch 1, can afford it, a training step never takes this path."""
+    """Few tokens (decoding): y_n = sum_j weight[n, j] SwiGLU_expert[n, j](x_n) for x (N, d), expert
+    and weight (N, k) -> (N, d); each (token, choice) pair through its own expert's weights, read in
+    place, so only the chosen experts do any work (the grouped dispatch pads each group to ALIGN
+    rows and visits all E). Reading the chosen experts' ids on the host is a sync: decoding,
+    batch 1, can afford it, a training step never takes this path."""
     ys = []
     for xn, wn, chosen in zip(x, weight, expert.tolist()):
         yn = 0
         for j, i in enumerate(chosen):
-            yn = yn + F.linear(F.silu(F.linear(xn, w1[i])) * F.linear(xn, w3[i]), w2[i]) * wn[j, None]
+            h = F.silu(F.linear(xn, w1[i])) * F.linear(xn, w3[i])
+            yn = yn + F.linear(h, w2[i]) * wn[j, None]
         ys.append(yn)
     return torch.stack(ys)
 
 
 def expert_mlp(xs, w1, w3, w2, end, dt):
-    """The SwiGLU of each expert over its own rows: xs (M, d) holds expert e's rows at end[e-1]..end[e]-1
-    (rows past end[-1] are padding) -> (M', d), M' >= end[-1]. w1, w3: (E, f, d); w2: (E, d, f), as nn.Linear;
-    dt: the dtype the model's matmuls run in (bf16 under autocast).
+    """The SwiGLU of each expert over its own rows: xs (M, d) holds expert e's rows at
+    end[e-1]..end[e]-1 (rows past end[-1] are padding) -> (M', d), M' >= end[-1]. w1, w3: (E, f, d);
+    w2: (E, d, f), as nn.Linear; dt: the dtype the model's matmuls run in (bf16 under autocast).
 
-    One grouped matmul per weight (a batch of E matmuls of different heights, no host sync) where the kernel
-    exists: CUDA in bf16, or eager on CPU; elsewhere a loop over the experts, which needs the group sizes on the
-    host (one sync per layer)."""
-    fits = xs.size(1) % ALIGN == 0 and w1.size(1) % ALIGN == 0  # 16-byte rows in the kernel's memory loads
-    if GROUPED_MM and fits and (xs.is_cuda and dt == torch.bfloat16 or xs.device.type == "cpu"
-                                and not torch.compiler.is_compiling()):
+    One grouped matmul per weight (a batch of E matmuls of different heights, no host sync) where
+    the kernel exists: CUDA in bf16, or eager on CPU; elsewhere a loop over the experts, which needs
+    the group sizes on the host (one sync per layer)."""
+    fits = xs.size(1) % ALIGN == 0 and w1.size(1) % ALIGN == 0  # 16-byte rows in the kernel's loads
+    on_cpu = xs.device.type == "cpu" and not torch.compiler.is_compiling()
+    if GROUPED_MM and fits and (xs.is_cuda and dt == torch.bfloat16 or on_cpu):
         offs = end.to(torch.int32)
         xs, w1, w3, w2 = xs.to(dt), w1.to(dt), w3.to(dt), w2.to(dt)
-        h = F.silu(F.grouped_mm(xs, w1.transpose(1, 2), offs=offs)) * F.grouped_mm(xs, w3.transpose(1, 2), offs=offs)
+        gate = F.grouped_mm(xs, w1.transpose(1, 2), offs=offs)
+        h = F.silu(gate) * F.grouped_mm(xs, w3.transpose(1, 2), offs=offs)
         return F.grouped_mm(h, w2.transpose(1, 2), offs=offs)
     sizes = torch.diff(end, prepend=end.new_zeros(1)).tolist()
+    groups = xs.split([*sizes, xs.size(0) - sum(sizes)])  # each expert's rows, then the padding
     return torch.cat([F.linear(F.silu(F.linear(x, a)) * F.linear(x, c), b)
-                      for x, a, c, b in zip(xs.split([*sizes, xs.size(0) - sum(sizes)]), w1, w3, w2)])
+                      for x, a, c, b in zip(groups, w1, w3, w2)])
 
 
 class Gate(nn.Module):
