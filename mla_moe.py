@@ -1,39 +1,47 @@
-"""DeepSeek's multi-head latent attention and DeepSeekMoE in one file: the model, its pretrained weights, data,
-training, sampling.
+"""DeepSeek's multi-head latent attention and DeepSeekMoE in one file: the model, its pretrained
+weights, data, training, sampling.
 
-Papers: DeepSeek-V2 (DeepSeek-AI 2024, arXiv 2405.04434): multi-head latent attention (MLA, section 2.1), in which
-keys and values come from one low-rank latent per token, rotary positions ride on separate decoupled dimensions,
-and inference caches only the latent and one shared rotary key per token, attending in the absorbed form;
-DeepSeekMoE (Dai et al. 2024, arXiv 2401.06066): fine-grained routed experts plus shared experts every token
-uses; DeepSeek-V3 (DeepSeek-AI 2024, arXiv 2412.19437): sigmoid affinities, group-limited top-k routing,
-auxiliary-loss-free balancing (a per-expert bias that only chooses experts, moved after each step against the
-observed load) and a small sequence-wise balance loss (`--scoring softmax` gives V2's gate instead: softmax
-affinities, groups ranked by their best expert, weights not renormalised); YaRN rope scaling (Peng et al. 2023,
-arXiv 2309.00071) as DeepSeek's config.json gives it. "MLA" here is DeepSeek's attention, not the Perceiver-style latent attention
-some tutorials call by that name.
+Papers: DeepSeek-V2 (DeepSeek-AI 2024, arXiv 2405.04434): multi-head latent attention (MLA, section
+2.1), in which keys and values come from one low-rank latent per token, rotary positions ride on
+separate decoupled dimensions, and inference caches only the latent and one shared rotary key per
+token, attending in the absorbed form; DeepSeekMoE (Dai et al. 2024, arXiv 2401.06066): fine-grained
+routed experts plus shared experts every token uses; DeepSeek-V3 (DeepSeek-AI 2024, arXiv
+2412.19437): sigmoid affinities, group-limited top-k routing, auxiliary-loss-free balancing (a
+per-expert bias that only chooses experts, moved after each step against the observed load) and a
+small sequence-wise balance loss (`--scoring softmax` gives V2's gate instead: softmax affinities,
+groups ranked by their best expert, weights not renormalised); YaRN rope scaling (Peng et al. 2023,
+arXiv 2309.00071) as DeepSeek's config.json gives it. "MLA" here is DeepSeek's attention, not the
+Perceiver-style latent attention some tutorials call by that name.
 
-Routed experts are dispatched as in mixtral.py: no loop over tokens, one grouped matmul per weight, no host sync.
-What is not here: multi-token prediction (V3's MTP layers are skipped on load), FP8 training and FP8 matmuls (FP8
-weights are dequantized at load), expert parallelism, device-limited routing across GPUs. DeepSeek-V3's
-tokenizer.json (byte-level BPE behind several Splits) runs, so its checkpoints sample as text.
+The model section writes each paper's computation as the paper does, then the same fast: MLA.forward
+is V2's eq. 37-47 over per-head keys and values, MLA.absorbed the same attention taken against the
+cached latents (decoding); DeepSeekMoE.forward_loop is V3's eq. 12, a loop over the experts, and
+DeepSeekMoE.forward the same sum with the routed experts dispatched as in mixtral.py (no loop over
+tokens, one grouped matmul per weight, no host sync), the tests holding each pair equal.
+What is not here: multi-token prediction (V3's MTP layers are skipped on load), FP8 training and FP8
+matmuls (FP8 weights are dequantized at load), expert parallelism, device-limited routing across
+GPUs. DeepSeek-V3's tokenizer.json (byte-level BPE behind several Splits) runs, so its checkpoints
+sample as text.
 
-Checkpoints from_pretrained reads (config.json's model_type): "deepseek_v3", DeepSeek-V3 and R1, in bf16 or as
-released in FP8 (float8_e4m3fn weights, a float32 weight_scale_inv per 128 x 128 block, quantization_config
-"fp8"; dequantized into the run's dtype, so the logits are those of the dequantized weights); "deepseek_v2",
-DeepSeek-V2, V2.5 and V2-Lite (softmax gate, topk_method "greedy" or "group_limited_greedy", Lite without a query
-latent); "kimi_k2", Kimi K2's name for V3's architecture (transformers' Kimi-K2.5 config maps it to deepseek_v3).
-Moonlight-16B-A3B declares DeepseekV3ForCausalLM: it loads if its model_type is deepseek_v3 (not checked here).
-Tested on tiny checkpoints written by transformers (and FP8 ones quantized by the tests), no released file.
+Checkpoints from_pretrained reads (config.json's model_type): "deepseek_v3", DeepSeek-V3 and R1, in
+bf16 or as released in FP8 (float8_e4m3fn weights, a float32 weight_scale_inv per 128 x 128 block,
+quantization_config "fp8"; dequantized into the run's dtype, so the logits are those of the
+dequantized weights); "deepseek_v2", DeepSeek-V2, V2.5 and V2-Lite (softmax gate, topk_method
+"greedy" or "group_limited_greedy", Lite without a query latent); "kimi_k2", Kimi K2's name for V3's
+architecture (transformers' Kimi-K2.5 config maps it to deepseek_v3). Moonlight-16B-A3B declares
+DeepseekV3ForCausalLM: it loads if its model_type is deepseek_v3 (not checked here). Tested on tiny
+checkpoints written by transformers (and FP8 ones quantized by the tests), no released file.
 
     python mla_moe.py                                      # CPU: a tiny model, a few minutes
     python mla_moe.py --device cuda                        # one GPU: bf16, torch.compile
     torchrun --standalone --nproc_per_node 8 mla_moe.py    # DDP on 8 GPUs
     python mla_moe.py --init_from some/deepseek-v3-style-checkpoint --sample_only
-    python mla_moe.py --init_from resume --sample_only --show_routing --show_top 3   # each token's experts
+    python mla_moe.py --init_from resume --sample_only --show_routing --show_top 3   # the experts
 
-Offline (no download, no tiktoken files) it says so and carries on: the Python standard library's own source as
-the text, raw UTF-8 bytes as the tokens. Every step's randomness is drawn from (--seed, iteration, rank), so
-`--init_from resume` continues exactly as an uninterrupted run would (the routing bias is in the checkpoint).
+Offline (no download, no tiktoken files) it says so and carries on: the Python standard library's
+own source as the text, raw UTF-8 bytes as the tokens. Every step's randomness is drawn from
+(--seed, iteration, rank), so `--init_from resume` continues exactly as an uninterrupted run would
+(the routing bias is in the checkpoint).
 """
 import argparse
 import hashlib
