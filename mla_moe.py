@@ -1,39 +1,47 @@
-"""DeepSeek's multi-head latent attention and DeepSeekMoE in one file: the model, its pretrained weights, data,
-training, sampling.
+"""DeepSeek's multi-head latent attention and DeepSeekMoE in one file: the model, its pretrained
+weights, data, training, sampling.
 
-Papers: DeepSeek-V2 (DeepSeek-AI 2024, arXiv 2405.04434): multi-head latent attention (MLA, section 2.1), in which
-keys and values come from one low-rank latent per token, rotary positions ride on separate decoupled dimensions,
-and inference caches only the latent and one shared rotary key per token, attending in the absorbed form;
-DeepSeekMoE (Dai et al. 2024, arXiv 2401.06066): fine-grained routed experts plus shared experts every token
-uses; DeepSeek-V3 (DeepSeek-AI 2024, arXiv 2412.19437): sigmoid affinities, group-limited top-k routing,
-auxiliary-loss-free balancing (a per-expert bias that only chooses experts, moved after each step against the
-observed load) and a small sequence-wise balance loss (`--scoring softmax` gives V2's gate instead: softmax
-affinities, groups ranked by their best expert, weights not renormalised); YaRN rope scaling (Peng et al. 2023,
-arXiv 2309.00071) as DeepSeek's config.json gives it. "MLA" here is DeepSeek's attention, not the Perceiver-style latent attention
-some tutorials call by that name.
+Papers: DeepSeek-V2 (DeepSeek-AI 2024, arXiv 2405.04434): multi-head latent attention (MLA, section
+2.1), in which keys and values come from one low-rank latent per token, rotary positions ride on
+separate decoupled dimensions, and inference caches only the latent and one shared rotary key per
+token, attending in the absorbed form; DeepSeekMoE (Dai et al. 2024, arXiv 2401.06066): fine-grained
+routed experts plus shared experts every token uses; DeepSeek-V3 (DeepSeek-AI 2024, arXiv
+2412.19437): sigmoid affinities, group-limited top-k routing, auxiliary-loss-free balancing (a
+per-expert bias that only chooses experts, moved after each step against the observed load) and a
+small sequence-wise balance loss (`--scoring softmax` gives V2's gate instead: softmax affinities,
+groups ranked by their best expert, weights not renormalised); YaRN rope scaling (Peng et al. 2023,
+arXiv 2309.00071) as DeepSeek's config.json gives it. "MLA" here is DeepSeek's attention, not the
+Perceiver-style latent attention some tutorials call by that name.
 
-Routed experts are dispatched as in mixtral.py: no loop over tokens, one grouped matmul per weight, no host sync.
-What is not here: multi-token prediction (V3's MTP layers are skipped on load), FP8 training and FP8 matmuls (FP8
-weights are dequantized at load), expert parallelism, device-limited routing across GPUs. DeepSeek-V3's
-tokenizer.json (byte-level BPE behind several Splits) runs, so its checkpoints sample as text.
+The model section writes each paper's computation as the paper does, then the same fast: MLA.forward
+is V2's eq. 37-47 over per-head keys and values, MLA.absorbed the same attention taken against the
+cached latents (decoding); DeepSeekMoE.forward_loop is V3's eq. 12, a loop over the experts, and
+DeepSeekMoE.forward the same sum with the routed experts dispatched as in mixtral.py (no loop over
+tokens, one grouped matmul per weight, no host sync), the tests holding each pair equal.
+What is not here: multi-token prediction (V3's MTP layers are skipped on load), FP8 training and FP8
+matmuls (FP8 weights are dequantized at load), expert parallelism, device-limited routing across
+GPUs. DeepSeek-V3's tokenizer.json (byte-level BPE behind several Splits) runs, so its checkpoints
+sample as text.
 
-Checkpoints from_pretrained reads (config.json's model_type): "deepseek_v3", DeepSeek-V3 and R1, in bf16 or as
-released in FP8 (float8_e4m3fn weights, a float32 weight_scale_inv per 128 x 128 block, quantization_config
-"fp8"; dequantized into the run's dtype, so the logits are those of the dequantized weights); "deepseek_v2",
-DeepSeek-V2, V2.5 and V2-Lite (softmax gate, topk_method "greedy" or "group_limited_greedy", Lite without a query
-latent); "kimi_k2", Kimi K2's name for V3's architecture (transformers' Kimi-K2.5 config maps it to deepseek_v3).
-Moonlight-16B-A3B declares DeepseekV3ForCausalLM: it loads if its model_type is deepseek_v3 (not checked here).
-Tested on tiny checkpoints written by transformers (and FP8 ones quantized by the tests), no released file.
+Checkpoints from_pretrained reads (config.json's model_type): "deepseek_v3", DeepSeek-V3 and R1, in
+bf16 or as released in FP8 (float8_e4m3fn weights, a float32 weight_scale_inv per 128 x 128 block,
+quantization_config "fp8"; dequantized into the run's dtype, so the logits are those of the
+dequantized weights); "deepseek_v2", DeepSeek-V2, V2.5 and V2-Lite (softmax gate, topk_method
+"greedy" or "group_limited_greedy", Lite without a query latent); "kimi_k2", Kimi K2's name for V3's
+architecture (transformers' Kimi-K2.5 config maps it to deepseek_v3). Moonlight-16B-A3B declares
+DeepseekV3ForCausalLM: it loads if its model_type is deepseek_v3 (not checked here). Tested on tiny
+checkpoints written by transformers (and FP8 ones quantized by the tests), no released file.
 
     python mla_moe.py                                      # CPU: a tiny model, a few minutes
     python mla_moe.py --device cuda                        # one GPU: bf16, torch.compile
     torchrun --standalone --nproc_per_node 8 mla_moe.py    # DDP on 8 GPUs
     python mla_moe.py --init_from some/deepseek-v3-style-checkpoint --sample_only
-    python mla_moe.py --init_from resume --sample_only --show_routing --show_top 3   # each token's experts
+    python mla_moe.py --init_from resume --sample_only --show_routing --show_top 3   # the experts
 
-Offline (no download, no tiktoken files) it says so and carries on: the Python standard library's own source as
-the text, raw UTF-8 bytes as the tokens. Every step's randomness is drawn from (--seed, iteration, rank), so
-`--init_from resume` continues exactly as an uninterrupted run would (the routing bias is in the checkpoint).
+Offline (no download, no tiktoken files) it says so and carries on: the Python standard library's
+own source as the text, raw UTF-8 bytes as the tokens. Every step's randomness is drawn from
+(--seed, iteration, rank), so `--init_from resume` continues exactly as an uninterrupted run would
+(the routing bias is in the checkpoint).
 """
 import argparse
 import hashlib
@@ -145,42 +153,32 @@ class Config:
 
 
 # ------------------------------------------------------------------------------------------ model
-
-class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * g: LayerNorm without the mean and the bias (Zhang and Sennrich
-    2019, eq. 4). Computed in float32 whatever the input, as the reference does, then cast back."""
-
-    def __init__(self, dim, eps):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        x32 = x.float()
-        inv_rms = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)  # 1 / RMS(x), eq. 4
-        return self.weight * (x32 * inv_rms).type_as(x)
-
+# DeepSeek-V2's attention (MLA) and DeepSeekMoE with V3's gate as the papers write them, the block,
+# the model. After it, "the same, fast": the routed experts dispatched in one pass; then RMSNorm,
+# RoPE and SwiGLU, borrowed from llama2.py.
 
 def yarn_rope_frequencies(cfg, device=None):
-    """(theta_i for the qk_rope_head_dim rotary dimensions, the factor on cos and sin). Plain: theta_i =
-    rope_theta^(-2i/d). YaRN (Peng et al. 2023, arXiv 2309.00071, section 3, "NTK-by-parts" interpolation, as
-    Hugging Face computes it): frequencies that turn more than beta_fast times over the original context are
-    kept, those turning fewer than beta_slow times are divided by `factor`, a linear ramp in between."""
+    """(theta_i for the qk_rope_head_dim rotary dimensions, the factor on cos and sin). Plain:
+    theta_i = rope_theta^(-2i/d). YaRN (Peng et al. 2023, arXiv 2309.00071, section 3,
+    "NTK-by-parts" interpolation, as Hugging Face computes it): frequencies that turn more than
+    beta_fast times over the original context are kept, those turning fewer than beta_slow times are
+    divided by `factor`, a linear ramp in between."""
     d = cfg.qk_rope_head_dim
-    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)
+    i = torch.arange(d // 2, device=device, dtype=torch.float32)  # the pair index
+    inv_freq = 1.0 / cfg.rope_theta ** (2 * i / d)
     s = cfg.rope_scaling
     if not s:
         return inv_freq, 1.0
     factor, old_len = s["factor"], s["original_max_position_embeddings"]
 
-    def dim_of(rotations):  # the dimension index i whose frequency turns `rotations` times over old_len positions
+    def dim_of(rotations):  # the pair index whose frequency turns `rotations` times in old_len
         return d * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
 
-    low, high = math.floor(dim_of(s.get("beta_fast") or 32)), math.ceil(dim_of(s.get("beta_slow") or 1))
-    low, high = max(low, 0), min(high, d - 1)
-    ramp = ((torch.arange(d // 2, device=device, dtype=torch.float32) - low) / max(high - low, 1e-3)).clamp(0, 1)
+    low = max(math.floor(dim_of(s.get("beta_fast") or 32)), 0)
+    high = min(math.ceil(dim_of(s.get("beta_slow") or 1)), d - 1)
+    ramp = ((i - low) / max(high - low, 1e-3)).clamp(0, 1)
     inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
-    if s.get("attention_factor"):                     # the factor on cos and sin: 1 for DeepSeek-V3's own config
+    if s.get("attention_factor"):  # the factor on cos and sin: 1 for DeepSeek-V3's own config
         return inv_freq, s["attention_factor"]
     if s.get("mscale") and s.get("mscale_all_dim"):
         return inv_freq, yarn_mscale(factor, s["mscale"]) / yarn_mscale(factor, s["mscale_all_dim"])
@@ -188,38 +186,110 @@ def yarn_rope_frequencies(cfg, device=None):
 
 
 def yarn_mscale(factor, mscale=1.0):
-    """YaRN's attention temperature, sqrt(1/t) = 0.1 ln(s) + 1 for a context extended s times (YaRN section 3),
-    with DeepSeek's config multiplying the 0.1 by mscale."""
+    """YaRN's attention temperature, sqrt(1/t) = 0.1 ln(s) + 1 for a context extended s times (YaRN
+    section 3), with DeepSeek's config multiplying the 0.1 by mscale."""
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
-def apply_rotary(x, cos, sin):
-    """Rotate x (B, heads, T, head_dim) by its positions' angles; cos and sin are (T, head_dim),
-    float32.
+class MLA(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2, arXiv 2405.04434, section 2.1; appendix C writes it
+    whole as eq. 37-47, the numbers cited here).
 
-    RoFormer (section 3.2) reads a query as d/2 complex numbers q_i = x_{2i} + j x_{2i+1} and
-    multiplies each by e^{j m theta_i} at position m, so q_m . k_n depends only on m - n; eq. 34 is
-    the same rotation written with cos and sin on adjacent pairs. Meta's released code does exactly
-    that. Hugging Face checkpoints pair dimension i with i + d/2 instead ("rotate half"): their
-    conversion script permuted the rows of W_q and W_k so that the two layouts give the same
-    scores. We use the half layout, so Hugging Face weights load unchanged:
-        x_i'       = x_i cos(m theta_i) - x_{i+d/2} sin(m theta_i)
-        x_{i+d/2}' = x_{i+d/2} cos(m theta_i) + x_i sin(m theta_i)
-    """
-    x1, x2 = x.chunk(2, dim=-1)
-    return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).type_as(x)
+    Keys and values come from one low-rank latent per token, c_KV = W_DKV h (eq. 41), expanded per
+    head by W_UK and W_UV (eq. 42, 45; one matrix here, kv_b_proj); queries from their own latent
+    c_Q = W_DQ h (eq. 37-38; q_lora_rank 0: straight from h, as V2-Lite). Positions ride on extra
+    dimensions (decoupled RoPE, eq. 39, 43): d_R per query head and one rotary key k_R shared by all
+    heads. `forward` is these equations as written, attention over per-head keys [k_C; k_R] and
+    values v_C (eq. 44, 46). With a cache it calls `absorbed`, the same attention taken against the
+    latents (section 2.1.2), so that the cache never holds a per-head key or value."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        H, dn, dr, dv = cfg.n_head, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        r = cfg.kv_lora_rank
+        self.n_head, self.dn, self.dr, self.dv, self.r = H, dn, dr, dv, r
+        self.interleave = cfg.rope_interleave
+        if cfg.q_lora_rank:
+            self.q_a_proj = nn.Linear(cfg.n_embd, cfg.q_lora_rank, bias=False)     # W_DQ
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, 1e-6)  # as HF: not rms_norm_eps
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * (dn + dr), bias=False)  # W_UQ; W_QR
+        else:
+            self.q_proj = nn.Linear(cfg.n_embd, H * (dn + dr), bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.n_embd, r + dr, bias=False)        # W_DKV; W_KR
+        self.kv_a_layernorm = RMSNorm(r, 1e-6)
+        self.kv_b_proj = nn.Linear(r, H * (dn + dv), bias=False)                   # W_UK; W_UV
+        self.o_proj = nn.Linear(H * dv, cfg.n_embd, bias=False)                    # W_O
+        # eq. 46's 1/sqrt(d_h + d_R), times YaRN's temperature squared when the context is extended
+        yarn = cfg.rope_scaling or {}
+        mscale = yarn_mscale(yarn.get("factor", 1.0), yarn.get("mscale_all_dim") or 0)
+        self.scale = (dn + dr) ** -0.5 * mscale ** 2
+        self.dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, cache=None, pos=0):
+        """h (B, T, n_embd) at positions pos..pos+T-1 -> u (B, T, n_embd); cos, sin: (T, d_R)."""
+        B, T, _ = x.shape
+        H, dn, dr, dv, r = self.n_head, self.dn, self.dr, self.dv, self.r
+        if hasattr(self, "q_a_proj"):
+            c_q = self.q_a_layernorm(self.q_a_proj(x))  # eq. 37: c_Q = W_DQ h (normalised)
+            q = self.q_b_proj(c_q)                      # eq. 38-39: W_UQ c_Q; W_QR c_Q
+        else:
+            q = self.q_proj(x)
+        q = q.view(B, T, H, dn + dr).transpose(1, 2)
+        q_c, q_r = q.split([dn, dr], dim=-1)                  # (B, H, T, d_h), (B, H, T, d_R)
+        c_kv, k_r = self.kv_a_proj_with_mqa(x).split([r, dr], dim=-1)  # eq. 41, 43: W_DKV h; W_KR h
+        c_kv = self.kv_a_layernorm(c_kv)                      # (B, T, r), normalised as released
+        q_r, k_r = self.rope(q_r, cos, sin), self.rope(k_r, cos, sin)  # eq. 39, 43: RoPE(.)
+        if cache is not None:
+            return self.absorbed(q_c, q_r, c_kv, k_r, cache, pos)
+        kv = self.kv_b_proj(c_kv).view(B, T, H, dn + dv).transpose(1, 2)
+        k_c, v_c = kv.split([dn, dv], dim=-1)                 # eq. 42, 45: W_UK c_KV; W_UV c_KV
+        q = torch.cat((q_c, q_r), dim=-1)                     # eq. 40: q_i = [q_C,i; q_R,i]
+        k = torch.cat((k_c, k_r[:, None].expand(B, H, T, dr)), dim=-1)  # eq. 44: [k_C,i; k_R]
+        p = self.dropout if self.training else 0.0
+        o = F.scaled_dot_product_attention(q, k, v_c, is_causal=T > 1, scale=self.scale,
+                                           dropout_p=p)       # eq. 46: softmax(q k / sqrt(.)) v_C
+        return self.resid_dropout(self.o_proj(o.transpose(1, 2).reshape(B, T, H * dv)))  # eq. 47
+
+    def rope(self, x, cos, sin):
+        """RoPE on the decoupled dimensions x (..., T, d_R). DeepSeek rotates adjacent pairs
+        (RoFormer eq. 34), apply_rotary pairs i with i + d/2: the evens, then the odds, turn the one
+        layout into the other, with the same q . k."""
+        if self.interleave:
+            x = torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
+        return apply_rotary(x, cos, sin)
+
+    def absorbed(self, q_c, q_r, c_kv, k_r, cache, pos):
+        """The attention of `forward` with a cache, the same output (the tests hold them equal):
+        W_UK absorbed into the query, q_C . k_C = (W_UK^T q_C) . c_KV, and W_UV into the output, o =
+        W_UV sum_j p_j c_KV,j (section 2.1.2), so scores and outputs are taken against the cached
+        latents: the cache holds c_KV and k_R per token (LatentCache), no per-head key or value."""
+        B, H, T, dn = q_c.shape
+        # the latent in the matmuls' dtype (RMSNorm's float32 weight makes it float32 in autocast)
+        c_kv, k_r = cache.update(c_kv.to(k_r.dtype), k_r, pos)         # (B, L, r), (B, L, d_R)
+        w = self.kv_b_proj.weight.view(H, dn + self.dv, self.r)         # W_UK; W_UV, per head
+        q_lat = torch.einsum("bhtd,hdr->bhtr", q_c, w[:, :dn])          # W_UK^T q_C: (B, H, T, r)
+        scores = q_lat @ c_kv[:, None].transpose(-2, -1) + q_r @ k_r[:, None].transpose(-2, -1)
+        scores = scores * self.scale                                    # (B, H, T, L)
+        if T > 1:  # query i at position pos + i sees keys 0..pos + i
+            mask = torch.ones(T, pos + T, dtype=torch.bool, device=q_c.device).tril(pos)
+            scores = scores.masked_fill(~mask, float("-inf"))
+        o_lat = scores.float().softmax(dim=-1).type_as(scores) @ c_kv[:, None]  # (B, H, T, r)
+        o = torch.einsum("bhtr,hvr->bhtv", o_lat, w[:, dn:])            # times W_UV: (B, H, T, d_v)
+        return self.resid_dropout(self.o_proj(o.transpose(1, 2).reshape(B, T, H * self.dv)))
 
 
 class LatentCache:
-    """MLA's inference cache for one layer: per token only the compressed latent c_kv (kv_lora_rank numbers) and
-    the shared rotary key k_rope (qk_rope_head_dim numbers), not n_head keys and values (DeepSeek-V2 section
-    2.1.2-2.1.3)."""
+    """MLA's inference cache for one layer: per token only the compressed latent c_kv (kv_lora_rank
+    numbers) and the shared rotary key k_rope (qk_rope_head_dim numbers), not n_head keys and values
+    (DeepSeek-V2 section 2.1.2-2.1.3)."""
 
     def __init__(self, length):
         self.length, self.c_kv, self.k_rope = length, None, None
 
     def update(self, c_kv, k_rope, pos):
-        """Write c_kv (B, T, r) and k_rope (B, T, dr) at positions pos..pos+T-1; return everything so far."""
+        """Write c_kv (B, T, r) and k_rope (B, T, dr) at positions pos..pos+T-1; return all so far.
+        """
         B, T, _ = c_kv.shape
         if self.c_kv is None:
             self.c_kv = c_kv.new_zeros(B, self.length, c_kv.size(-1))
@@ -228,79 +298,370 @@ class LatentCache:
         return self.c_kv[:, :pos + T], self.k_rope[:, :pos + T]
 
 
-class MLA(nn.Module):
-    """Multi-head latent attention (DeepSeek-V2, arXiv 2405.04434, section 2.1, eq. 9-19).
+class Gate(nn.Module):
+    """DeepSeek-V3's router (arXiv 2412.19437, section 2.1.2, eq. 15-16, and its auxiliary-loss-free
+    balancing).
 
-    Keys and values come from one low-rank latent per token, c_kv = RMSNorm(W_DKV x) (eq. 9), expanded per head
-    by W_UK and W_UV (eq. 10-11, one matrix kv_b_proj here); queries optionally from their own latent (eq. 12-13,
-    q_lora_rank). Rotary positions ride on extra dimensions (decoupled RoPE, eq. 14-16): qk_rope_head_dim per
-    query head, and one key of that size shared by all heads. Training uses the expanded form; with a cache the
-    absorbed form (W_UK folded into the query, W_UV into the output, section 2.1.2) attends to the latents
-    directly, so the cache never holds per-head keys and values."""
+    Affinities s_i = sigmoid(u . e_i); a per-expert bias b_i, used only to choose: the top-k of s_i
+    + b_i, within the topk_group groups of experts whose two best s_i + b_i sum highest (V3's
+    node-limited routing, the groups standing for nodes, scored as the released V3 code does);
+    gating weights from s_i alone, normalised over the chosen k (norm_topk_prob) and times
+    routed_scaling_factor. b_i is no parameter: after every step it moves by bias_update_speed
+    against each expert's load (DeepSeek.after_step).
+
+    scoring="softmax" is DeepSeek-V2's gate (arXiv 2405.04434, section 2.2.1, eq. 20-23): s_i =
+    softmax_i(u . e_i), groups (devices) ranked by their best expert alone (section 2.2.2's
+    device-limited routing, topk_method "group_limited_greedy"; "greedy" is one group); g_i = s_i of
+    the chosen k times routed_scaling_factor (a V2 checkpoint's norm_topk_prob is false). The bias
+    b_i stays as V3 has it (0 unless moved; a V2 file has none)."""
 
     def __init__(self, cfg):
         super().__init__()
-        H, dn, dr, dv, r = cfg.n_head, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
-        self.n_head, self.dn, self.dr, self.dv, self.r, self.interleave = H, dn, dr, dv, r, cfg.rope_interleave
-        if cfg.q_lora_rank:
-            self.q_a_proj = nn.Linear(cfg.n_embd, cfg.q_lora_rank, bias=False)       # W_DQ
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, 1e-6)  # as HF: not rms_norm_eps
-            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * (dn + dr), bias=False)  # W_UQ and W_QR
-        else:
-            self.q_proj = nn.Linear(cfg.n_embd, H * (dn + dr), bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(cfg.n_embd, r + dr, bias=False)       # W_DKV and W_KR
-        self.kv_a_layernorm = RMSNorm(r, 1e-6)
-        self.kv_b_proj = nn.Linear(r, H * (dn + dv), bias=False)                   # W_UK and W_UV
-        self.o_proj = nn.Linear(H * dv, cfg.n_embd, bias=False)
-        self.scale = (dn + dr) ** -0.5 * yarn_mscale((cfg.rope_scaling or {}).get("factor", 1.0),
-                                                     (cfg.rope_scaling or {}).get("mscale_all_dim") or 0) ** 2
-        self.dropout = cfg.dropout
-        self.resid_dropout = nn.Dropout(cfg.dropout)
-
-    def forward(self, x, cos, sin, cache=None, pos=0):
-        B, T, _ = x.shape
-        H, dn, dr, dv, r = self.n_head, self.dn, self.dr, self.dv, self.r
-        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if hasattr(self, "q_a_proj") else self.q_proj(x)
-        q_nope, q_rope = q.view(B, T, H, dn + dr).transpose(1, 2).split([dn, dr], dim=-1)   # (B, H, T, dn / dr)
-        c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([r, dr], dim=-1)                   # (B, T, r), (B, T, dr)
-        c_kv = self.kv_a_layernorm(c_kv)
-        if self.interleave:  # DeepSeek pairs adjacent dimensions (RoFormer eq. 34): evens then odds is the half layout,
-            q_rope, k_rope = (torch.cat((t[..., 0::2], t[..., 1::2]), dim=-1) for t in (q_rope, k_rope))  # same q . k
-        q_rope, k_rope = apply_rotary(q_rope, cos, sin), apply_rotary(k_rope, cos, sin)
-        if cache is None:  # expanded: per-head keys and values from the latent, one SDPA call
-            k_nope, v = self.kv_b_proj(c_kv).view(B, T, H, dn + dv).transpose(1, 2).split([dn, dv], dim=-1)
-            q = torch.cat((q_nope, q_rope), dim=-1)                                       # (B, H, T, dn + dr)
-            k = torch.cat((k_nope, k_rope[:, None].expand(B, H, T, dr)), dim=-1)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=self.scale,
-                                               dropout_p=self.dropout if self.training else 0.0)
-        else:  # absorbed: scores and outputs in the latent space, the cache holds c_kv and k_rope only
-            # the latent in the matmuls' dtype (RMSNorm's float32 weight would make it float32 under autocast)
-            c_kv, k_rope = cache.update(c_kv.to(k_rope.dtype), k_rope, pos)              # (B, L, r), (B, L, dr)
-            w = self.kv_b_proj.weight.view(H, dn + dv, r)
-            q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w[:, :dn])                     # q_nope W_UK: (B, H, T, r)
-            scores = (q_lat @ c_kv[:, None].transpose(-2, -1) + q_rope @ k_rope[:, None].transpose(-2, -1)) * self.scale
-            if T > 1:  # query i at position pos + i sees keys 0..pos + i
-                mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(pos)
-                scores = scores.masked_fill(~mask, float("-inf"))
-            o_lat = scores.float().softmax(dim=-1).type_as(scores) @ c_kv[:, None]         # (B, H, T, r)
-            y = torch.einsum("bhtr,hvr->bhtv", o_lat, w[:, dn:])                           # times W_UV: (B, H, T, dv)
-        return self.resid_dropout(self.o_proj(y.transpose(1, 2).reshape(B, T, H * dv)))
-
-
-class FeedForward(nn.Module):
-    """SwiGLU (Shazeer 2020, eq. 6 without biases): W_down (SiLU(x W_gate) * (x W_up)). Its width is
-    8/3 n_embd rather than 4 n_embd in Llama, which keeps the parameter count of a two-matrix MLP
-    (LLaMA paper, section 2)."""
-
-    def __init__(self, n_embd, width, dropout=0.0):
-        super().__init__()
-        self.gate_proj = nn.Linear(n_embd, width, bias=False)
-        self.up_proj = nn.Linear(n_embd, width, bias=False)
-        self.down_proj = nn.Linear(width, n_embd, bias=False)
-        self.dropout = nn.Dropout(dropout)
+        self.top_k, self.n_group, self.topk_group = cfg.top_k_experts, cfg.n_group, cfg.topk_group
+        self.scoring, self.norm = cfg.scoring, cfg.norm_topk_prob
+        self.scale = cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(cfg.n_expert, cfg.n_embd))  # the centroids e_i
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_expert))  # b_i
+        self.record = None  # a list only while --show_routing draws a sample (recording)
 
     def forward(self, x):
-        return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+        """x (N, d) -> (weights (N, k), experts (N, k), affinities (N, E)), float32: the logits too,
+        autocast off (V3's gate computes in float32; autocast would run the matmul in bf16)."""
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())
+        s = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)  # (N, E)
+        choice = s + self.e_score_correction_bias
+        N, E = choice.shape
+        groups = choice.view(N, self.n_group, E // self.n_group)
+        per_group = min(2 if self.scoring == "sigmoid" else 1, E // self.n_group)  # V3: best two
+        best = groups.topk(per_group, dim=-1).values.sum(-1).topk(self.topk_group, dim=-1).indices
+        keep = torch.zeros(N, self.n_group, dtype=torch.bool, device=x.device)
+        keep = keep.scatter_(1, best, True)
+        outside = ~keep[:, :, None].expand_as(groups).reshape(N, E)
+        choice = choice.masked_fill(outside, float("-inf"))
+        expert = choice.topk(self.top_k, dim=-1).indices                          # (N, k)
+        weight = s.gather(1, expert)
+        if self.norm:
+            weight = weight / (weight.sum(dim=-1, keepdim=True) + 1e-20)
+        if self.record is not None:  # --show_routing: these tokens' routing, the groups it chose
+            self.record.append((expert, weight * self.scale, best))
+        return weight * self.scale, expert, s
+
+
+class DeepSeekMoE(nn.Module):
+    """DeepSeekMoE (Dai et al. 2024, arXiv 2401.06066, eq. 9-11; as DeepSeek-V3 writes it, eq. 12):
+    many fine-grained routed experts, k of them per token, and n_shared_experts every token goes
+    through,
+        h' = u + sum_i FFN^(s)_i(u) + sum_i g_i FFN^(r)_i(u)
+    (the block adds u). `forward_loop` is that sum, one routed expert at a time; `forward` is the
+    same, fast (routed_dispatch, after the model)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        E, d, f = cfg.n_expert, cfg.n_embd, cfg.moe_intermediate_size
+        self.n_expert, self.top_k = E, cfg.top_k_experts
+        self.gate = Gate(cfg)
+        # The routed experts' SwiGLU weights stacked on an expert axis (HF: mlp.experts.N.gate_proj,
+        # up_proj, down_proj); on AdamW under --optimizer muon, as in mixtral.py: torch's Muon takes
+        # 2-D parameters only
+        self.gate_proj = nn.Parameter(torch.empty(E, f, d))
+        self.up_proj = nn.Parameter(torch.empty(E, f, d))
+        self.down_proj = nn.Parameter(torch.empty(E, d, f))
+        self.shared_experts = None
+        if cfg.n_shared_experts:
+            self.shared_experts = FeedForward(d, f * cfg.n_shared_experts)
+
+    def forward_loop(self, x):
+        """x (B, T, d) -> (h' - u (B, T, d), router statistics, see stats): V3 eq. 12 as written,
+        each routed expert over the tokens that chose it, as DeepSeek-V3's inference code does."""
+        B, T, d = x.shape
+        u = x.reshape(-1, d)                                # (N, d)
+        g, expert, s = self.gate(u)                         # g_i and i (N, k), s_i (N, E)
+        y = u.new_zeros(u.shape, dtype=torch.float32)
+        for i in range(self.n_expert):
+            t, j = torch.where(expert == i)                 # the tokens that chose i, as their j-th
+            h = F.silu(F.linear(u[t], self.gate_proj[i])) * F.linear(u[t], self.up_proj[i])
+            y = y.index_add(0, t, F.linear(h, self.down_proj[i]) * g[t, j, None])  # g_i FFN_i(u)
+        count = expert.flatten().bincount(minlength=self.n_expert)  # (E,) pairs per expert
+        return self.add_shared(x, y, s, count, expert)
+
+    def forward(self, x):
+        """forward_loop's output and statistics (the tests hold them equal, gradients too), the
+        routed experts dispatched in one pass."""
+        B, T, d = x.shape
+        u = x.reshape(-1, d)
+        g, expert, s = self.gate(u)
+        w = self.gate_proj, self.up_proj, self.down_proj
+        y, count = routed_dispatch(u, expert, g, *w, self.training)
+        return self.add_shared(x, y, s, count, expert)
+
+    def add_shared(self, x, y, s, count, expert):
+        """The routed experts' sum y (N, d) plus the shared experts' sum_i FFN^(s)_i(x), and the
+        router statistics of the affinities s (N, E), the pairs per expert count (E,), the experts
+        (N, k)."""
+        B, T, d = x.shape
+        y = y.to(x.dtype).view(B, T, d)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y, self.stats(s.view(B, T, -1), count, expert.view(B, T, self.top_k))
+
+    def stats(self, s, count, expert):
+        """(seq_balance, load_1..load_E): the sequence-wise balance loss of V3 (eq. 17-20), sum_i
+        f_i P_i averaged over the sequences, f_i = E / (k T) x the tokens of the sequence routed to
+        i, P_i the mean of the normalised affinities s_i / sum_j s_j; and each expert's share of the
+        pairs."""
+        B, T, E = s.shape
+        k = self.top_k
+        f = s.new_zeros(B, E).scatter_add_(1, expert.view(B, -1), s.new_ones(B, T * k))
+        f = f * E / (k * T)
+        P = (s / s.sum(-1, keepdim=True)).mean(1)                                 # (B, E)
+        return torch.cat([(f * P).sum(-1).mean()[None], count.float() / count.sum()])
+
+
+class Block(nn.Module):
+    """Pre-normalisation; MLA, then a dense SwiGLU for the first first_k_dense_replace layers,
+    DeepSeekMoE after."""
+
+    def __init__(self, cfg, layer):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.self_attn = MLA(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.moe = layer >= cfg.first_k_dense_replace
+        self.mlp = DeepSeekMoE(cfg) if self.moe else FeedForward(cfg.n_embd, cfg.intermediate_size)
+        self.resid_dropout = nn.Dropout(cfg.dropout)  # on the feed-forward's output, as mixtral.py
+
+    def forward(self, x, cos, sin, cache=None, pos=0):
+        """-> (x, router statistics of this block, or None for a dense one)"""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, pos)
+        if not self.moe:
+            return x + self.resid_dropout(self.mlp(self.post_attention_layernorm(x))), None
+        y, stats = self.mlp(self.post_attention_layernorm(x))
+        return x + self.resid_dropout(y), stats
+
+
+class DeepSeek(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        # the Hugging Face names: model.embed_tokens, model.layers.N, model.norm
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(cfg.padded_vocab_size, cfg.n_embd),
+            drop=nn.Dropout(cfg.dropout),
+            layers=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer)),
+            norm=RMSNorm(cfg.n_embd, cfg.norm_eps),
+        ))
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.grad_checkpoint = False  # training: keep each block's input, recompute in backward
+        # Initialisation (the papers give none): normal, std 0.02 (Hugging Face's
+        # initializer_range); the projections that write into the residual stream scaled by
+        # 1/sqrt(2 n_layer), as GPT-2 does.
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                residual = name.endswith(("o_proj.weight", "down_proj.weight", "down_proj"))
+                std = 0.02 / math.sqrt(2 * cfg.n_layer) if residual else 0.02
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def moe_layers(self):
+        return [b.mlp for b in self.model.layers if b.moe]
+
+    def num_params(self, non_embedding=True, active=False):
+        """Parameters a token computes with: a tied embedding/head counted once, lookups (an untied
+        input embedding, a position table) left out by default; active=True counts top_k of the
+        routed experts only."""
+        cfg = self.config
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and not cfg.tie_embeddings:
+            n -= self.model.embed_tokens.weight.numel()
+        if active:
+            routed = sum(m.gate_proj.numel() + m.up_proj.numel() + m.down_proj.numel()
+                         for m in self.moe_layers())
+            n -= routed * (cfg.n_expert - cfg.top_k_experts) // cfg.n_expert
+        return n
+
+    def optimizer_groups(self):
+        """Each parameter's optimizer group, by name: "muon", the blocks' matrices (MLA's
+        projections, the gate's centroids, the dense and shared SwiGLUs: Muon's under --optimizer
+        muon, else AdamW's with decay); "decay", the embedding, the head and the routed experts'
+        stacked (E, out, in) weights (AdamW: torch's Muon takes 2-D parameters only); "no_decay",
+        the RMSNorm gains."""
+        matrices = ("_proj.weight", "_mqa.weight", "gate.weight")
+        groups = {}
+        for name, _ in self.named_parameters():
+            if name.endswith("norm.weight"):
+                groups[name] = "no_decay"
+            elif name.startswith("model.layers.") and name.endswith(matrices):
+                groups[name] = "muon"
+            else:
+                groups[name] = "decay"
+        return groups
+
+    def kv_bytes_per_token(self, itemsize=4):
+        """Bytes the latent cache holds per token: (kv_lora_rank + qk_rope_head_dim) x layers x
+        bytes per number; and what MHA with the same heads would hold, n_head x (query/key and value
+        head dims) x layers x bytes."""
+        c = self.config
+        latent = (c.kv_lora_rank + c.qk_rope_head_dim) * c.n_layer * itemsize
+        head = c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim
+        mha = c.n_head * head * c.n_layer * itemsize
+        return latent, mha
+
+    def hidden(self, idx, cache=None, pos=0):
+        """idx (B, T) token ids at positions pos..pos+T-1 -> (final hidden states (B, T, n_embd),
+        the MoE layers' router statistics (MoE layers, 1 + n_expert), see DeepSeekMoE.stats)."""
+        B, T = idx.shape
+        if pos + T > self.config.block_size:
+            raise ValueError(f"positions up to {pos + T} but block_size is "
+                             f"{self.config.block_size}")
+        inv_freq, attention_factor = yarn_rope_frequencies(self.config, idx.device)
+        positions = torch.arange(pos, pos + T, device=idx.device, dtype=torch.float32)
+        angles = positions[:, None] * inv_freq
+        angles = torch.cat((angles, angles), dim=-1)
+        cos, sin = angles.cos() * attention_factor, angles.sin() * attention_factor
+        x = self.model.drop(self.model.embed_tokens(idx))
+        stats = []
+        for i, block in enumerate(self.model.layers):
+            if self.grad_checkpoint and self.training:  # dropout is replayed identically
+                x, s = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x, s = block(x, cos, sin, None if cache is None else cache[i], pos)
+            if s is not None:
+                stats.append(s)
+        if not stats:
+            return self.model.norm(x), x.new_zeros(0, 1 + self.config.n_expert)
+        return self.model.norm(x), torch.stack(stats)
+
+    def forward(self, idx, targets=None, cache=None, pos=0):
+        """idx (B, T) -> (logits (B, T, vocab_size), loss or None, aux): the next-token
+        cross-entropy, and in training the sequence-wise balance loss times seq_aux_loss_coef (V3
+        eq. 17-20). aux holds the balance apart for the log, and the batch's expert load (MoE
+        layers, n_expert): summed over a step's micro-batches for after_step, over an evaluation for
+        load_report."""
+        V, Vp = self.config.vocab_size, self.config.padded_vocab_size
+        pad = None
+        if Vp > V:  # the padding rows are no tokens: a bias of -inf gives them probability 0
+            pad = torch.zeros(Vp, device=idx.device, dtype=self.lm_head.weight.dtype)
+            pad[V:] = float("-inf")
+        x, router = self.hidden(idx, cache, pos)
+        logits = F.linear(x, self.lm_head.weight, pad)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+        if len(router):
+            balance = router[:, 0].float().mean()  # 1 when the load is even
+        else:
+            balance = logits.new_zeros((), dtype=torch.float32)
+        if self.training and loss is not None:
+            loss = loss + self.config.seq_aux_loss_coef * balance
+        return logits[..., :V], loss, dict(balance=balance, load=router[:, 1:].detach().float())
+
+    def load_report(self, load):
+        """Print the expert load `load` (MoE layers, n_expert), aux's load summed over an
+        evaluation's batches, each MoE layer (by its index) a row of bars: each expert's share of
+        the routed (token, choice) pairs, the even share 1/n_expert drawn half high (collapse shows
+        as a few full bars), and the range of its routing bias b_i, which drifts to push the load
+        even. Returns both for the metrics."""
+        load = (load / load.sum(-1, keepdim=True).clamp_min(1e-9)).tolist()
+        bias = [m.gate.e_score_correction_bias.tolist() for m in self.moe_layers()]
+        E, bars = self.config.n_expert, " ▁▂▃▄▅▆▇█"
+        print(f"expert load per layer (even: {100 / E:.1f}% each, drawn ▄; █ is twice that "
+              "or more)")
+        layers = range(self.config.first_k_dense_replace, self.config.n_layer)
+        for i, shares, b in zip(layers, load, bias):
+            row = "".join(bars[min(8, round(4 * E * s))] for s in shares)
+            print(f"  layer {i:<3d}{row}  min {100 * min(shares):4.1f}%  "
+                  f"max {100 * max(shares):4.1f}%  bias {min(b):+.3f}..{max(b):+.3f}")
+        return dict(expert_load=load, bias=bias)
+
+    def after_step(self, load):
+        """After each optimizer step: the routing bias follows the step's load (MoE layers,
+        n_expert), aux's load summed over the step's micro-batches (and here over the ranks)."""
+        if self.config.bias_update_speed and len(load):
+            if dist.is_initialized():
+                dist.all_reduce(load)
+            self.update_bias(load, self.config.bias_update_speed)
+
+    @torch.no_grad()
+    def update_bias(self, counts, speed):
+        """Auxiliary-loss-free balancing (V3 section 2.1.2): after a step, b_i -= speed for the
+        experts above the mean load, += speed for those below. counts: (MoE layers, E) pairs of the
+        step."""
+        for moe, c in zip(self.moe_layers(), counts):
+            moe.gate.e_score_correction_bias += speed * torch.sign(c.mean() - c)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
+                 on_logits=None):
+        """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 is greedy. With the
+        cache, attention is absorbed and each layer keeps c_kv and k_rope only; past block_size the
+        window slides and the cache is dropped (each token then re-reads the window, as without a
+        cache)."""
+        block = self.config.block_size
+        length = min(idx.size(1) + max_new_tokens, block)
+        cache = [LatentCache(length) for _ in self.model.layers] if use_cache else None
+        pos = 0
+        for _ in range(max_new_tokens):
+            if cache is not None and idx.size(1) <= block:
+                x, _ = self.hidden(idx[:, pos:], cache, pos)
+                pos = idx.size(1)
+            else:
+                cache = None
+                x, _ = self.hidden(idx[:, -block:])
+            logits = self.lm_head(x[:, -1])[:, :self.config.vocab_size]
+            next_id = sample_next(logits.float(), temperature, top_k, top_p, on_logits)
+            idx = torch.cat([idx, next_id], dim=1)
+        return idx
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, on_logits=None):
+    """logits (B, V) -> next token ids (B, 1); on_logits(logits) is called first (--show_top)."""
+    if on_logits is not None:
+        on_logits(logits)
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:  # nucleus sampling (Holtzman et al. 2019, 1904.09751)
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        outside = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this token reaches top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
+
+
+# --------------------------------------------------------------------------------- the same, fast
+# DeepSeekMoE.forward gives forward_loop's sum (the tests hold them equal, gradients too) without a
+# loop over the experts: the (token, choice) pairs are laid out grouped by expert, as in mixtral.py.
+
+def routed_dispatch(x, expert, weight, w1, w3, w2, training):
+    """y_n = sum_j weight[n, j] SwiGLU_expert[n, j](x_n) for x (N, d), expert and weight (N, k), the
+    experts' stacked w1, w3 (E, f, d) and w2 (E, d, f) -> (y (N, d), count (E,) the pairs per
+    expert).
+
+    Each (token, choice) pair gets a row in a buffer grouped by expert, each group padded to ALIGN
+    rows; the experts run over their rows, one grouped matmul per weight (expert_mlp); each pair
+    reads its row back: no loop over tokens or experts, no host sync. Decoding (eval, k N <= E
+    pairs) runs each pair through its own expert alone (chosen_experts, one host sync)."""
+    N, d = x.shape
+    E, k = w1.size(0), expert.size(1)
+    autocast = torch.is_autocast_enabled(x.device.type)
+    dt = torch.get_autocast_dtype(x.device.type) if autocast else w1.dtype  # the matmuls' dtype
+    e = expert.t().reshape(-1)                          # (k N,) the expert of each pair
+    count = e.new_zeros(E).index_add_(0, e, torch.ones_like(e))  # (E,) bincount, no host sync
+    if not training and k * N <= E:
+        return chosen_experts(x, expert, weight, w1, w3, w2), count
+    rank = expert_rank(e, count)                        # (k N,) the pair's place in its group
+    size = (count + ALIGN - 1) // ALIGN * ALIGN         # (E,) the groups' padded sizes
+    end = size.cumsum(0)
+    row = end[e] - size[e] + rank                       # (k N,) the pair's row in the buffer
+    rows = k * N + E * (ALIGN - 1)                      # a static bound on the buffer's rows
+    xs = x.new_zeros(rows, d).index_copy(0, row, x.repeat(k, 1))
+    ys = expert_mlp(xs, w1, w3, w2, end, dt)
+    return (ys[row] * weight.t().reshape(-1, 1)).view(k, N, d).sum(0), count
 
 
 def expert_rank(e, count):
@@ -313,22 +674,6 @@ def expert_rank(e, count):
     start = count.cumsum(0) - count                     # (E,) where each group begins in `order`
     place = torch.arange(e.numel(), device=e.device) - start[grouped]
     return torch.empty_like(e).scatter_(0, order, place)
-
-
-def chosen_experts(x, expert, weight, w1, w3, w2):
-    """Few tokens (decoding): y_n = sum_j weight[n, j] SwiGLU_expert[n, j](x_n) for x (N, d), expert
-    and weight (N, k) -> (N, d); each (token, choice) pair through its own expert's weights, read in
-    place, so only the chosen experts do any work (the grouped dispatch pads each group to ALIGN
-    rows and visits all E). Reading the chosen experts' ids on the host is a sync: decoding,
-    batch 1, can afford it, a training step never takes this path."""
-    ys = []
-    for xn, wn, chosen in zip(x, weight, expert.tolist()):
-        yn = 0
-        for j, i in enumerate(chosen):
-            h = F.silu(F.linear(xn, w1[i])) * F.linear(xn, w3[i])
-            yn = yn + F.linear(h, w2[i]) * wn[j, None]
-        ys.append(yn)
-    return torch.stack(ys)
 
 
 def expert_mlp(xs, w1, w3, w2, end, dt):
@@ -353,290 +698,70 @@ def expert_mlp(xs, w1, w3, w2, end, dt):
                       for x, a, c, b in zip(groups, w1, w3, w2)])
 
 
-class Gate(nn.Module):
-    """DeepSeek-V3's router (arXiv 2412.19437, section 2.1.2, eq. 15-16 and 2.1.2's auxiliary-loss-free balancing).
+def chosen_experts(x, expert, weight, w1, w3, w2):
+    """Few tokens (decoding): y_n = sum_j weight[n, j] SwiGLU_expert[n, j](x_n) for x (N, d), expert
+    and weight (N, k) -> (N, d); each (token, choice) pair through its own expert's weights, read in
+    place, so only the chosen experts do any work (the grouped dispatch pads each group to ALIGN
+    rows and visits all E). Reading the chosen experts' ids on the host is a sync: decoding,
+    batch 1, can afford it, a training step never takes this path."""
+    ys = []
+    for xn, wn, chosen in zip(x, weight, expert.tolist()):
+        yn = 0
+        for j, i in enumerate(chosen):
+            h = F.silu(F.linear(xn, w1[i])) * F.linear(xn, w3[i])
+            yn = yn + F.linear(h, w2[i]) * wn[j, None]
+        ys.append(yn)
+    return torch.stack(ys)
 
-    Affinities s_i = sigmoid(u . e_i); a per-expert bias b_i, used only to choose: the top-k of s_i + b_i, within
-    the topk_group groups of experts whose two best s_i + b_i sum highest (V3's node-limited routing, the groups
-    standing for nodes, scored as the released V3 code does); gating weights from s_i alone, normalised over the
-    chosen k (norm_topk_prob) and times routed_scaling_factor. b_i is no parameter: after every step it moves by
-    bias_update_speed against each expert's load (DeepSeek.after_step).
-    scoring="softmax" is DeepSeek-V2's gate (arXiv 2405.04434, section 2.2.1, eq. 20-23): s_i = softmax_i(u . e_i),
-    groups (devices) ranked by their best expert alone (section 2.2.2's device-limited routing, topk_method
-    "group_limited_greedy"; "greedy" is one group); g_i = s_i of the chosen k times routed_scaling_factor (a V2
-    checkpoint's norm_topk_prob is false). The bias b_i stays as V3 has it (0 unless moved; a V2 file has none)."""
 
-    def __init__(self, cfg):
+# --------------------------------------- borrowed: RMSNorm, RoPE, SwiGLU (llama2.py teaches them)
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * g: LayerNorm without the mean and the bias (Zhang and Sennrich
+    2019, eq. 4). Computed in float32 whatever the input, as the reference does, then cast back."""
+
+    def __init__(self, dim, eps):
         super().__init__()
-        self.top_k, self.n_group, self.topk_group = cfg.top_k_experts, cfg.n_group, cfg.topk_group
-        self.scoring, self.norm, self.scale = cfg.scoring, cfg.norm_topk_prob, cfg.routed_scaling_factor
-        self.weight = nn.Parameter(torch.empty(cfg.n_expert, cfg.n_embd))           # the centroids e_i
-        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_expert))  # b_i
-        self.record = None  # a list while a sample is shown with --show_routing (recording); training never sets it
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        """x (N, d) -> (weights (N, k), experts (N, k), affinities (N, E)), float32: the logits too, autocast off
-        (V3's gate computes in float32; autocast would run the matmul in bf16 whatever its inputs)."""
-        with torch.autocast(x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.weight.float())
-        s = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)        # (N, E)
-        choice = s + self.e_score_correction_bias
-        N, E = choice.shape
-        groups = choice.view(N, self.n_group, E // self.n_group)
-        per_group = min(2 if self.scoring == "sigmoid" else 1, E // self.n_group)  # V3: the two best; V2: the best
-        best = groups.topk(per_group, dim=-1).values.sum(-1).topk(self.topk_group, dim=-1).indices
-        keep = torch.zeros(N, self.n_group, dtype=torch.bool, device=x.device).scatter_(1, best, True)
-        choice = choice.masked_fill(~keep[:, :, None].expand_as(groups).reshape(N, E), float("-inf"))
-        expert = choice.topk(self.top_k, dim=-1).indices                                     # (N, k)
-        weight = s.gather(1, expert)
-        if self.norm:
-            weight = weight / (weight.sum(dim=-1, keepdim=True) + 1e-20)
-        if self.record is not None:  # --show_routing: the routing of these N tokens, and the groups it chose among
-            self.record.append((expert, weight * self.scale, best))
-        return weight * self.scale, expert, s
+        x32 = x.float()
+        inv_rms = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)  # 1 / RMS(x), eq. 4
+        return self.weight * (x32 * inv_rms).type_as(x)
 
 
-class DeepSeekMoE(nn.Module):
-    """DeepSeekMoE (Dai et al. 2024, arXiv 2401.06066, eq. 9-11): many fine-grained routed experts, k of them per
-    token, plus n_shared_experts that every token goes through; h = x + shared(x) + sum_i g_i expert_i(x) (the
-    block adds x). The routed experts are dispatched as in mixtral.py: each (token, choice) pair gets a row in a
-    buffer grouped by expert, one grouped matmul per weight, no loop over tokens, no host sync; decoding (eval, k N <=
-    n_expert pairs) runs each pair through its chosen expert alone (chosen_experts, one host sync)."""
+def apply_rotary(x, cos, sin):
+    """Rotate x (B, heads, T, head_dim) by its positions' angles; cos and sin are (T, head_dim),
+    float32.
 
-    def __init__(self, cfg):
+    RoFormer (section 3.2) reads a query as d/2 complex numbers q_i = x_{2i} + j x_{2i+1} and
+    multiplies each by e^{j m theta_i} at position m, so q_m . k_n depends only on m - n; eq. 34 is
+    the same rotation written with cos and sin on adjacent pairs. Meta's released code does exactly
+    that. Hugging Face checkpoints pair dimension i with i + d/2 instead ("rotate half"): their
+    conversion script permuted the rows of W_q and W_k so that the two layouts give the same
+    scores. We use the half layout, so Hugging Face weights load unchanged:
+        x_i'       = x_i cos(m theta_i) - x_{i+d/2} sin(m theta_i)
+        x_{i+d/2}' = x_{i+d/2} cos(m theta_i) + x_i sin(m theta_i)
+    """
+    x1, x2 = x.chunk(2, dim=-1)
+    return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).type_as(x)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU (Shazeer 2020, eq. 6 without biases): W_down (SiLU(x W_gate) * (x W_up)). Its width is
+    8/3 n_embd rather than 4 n_embd in Llama, which keeps the parameter count of a two-matrix MLP
+    (LLaMA paper, section 2)."""
+
+    def __init__(self, n_embd, width, dropout=0.0):
         super().__init__()
-        E, d, f = cfg.n_expert, cfg.n_embd, cfg.moe_intermediate_size
-        self.n_expert, self.top_k = E, cfg.top_k_experts
-        self.gate = Gate(cfg)
-        # the routed experts' SwiGLU weights stacked on an expert axis (HF: mlp.experts.N.gate_proj / up_proj / down_proj);
-        # on AdamW under --optimizer muon, as in mixtral.py: torch's Muon takes 2-D parameters only
-        self.gate_proj = nn.Parameter(torch.empty(E, f, d))
-        self.up_proj = nn.Parameter(torch.empty(E, f, d))
-        self.down_proj = nn.Parameter(torch.empty(E, d, f))
-        self.shared_experts = FeedForward(d, f * cfg.n_shared_experts) if cfg.n_shared_experts else None
+        self.gate_proj = nn.Linear(n_embd, width, bias=False)
+        self.up_proj = nn.Linear(n_embd, width, bias=False)
+        self.down_proj = nn.Linear(width, n_embd, bias=False)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
-        B, T, d = x.shape
-        xf = x.reshape(-1, d)
-        N, E, k = xf.size(0), self.n_expert, self.top_k
-        weight, expert, s = self.gate(xf)
-        autocast = torch.is_autocast_enabled(x.device.type)  # the experts' matmul dtype: bf16 under autocast
-        dt = torch.get_autocast_dtype(x.device.type) if autocast else self.gate_proj.dtype
-        e = expert.t().reshape(-1)                          # (k N,) the expert of each (token, choice) pair
-        count = e.new_zeros(E).index_add_(0, e, torch.ones_like(e))  # (E,) pairs per expert: bincount, no host sync
-        if not self.training and k * N <= E:                # decoding: each pair through its own expert alone
-            y = chosen_experts(xf, expert, weight, self.gate_proj, self.up_proj, self.down_proj)
-        else:
-            rank = expert_rank(e, count)                    # (k N,) the pair's place in its expert's group
-            size = (count + ALIGN - 1) // ALIGN * ALIGN
-            end = size.cumsum(0)
-            row = end[e] - size[e] + rank
-            xs = xf.new_zeros(k * N + E * (ALIGN - 1), d).index_copy(0, row, xf.repeat(k, 1))
-            ys = expert_mlp(xs, self.gate_proj, self.up_proj, self.down_proj, end, dt)
-            y = (ys[row] * weight.t().reshape(-1, 1)).view(k, N, d).sum(0)
-        y = y.to(x.dtype).view(B, T, d)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
-        return y, self.stats(s.view(B, T, E), count, expert.view(B, T, k))
-
-    def stats(self, s, count, expert):
-        """(seq_balance, load_1..load_E): the sequence-wise balance loss of V3 (eq. 17-20), sum_i f_i P_i averaged
-        over the sequences, f_i = E / (k T) x the tokens of the sequence routed to i, P_i the mean of the
-        normalised affinities s_i / sum_j s_j; and each expert's share of the (token, choice) pairs."""
-        B, T, E = s.shape
-        f = s.new_zeros(B, E).scatter_add_(1, expert.view(B, -1), s.new_ones(B, T * self.top_k)) * E / (self.top_k * T)
-        P = (s / s.sum(-1, keepdim=True)).mean(1)                                            # (B, E)
-        return torch.cat([(f * P).sum(-1).mean()[None], count.float() / count.sum()])
-
-
-class Block(nn.Module):
-    """Pre-normalisation; MLA, then a dense SwiGLU for the first first_k_dense_replace layers, DeepSeekMoE after."""
-
-    def __init__(self, cfg, layer):
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.self_attn = MLA(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.moe = layer >= cfg.first_k_dense_replace
-        self.mlp = DeepSeekMoE(cfg) if self.moe else FeedForward(cfg.n_embd, cfg.intermediate_size)
-        self.resid_dropout = nn.Dropout(cfg.dropout)  # on the feed-forward's output, as mixtral.py's experts
-
-    def forward(self, x, cos, sin, cache=None, pos=0):
-        """-> (x, router statistics of this block, or None for a dense one)"""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, pos)
-        if not self.moe:
-            return x + self.resid_dropout(self.mlp(self.post_attention_layernorm(x))), None
-        y, stats = self.mlp(self.post_attention_layernorm(x))
-        return x + self.resid_dropout(y), stats
-
-
-class DeepSeek(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.config = cfg
-        self.model = nn.ModuleDict(dict(  # the Hugging Face names: model.embed_tokens, model.layers.N, model.norm
-            embed_tokens=nn.Embedding(cfg.padded_vocab_size, cfg.n_embd),
-            drop=nn.Dropout(cfg.dropout),
-            layers=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer)),
-            norm=RMSNorm(cfg.n_embd, cfg.norm_eps),
-        ))
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        self.grad_checkpoint = False  # training: keep only each block's input, recompute the rest in backward
-        # Initialisation (the papers give none): normal, std 0.02 (Hugging Face's initializer_range); the
-        # projections that write into the residual stream scaled by 1/sqrt(2 n_layer), as GPT-2 does.
-        for name, p in self.named_parameters():
-            if p.dim() >= 2:
-                residual = name.endswith(("o_proj.weight", "down_proj.weight", "down_proj"))
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer) if residual else 0.02)
-
-    def moe_layers(self):
-        return [b.mlp for b in self.model.layers if b.moe]
-
-    def num_params(self, non_embedding=True, active=False):
-        """Parameters a token computes with: a tied embedding/head counted once, lookups (an untied input embedding, a
-        position table) left out by default; active=True counts top_k of the routed experts
-        only."""
-        cfg = self.config
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding and not cfg.tie_embeddings:
-            n -= self.model.embed_tokens.weight.numel()
-        if active:
-            routed = sum(m.gate_proj.numel() + m.up_proj.numel() + m.down_proj.numel() for m in self.moe_layers())
-            n -= routed * (cfg.n_expert - cfg.top_k_experts) // cfg.n_expert
-        return n
-
-    def optimizer_groups(self):
-        """Each parameter's optimizer group, by name: "muon", the blocks' matrices (MLA's projections, the gate's
-        centroids, dense and shared SwiGLUs: Muon's under --optimizer muon, else AdamW's with decay); "decay", the
-        embedding, the head and the routed experts' stacked (E, out, in) weights (AdamW: torch's Muon takes 2-D
-        parameters only); "no_decay", the RMSNorm gains."""
-        groups = {}
-        for name, _ in self.named_parameters():
-            if name.endswith("norm.weight"):
-                groups[name] = "no_decay"
-            elif name.startswith("model.layers.") and name.endswith(("_proj.weight", "_mqa.weight", "gate.weight")):
-                groups[name] = "muon"
-            else:
-                groups[name] = "decay"
-        return groups
-
-    def kv_bytes_per_token(self, itemsize=4):
-        """Bytes the latent cache holds per token: (kv_lora_rank + qk_rope_head_dim) x layers x bytes per number; and
-        what MHA with the same heads would hold, n_head x (query/key and value head dims) x layers x bytes."""
-        c = self.config
-        return (c.kv_lora_rank + c.qk_rope_head_dim) * c.n_layer * itemsize, \
-            c.n_head * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim) * c.n_layer * itemsize
-
-    def hidden(self, idx, cache=None, pos=0):
-        """idx (B, T) token ids at positions pos..pos+T-1 -> (final hidden states (B, T, n_embd),
-        the MoE layers' router statistics (MoE layers, 1 + n_expert), see DeepSeekMoE.stats)."""
-        B, T = idx.shape
-        if pos + T > self.config.block_size:
-            raise ValueError(f"positions up to {pos + T} but block_size is {self.config.block_size}")
-        inv_freq, attention_factor = yarn_rope_frequencies(self.config, idx.device)
-        angles = torch.arange(pos, pos + T, device=idx.device, dtype=torch.float32)[:, None] * inv_freq
-        angles = torch.cat((angles, angles), dim=-1)
-        cos, sin = angles.cos() * attention_factor, angles.sin() * attention_factor
-        x = self.model.drop(self.model.embed_tokens(idx))
-        stats = []
-        for i, block in enumerate(self.model.layers):
-            if self.grad_checkpoint and self.training:  # activation checkpointing (dropout replayed identically)
-                x, s = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
-            else:
-                x, s = block(x, cos, sin, None if cache is None else cache[i], pos)
-            if s is not None:
-                stats.append(s)
-        return self.model.norm(x), torch.stack(stats) if stats else x.new_zeros(0, 1 + self.config.n_expert)
-
-    def forward(self, idx, targets=None, cache=None, pos=0):
-        """idx (B, T) -> (logits (B, T, vocab_size), loss or None, aux): the next-token cross-entropy, and in
-        training the sequence-wise balance loss times seq_aux_loss_coef (V3 eq. 17-20). aux holds the balance apart
-        for the log, and the batch's expert load (MoE layers, n_expert): summed over a step's micro-batches for
-        after_step, over an evaluation for load_report."""
-        V, Vp = self.config.vocab_size, self.config.padded_vocab_size
-        pad = None
-        if Vp > V:  # the padding rows are no tokens: a bias of -inf gives them probability exactly 0
-            pad = torch.zeros(Vp, device=idx.device, dtype=self.lm_head.weight.dtype)
-            pad[V:] = float("-inf")
-        x, router = self.hidden(idx, cache, pos)
-        logits = F.linear(x, self.lm_head.weight, pad)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
-        balance = router[:, 0].float().mean() if len(router) else logits.new_zeros((), dtype=torch.float32)
-        if self.training and loss is not None:
-            loss = loss + self.config.seq_aux_loss_coef * balance
-        return logits[..., :V], loss, dict(balance=balance, load=router[:, 1:].detach().float())  # balance 1: even
-
-    def load_report(self, load):
-        """Print the expert load `load` (MoE layers, n_expert), aux's load summed over an evaluation's batches,
-        each MoE layer (by its index) a row of bars: each expert's share of the routed (token, choice) pairs, the
-        even share 1/n_expert drawn half high (collapse shows as a few full bars), and the range of its routing
-        bias b_i, which drifts to push the load even. Returns both for the metrics."""
-        load = (load / load.sum(-1, keepdim=True).clamp_min(1e-9)).tolist()
-        bias = [m.gate.e_score_correction_bias.tolist() for m in self.moe_layers()]
-        E, bars = self.config.n_expert, " ▁▂▃▄▅▆▇█"
-        print(f"expert load per layer (even: {100 / E:.1f}% each, drawn ▄; █ is twice that or more)")
-        for i, shares, b in zip(range(self.config.first_k_dense_replace, self.config.n_layer), load, bias):
-            row = "".join(bars[min(8, round(4 * E * s))] for s in shares)
-            print(f"  layer {i:<3d}{row}  min {100 * min(shares):4.1f}%  max {100 * max(shares):4.1f}%  "
-                  f"bias {min(b):+.3f}..{max(b):+.3f}")
-        return dict(expert_load=load, bias=bias)
-
-    def after_step(self, load):
-        """After each optimizer step: the routing bias follows the step's load (MoE layers, n_expert), aux's load
-        summed over the step's micro-batches (and here over the ranks)."""
-        if self.config.bias_update_speed and len(load):
-            if dist.is_initialized():
-                dist.all_reduce(load)
-            self.update_bias(load, self.config.bias_update_speed)
-
-    @torch.no_grad()
-    def update_bias(self, counts, speed):
-        """Auxiliary-loss-free balancing (V3 section 2.1.2): after a step, b_i -= speed for the experts above the
-        mean load, += speed for those below. counts: (MoE layers, E) pairs routed in the step."""
-        for moe, c in zip(self.moe_layers(), counts):
-            moe.gate.e_score_correction_bias += speed * torch.sign(c.mean() - c)
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
-                 on_logits=None):
-        """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 is greedy. With the cache, attention
-        is absorbed and each layer keeps c_kv and k_rope only; past block_size the window slides and the cache is
-        dropped (each token then re-reads the window, as without a cache)."""
-        block = self.config.block_size
-        cache, pos = [LatentCache(min(idx.size(1) + max_new_tokens, block)) for _ in self.model.layers] \
-            if use_cache else None, 0
-        for _ in range(max_new_tokens):
-            if cache is not None and idx.size(1) <= block:
-                x, _ = self.hidden(idx[:, pos:], cache, pos)
-                pos = idx.size(1)
-            else:
-                cache = None
-                x, _ = self.hidden(idx[:, -block:])
-            logits = self.lm_head(x[:, -1])[:, :self.config.vocab_size]
-            idx = torch.cat([idx, sample_next(logits.float(), temperature, top_k, top_p, on_logits)], dim=1)
-        return idx
-
-
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, on_logits=None):
-    """logits (B, V) -> next token ids (B, 1); on_logits(logits) is called first (--show_top)."""
-    if on_logits is not None:
-        on_logits(logits)
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k).values[:, [-1]]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:  # nucleus sampling (Holtzman et al. 2019, 1904.09751)
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        outside = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this token reaches top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
-    return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
+        return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
 
 
 # -------------------------------------------------------------- files: checkpoints, token files, downloads

@@ -370,6 +370,72 @@ def test_decoding_computes_only_the_chosen_experts(N, monkeypatch):
         assert max_diff(a, b) < 1e-4
 
 
+def run_moe(moe, forward, x, grad):
+    """(output, statistics, gradients of x and of every parameter) of moe through `forward`."""
+    y, stats = forward(x)
+    return [y, stats, *torch.autograd.grad(y, [x, *moe.parameters()], grad, allow_unused=True)]
+
+
+@pytest.mark.parametrize("mode, T", [("train", 24), ("eval", 24), ("eval", 2)])  # eval, 2 tokens: chosen_experts
+def test_moe_forward_equals_the_loop_over_experts(mode, T):
+    """DeepSeekMoE.forward (the grouped dispatch; in eval with k N <= E pairs, chosen_experts) gives the output,
+    the statistics and the gradients of forward_loop, V3 eq. 12 one expert at a time."""
+    moe = tiny(seed=5, n_layer=2).moe_layers()[0].train(mode == "train")
+    x = torch.randn(2 if T > 2 else 1, T, 64, generator=torch.Generator().manual_seed(7), requires_grad=True)
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(8))
+    fast, loop = run_moe(moe, moe.forward, x, grad), run_moe(moe, moe.forward_loop, x, grad)
+    assert fast[0].abs().max() > 0.1 and torch.equal(fast[1], loop[1])
+    for a, b in zip(fast, loop):  # the sums in another order: a difference of float32's rounding
+        assert max_diff(a, b) <= 1e-6 * (1 + b.abs().max().item())
+
+
+def test_model_through_the_loop_equals_the_default(monkeypatch):
+    """The whole model in training, every DeepSeekMoE through forward_loop: the loss (balance term included), the
+    expert load and every gradient as the default path's."""
+    x = ids(300, 2, 33, seed=3)
+    runs = []
+    for forward in (mla_moe.DeepSeekMoE.forward, mla_moe.DeepSeekMoE.forward_loop):
+        monkeypatch.setattr(mla_moe.DeepSeekMoE, "forward", forward)
+        model = tiny(seed=6).train()
+        _, loss, aux = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        runs.append([loss, aux["load"], *(p.grad for p in model.parameters())])
+    assert torch.equal(runs[0][1], runs[1][1])
+    for a, b in zip(*runs):
+        assert max_diff(a, b) <= 1e-6 * (1 + b.abs().max().item())
+
+
+def old_optimizer_rule(model):
+    """The groups the harness inferred before optimizer_groups: decay = 2-D and up, Muon's = 2-D but not an
+    nn.Embedding's weight nor lm_head.weight."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    return {name: "no_decay" if p.dim() < 2 else
+            "muon" if p.dim() == 2 and id(p) not in embeddings and name != "lm_head.weight" else "decay"
+            for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(q_lora_rank=24, tie_embeddings=True, n_shared_experts=0)])
+def test_optimizer_groups_by_name(kw, tmp_path):
+    """Every parameter named, in the group the shape rule gave it (MLA's projections, the gate's centroids, dense
+    and shared SwiGLUs to Muon; embedding, head and the stacked (E, out, in) experts to AdamW with decay; the norm
+    gains without), and the same after load_state_dict(assign=True) and after from_pretrained."""
+    model = tiny(seed=1, **kw)
+    groups = model.optimizer_groups()
+    assert groups == old_optimizer_rule(model) and set(groups) == {n for n, _ in model.named_parameters()}
+    assert groups["model.layers.1.mlp.gate.weight"] == groups["model.layers.0.mlp.down_proj.weight"] == "muon"
+    assert groups["model.layers.1.mlp.up_proj"] == groups["model.embed_tokens.weight"] == "decay"
+    assert groups["model.layers.1.self_attn.kv_a_layernorm.weight"] == "no_decay"
+    with torch.device("meta"):
+        empty = mla_moe.DeepSeek(model.config)
+    empty.load_state_dict(model.state_dict(), assign=True)
+    if model.config.tie_embeddings:  # assign=True replaced both: tied again, as from_pretrained does
+        empty.lm_head.weight = empty.model.embed_tokens.weight
+    assert empty.optimizer_groups() == groups
+    if not kw:
+        mla_moe.save_pretrained(tiny(seed=1, scoring="softmax", norm_topk_prob=False), tmp_path)
+        assert mla_moe.from_pretrained(tmp_path).optimizer_groups() == groups
+
+
 # ------------------------------------------------------------------------------------- causality, training, CLI
 
 @pytest.mark.parametrize("t", [1, 7, 20, 31])
