@@ -10,11 +10,12 @@ with SiLU(z) and projects back. Per channel the SSM carries an N-dimensional sta
     h_t = exp(Delta_t A) h_{t-1} + Delta_t B_t x_t        y_t = C_t . h_t + D x_t        (eq. 2a, 2b and 4)
 
 Because Delta, B and C depend on x, the model cannot be run as a convolution as S4 is; the paper computes the
-recurrence with a hardware-aware scan (section 3.3). This file computes it three ways, in one function,
-`selective_scan`: the recurrence as written (a loop over time, the reference the tests check against); a
-chunked scan for training, in pure PyTorch: an odd-even parallel scan inside chunks of the sequence, the state
-carried from chunk to chunk, recomputed in backward, so memory grows with T d_inner and not T d_inner N; and
-one step at a time from a cached state for decoding, so each new token costs the same at any context length.
+recurrence with a hardware-aware scan (section 3.3). The model section opens with the recurrence as written,
+a loop over time (`selective_scan_loop`, the reference the tests check the rest against), then the mixer, the
+block and the model; after them, "the same, fast": `selective_scan`, which the model calls, runs a chunked scan
+for training, in pure PyTorch (an odd-even parallel scan inside chunks of the sequence, the state carried from
+chunk to chunk, recomputed in backward, so memory grows with T d_inner and not T d_inner N), and one step from a
+cached state for decoding, so each new token costs the same at any context length.
 
 What is here: the model; sampling from the recurrent state; loading `MambaForCausalLM` checkpoints in the
 Hugging Face layout (state-spaces/mamba-130m-hf ... mamba-2.8b-hf, or anything `save_pretrained` writes),

@@ -1,6 +1,7 @@
 """mamba.py at the model level: HF parity (state size, expansion, Delta's rank, conv width, biases), checkpoint
-formats, the selective scan (the chunked scan and the loop against the recurrence written out in float64, at
-lengths up to 4096 with strong and weak decay; the chunked scan's own backward against autograd's, and that no
+formats, the selective scan (the chunked scan and the file's loop, selective_scan_loop, against the recurrence
+written out in float64, at lengths up to 4096 with strong and weak decay; the chunked scan's outputs and gradients,
+its own backward, against autograd through selective_scan_loop; the decoding step against the loop; and that no
 whole (B, T, d_inner, N) tensor is kept), recurrent decoding against the full forward (in place, no conv1d call),
 its constant-size state, Delta's bias in float32 under autocast,
 the paper's initialisation, the optimizer's groups, activation checkpointing, causality, training, and the GPT-NeoX
@@ -524,6 +525,7 @@ def test_optimizer_groups_by_name_survive_loading(tmp_path):
     assert mamba.from_pretrained(tmp_path).optimizer_groups() == expected(2)
     loaded = mamba.Mamba(mamba.Config(vocab_size=320, n_layer=2, n_embd=32, d_state=8, bias=True))
     loaded.load_state_dict(fresh.state_dict(), assign=True)
+    loaded.lm_head.weight = loaded.backbone.embeddings.weight  # assign=True unties them: tie again
     assert loaded.optimizer_groups() == expected(2)
     assert not hasattr(loaded.backbone.layers[0].mixer.A_log, "no_weight_decay")
     assert old_rule(loaded)["backbone.layers.0.mixer.A_log"] == "muon"  # the rule's mistake the names avoid
