@@ -137,7 +137,7 @@ def selective_scan_loop(x, delta, A, B, C, D, h0):
         A_bar = torch.exp(delta_t[..., None] * A)             # (B, d_inner, N)  eq. 4
         B_bar_x = (delta_t * x_t)[..., None] * B_t[:, None]   # (B, d_inner, N)  Delta_t B_t x_t
         h = A_bar * h + B_bar_x                               # eq. 2a
-        ys.append((h * C_t[:, None]).sum(-1) + D * x_t)       # eq. 2b, (B, d_inner)
+        ys.append((h * C_t[:, None]).sum(-1) + D * x_t)       # eq. 2b, + the skip D x_t
     return torch.stack(ys, 1), h
 
 
@@ -281,7 +281,7 @@ class Mamba(nn.Module):
         (d_inner, 1, d_conv) kernels "decay"; biases, norm gains, A_log and D "no_decay" (as the
         reference: decay would pull every A = -exp(A_log) towards -1, and D towards 0)."""
         groups = {}
-        for name, p in self.named_parameters():
+        for name, _ in self.named_parameters():
             if name.endswith(("in_proj.weight", "x_proj.weight", "dt_proj.weight",
                               "out_proj.weight")):
                 groups[name] = "muon"
