@@ -560,58 +560,85 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, on_logits=None)
 # Jamba's Mamba layers (JambaMixer) run Mamba-1's selective scan: the same text as mamba.py's, read
 # there first: the recurrence as a loop over t (the reference), and the chunked parallel scan.
 
-def parallel_scan(a, b, reverse=False):
-    """Every h_t = a_t h_{t-1} + b_t, with h_{-1} = 0, for a and b (B, T, d_inner, N), without a loop over t; reverse:
-    every h_t = a_t h_{t+1} + b_t, with h_T = 0 (what backward needs).
+def selective_scan_loop(x, delta, A, B, C, D, h0):
+    """The selective SSM as the paper writes it (Algorithm 2, steps 5-6), one step at a time: x and
+    delta (B, T, d_inner), A (d_inner, N), B and C (B, T, N), D (d_inner,), the state h0 carried in
+    (B, d_inner, N), all float32 -> y (B, T, d_inner) and the last state h (B, d_inner, N).
 
-    The odd-even recursion (Blelloch 1990, "Prefix sums and their applications", section 1.4): two steps at a time,
-    h_{2i+1} = (a_{2i+1} a_{2i}) h_{2i-1} + (a_{2i+1} b_{2i} + b_{2i+1}) is the same recurrence on half the length;
-    solve that, then fill in h_{2i} = a_{2i} h_{2i-1} + b_{2i} (reverse: the even steps recurse, the odd ones are
-    filled in from h_{2i+2}). Depth 2 log2(T), O(T) work. Only products of a's are formed, each a in (0, 1], so
-    nothing can overflow at any length (a cumulative-sum-of-logs scan must divide by them and does)."""
+    Each of the d_inner channels has its own N-dim state. Discretisation (eq. 4): A_bar =
+    exp(Delta A), the zero-order hold; B_bar = Delta B, the Euler step the reference code takes in
+    place of ZOH's (Delta A)^-1 (exp(Delta A) - I) Delta B (the two agree to first order in Delta A;
+    the checkpoints were trained with the Euler one). This is what the fast scan below is tested
+    against; autograd keeps every step's state."""
+    h, ys = h0, []
+    # unbind, not x[:, t]: an index's backward adds a zero tensor of the whole sequence per step
+    for x_t, delta_t, B_t, C_t in zip(x.unbind(1), delta.unbind(1), B.unbind(1), C.unbind(1)):
+        A_bar = torch.exp(delta_t[..., None] * A)             # (B, d_inner, N)  eq. 4
+        B_bar_x = (delta_t * x_t)[..., None] * B_t[:, None]   # (B, d_inner, N)  Delta_t B_t x_t
+        h = A_bar * h + B_bar_x                               # eq. 2a
+        ys.append((h * C_t[:, None]).sum(-1) + D * x_t)       # eq. 2b, + the skip D x_t
+    return torch.stack(ys, 1), h
+
+
+def parallel_scan(a, b, reverse=False):
+    """Every h_t = a_t h_{t-1} + b_t, with h_{-1} = 0, for a and b (B, T, d_inner, N), without a
+    loop over t; reverse: every h_t = a_t h_{t+1} + b_t, with h_T = 0 (what backward needs).
+
+    The odd-even recursion (Blelloch 1990, "Prefix sums and their applications", section 1.4): two
+    steps at a time, h_{2i+1} = (a_{2i+1} a_{2i}) h_{2i-1} + (a_{2i+1} b_{2i} + b_{2i+1}) is the
+    same recurrence on half the length; solve that, then fill in h_{2i} = a_{2i} h_{2i-1} + b_{2i}
+    (reverse: the even steps recurse, the odd ones are filled in from h_{2i+2}). Depth 2 log2(T),
+    O(T) work. Only products of a's are formed, each a in (0, 1], so nothing can overflow at any
+    length (a cumulative-sum-of-logs scan must divide by them and does)."""
     T = a.size(1)
     if T == 1:
         return b
     if T % 2:  # an odd length: one identity step (a = 1, b = 0) at the end, dropped again below
         a, b = F.pad(a, (0, 0, 0, 0, 0, 1), value=1.0), F.pad(b, (0, 0, 0, 0, 0, 1))
-    a_even, a_odd, b_even, b_odd = a[:, 0::2], a[:, 1::2], b[:, 0::2], b[:, 1::2]  # steps 0, 2, ... and 1, 3, ...
+    a_even, a_odd = a[:, 0::2], a[:, 1::2]                    # steps 0, 2, ... and 1, 3, ...
+    b_even, b_odd = b[:, 0::2], b[:, 1::2]
     h = torch.empty_like(b)
     if not reverse:
-        h[:, 1::2] = parallel_scan(a_odd * a_even, torch.addcmul(b_odd, a_odd, b_even))  # h_1, h_3, ...: half as long
-        h[:, 0::2] = b_even                                                               # h_0 = b_0, then
-        h[:, 2::2].addcmul_(a_even[:, 1:], h[:, 1:-1:2])                                  # h_2i = a_2i h_2i-1 + b_2i
+        # h_1, h_3, ...: the same recurrence, half as long; h_0 = b_0; h_2i = a_2i h_2i-1 + b_2i
+        h[:, 1::2] = parallel_scan(a_odd * a_even, torch.addcmul(b_odd, a_odd, b_even))
+        h[:, 0::2] = b_even
+        h[:, 2::2].addcmul_(a_even[:, 1:], h[:, 1:-1:2])
     else:
-        h[:, 0::2] = parallel_scan(a_even * a_odd, torch.addcmul(b_even, a_even, b_odd), reverse=True)  # h_0, h_2, ...
-        h[:, 1::2] = b_odd                                                                # h_T-1 = b_T-1, then
-        h[:, 1:-2:2].addcmul_(a_odd[:, :-1], h[:, 2::2])                                  # h_2i+1 = a h_2i+2 + b
+        # h_0, h_2, ...: half as long; then h_T-1 = b_T-1, h_2i+1 = a_2i+1 h_2i+2 + b_2i+1
+        h[:, 0::2] = parallel_scan(a_even * a_odd, torch.addcmul(b_even, a_even, b_odd), True)
+        h[:, 1::2] = b_odd
+        h[:, 1:-2:2].addcmul_(a_odd[:, :-1], h[:, 2::2])
     return h[:, :T]
 
 
 def chunk_len(h):
-    """Steps per chunk of ChunkedScan for states like h (B, d_inner, N): a chunk's states of about 2 MB on a CPU (they
-    stay in its caches: 3.5x faster than whole-sequence tensors at T = 4096), 256 MB on a GPU (few chunks: fewer,
-    bigger kernels, and a short graph for torch.compile, which unrolls the loop over chunks)."""
+    """Steps per chunk of ChunkedScan for states like h (B, d_inner, N): a chunk's states of about
+    2 MB on a CPU, so that they stay in its caches; 256 MB on a GPU (few chunks: fewer, bigger
+    kernels, and a short graph for torch.compile, which unrolls the loop over chunks)."""
     return max(16, (2**19 if h.device.type == "cpu" else 2**26) // h.numel())
 
 
 def chunk_states(x, delta, A, B, h0):
-    """The states h_t (B, L, d_inner, N) of one chunk of L steps from the state h0 carried in, and A_bar_t."""
-    dA = torch.exp(delta[..., None] * A)                     # (B, L, d_inner, N): A_bar, each entry in (0, 1]
+    """The states h_t (B, L, d_inner, N) of one chunk of L steps from the state h0 carried in, and
+    A_bar_t."""
+    dA = torch.exp(delta[..., None] * A)                     # (B, L, d_inner, N): A_bar, in (0, 1]
     dBx = (delta * x)[..., None] * B[:, :, None, :]          # (B, L, d_inner, N): B_bar x
-    dBx[:, 0] += dA[:, 0] * h0                               # h0 enters the first step: h_0 = A_bar_0 h0 + B_bar_0 x_0
+    dBx[:, 0] += dA[:, 0] * h0                               # h_0 = A_bar_0 h0 + B_bar_0 x_0
     return parallel_scan(dA, dBx), dA
 
 
 class ChunkedScan(torch.autograd.Function):
-    """y_t = C_t h_t for h_t = A_bar_t h_{t-1} + B_bar_t x_t, a chunk of the sequence at a time (section 3.3's two
-    ideas without the kernel): only a chunk's states ever exist, each reduced to y inside its chunk, and backward
-    recomputes them from the state saved at the chunk's start instead of keeping them. Backward is the same
-    recurrence run backward in time: with G_t = dL/dh_t = C_t dy_t + K_{t+1}, the gradient that reaches h_{t-1}
-    through step t is K_t = A_bar_t G_t = A_bar_t (K_{t+1} + C_t dy_t)."""
+    """y_t = C_t h_t for h_t = A_bar_t h_{t-1} + B_bar_t x_t, a chunk of the sequence at a time
+    (section 3.3's two ideas without the kernel): only a chunk's states ever exist, each reduced to
+    y inside its chunk, and backward recomputes them from the state saved at the chunk's start
+    instead of keeping them. Backward is the same recurrence run backward in time: with G_t =
+    dL/dh_t = C_t dy_t + K_{t+1}, the gradient that reaches h_{t-1} through step t is K_t = A_bar_t
+    G_t = A_bar_t (K_{t+1} + C_t dy_t)."""
 
     @staticmethod
     def forward(ctx, x, delta, A, B, C, h0):
-        """x, delta (B, T, d_inner), A (d_inner, N), B, C (B, T, N), h0 (B, d_inner, N), float32 -> y, h_{T-1}."""
+        """x, delta (B, T, d_inner), A (d_inner, N), B, C (B, T, N), h0 (B, d_inner, N), float32 ->
+        y (without D x), h_{T-1}."""
         L = chunk_len(h0)
         y, h, starts = torch.empty_like(x), h0, []
         for t in range(0, x.size(1), L):
@@ -620,7 +647,8 @@ class ChunkedScan(torch.autograd.Function):
             y[:, t:t + L] = torch.einsum("blen,bln->ble", hs, C[:, t:t + L])
             h = hs[:, -1]
         ctx.L = L
-        ctx.save_for_backward(x, delta, A, B, C, torch.stack(starts, 1))  # (B, T / L, d_inner, N): the chunks' starts
+        # (B, T / L, d_inner, N): the chunks' first states
+        ctx.save_for_backward(x, delta, A, B, C, torch.stack(starts, 1))
         return y, h
 
     @staticmethod
@@ -632,14 +660,14 @@ class ChunkedScan(torch.autograd.Function):
         for i in reversed(range(starts.size(1))):
             c, h0 = slice(i * L, (i + 1) * L), starts[:, i]
             h, dA = chunk_states(x[:, c], delta[:, c], A, B[:, c], h0)
-            G = gy[:, c, :, None] * C[:, c, None, :]             # C_t dy_t ...
+            G = gy[:, c, :, None] * C[:, c, None, :]         # C_t dy_t ...
             G[:, -1] += K
-            K = parallel_scan(dA, dA * G, reverse=True)          # (B, L, d_inner, N)
-            G[:, :-1] += K[:, 1:]                                  # ... + K_{t+1}: G_t, the gradient of B_bar_t x_t
-            K[:, 1:] *= h[:, :-1]                                  # K_t h_{t-1}: the gradient of Delta_t A
+            K = parallel_scan(dA, dA * G, reverse=True)      # (B, L, d_inner, N)
+            G[:, :-1] += K[:, 1:]                            # ... + K_{t+1}: G_t
+            K[:, 1:] *= h[:, :-1]                            # K_t h_{t-1}: Delta_t A's gradient
             K, s = K[:, 0].clone(), K
-            s[:, 0] *= h0                                          # K_0, the gradient of h0, goes on to the chunk before
-            GB = torch.einsum("blen,bln->ble", G, B[:, c])        # dL/d(Delta_t x_t)
+            s[:, 0] *= h0                                    # K_0 (h0's) goes to the chunk before
+            GB = torch.einsum("blen,bln->ble", G, B[:, c])   # dL/d(Delta_t x_t)
             gdelta[:, c] = torch.einsum("blen,en->ble", s, A) + x[:, c] * GB
             gA += torch.einsum("blen,ble->en", s, delta[:, c])
             gx[:, c] = delta[:, c] * GB
@@ -649,36 +677,31 @@ class ChunkedScan(torch.autograd.Function):
 
 
 def selective_scan(x, delta, A, B, C, D, h0=None, how="scan"):
-    """The selective SSM (Algorithm 2, steps 5-6) on x, delta (B, T, d_inner), A (d_inner, N), B and C (B, T, N),
-    D (d_inner,), from the state h0 (B, d_inner, N) (None: zeros). Returns y (B, T, d_inner) and the last state.
+    """The selective SSM (Algorithm 2, steps 5-6) on x, delta (B, T, d_inner), A (d_inner, N), B and
+    C (B, T, N), D (d_inner,), from the state h0 (B, d_inner, N) (None: zeros). Returns y (B, T,
+    d_inner) and the last state; in float32 whatever the autocast dtype, y then cast back to x's
+    dtype.
 
-    Discretisation (eq. 4): A_bar = exp(Delta A), the zero-order hold; B_bar x = Delta B x, the Euler step the
-    reference code takes in place of ZOH's (Delta A)^-1 (exp(Delta A) - I) Delta B (the two agree to first order
-    in Delta A, and the checkpoints were trained with the Euler one). Then h_t = A_bar_t h_{t-1} + B_bar_t x_t and
-    y_t = C_t h_t + D x_t (eq. 2a, 2b), three ways: "loop", the loop over t as written (the reference the tests
-    compare with; autograd keeps all T states); "scan", ChunkedScan, for training (memory of order T d_inner, not
-    T d_inner N); "step", one token (T = 1) from a cached state, which it advances in place (decoding). All in
-    float32, whatever the autocast dtype."""
+    how: "scan", ChunkedScan (training and prompts: memory of order T d_inner, not T d_inner N);
+    "step", one token (T = 1) from a cached state, which it advances in place (decoding); "loop",
+    selective_scan_loop, the recurrence as written, which the other two are tested against."""
     dtype = x.dtype
     x, delta, B, C = x.float(), delta.float(), B.float(), C.float()
     h0 = x.new_zeros(x.size(0), x.size(2), A.size(1)) if h0 is None else h0
-    if how == "step":  # h <- A_bar h + B_bar x
-        h = h0.mul_(torch.exp(delta.mT * A)).addcmul_((delta * x).mT, B)  # delta.mT (B, d_inner, 1), B (B, 1, N)
-        y = torch.bmm(C, h.mT)                                    # (B, 1, d_inner)
-    elif how == "scan":
-        y, h = ChunkedScan.apply(x, delta, A, B, C, h0)
+    if how == "loop":
+        y, h = selective_scan_loop(x, delta, A, B, C, D, h0)
+        return y.to(dtype), h
+    if how == "step":  # h <- A_bar h + B_bar x: delta.mT (B, d_inner, 1), B (B, 1, N)
+        h = h0.mul_(torch.exp(delta.mT * A)).addcmul_((delta * x).mT, B)
+        y = torch.bmm(C, h.mT)                                # (B, 1, d_inner)
     else:
-        dA, dBx, hs, h = torch.exp(delta[..., None] * A), (delta * x)[..., None] * B[:, :, None, :], [], h0
-        for dA_t, dBx_t in zip(dA.unbind(1), dBx.unbind(1)):  # unbind, not dA[:, t]: indexing would make backward
-            h = dA_t * h + dBx_t                               # add a whole (B, T, d_inner, N) zero tensor per step
-            hs.append(h)
-        y = (torch.stack(hs, 1) * C[:, :, None, :]).sum(-1)  # C_t h_t, for every channel
+        y, h = ChunkedScan.apply(x, delta, A, B, C, h0)
     return torch.addcmul(y, D, x).to(dtype), h                # + D x, the skip connection
 
 
 class MambaState:
-    """One layer's inference cache, the same size at any context length: the last d_conv - 1 inputs of the
-    convolution (B, d_conv - 1, d_inner) and the SSM state h (B, d_inner, N)."""
+    """One layer's inference cache, the same size at any context length: the last d_conv - 1 inputs
+    of the convolution (B, d_conv - 1, d_inner) and the SSM state h (B, d_inner, N)."""
 
     def __init__(self):
         self.conv, self.ssm = None, None

@@ -10,11 +10,12 @@ with SiLU(z) and projects back. Per channel the SSM carries an N-dimensional sta
     h_t = exp(Delta_t A) h_{t-1} + Delta_t B_t x_t        y_t = C_t . h_t + D x_t        (eq. 2a, 2b and 4)
 
 Because Delta, B and C depend on x, the model cannot be run as a convolution as S4 is; the paper computes the
-recurrence with a hardware-aware scan (section 3.3). This file computes it three ways, in one function,
-`selective_scan`: the recurrence as written (a loop over time, the reference the tests check against); a
-chunked scan for training, in pure PyTorch: an odd-even parallel scan inside chunks of the sequence, the state
-carried from chunk to chunk, recomputed in backward, so memory grows with T d_inner and not T d_inner N; and
-one step at a time from a cached state for decoding, so each new token costs the same at any context length.
+recurrence with a hardware-aware scan (section 3.3). The model section opens with the recurrence as written,
+a loop over time (`selective_scan_loop`, the reference the tests check the rest against), then the mixer, the
+block and the model; after them, "the same, fast": `selective_scan`, which the model calls, runs a chunked scan
+for training, in pure PyTorch (an odd-even parallel scan inside chunks of the sequence, the state carried from
+chunk to chunk, recomputed in backward, so memory grows with T d_inner and not T d_inner N), and one step from a
+cached state for decoding, so each new token costs the same at any context length.
 
 What is here: the model; sampling from the recurrent state; loading `MambaForCausalLM` checkpoints in the
 Hugging Face layout (state-spaces/mamba-130m-hf ... mamba-2.8b-hf, or anything `save_pretrained` writes),
@@ -121,196 +122,98 @@ class Config:
 
 # ------------------------------------------------------------------------------------------ model
 
-class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * g: LayerNorm without the mean and the bias (Zhang and Sennrich
-    2019, eq. 4). Computed in float32 whatever the input, as the reference does, then cast back."""
+def selective_scan_loop(x, delta, A, B, C, D, h0):
+    """The selective SSM as the paper writes it (Algorithm 2, steps 5-6), one step at a time: x and
+    delta (B, T, d_inner), A (d_inner, N), B and C (B, T, N), D (d_inner,), the state h0 carried in
+    (B, d_inner, N), all float32 -> y (B, T, d_inner) and the last state h (B, d_inner, N).
 
-    def __init__(self, dim, eps):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        x32 = x.float()
-        inv_rms = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)  # 1 / RMS(x), eq. 4
-        return self.weight * (x32 * inv_rms).type_as(x)
-
-
-def parallel_scan(a, b, reverse=False):
-    """Every h_t = a_t h_{t-1} + b_t, with h_{-1} = 0, for a and b (B, T, d_inner, N), without a loop over t; reverse:
-    every h_t = a_t h_{t+1} + b_t, with h_T = 0 (what backward needs).
-
-    The odd-even recursion (Blelloch 1990, "Prefix sums and their applications", section 1.4): two steps at a time,
-    h_{2i+1} = (a_{2i+1} a_{2i}) h_{2i-1} + (a_{2i+1} b_{2i} + b_{2i+1}) is the same recurrence on half the length;
-    solve that, then fill in h_{2i} = a_{2i} h_{2i-1} + b_{2i} (reverse: the even steps recurse, the odd ones are
-    filled in from h_{2i+2}). Depth 2 log2(T), O(T) work. Only products of a's are formed, each a in (0, 1], so
-    nothing can overflow at any length (a cumulative-sum-of-logs scan must divide by them and does)."""
-    T = a.size(1)
-    if T == 1:
-        return b
-    if T % 2:  # an odd length: one identity step (a = 1, b = 0) at the end, dropped again below
-        a, b = F.pad(a, (0, 0, 0, 0, 0, 1), value=1.0), F.pad(b, (0, 0, 0, 0, 0, 1))
-    a_even, a_odd, b_even, b_odd = a[:, 0::2], a[:, 1::2], b[:, 0::2], b[:, 1::2]  # steps 0, 2, ... and 1, 3, ...
-    h = torch.empty_like(b)
-    if not reverse:
-        h[:, 1::2] = parallel_scan(a_odd * a_even, torch.addcmul(b_odd, a_odd, b_even))  # h_1, h_3, ...: half as long
-        h[:, 0::2] = b_even                                                               # h_0 = b_0, then
-        h[:, 2::2].addcmul_(a_even[:, 1:], h[:, 1:-1:2])                                  # h_2i = a_2i h_2i-1 + b_2i
-    else:
-        h[:, 0::2] = parallel_scan(a_even * a_odd, torch.addcmul(b_even, a_even, b_odd), reverse=True)  # h_0, h_2, ...
-        h[:, 1::2] = b_odd                                                                # h_T-1 = b_T-1, then
-        h[:, 1:-2:2].addcmul_(a_odd[:, :-1], h[:, 2::2])                                  # h_2i+1 = a h_2i+2 + b
-    return h[:, :T]
-
-
-def chunk_len(h):
-    """Steps per chunk of ChunkedScan for states like h (B, d_inner, N): a chunk's states of about 2 MB on a CPU (they
-    stay in its caches: 3.5x faster than whole-sequence tensors at T = 4096), 256 MB on a GPU (few chunks: fewer,
-    bigger kernels, and a short graph for torch.compile, which unrolls the loop over chunks)."""
-    return max(16, (2**19 if h.device.type == "cpu" else 2**26) // h.numel())
-
-
-def chunk_states(x, delta, A, B, h0):
-    """The states h_t (B, L, d_inner, N) of one chunk of L steps from the state h0 carried in, and A_bar_t."""
-    dA = torch.exp(delta[..., None] * A)                     # (B, L, d_inner, N): A_bar, each entry in (0, 1]
-    dBx = (delta * x)[..., None] * B[:, :, None, :]          # (B, L, d_inner, N): B_bar x
-    dBx[:, 0] += dA[:, 0] * h0                               # h0 enters the first step: h_0 = A_bar_0 h0 + B_bar_0 x_0
-    return parallel_scan(dA, dBx), dA
-
-
-class ChunkedScan(torch.autograd.Function):
-    """y_t = C_t h_t for h_t = A_bar_t h_{t-1} + B_bar_t x_t, a chunk of the sequence at a time (section 3.3's two
-    ideas without the kernel): only a chunk's states ever exist, each reduced to y inside its chunk, and backward
-    recomputes them from the state saved at the chunk's start instead of keeping them. Backward is the same
-    recurrence run backward in time: with G_t = dL/dh_t = C_t dy_t + K_{t+1}, the gradient that reaches h_{t-1}
-    through step t is K_t = A_bar_t G_t = A_bar_t (K_{t+1} + C_t dy_t)."""
-
-    @staticmethod
-    def forward(ctx, x, delta, A, B, C, h0):
-        """x, delta (B, T, d_inner), A (d_inner, N), B, C (B, T, N), h0 (B, d_inner, N), float32 -> y, h_{T-1}."""
-        L = chunk_len(h0)
-        y, h, starts = torch.empty_like(x), h0, []
-        for t in range(0, x.size(1), L):
-            starts.append(h)
-            hs, _ = chunk_states(x[:, t:t + L], delta[:, t:t + L], A, B[:, t:t + L], h)
-            y[:, t:t + L] = torch.einsum("blen,bln->ble", hs, C[:, t:t + L])
-            h = hs[:, -1]
-        ctx.L = L
-        ctx.save_for_backward(x, delta, A, B, C, torch.stack(starts, 1))  # (B, T / L, d_inner, N): the chunks' starts
-        return y, h
-
-    @staticmethod
-    def backward(ctx, gy, gh):
-        x, delta, A, B, C, starts = ctx.saved_tensors
-        L, gA = ctx.L, torch.zeros_like(A)
-        gx, gdelta, gB, gC = (torch.empty_like(t) for t in (x, delta, B, C))
-        K = gh  # K_T: the gradient from after the chunk (at the end, from the last state)
-        for i in reversed(range(starts.size(1))):
-            c, h0 = slice(i * L, (i + 1) * L), starts[:, i]
-            h, dA = chunk_states(x[:, c], delta[:, c], A, B[:, c], h0)
-            G = gy[:, c, :, None] * C[:, c, None, :]             # C_t dy_t ...
-            G[:, -1] += K
-            K = parallel_scan(dA, dA * G, reverse=True)          # (B, L, d_inner, N)
-            G[:, :-1] += K[:, 1:]                                  # ... + K_{t+1}: G_t, the gradient of B_bar_t x_t
-            K[:, 1:] *= h[:, :-1]                                  # K_t h_{t-1}: the gradient of Delta_t A
-            K, s = K[:, 0].clone(), K
-            s[:, 0] *= h0                                          # K_0, the gradient of h0, goes on to the chunk before
-            GB = torch.einsum("blen,bln->ble", G, B[:, c])        # dL/d(Delta_t x_t)
-            gdelta[:, c] = torch.einsum("blen,en->ble", s, A) + x[:, c] * GB
-            gA += torch.einsum("blen,ble->en", s, delta[:, c])
-            gx[:, c] = delta[:, c] * GB
-            gB[:, c] = torch.einsum("blen,ble->bln", G, delta[:, c] * x[:, c])
-            gC[:, c] = torch.einsum("ble,blen->bln", gy[:, c], h)
-        return gx, gdelta, gA, gB, gC, K
-
-
-def selective_scan(x, delta, A, B, C, D, h0=None, how="scan"):
-    """The selective SSM (Algorithm 2, steps 5-6) on x, delta (B, T, d_inner), A (d_inner, N), B and C (B, T, N),
-    D (d_inner,), from the state h0 (B, d_inner, N) (None: zeros). Returns y (B, T, d_inner) and the last state.
-
-    Discretisation (eq. 4): A_bar = exp(Delta A), the zero-order hold; B_bar x = Delta B x, the Euler step the
-    reference code takes in place of ZOH's (Delta A)^-1 (exp(Delta A) - I) Delta B (the two agree to first order
-    in Delta A, and the checkpoints were trained with the Euler one). Then h_t = A_bar_t h_{t-1} + B_bar_t x_t and
-    y_t = C_t h_t + D x_t (eq. 2a, 2b), three ways: "loop", the loop over t as written (the reference the tests
-    compare with; autograd keeps all T states); "scan", ChunkedScan, for training (memory of order T d_inner, not
-    T d_inner N); "step", one token (T = 1) from a cached state, which it advances in place (decoding). All in
-    float32, whatever the autocast dtype."""
-    dtype = x.dtype
-    x, delta, B, C = x.float(), delta.float(), B.float(), C.float()
-    h0 = x.new_zeros(x.size(0), x.size(2), A.size(1)) if h0 is None else h0
-    if how == "step":  # h <- A_bar h + B_bar x
-        h = h0.mul_(torch.exp(delta.mT * A)).addcmul_((delta * x).mT, B)  # delta.mT (B, d_inner, 1), B (B, 1, N)
-        y = torch.bmm(C, h.mT)                                    # (B, 1, d_inner)
-    elif how == "scan":
-        y, h = ChunkedScan.apply(x, delta, A, B, C, h0)
-    else:
-        dA, dBx, hs, h = torch.exp(delta[..., None] * A), (delta * x)[..., None] * B[:, :, None, :], [], h0
-        for dA_t, dBx_t in zip(dA.unbind(1), dBx.unbind(1)):  # unbind, not dA[:, t]: indexing would make backward
-            h = dA_t * h + dBx_t                               # add a whole (B, T, d_inner, N) zero tensor per step
-            hs.append(h)
-        y = (torch.stack(hs, 1) * C[:, :, None, :]).sum(-1)  # C_t h_t, for every channel
-    return torch.addcmul(y, D, x).to(dtype), h                # + D x, the skip connection
+    Each of the d_inner channels has its own N-dim state. Discretisation (eq. 4): A_bar =
+    exp(Delta A), the zero-order hold; B_bar = Delta B, the Euler step the reference code takes in
+    place of ZOH's (Delta A)^-1 (exp(Delta A) - I) Delta B (the two agree to first order in Delta A;
+    the checkpoints were trained with the Euler one). This is what the fast scan below is tested
+    against; autograd keeps every step's state."""
+    h, ys = h0, []
+    # unbind, not x[:, t]: an index's backward adds a zero tensor of the whole sequence per step
+    for x_t, delta_t, B_t, C_t in zip(x.unbind(1), delta.unbind(1), B.unbind(1), C.unbind(1)):
+        A_bar = torch.exp(delta_t[..., None] * A)             # (B, d_inner, N)  eq. 4
+        B_bar_x = (delta_t * x_t)[..., None] * B_t[:, None]   # (B, d_inner, N)  Delta_t B_t x_t
+        h = A_bar * h + B_bar_x                               # eq. 2a
+        ys.append((h * C_t[:, None]).sum(-1) + D * x_t)       # eq. 2b, + the skip D x_t
+    return torch.stack(ys, 1), h
 
 
 class MambaState:
-    """One layer's inference cache, the same size at any context length: the last d_conv - 1 inputs of the
-    convolution (B, d_conv - 1, d_inner) and the SSM state h (B, d_inner, N)."""
+    """One layer's inference cache, the same size at any context length: the last d_conv - 1 inputs
+    of the convolution (B, d_conv - 1, d_inner) and the SSM state h (B, d_inner, N)."""
 
     def __init__(self):
         self.conv, self.ssm = None, None
 
 
 class Mixer(nn.Module):
-    """The Mamba block of Figure 3 (Algorithm 2): in_proj to x and the gate z; x through a causal depthwise conv1d
-    and SiLU; x_proj to (Delta's low-rank input, B, C); dt_proj and softplus to Delta (section 3.2: the bias of
-    dt_proj is the Parameter in tau_Delta(Parameter + s_Delta(x)), tau_Delta = softplus); the selective scan; y * SiLU(z);
-    out_proj back to n_embd. The Hugging Face names (MambaMixer), so checkpoints load as they are."""
+    """The Mamba block of Figure 3 (Algorithm 2): in_proj to x and the gate z; x through a causal
+    depthwise conv1d and SiLU; x_proj to (Delta's low-rank input, B, C); dt_proj and softplus to
+    Delta (section 3.2: the bias of dt_proj is the Parameter in tau_Delta(Parameter + s_Delta(x)),
+    tau_Delta = softplus); the selective scan; y * SiLU(z); out_proj back to n_embd. The Hugging
+    Face names (MambaMixer), so checkpoints load as they are."""
 
     def __init__(self, cfg):
         super().__init__()
         E, N, R = cfg.d_inner, cfg.d_state, cfg.dt_rank
         self.d_state, self.dt_rank = N, R
         self.in_proj = nn.Linear(cfg.n_embd, 2 * E, bias=cfg.bias)
-        self.conv1d = nn.Conv1d(E, E, cfg.d_conv, groups=E, bias=cfg.conv_bias)  # no padding: the state is the past
+        # no padding: the past comes from the state, or zeros before a text
+        self.conv1d = nn.Conv1d(E, E, cfg.d_conv, groups=E, bias=cfg.conv_bias)
         self.x_proj = nn.Linear(E, R + 2 * N, bias=False)
         self.dt_proj = nn.Linear(R, E, bias=True)
-        # S4D-Real (section 3.6): A = -(1, 2, ..., N) in every channel, kept as log(-A) so that A stays negative
-        self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(E, 1))  # (E, N)
-        self.A_log.no_weight_decay = True  # as the reference: decay would pull every A = -exp(A_log) to -1
+        # S4D-Real (section 3.6): A = -(1, 2, ..., N) in every channel, kept as log(-A) so that A
+        # stays negative
+        A = torch.arange(1, N + 1, dtype=torch.float32)
+        self.A_log = nn.Parameter(torch.log(A).repeat(E, 1))      # (E, N)
         self.D = nn.Parameter(torch.ones(E))
         self.out_proj = nn.Linear(E, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, u, state=None, parallel=True):
-        """u (B, T, n_embd) -> (B, T, n_embd); state (a MambaState) is read and then advanced to the last token."""
-        x, z = self.in_proj(u).chunk(2, dim=-1)                  # (B, T, d_inner) each
+        """u (B, T, n_embd) -> (B, T, n_embd); state (a MambaState) is read, then advanced to the
+        last token. parallel=False: the loop over time (selective_scan_loop) instead of the fast
+        scan."""
+        x, z = self.in_proj(u).chunk(2, dim=-1)                   # (B, T, d_inner) each
         step = state is not None and state.conv is not None and u.size(1) == 1  # decoding one token
         x = F.silu(self.conv_step(x, state) if step else self.conv(x, state))
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        # Delta (B, T, d_inner) > 0, its bias added in float32 as in the reference's kernel (in bf16 a bias near -6.9
-        # moves in steps of 0.03: Delta off by 2%)
+        # Delta (B, T, d_inner) > 0, its bias added in float32 as in the reference's kernel (in bf16
+        # a bias near -6.9 moves in steps of 0.03: Delta off by 2%)
         delta = F.softplus(F.linear(dt, self.dt_proj.weight).float() + self.dt_proj.bias.float())
-        A = -torch.exp(self.A_log.float())                         # (d_inner, N), < 0
+        A = -torch.exp(self.A_log.float())                        # (d_inner, N), < 0
         how = "step" if step else "scan" if parallel else "loop"
-        y, h = selective_scan(x, delta, A, B, C, self.D.float(), None if state is None else state.ssm, how)
+        h0 = None if state is None else state.ssm
+        y, h = selective_scan(x, delta, A, B, C, self.D.float(), h0, how)
         if state is not None:
             state.ssm = h
         return self.dropout(self.out_proj(y * F.silu(z)))
 
     def conv(self, x, state):
-        """The causal depthwise convolution over x (B, T, d_inner), after the cached inputs (zeros before a text)."""
+        """The causal depthwise convolution over x (B, T, d_inner), after the cached inputs (zeros
+        before a text)."""
         k = self.conv1d.kernel_size[0]
-        past = state.conv if state is not None and state.conv is not None else x.new_zeros(x.size(0), k - 1, x.size(2))
-        x = torch.cat([past.to(x.dtype), x], dim=1)                # (B, k - 1 + T, d_inner)
+        if state is not None and state.conv is not None:
+            past = state.conv
+        else:
+            past = x.new_zeros(x.size(0), k - 1, x.size(2))
+        x = torch.cat([past.to(x.dtype), x], dim=1)               # (B, k - 1 + T, d_inner)
         if state is not None:
-            state.conv = x[:, x.size(1) - (k - 1):].clone()        # its own storage: conv_step updates it in place
-        x = F.conv1d(x.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, groups=x.size(2))  # channels first
+            # its own storage: conv_step updates it in place
+            state.conv = x[:, x.size(1) - (k - 1):].clone()
+        w, b = self.conv1d.weight, self.conv1d.bias
+        x = F.conv1d(x.transpose(1, 2), w, b, groups=x.size(2))  # channels first
         return x.transpose(1, 2)
 
     def conv_step(self, x, state):
-        """The convolution at one new token x (B, 1, d_inner): a dot product of the kernel with the cached d_conv - 1
-        inputs and x, no conv1d call; the cache shifts by one in place."""
-        window = torch.cat([state.conv, x.to(state.conv.dtype)], 1)  # (B, d_conv, d_inner), oldest first
+        """The convolution at one new token x (B, 1, d_inner): a dot product of the kernel with the
+        cached d_conv - 1 inputs and x, no conv1d call; the cache shifts by one in place."""
+        # (B, d_conv, d_inner), oldest first
+        window = torch.cat([state.conv, x.to(state.conv.dtype)], 1)
         state.conv.copy_(window[:, 1:])
         out = (window * self.conv1d.weight[:, 0].t()).sum(1, keepdim=True)  # (B, 1, d_inner)
         return out if self.conv1d.bias is None else out + self.conv1d.bias
@@ -318,8 +221,9 @@ class Mixer(nn.Module):
 
 class Block(nn.Module):
     """A residual block: x + Mixer(RMSNorm(x)) (section 3.4: the Mamba block stands in for both of a
-    Transformer's sub-blocks, with a norm and a residual connection). residual_in_fp32: the sum, the residual
-    stream, is float32 whatever the weights' dtype (bf16 weights: the norm reads it cast to bf16), as the reference."""
+    Transformer's sub-blocks, with a norm and a residual connection). residual_in_fp32: the sum, the
+    residual stream, is float32 whatever the weights' dtype (bf16 weights: the norm reads it cast to
+    bf16), as the reference."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -336,7 +240,7 @@ class Mamba(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.config = cfg
-        self.backbone = nn.ModuleDict(dict(  # the Hugging Face names: backbone.embeddings, backbone.layers.N, norm_f
+        self.backbone = nn.ModuleDict(dict(  # the Hugging Face names: embeddings, layers.N, norm_f
             embeddings=nn.Embedding(cfg.padded_vocab_size, cfg.n_embd),
             drop=nn.Dropout(cfg.dropout),
             layers=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
@@ -344,11 +248,20 @@ class Mamba(nn.Module):
         ))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
         self.lm_head.weight = self.backbone.embeddings.weight  # tied, as in every released Mamba
-        self.grad_checkpoint = False  # training: keep only each block's input, recompute the rest in backward
-        # Initialisation as the reference (mamba_ssm): the embedding normal with std 0.02; the linear and conv
-        # layers PyTorch's default (Kaiming-uniform) with zero biases; out_proj then scaled by 1/sqrt(n_layer),
-        # GPT-2's rule for the weights that write into the residual stream; A_log and D as built above.
+        self.grad_checkpoint = False  # training: keep each block's input, recompute the rest
+        self.init_weights()
+
+    def init_weights(self):
+        """As the reference (mamba_ssm): the embedding normal with std 0.02; the linear and conv
+        layers PyTorch's default (Kaiming-uniform) with zero biases; out_proj then scaled by
+        1/sqrt(n_layer), GPT-2's rule for the weights that write into the residual stream; A_log and
+        D as Mixer builds them. Delta = softplus(dt_proj(.)) starts near a dt log-uniform in
+        [dt_min, dt_max] per channel (section 3.6 and the reference code): the bias is
+        softplus^-1(dt) = dt + log(1 - exp(-dt)), the weights uniform in +-dt_rank^-0.5, so that the
+        input moves Delta around that centre."""
+        cfg = self.config
         nn.init.normal_(self.backbone.embeddings.weight, std=0.02)
+        log_min, log_max = math.log(cfg.dt_min), math.log(cfg.dt_max)
         for block in self.backbone.layers:
             m = block.mixer
             for lin in (m.in_proj, m.out_proj):
@@ -356,45 +269,63 @@ class Mamba(nn.Module):
                     nn.init.zeros_(lin.bias)
             with torch.no_grad():
                 m.out_proj.weight /= math.sqrt(cfg.n_layer)
-                # Delta = softplus(dt_proj(.)) starts near dt ~ log-uniform in [dt_min, dt_max] per channel
-                # (section 3.6 and the reference code): the bias is softplus^-1(dt) = dt + log(1 - exp(-dt)), the weights uniform in
-                # +-dt_rank^-0.5 so that the input moves Delta around that centre.
                 nn.init.uniform_(m.dt_proj.weight, -cfg.dt_rank ** -0.5, cfg.dt_rank ** -0.5)
-                dt = torch.exp(torch.rand(cfg.d_inner) * (math.log(cfg.dt_max) - math.log(cfg.dt_min))
-                               + math.log(cfg.dt_min)).clamp(min=cfg.dt_init_floor)
+                dt = torch.exp(torch.rand(cfg.d_inner) * (log_max - log_min) + log_min)
+                dt = dt.clamp(min=cfg.dt_init_floor)
                 m.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
+    def optimizer_groups(self):
+        """Each parameter's optimizer group, by name (--optimizer muon: Muon takes "muon"; AdamW the
+        rest): the mixers' projections (in_proj, x_proj, dt_proj, out_proj) are "muon"; the
+        embedding (tied to the head; the head too if untied) and the depthwise convolution's
+        (d_inner, 1, d_conv) kernels "decay"; biases, norm gains, A_log and D "no_decay" (as the
+        reference: decay would pull every A = -exp(A_log) towards -1, and D towards 0)."""
+        groups = {}
+        for name, _ in self.named_parameters():
+            if name.endswith(("in_proj.weight", "x_proj.weight", "dt_proj.weight",
+                              "out_proj.weight")):
+                groups[name] = "muon"
+            elif name.endswith(("embeddings.weight", "lm_head.weight", "conv1d.weight")):
+                groups[name] = "decay"
+            else:  # *.bias, norm.weight, norm_f.weight, A_log, D
+                groups[name] = "no_decay"
+        return groups
+
     def num_params(self, non_embedding=True):
-        """Parameters a token computes with: a tied embedding/head counted once, lookups (an untied input embedding, a
-        position table) left out by default (Mamba's embedding is tied: it always counts)."""
+        """Parameters a token computes with: a tied embedding/head counted once, lookups (an untied
+        input embedding, a position table) left out by default (Mamba's embedding is tied: it always
+        counts)."""
         return sum(p.numel() for p in self.parameters())
 
     def state_bytes(self, itemsize=4):
-        """Bytes of the inference cache for one sequence, whatever its length: per layer the convolution's last
-        d_conv - 1 inputs (itemsize bytes each) and the SSM state (float32), d_inner x each."""
+        """Bytes of the inference cache for one sequence, whatever its length: per layer the
+        convolution's last d_conv - 1 inputs (itemsize bytes each) and the SSM state (float32),
+        d_inner x each."""
         cfg = self.config
         return cfg.n_layer * cfg.d_inner * ((cfg.d_conv - 1) * itemsize + cfg.d_state * 4)
 
     def hidden(self, idx, states=None, parallel=True):
-        """idx (B, T) token ids, following the tokens that `states` (one MambaState per layer) have seen, if given ->
-        final hidden states (B, T, n_embd)."""
-        x = self.backbone.drop(self.backbone.embeddings(idx))    # (B, T, n_embd); no position embedding
+        """idx (B, T) token ids, following the tokens that `states` (one MambaState per layer) have
+        seen, if given -> final hidden states (B, T, n_embd)."""
+        x = self.backbone.drop(self.backbone.embeddings(idx))    # (B, T, n_embd); no positions
         for i, block in enumerate(self.backbone.layers):
             if self.grad_checkpoint and self.training and states is None:
-                # activation checkpointing: keep each block's input, recompute its activations in backward
+                # activation checkpointing: keep each block's input, recompute the rest in backward
                 x = torch.utils.checkpoint.checkpoint(block, x, None, parallel, use_reentrant=False)
             else:
                 x = block(x, None if states is None else states[i], parallel)
         return self.backbone.norm_f(x.to(self.backbone.norm_f.weight.dtype))
 
     def forward(self, idx, targets=None, states=None, parallel=True):
-        """idx (B, T) token ids -> logits (B, T, vocab_size), loss or None. states: continue from a cache."""
+        """idx (B, T) token ids -> logits (B, T, vocab_size), loss or None. states: continue from a
+        cache. parallel=False: each layer's SSM as the loop over time (the reference path)."""
         V, Vp = self.config.vocab_size, self.config.padded_vocab_size
         pad = None
-        if Vp > V:  # the padding rows are no tokens: a bias of -inf gives them probability exactly 0
+        if Vp > V:  # the padding rows are no tokens: a bias of -inf gives them probability 0
             pad = torch.zeros(Vp, device=idx.device, dtype=self.lm_head.weight.dtype)
             pad[V:] = float("-inf")
-        logits = F.linear(self.hidden(idx, states, parallel), self.lm_head.weight, pad)  # (B, T, padded_vocab_size)
+        x = self.hidden(idx, states, parallel)
+        logits = F.linear(x, self.lm_head.weight, pad)           # (B, T, padded_vocab_size)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
@@ -405,15 +336,16 @@ class Mamba(nn.Module):
                  on_logits=None):
         """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 is greedy.
 
-        With the cache the prompt goes through the parallel scan once, leaving each layer's state; every new token
-        is then one recurrent step (Algorithm 2 with T = 1), the same time and memory at any context length. There
-        is no block_size window: the model has no positions, and the state carries the whole text. Without the
-        cache every step runs the whole text again (same tokens, quadratic time)."""
+        With the cache the prompt goes through the parallel scan once, leaving each layer's state;
+        every new token is then one recurrent step (Algorithm 2 with T = 1), the same time and
+        memory at any context length. There is no block_size window: the model has no positions, and
+        the state carries the whole text. Without the cache every step runs the whole text again
+        (same tokens, quadratic time)."""
         states = [MambaState() for _ in self.backbone.layers] if use_cache else None
         new = idx
         for _ in range(max_new_tokens):
             x = self.hidden(new if use_cache else idx, states)
-            logits = self.lm_head(x[:, -1])[:, :self.config.vocab_size]  # only the last position is sampled
+            logits = self.lm_head(x[:, -1])[:, :self.config.vocab_size]  # only the last position
             new = sample_next(logits.float(), temperature, top_k, top_p, on_logits)
             idx = torch.cat([idx, new], dim=1)
         return idx
@@ -435,6 +367,146 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, on_logits=None)
         outside = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this token reaches top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
+
+
+# ------------------------------------------------------------------------------- the same, fast
+# selective_scan, which the Mixer calls, gives selective_scan_loop's y and h (the tests hold them
+# equal, gradients too) in less time and memory: ChunkedScan for a sequence, one in-place step for
+# a decoded token.
+
+def parallel_scan(a, b, reverse=False):
+    """Every h_t = a_t h_{t-1} + b_t, with h_{-1} = 0, for a and b (B, T, d_inner, N), without a
+    loop over t; reverse: every h_t = a_t h_{t+1} + b_t, with h_T = 0 (what backward needs).
+
+    The odd-even recursion (Blelloch 1990, "Prefix sums and their applications", section 1.4): two
+    steps at a time, h_{2i+1} = (a_{2i+1} a_{2i}) h_{2i-1} + (a_{2i+1} b_{2i} + b_{2i+1}) is the
+    same recurrence on half the length; solve that, then fill in h_{2i} = a_{2i} h_{2i-1} + b_{2i}
+    (reverse: the even steps recurse, the odd ones are filled in from h_{2i+2}). Depth 2 log2(T),
+    O(T) work. Only products of a's are formed, each a in (0, 1], so nothing can overflow at any
+    length (a cumulative-sum-of-logs scan must divide by them and does)."""
+    T = a.size(1)
+    if T == 1:
+        return b
+    if T % 2:  # an odd length: one identity step (a = 1, b = 0) at the end, dropped again below
+        a, b = F.pad(a, (0, 0, 0, 0, 0, 1), value=1.0), F.pad(b, (0, 0, 0, 0, 0, 1))
+    a_even, a_odd = a[:, 0::2], a[:, 1::2]                    # steps 0, 2, ... and 1, 3, ...
+    b_even, b_odd = b[:, 0::2], b[:, 1::2]
+    h = torch.empty_like(b)
+    if not reverse:
+        # h_1, h_3, ...: the same recurrence, half as long; h_0 = b_0; h_2i = a_2i h_2i-1 + b_2i
+        h[:, 1::2] = parallel_scan(a_odd * a_even, torch.addcmul(b_odd, a_odd, b_even))
+        h[:, 0::2] = b_even
+        h[:, 2::2].addcmul_(a_even[:, 1:], h[:, 1:-1:2])
+    else:
+        # h_0, h_2, ...: half as long; then h_T-1 = b_T-1, h_2i+1 = a_2i+1 h_2i+2 + b_2i+1
+        h[:, 0::2] = parallel_scan(a_even * a_odd, torch.addcmul(b_even, a_even, b_odd), True)
+        h[:, 1::2] = b_odd
+        h[:, 1:-2:2].addcmul_(a_odd[:, :-1], h[:, 2::2])
+    return h[:, :T]
+
+
+def chunk_len(h):
+    """Steps per chunk of ChunkedScan for states like h (B, d_inner, N): a chunk's states of about
+    2 MB on a CPU, so that they stay in its caches; 256 MB on a GPU (few chunks: fewer, bigger
+    kernels, and a short graph for torch.compile, which unrolls the loop over chunks)."""
+    return max(16, (2**19 if h.device.type == "cpu" else 2**26) // h.numel())
+
+
+def chunk_states(x, delta, A, B, h0):
+    """The states h_t (B, L, d_inner, N) of one chunk of L steps from the state h0 carried in, and
+    A_bar_t."""
+    dA = torch.exp(delta[..., None] * A)                     # (B, L, d_inner, N): A_bar, in (0, 1]
+    dBx = (delta * x)[..., None] * B[:, :, None, :]          # (B, L, d_inner, N): B_bar x
+    dBx[:, 0] += dA[:, 0] * h0                               # h_0 = A_bar_0 h0 + B_bar_0 x_0
+    return parallel_scan(dA, dBx), dA
+
+
+class ChunkedScan(torch.autograd.Function):
+    """y_t = C_t h_t for h_t = A_bar_t h_{t-1} + B_bar_t x_t, a chunk of the sequence at a time
+    (section 3.3's two ideas without the kernel): only a chunk's states ever exist, each reduced to
+    y inside its chunk, and backward recomputes them from the state saved at the chunk's start
+    instead of keeping them. Backward is the same recurrence run backward in time: with G_t =
+    dL/dh_t = C_t dy_t + K_{t+1}, the gradient that reaches h_{t-1} through step t is K_t = A_bar_t
+    G_t = A_bar_t (K_{t+1} + C_t dy_t)."""
+
+    @staticmethod
+    def forward(ctx, x, delta, A, B, C, h0):
+        """x, delta (B, T, d_inner), A (d_inner, N), B, C (B, T, N), h0 (B, d_inner, N), float32 ->
+        y (without D x), h_{T-1}."""
+        L = chunk_len(h0)
+        y, h, starts = torch.empty_like(x), h0, []
+        for t in range(0, x.size(1), L):
+            starts.append(h)
+            hs, _ = chunk_states(x[:, t:t + L], delta[:, t:t + L], A, B[:, t:t + L], h)
+            y[:, t:t + L] = torch.einsum("blen,bln->ble", hs, C[:, t:t + L])
+            h = hs[:, -1]
+        ctx.L = L
+        # (B, T / L, d_inner, N): the chunks' first states
+        ctx.save_for_backward(x, delta, A, B, C, torch.stack(starts, 1))
+        return y, h
+
+    @staticmethod
+    def backward(ctx, gy, gh):
+        x, delta, A, B, C, starts = ctx.saved_tensors
+        L, gA = ctx.L, torch.zeros_like(A)
+        gx, gdelta, gB, gC = (torch.empty_like(t) for t in (x, delta, B, C))
+        K = gh  # K_T: the gradient from after the chunk (at the end, from the last state)
+        for i in reversed(range(starts.size(1))):
+            c, h0 = slice(i * L, (i + 1) * L), starts[:, i]
+            h, dA = chunk_states(x[:, c], delta[:, c], A, B[:, c], h0)
+            G = gy[:, c, :, None] * C[:, c, None, :]         # C_t dy_t ...
+            G[:, -1] += K
+            K = parallel_scan(dA, dA * G, reverse=True)      # (B, L, d_inner, N)
+            G[:, :-1] += K[:, 1:]                            # ... + K_{t+1}: G_t
+            K[:, 1:] *= h[:, :-1]                            # K_t h_{t-1}: Delta_t A's gradient
+            K, s = K[:, 0].clone(), K
+            s[:, 0] *= h0                                    # K_0 (h0's) goes to the chunk before
+            GB = torch.einsum("blen,bln->ble", G, B[:, c])   # dL/d(Delta_t x_t)
+            gdelta[:, c] = torch.einsum("blen,en->ble", s, A) + x[:, c] * GB
+            gA += torch.einsum("blen,ble->en", s, delta[:, c])
+            gx[:, c] = delta[:, c] * GB
+            gB[:, c] = torch.einsum("blen,ble->bln", G, delta[:, c] * x[:, c])
+            gC[:, c] = torch.einsum("ble,blen->bln", gy[:, c], h)
+        return gx, gdelta, gA, gB, gC, K
+
+
+def selective_scan(x, delta, A, B, C, D, h0=None, how="scan"):
+    """The selective SSM (Algorithm 2, steps 5-6) on x, delta (B, T, d_inner), A (d_inner, N), B and
+    C (B, T, N), D (d_inner,), from the state h0 (B, d_inner, N) (None: zeros). Returns y (B, T,
+    d_inner) and the last state; in float32 whatever the autocast dtype, y then cast back to x's
+    dtype.
+
+    how: "scan", ChunkedScan (training and prompts: memory of order T d_inner, not T d_inner N);
+    "step", one token (T = 1) from a cached state, which it advances in place (decoding); "loop",
+    selective_scan_loop, the recurrence as written, which the other two are tested against."""
+    dtype = x.dtype
+    x, delta, B, C = x.float(), delta.float(), B.float(), C.float()
+    h0 = x.new_zeros(x.size(0), x.size(2), A.size(1)) if h0 is None else h0
+    if how == "loop":
+        y, h = selective_scan_loop(x, delta, A, B, C, D, h0)
+        return y.to(dtype), h
+    if how == "step":  # h <- A_bar h + B_bar x: delta.mT (B, d_inner, 1), B (B, 1, N)
+        h = h0.mul_(torch.exp(delta.mT * A)).addcmul_((delta * x).mT, B)
+        y = torch.bmm(C, h.mT)                                # (B, 1, d_inner)
+    else:
+        y, h = ChunkedScan.apply(x, delta, A, B, C, h0)
+    return torch.addcmul(y, D, x).to(dtype), h                # + D x, the skip connection
+
+# ------------------------------------------------------- borrowed: RMSNorm (llama2.py teaches it)
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * g: LayerNorm without the mean and the bias (Zhang and Sennrich
+    2019, eq. 4). Computed in float32 whatever the input, as the reference does, then cast back."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        inv_rms = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)  # 1 / RMS(x), eq. 4
+        return self.weight * (x32 * inv_rms).type_as(x)
 
 
 # -------------------------------------------------------------- files: checkpoints, token files, downloads

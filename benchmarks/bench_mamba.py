@@ -22,7 +22,7 @@ without the mambapy package that flag falls through to the same loop.
   scan         mamba.selective_scan alone, forward + backward of sum(y * w) (w fixed, random) at B=1, d_inner 512,
                N=16, T = 256 ... 4096, inputs as at init (x ~ N(0, 1), Delta log-uniform in [0.001, 0.1],
                A = -(1..N), B, C ~ N(0, 1), D = 1): how="scan" (ChunkedScan: chunks of the sequence, the odd-even
-               scan inside each, backward by hand from recomputed states) vs how="loop" (the loop over t, autograd;
+               scan inside each, backward by hand from recomputed states) vs how="loop" (selective_scan_loop, autograd;
                ratio = loop / scan, so > 1: the scan is faster; targets: >= 1 at every T, and at T=4096 a live peak
                of at most 2x one (B, T, d_inner, N) fp32 tensor). Each measurement runs in fresh Python processes.
                Peak memory is the process's peak resident size (VmHWM in /proc/self/status, reset to the current

@@ -1,6 +1,7 @@
 """mamba.py at the model level: HF parity (state size, expansion, Delta's rank, conv width, biases), checkpoint
-formats, the selective scan (the chunked scan and the loop against the recurrence written out in float64, at
-lengths up to 4096 with strong and weak decay; the chunked scan's own backward against autograd's, and that no
+formats, the selective scan (the chunked scan and the file's loop, selective_scan_loop, against the recurrence
+written out in float64, at lengths up to 4096 with strong and weak decay; the chunked scan's outputs and gradients,
+its own backward, against autograd through selective_scan_loop; the decoding step against the loop; and that no
 whole (B, T, d_inner, N) tensor is kept), recurrent decoding against the full forward (in place, no conv1d call),
 its constant-size state, Delta's bias in float32 under autocast,
 the paper's initialisation, the optimizer's groups, activation checkpointing, causality, training, and the GPT-NeoX
@@ -269,22 +270,20 @@ def test_parallel_scan_alone_equals_a_float64_loop(T, reverse):
 
 
 @pytest.mark.parametrize("T, L", [(40, 16), (23, 5), (7, 16), (64, 1)])
-def test_chunked_scan_backward_equals_autograd(T, L, monkeypatch):
-    """ChunkedScan's hand-written backward (chunks of L steps, recomputed from each chunk's first state, the last
-    chunk short when L does not divide T) against autograd through the loop, in float64, for every input and from
-    gradients of both y and the last state; its forward against the loop's."""
+def test_chunked_scan_equals_the_loop_with_gradients(T, L, monkeypatch):
+    """The fast path against the reference in float64: ChunkedScan (chunks of L steps, its hand-written
+    backward recomputing each chunk from its first state, the last chunk short when L does not divide T)
+    against selective_scan_loop and autograd through it, y, the last state and the gradient of every
+    input, from gradients of both y and the last state."""
     monkeypatch.setattr(mamba, "chunk_len", lambda h: L)
     (x, delta, A, B, C, _), h0 = scan_inputs(T, seed=T)
     inputs = [t.double().requires_grad_() for t in (x, delta, A, B, C, h0)]
     g = torch.Generator().manual_seed(1)
     wy, wh = torch.randn(2, T, 6, generator=g, dtype=torch.float64), torch.randn(2, 6, 4, generator=g, dtype=torch.float64)
+    no_skip = torch.zeros(6, dtype=torch.float64)  # ChunkedScan leaves D x to selective_scan
 
-    def loop(x, delta, A, B, C, h):
-        ys = []
-        for t in range(T):
-            h = torch.exp(delta[:, t, :, None] * A) * h + (delta[:, t] * x[:, t])[..., None] * B[:, t, None, :]
-            ys.append((h * C[:, t, None, :]).sum(-1))
-        return torch.stack(ys, 1), h
+    def loop(x, delta, A, B, C, h0):
+        return mamba.selective_scan_loop(x, delta, A, B, C, no_skip, h0)
 
     outs, grads = [], []
     for f in (mamba.ChunkedScan.apply, loop):
@@ -295,6 +294,34 @@ def test_chunked_scan_backward_equals_autograd(T, L, monkeypatch):
     assert max_diff(y_loop, y_chunked) < 1e-12 and max_diff(h_loop, h_chunked) < 1e-12
     for name, a, b in zip(["x", "delta", "A", "B", "C", "h0"], *grads):
         assert a.shape == b.shape and rel_diff(a, b) < 1e-10, name
+
+
+@pytest.mark.parametrize("T", [1, 100])
+def test_selective_scan_equals_the_loop_in_float32_with_gradients(T):
+    """What the model calls by default, selective_scan(how="scan"), against how="loop" (selective_scan_loop)
+    in float32 from a carried state: y and the last state, and the gradients of all seven inputs, D and h0
+    included, to 1e-5 of the largest value."""
+    inputs, h0 = scan_inputs(T, seed=3)
+    results = []
+    for how in ("scan", "loop"):
+        leaves = [t.clone().requires_grad_() for t in (*inputs, h0)]
+        y, h = mamba.selective_scan(*leaves[:6], h0=leaves[6].clone(), how=how)
+        g = torch.Generator().manual_seed(2)
+        ((y * torch.randn(y.shape, generator=g)).sum() + (h * torch.randn(h.shape, generator=g)).sum()).backward()
+        results.append([y, h] + [t.grad for t in leaves])
+    for name, a, b in zip(["y", "h", "x", "delta", "A", "B", "C", "D", "h0"], *results):
+        assert a.shape == b.shape and rel_diff(a, b) < 1e-5, name
+
+
+def test_step_equals_the_loop():
+    """how="step", one token at a time from a cached state that it advances in place, gives the loop's y at every
+    step and its last state."""
+    (x, delta, A, B, C, D), h0 = scan_inputs(20, seed=5)
+    y_loop, h_loop = mamba.selective_scan(x, delta, A, B, C, D, h0=h0, how="loop")
+    h = h0.clone()
+    ys = [mamba.selective_scan(*(t[:, i:i + 1] for t in (x, delta)), A, B[:, i:i + 1], C[:, i:i + 1], D, h0=h,
+                               how="step")[0] for i in range(20)]
+    assert max_diff(torch.cat(ys, 1), y_loop) < 1e-5 and max_diff(h, h_loop) < 1e-5
 
 
 def test_chunked_scan_keeps_no_whole_state_tensor(monkeypatch):
@@ -310,7 +337,7 @@ def test_chunked_scan_keeps_no_whole_state_tensor(monkeypatch):
             mamba.selective_scan(*inputs, how=how)[0].sum().backward()
     whole = 256 * 6 * 4
     assert max(saved["scan"]) == 256 * 6 and whole // 16 in saved["scan"]  # x (T, d_inner) the largest; the starts
-    assert max(saved["loop"]) == whole
+    assert saved["loop"].count(6 * 4) >= 256 and max(saved["loop"]) < whole  # every step's (d_inner, N) state
 
 
 # ------------------------------------------------------------------------------------- recurrent decoding
@@ -468,6 +495,29 @@ def test_initialisation_follows_the_reference():
     floored = mamba.Mamba(mamba.Config(vocab_size=100, n_layer=1, n_embd=64, dt_min=1e-5, dt_init_floor=1e-3))
     delta = F.softplus(floored.backbone.layers[0].mixer.dt_proj.bias)
     assert delta.min() > 1e-3 * (1 - 1e-4) and (delta < 1.001e-3).sum() > 20  # half of 128 below the floor
+
+
+def test_optimizer_groups_by_name_survive_loading(tmp_path):
+    """Mamba.optimizer_groups names every parameter's group: the mixers' four projections "muon", the tied
+    embedding and the conv kernels "decay", A_log, D, biases and norm gains "no_decay"; by name, so a model loaded
+    with load_state_dict(assign=True), which makes new Parameters, keeps them (an attribute on the old A_log did not).
+    """
+    def expected(n_layer):
+        mixer = {"in_proj.weight": "muon", "x_proj.weight": "muon", "dt_proj.weight": "muon", "out_proj.weight": "muon",
+                 "conv1d.weight": "decay", "A_log": "no_decay", "D": "no_decay", "in_proj.bias": "no_decay",
+                 "conv1d.bias": "no_decay", "dt_proj.bias": "no_decay", "out_proj.bias": "no_decay"}
+        groups = {f"backbone.layers.{i}.mixer.{k}": v for i in range(n_layer) for k, v in mixer.items()}
+        groups.update({f"backbone.layers.{i}.norm.weight": "no_decay" for i in range(n_layer)})
+        return {"backbone.embeddings.weight": "decay", "backbone.norm_f.weight": "no_decay", **groups}
+
+    fresh = mamba.Mamba(mamba.Config(vocab_size=320, n_layer=2, n_embd=32, d_state=8, bias=True))
+    assert fresh.optimizer_groups() == expected(2)
+    make_hf(seed=0, use_bias=True).save_pretrained(tmp_path)
+    assert mamba.from_pretrained(tmp_path).optimizer_groups() == expected(2)
+    loaded = mamba.Mamba(mamba.Config(vocab_size=320, n_layer=2, n_embd=32, d_state=8, bias=True))
+    loaded.load_state_dict(fresh.state_dict(), assign=True)
+    loaded.lm_head.weight = loaded.backbone.embeddings.weight  # assign=True unties them: tie again
+    assert loaded.optimizer_groups() == expected(2)
 
 
 def test_configure_optimizer_groups():
