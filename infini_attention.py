@@ -686,8 +686,8 @@ class FeedForward(nn.Module):
 
 # ------------------------------------------ borrowed: Mixtral's experts (mixtral.py teaches them)
 # With --n_expert or a Mixtral checkpoint, each Block's feed-forward is Mixtral's sparse mixture of
-# experts: the same text as mixtral.py's (the loop over the experts, then the same dispatched without a
-# loop over tokens, and the router's statistics), read there first.
+# experts: the same text as mixtral.py's (the loop over the experts, then the same dispatched
+# without a loop over tokens, and the router's statistics), read there first.
 
 class SparseMoE(nn.Module):
     """Mixtral's feed-forward (section 2.1, eq. 1-2): y = sum over the top-k experts i of
