@@ -79,8 +79,6 @@ HERE = Path(__file__).resolve().parent
 HF_ENDPOINT = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
 CACHE_DIR = Path(os.environ.get("ONEFILE_CACHE", "~/.cache/onefile")).expanduser()
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-GROUPED_MM = hasattr(F, "grouped_mm")  # recent torch: one kernel, a matmul per expert's rows
-ALIGN = 8  # an expert's group is padded to a multiple of this many rows: 16-byte offsets in bf16
 
 
 class InputError(Exception):
@@ -354,7 +352,7 @@ class DeepSeekMoE(nn.Module):
     through,
         h' = u + sum_i FFN^(s)_i(u) + sum_i g_i FFN^(r)_i(u)
     (the block adds u). `forward_loop` is that sum, one routed expert at a time; `forward` is the
-    same, fast (routed_dispatch, after the model)."""
+    same, fast (mixtral.py's dispatch, after the model)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -391,8 +389,10 @@ class DeepSeekMoE(nn.Module):
         B, T, d = x.shape
         u = x.reshape(-1, d)
         g, expert, s = self.gate(u)
+        autocast = torch.is_autocast_enabled(x.device.type)  # the matmuls run in bf16 under it
+        dt = torch.get_autocast_dtype(x.device.type) if autocast else self.gate_proj.dtype
         w = self.gate_proj, self.up_proj, self.down_proj
-        y, count = routed_dispatch(u, expert, g, *w, self.training)
+        y, count, _ = dispatch(u, expert, g, *w, dt, decoding=not self.training)  # no capacity
         return self.add_shared(x, y, s, count, expert)
 
     def add_shared(self, x, y, s, count, expert):
@@ -635,33 +635,39 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, on_logits=None)
 
 # --------------------------------------------------------------------------------- the same, fast
 # DeepSeekMoE.forward gives forward_loop's sum (the tests hold them equal, gradients too) without a
-# loop over the experts: the (token, choice) pairs are laid out grouped by expert, as in mixtral.py.
+# loop over the experts: mixtral.py's dispatch, the same text (its capacity mode unused here).
 
-def routed_dispatch(x, expert, weight, w1, w3, w2, training):
-    """y_n = sum_j weight[n, j] SwiGLU_expert[n, j](x_n) for x (N, d), expert and weight (N, k), the
-    experts' stacked w1, w3 (E, f, d) and w2 (E, d, f) -> (y (N, d), count (E,) the pairs per
-    expert).
+GROUPED_MM = hasattr(F, "grouped_mm")  # recent torch: one kernel, a matmul per expert's rows
+ALIGN = 8  # an expert's group is padded to a multiple of this many rows: 16-byte offsets in bf16
 
-    Each (token, choice) pair gets a row in a buffer grouped by expert, each group padded to ALIGN
-    rows; the experts run over their rows, one grouped matmul per weight (expert_mlp); each pair
-    reads its row back: no loop over tokens or experts, no host sync. Decoding (eval, k N <= E
-    pairs) runs each pair through its own expert alone (chosen_experts, one host sync)."""
-    N, d = x.shape
-    E, k = w1.size(0), expert.size(1)
-    autocast = torch.is_autocast_enabled(x.device.type)
-    dt = torch.get_autocast_dtype(x.device.type) if autocast else w1.dtype  # the matmuls' dtype
-    e = expert.t().reshape(-1)                          # (k N,) the expert of each pair
-    count = e.new_zeros(E).index_add_(0, e, torch.ones_like(e))  # (E,) bincount, no host sync
-    if not training and k * N <= E:
-        return chosen_experts(x, expert, weight, w1, w3, w2), count
-    rank = expert_rank(e, count)                        # (k N,) the pair's place in its group
-    size = (count + ALIGN - 1) // ALIGN * ALIGN         # (E,) the groups' padded sizes
-    end = size.cumsum(0)
-    row = end[e] - size[e] + rank                       # (k N,) the pair's row in the buffer
-    rows = k * N + E * (ALIGN - 1)                      # a static bound on the buffer's rows
-    xs = x.new_zeros(rows, d).index_copy(0, row, x.repeat(k, 1))
-    ys = expert_mlp(xs, w1, w3, w2, end, dt)
-    return (ys[row] * weight.t().reshape(-1, 1)).view(k, N, d).sum(0), count
+
+def dispatch(x, expert, weight, w1, w3, w2, dt, capacity_factor=0.0, decoding=False):
+    """y_n = sum_j weight[n, j] SwiGLU_e(x_n), e = expert[n, j]: x (N, d), expert and weight
+    (N, k), the experts' SwiGLU weights stacked as nn.Linear's, w1 and w3 (E, f, d), w2 (E, d, f);
+    dt the dtype the matmuls run in (bf16 under autocast) -> (y (N, d), count (E,) the pairs each
+    expert got, dropped: the share of the pairs dropped, a 0-d tensor, 0 but with a capacity).
+
+    Decoding with k N <= E pairs: chosen_experts, the chosen experts alone. With a capacity factor:
+    capacity_experts, each expert takes at most capacity_factor x its even share of the pairs, the
+    rest are dropped. Else grouped_experts: dropless, every pair computed. The pairs go choice-major
+    (every token's first choice, then every second one), so a full expert keeps first choices over
+    second ones (GShard)."""
+    (N, k), E = expert.shape, w1.size(0)
+    e = expert.t().reshape(-1)                          # (k N,) each pair's expert, choice-major
+    count = e.new_zeros(E).index_add_(0, e, torch.ones_like(e))  # (E,) pairs per expert, no sync
+    dropped = weight.new_zeros(())
+    if decoding and k * N <= E:
+        return chosen_experts(x, expert, weight, w1, w3, w2), count, dropped
+    rank = expert_rank(e, count)                        # (k N,) each pair's place in its queue
+    xk = x.repeat(k, 1)                                 # (k N, d) each pair's input, choice-major
+    if capacity_factor:
+        C = math.ceil(capacity_factor * k * N / E)      # the rows of each expert's buffer
+        row, ys = capacity_experts(xk, e, rank, w1, w3, w2, C)
+        dropped = 1 - (rank < C).float().mean()
+    else:
+        row, ys = grouped_experts(xk, e, count, rank, w1, w3, w2, dt)
+    y = (ys[row] * weight.t().reshape(-1, 1)).view(k, N, -1).sum(0)  # a dropped pair reads zeros
+    return y, count, dropped
 
 
 def expert_rank(e, count):
@@ -674,6 +680,19 @@ def expert_rank(e, count):
     start = count.cumsum(0) - count                     # (E,) where each group begins in `order`
     place = torch.arange(e.numel(), device=e.device) - start[grouped]
     return torch.empty_like(e).scatter_(0, order, place)
+
+
+def grouped_experts(xk, e, count, rank, w1, w3, w2, dt):
+    """Dropless: xk (M, d) the pairs' inputs, e and rank (M,) each pair's expert and place in its
+    queue, count (E,) the pairs of each expert -> (row (M,) each pair's row in ys, ys the experts'
+    outputs). Expert e's group starts where expert e - 1's ends, padded to a multiple of ALIGN rows,
+    so the buffer's M + E (ALIGN - 1) rows bound every routing: its shape is static."""
+    E, (M, d) = count.numel(), xk.shape
+    size = (count + ALIGN - 1) // ALIGN * ALIGN         # (E,) the padded group sizes
+    end = size.cumsum(0)                                # (E,) where each group ends
+    row = end[e] - size[e] + rank                       # (M,)
+    xs = xk.new_zeros(M + E * (ALIGN - 1), d).index_copy(0, row, xk)  # rows between groups: 0
+    return row, expert_mlp(xs, w1, w3, w2, end, dt)
 
 
 def expert_mlp(xs, w1, w3, w2, end, dt):
@@ -696,6 +715,21 @@ def expert_mlp(xs, w1, w3, w2, end, dt):
     groups = xs.split([*sizes, xs.size(0) - sum(sizes)])  # each expert's rows, then the padding
     return torch.cat([F.linear(F.silu(F.linear(x, a)) * F.linear(x, c), b)
                       for x, a, c, b in zip(groups, w1, w3, w2)])
+
+
+def capacity_experts(xk, e, rank, w1, w3, w2, C):
+    """Capacity mode (GShard; Switch section 2.2): each expert's buffer holds C rows, its first C
+    pairs. xk (M, d) the pairs' inputs, e and rank (M,) each pair's expert and place in its queue ->
+    (row (M,) each pair's row in ys, ys (E C + 1, d)). A pair ranked C or later is dropped: its
+    input goes to a spare row no expert reads, and it reads back ys' last row, zeros (the block's
+    residual carries its token). Every shape is static: one batched matmul per weight over the
+    (E, C, d) buffer."""
+    E, d = w1.size(0), xk.size(1)
+    row = torch.where(rank < C, e * C + rank, E * C)    # row E C: the spare row
+    xs = xk.new_zeros(E * C + 1, d).index_copy(0, row, xk)[:-1].view(E, C, d)
+    h = F.silu(xs @ w1.transpose(1, 2)) * (xs @ w3.transpose(1, 2))    # (E, C, f)
+    ys = (h @ w2.transpose(1, 2)).reshape(E * C, d)
+    return row, torch.cat([ys, xk.new_zeros(1, d)])
 
 
 def chosen_experts(x, expert, weight, w1, w3, w2):
