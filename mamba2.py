@@ -363,7 +363,7 @@ class Mamba2(nn.Module):
         the convolution's (conv_dim, 1, d_conv) kernels "decay"; the biases, the norms' gains and
         the SSM's own per-head A_log, D and dt_bias "no_decay"."""
         kinds = {"in_proj.weight": "muon", "out_proj.weight": "muon", "conv1d.weight": "decay",
-                 "embeddings.weight": "decay"}
+                 "embeddings.weight": "decay", "lm_head.weight": "decay"}  # the head, once untied
         return {name: kinds.get(".".join(name.split(".")[-2:]), "no_decay")
                 for name, _ in self.named_parameters()}
 

@@ -219,7 +219,7 @@ def train_throughput(model, batch_size, steps=30, warmup=5, device="cuda", compi
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            _, loss = compiled(idx, targets)
+            loss = compiled(idx, targets)[1]  # the MoE files also return aux
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

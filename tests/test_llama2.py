@@ -424,7 +424,7 @@ def test_cli_without_a_readable_tokenizer(pretrained, capsys):
 def test_large_vocabularies_are_stored_as_uint32(tmp_path, monkeypatch):
     monkeypatch.setattr(llama2, "HERE", tmp_path)
     (tmp_path / "t.txt").write_text("abcdefghij" * 100)
-    big = ("big", lambda s: [70000 + ord(c) for c in s], None, 128256)  # ids past uint16, as Llama 3's
+    big = llama2.Tokenizer("big", lambda s: [70000 + ord(c) for c in s], None, 128256)  # ids past uint16 (Llama 3)
     files = llama2.prepare_data(str(tmp_path / "t.txt"), big)
     assert files["train"][0].dtype == np.uint32 and (tmp_path / "data" / "t" / "train.bin").stat().st_size == 1024 + 4 * 900
     torch.manual_seed(0)

@@ -156,7 +156,7 @@ def test_the_last_sample_comes_from_the_best_weights(tmp_path, monkeypatch, offl
     import gpt2
     script_home(gpt2, tmp_path, monkeypatch)
     vals, real, shown = iter([1.0, 2.0, 3.0, 4.0]), gpt2.estimate_loss, []
-    monkeypatch.setattr(gpt2, "estimate_loss", lambda *a: dict(real(*a), val=next(vals)))
+    monkeypatch.setattr(gpt2, "estimate_loss", lambda *a: (dict(real(*a)[0], val=next(vals)), 0))
     monkeypatch.setattr(gpt2, "show_sample", lambda model, *a: shown.append(dict(model.state_dict())))
     gpt2.main([*TINY, "--n_head", "2", "--lr", "0.05", "--max_iters", "8", "--eval_interval", "2"])
     best, last = (torch.load(tmp_path / "out" / "gpt2" / f, weights_only=True) for f in ("best.pt", "ckpt.pt"))
