@@ -127,6 +127,7 @@ class Config:
     bos_token_id: int | None = None      # bos_token_id: put before the prompt when sampling
     memory_update: str = "delta"         # "linear" (eq. 4) or "delta" (eq. 5)
     gate_init: float = 0.0               # beta at init: sigmoid(0) = 0.5 mixes memory and local attention evenly
+    # the run's settings, not the model's (RUN_TIME: a fine-tune's flags override a checkpoint's)
     dropout: float = 0.0                 # attention_dropout; also on the residual branches here (Llama uses none)
     router_noise: float = 0.0            # router_jitter_noise: router input x U(1 - eps, 1 + eps) in training
     capacity_factor: float = 0.0         # training only (no HF counterpart): 0 is dropless, > 0 caps each expert

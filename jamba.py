@@ -111,10 +111,11 @@ class Config:
     norm_eps: float = 1e-6               # rms_norm_eps: every RMSNorm, the three inside the Mamba layers too
     tie_embeddings: bool = False         # tie_word_embeddings
     bos_token_id: int | None = None      # bos_token_id: put before the prompt when sampling (a checkpoint's own)
-    dropout: float = 0.0                 # attention_dropout; also on the residual branches here (Jamba uses none)
     dt_min: float = 0.001                # initialisation only (mamba.py): Delta log-uniform in [dt_min, dt_max]
     dt_max: float = 0.1
     dt_init_floor: float = 1e-4
+    # the run's settings, not the model's (RUN_TIME: a fine-tune's flags override a checkpoint's)
+    dropout: float = 0.0                 # attention_dropout; also on the residual branches here (Jamba uses none)
     router_noise: float = 0.0            # training only (no HF field; Jamba's reference has no jitter): mixtral.py's
                                          # router jitter, router input x U(1 - eps, 1 + eps)
     capacity_factor: float = 0.0         # training only (no HF counterpart): 0 is dropless, > 0 caps each expert

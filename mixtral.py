@@ -100,6 +100,7 @@ class Config:
     rope_theta: float = 1e6              # rope_theta
     tie_embeddings: bool = False         # tie_word_embeddings
     bos_token_id: int | None = None      # bos_token_id: put before the prompt when sampling (a checkpoint's own)
+    # the run's settings, not the model's (RUN_TIME: a fine-tune's flags override a checkpoint's)
     dropout: float = 0.0                 # attention_dropout; also on the residual branches here (Mixtral uses none)
     router_noise: float = 0.0            # router_jitter_noise: router input x U(1 - eps, 1 + eps) in training
     capacity_factor: float = 0.0         # training only (no HF counterpart): 0 is dropless, > 0 caps each expert

@@ -116,6 +116,7 @@ class Config:
     norm_eps: float = 1e-6               # rms_norm_eps
     tie_embeddings: bool = False         # tie_word_embeddings
     bos_token_id: int | None = None      # bos_token_id: put before the prompt when sampling (a checkpoint's own)
+    # the run's settings, not the model's (RUN_TIME: a fine-tune's flags override a checkpoint's)
     dropout: float = 0.0                 # attention_dropout; also on the residual branches here (DeepSeek uses none)
     seq_aux_loss_coef: float = 0.0001    # training only: alpha, the sequence-wise balance loss's weight (V3 eq. 17)
     bias_update_speed: float = 0.01      # training only: gamma, the routing bias's step (V3 2.1.2; 0: no bias updates)

@@ -321,3 +321,16 @@ def serve_hub(module, server, monkeypatch, cache):
     monkeypatch.setattr(module, "HF_ENDPOINT", server.url)
     monkeypatch.setattr(module, "CACHE_DIR", cache)
     return server
+
+
+def check_model_on_reference_attention(module, model, reference, layers, monkeypatch):
+    """The whole model with `reference` in place of module.attention: the same logits, whole and by chunks after
+    a KV cache, to 1e-5."""
+    idx = ids(300, 2, 32, seed=4)
+    with torch.no_grad():
+        fast = model(idx)[0]
+        monkeypatch.setattr(module, "attention", lambda q, k, v, pos=0, dropout=0.0: reference(q, k, v, pos))
+        ref = model(idx)[0]
+        cache = [module.KVCache(32) for _ in layers]
+        chunks = torch.cat([model(idx[:, a:b], cache=cache, pos=a)[0] for a, b in [(0, 10), (10, 11), (11, 32)]], 1)
+    assert max_diff(fast, ref) < 1e-5 and max_diff(fast, chunks) < 1e-5

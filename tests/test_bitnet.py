@@ -15,6 +15,7 @@ import json
 import math
 import re
 import shutil
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -27,8 +28,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.integrations.bitnet import AutoBitLinear, WeightQuant, pack_weights, unpack_weights
 
 import bitnet
-from conftest import (check_cached_equals_uncached, check_causal, check_greedy_matches_hf, ids, max_diff,
+from conftest import (ROOT, check_cached_equals_uncached, check_causal, check_greedy_matches_hf, ids, max_diff,
                       randomize, scale_up, script_home, train_tokenizer)
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_bitnet  # noqa: E402  (the quantizers before issue 30)
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -367,35 +371,11 @@ class AtenOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-class STE(torch.autograd.Function):
-    """The straight-through estimator as bitnet.py wrote it before issue 30, one autograd node: ste(x, s, q) is q in
-    the forward pass, and its backward is the gradient of x * s."""
-
-    @staticmethod
-    def forward(ctx, x, s, q):
-        ctx.save_for_backward(s)
-        return q
-
-    @staticmethod
-    def backward(ctx, grad):
-        (s,) = ctx.saved_tensors
-        return grad * s, None, None
-
-
 def function_quantizers(monkeypatch):
-    """bitnet's quantizers replaced by the ones before issue 30: the same codes and scales, through STE."""
-    def activations(x):
-        x = x.float()
-        s = 127.0 / x.detach().abs().amax(-1, keepdim=True).clamp(min=1e-5)
-        return STE.apply(x, s, (x.detach() * s).round_().clamp_(-128, 127)), s
-
-    def weights(w, bits):
-        w = w.float()
-        s = 1.0 / w.detach().abs().mean().clamp(min=1e-5)
-        codes = torch.where(w > w.mean(), 1.0, -1.0) if bits == 1 else (w.detach() * s).round_().clamp_(-1, 1)
-        return STE.apply(w, s, codes), s
-    monkeypatch.setattr(bitnet, "quantize_activations", activations)
-    monkeypatch.setattr(bitnet, "quantize_weights", weights)
+    """bitnet's quantizers replaced by the ones before issue 30 (benchmarks/bench_bitnet.py keeps them for its
+    before/after timing): the same codes and scales, through one autograd Function, STE."""
+    monkeypatch.setattr(bitnet, "quantize_activations", bench_bitnet.old_quantize_activations)
+    monkeypatch.setattr(bitnet, "quantize_weights", bench_bitnet.old_quantize_weights)
 
 
 @pytest.mark.parametrize("bits", [1.58, 1])

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 import transformers
 
 import gpt2
-from conftest import (check_cached_equals_uncached, check_causal, check_greedy_matches_hf, check_overfits, hf_logits,
-                      ids, max_diff, serve_hub)
+from conftest import (check_cached_equals_uncached, check_causal, check_greedy_matches_hf,
+                      check_model_on_reference_attention, check_overfits, hf_logits, ids, max_diff, serve_hub)
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -173,15 +173,7 @@ def test_the_model_on_the_reference_attention(monkeypatch):
     """The whole model with attention_reference in place of attention: the same logits, whole and by
     chunks after a KV cache, to 1e-5."""
     model = tiny_gpt(seed=3)
-    idx = ids(300, 2, 32, seed=4)
-    with torch.no_grad():
-        fast = model(idx)[0]
-        monkeypatch.setattr(gpt2, "attention", lambda q, k, v, pos=0, dropout=0.0:
-                            gpt2.attention_reference(q, k, v, pos))
-        ref = model(idx)[0]
-        cache = [gpt2.KVCache(32) for _ in model.transformer.h]
-        chunks = torch.cat([model(idx[:, a:b], cache=cache, pos=a)[0] for a, b in [(0, 10), (10, 11), (11, 32)]], 1)
-    assert max_diff(fast, ref) < 1e-5 and max_diff(fast, chunks) < 1e-5
+    check_model_on_reference_attention(gpt2, model, gpt2.attention_reference, model.transformer.h, monkeypatch)
 
 
 def test_optimizer_groups_by_name(tmp_path):

@@ -14,8 +14,8 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 import llama2
 from conftest import (CORPUS, check_cached_equals_uncached, check_causal, check_greedy_matches_hf,
-                      check_overfits, check_variant_refused, hf_logits, ids, max_diff, randomize, scale_up,
-                      script_home, serve_hub, train_tokenizer)
+                      check_model_on_reference_attention, check_overfits, check_variant_refused, hf_logits, ids,
+                      max_diff, randomize, scale_up, script_home, serve_hub, train_tokenizer)
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -242,15 +242,7 @@ def test_the_model_on_the_reference_attention(monkeypatch):
     """The whole GQA model with gqa_reference in place of attention: the same logits, whole and by
     chunks after a KV cache, to 1e-5."""
     model = tiny_llama(seed=3)
-    idx = ids(300, 2, 32, seed=4)
-    with torch.no_grad():
-        fast = model(idx)[0]
-        monkeypatch.setattr(llama2, "attention", lambda q, k, v, pos=0, dropout=0.0:
-                            llama2.gqa_reference(q, k, v, pos))
-        ref = model(idx)[0]
-        cache = [llama2.KVCache(32) for _ in model.model.layers]
-        chunks = torch.cat([model(idx[:, a:b], cache=cache, pos=a)[0] for a, b in [(0, 10), (10, 11), (11, 32)]], 1)
-    assert max_diff(fast, ref) < 1e-5 and max_diff(fast, chunks) < 1e-5
+    check_model_on_reference_attention(llama2, model, llama2.gqa_reference, model.model.layers, monkeypatch)
 
 
 @pytest.mark.parametrize("tied", [False, True])
