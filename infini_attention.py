@@ -688,7 +688,8 @@ class FeedForward(nn.Module):
 # ------------------------------------------ borrowed: Mixtral's experts (mixtral.py teaches them)
 # With --n_expert or a Mixtral checkpoint, each Block's feed-forward is Mixtral's sparse mixture of
 # experts: the same text as mixtral.py's (the loop over the experts, then the same dispatched
-# without a loop over tokens, and the router's statistics), read there first.
+# without a loop over tokens, and the router's statistics), read there first. This file has no
+# --show_routing: the router's `record` stays None.
 
 class SparseMoE(nn.Module):
     """Mixtral's feed-forward (section 2.1, eq. 1-2): y = sum over the top-k experts i of
@@ -708,7 +709,7 @@ class SparseMoE(nn.Module):
         # The experts' SwiGLU weights stacked on a leading expert axis (HF Mixtral: experts.N.w1 /
         # w3 / w2; Jamba: experts.N.gate_proj / up_proj / down_proj). --optimizer muon leaves them
         # on AdamW: torch's Muon takes 2-D parameters only, and one parameter per expert would undo
-        # the stacking the grouped matmul needs (the README measures what that costs Muon)
+        # the stacking the grouped matmul needs (RESULTS.md, "Muon against AdamW", measures it)
         self.w1 = nn.Parameter(torch.empty(E, f, d))  # gate projection, inside the SiLU
         self.w3 = nn.Parameter(torch.empty(E, f, d))  # up projection
         self.w2 = nn.Parameter(torch.empty(E, d, f))  # down projection
@@ -1696,10 +1697,9 @@ def passkey_accuracy(model, encode, lengths, n, device, ctx, memory=True):
 
 # Defaults sized so that a bare run takes about three minutes: tiny on a CPU (where the 50K-token output layer
 # costs more than the whole model), small on a GPU; llama2.py's shapes and tokens per step, in sequences of four
-# segments. On a 1 MB text a small model overfits: dropout 0.2 on the GPU.
-# On a GPU 400 steps of 8K tokens are 11 epochs of tiny-shakespeare's 304K tokens, with an eval every 1.3 epochs and
-# early stopping after 3 evals without a better val loss (--patience), since a small model overfits a 1 MB text
-# within a few epochs. The end's sample comes from the best weights.
+# segments. On a GPU 400 steps of 8K tokens are 11 epochs of tiny-shakespeare's 304K tokens, with an eval every
+# 1.3 epochs and early stopping after 3 evals without a better val loss (--patience), since a small model overfits a
+# 1 MB text within a few epochs (hence dropout 0.2 on the GPU). The end's sample comes from the best weights.
 PRESETS = {
     "cpu": dict(n_layer=4, n_head=4, n_kv_head=2, n_embd=128, segment_len=32, block_size=128, batch_size=4,
                 max_iters=200, eval_interval=100, eval_iters=10, log_interval=25, lr=3e-3, min_lr=3e-4, gate_lr=3e-2,

@@ -10,7 +10,7 @@ A Jamba is a stack of layers, each a sequence mixer and a feed-forward part in p
 The released model has one attention layer in eight (a:m = 1:7, at offset 4) and 16 experts, top 2, in every
 other layer (section 3). The attention is grouped-query with no positional encoding at all: the Mamba layers
 carry the order of the tokens (section 6, "Jamba does not require explicit positional information"). The Mamba
-layer is Mamba-1 (Gu and Dao 2023, arXiv 2312.00752: mamba.py's Mixer and its selective scan, the same text)
+layer is Mamba-1 (Gu and Dao 2023, arXiv 2312.00752: mamba.py's Mixer; its selective scan is the same text)
 with the RMSNorms Jamba adds on Delta's input, B and C for stability at scale (section 6, "Stabilizing Mamba
 at large scale"). The mixture of experts is mixtral.py's (the same dropless dispatch, SwiGLU experts and
 load-balancing loss) with Jamba's router weights: the top k of a softmax over all the experts, not
@@ -20,7 +20,8 @@ inputs and the SSM state for the Mamba layers, whose size does not grow with the
 
 The model section reads in that order: Jamba's own code first (attention without positions, JambaMixer with
 its norms, jamba_route, Block with the layer pattern, the model), then what it borrows under headings that
-name the files teaching it: mamba.py's selective scan, then mixtral.py's experts (JambaMoE last, after SparseMoE).
+name the files teaching it: mamba.py's selective scan, then mixtral.py's experts (JambaMoE right after SparseMoE,
+then the dispatch). RMSNorm, the KV cache and the SwiGLU are llama2.py's, among Jamba's own code.
 
 What is here: the model; sampling with the hybrid cache; loading `JambaForCausalLM` checkpoints in the Hugging
 Face layout (ai21labs/Jamba-tiny-dev, ai21labs/AI21-Jamba-Mini-1.5, Jamba-v0.1, or anything `save_pretrained`
@@ -38,8 +39,9 @@ knows (BPE with byte fallback); otherwise it samples as token ids (--sample_only
     python jamba.py --init_from resume --sample_only --show_routing --show_top 3   # each token's experts
 
 Offline (no download, no tiktoken files) it says so and carries on: the Python standard library's own source
-as the text, raw UTF-8 bytes as the tokens. Every step's randomness (batches, dropout) is drawn from a seed
-made of (--seed, iteration, rank), so `--init_from resume` continues exactly as an uninterrupted run would.
+as the text, raw UTF-8 bytes as the tokens. Every step's randomness (batches, dropout, router jitter) is drawn
+from a seed made of (--seed, iteration, rank), so `--init_from resume` continues exactly as an uninterrupted run
+would.
 """
 import argparse
 import hashlib
@@ -432,7 +434,7 @@ class Jamba(nn.Module):
         only); "no_decay", the RMSNorm gains, biases, D and A_log (decay would pull every A =
         -exp(A_log) to -1)."""
         groups = {}
-        matrices = ("_proj.weight", "router.weight", "gate.weight")
+        matrices = ("_proj.weight", "gate.weight")  # gate.weight: the router (HF: router.weight)
         for name, _ in self.named_parameters():
             if name.endswith(("norm.weight", "bias", ".D", "A_log")):
                 groups[name] = "no_decay"
@@ -666,8 +668,8 @@ class ChunkedScan(torch.autograd.Function):
             K = parallel_scan(dA, dA * G, reverse=True)      # (B, L, d_inner, N)
             G[:, :-1] += K[:, 1:]                            # ... + K_{t+1}: G_t
             K[:, 1:] *= h[:, :-1]                            # K_t h_{t-1}: Delta_t A's gradient
-            K, s = K[:, 0].clone(), K
-            s[:, 0] *= h0                                    # K_0 (h0's) goes to the chunk before
+            K, s = K[:, 0].clone(), K                        # K_0: h0's gradient, to the chunk before
+            s[:, 0] *= h0                                    # K_0 h_{-1}, h_{-1} = h0: Delta_0 A's
             GB = torch.einsum("blen,bln->ble", G, B[:, c])   # dL/d(Delta_t x_t)
             gdelta[:, c] = torch.einsum("blen,en->ble", s, A) + x[:, c] * GB
             gA += torch.einsum("blen,ble->en", s, delta[:, c])
@@ -730,7 +732,7 @@ class SparseMoE(nn.Module):
         # The experts' SwiGLU weights stacked on a leading expert axis (HF Mixtral: experts.N.w1 /
         # w3 / w2; Jamba: experts.N.gate_proj / up_proj / down_proj). --optimizer muon leaves them
         # on AdamW: torch's Muon takes 2-D parameters only, and one parameter per expert would undo
-        # the stacking the grouped matmul needs (the README measures what that costs Muon)
+        # the stacking the grouped matmul needs (RESULTS.md, "Muon against AdamW", measures it)
         self.w1 = nn.Parameter(torch.empty(E, f, d))  # gate projection, inside the SiLU
         self.w3 = nn.Parameter(torch.empty(E, f, d))  # up projection
         self.w2 = nn.Parameter(torch.empty(E, d, f))  # down projection
@@ -1667,7 +1669,7 @@ PRESETS = {
                  block_size=256, batch_size=32, max_iters=400, eval_interval=50, eval_iters=50, log_interval=25,
                  lr=1e-3, min_lr=1e-4, warmup_iters=40, dropout=0.2, patience=3),
 }
-RUN_TIME = ("dropout", "capacity_factor", "aux_loss_coef", "z_loss_coef")  # Config fields a run sets
+RUN_TIME = ("dropout", "router_noise", "capacity_factor", "aux_loss_coef", "z_loss_coef")  # Config fields a run sets
 
 
 def add_model_flags(p):
@@ -1692,6 +1694,8 @@ def add_model_flags(p):
                         "tokens, the rest skip the layer (static shapes); evaluation and sampling stay dropless")
     p.add_argument("--aux_loss_coef", type=float, default=0.001, help="load-balancing loss weight (Jamba: 0.001)")
     p.add_argument("--z_loss_coef", type=float, default=0.0, help="router z-loss weight (Jamba: none)")
+    p.add_argument("--router_noise", type=float, default=0.0,
+                   help="jitter: multiply the router's input by U(1 - eps, 1 + eps) in training (Jamba: none)")
     p.add_argument("--show_routing", action="store_true", help="after the sample, the experts each token went to in "
                    "each MoE layer with their weights, and the tokens each expert took")
     p.add_argument("--dropout", type=float, help="on the attention weights and the residual branches")

@@ -292,9 +292,8 @@ class Mamba(nn.Module):
         return groups
 
     def num_params(self, non_embedding=True):
-        """Parameters a token computes with: a tied embedding/head counted once, lookups (an untied
-        input embedding, a position table) left out by default (Mamba's embedding is tied: it always
-        counts)."""
+        """Parameters a token computes with: the tied embedding/head counted once (Mamba's embedding is
+        tied: it always counts, whatever non_embedding says)."""
         return sum(p.numel() for p in self.parameters())
 
     def state_bytes(self, itemsize=4):
@@ -459,8 +458,8 @@ class ChunkedScan(torch.autograd.Function):
             K = parallel_scan(dA, dA * G, reverse=True)      # (B, L, d_inner, N)
             G[:, :-1] += K[:, 1:]                            # ... + K_{t+1}: G_t
             K[:, 1:] *= h[:, :-1]                            # K_t h_{t-1}: Delta_t A's gradient
-            K, s = K[:, 0].clone(), K
-            s[:, 0] *= h0                                    # K_0 (h0's) goes to the chunk before
+            K, s = K[:, 0].clone(), K                        # K_0: h0's gradient, to the chunk before
+            s[:, 0] *= h0                                    # K_0 h_{-1}, h_{-1} = h0: Delta_0 A's
             GB = torch.einsum("blen,bln->ble", G, B[:, c])   # dL/d(Delta_t x_t)
             gdelta[:, c] = torch.einsum("blen,en->ble", s, A) + x[:, c] * GB
             gA += torch.einsum("blen,ble->en", s, delta[:, c])

@@ -171,8 +171,10 @@ def ssd_loop(x, dt, A, B, C, D, h0=None):
     B, C = B.float().repeat_interleave(R, 2), C.float().repeat_interleave(R, 2)  # (b, T, H, N)
     h = x.new_zeros(b, H, P, N, dtype=torch.float32) if h0 is None else h0
     ys = []
-    for t in range(T):
-        y, h = ssd_step(h, x[:, t].float(), dt[:, t].float(), A, B[:, t], C[:, t], D)
+    # unbind, not x[:, t]: an index's backward adds a zero tensor of the whole sequence per step
+    steps = zip(x.float().unbind(1), dt.float().unbind(1), B.unbind(1), C.unbind(1))
+    for x_t, dt_t, B_t, C_t in steps:
+        y, h = ssd_step(h, x_t, dt_t, A, B_t, C_t, D)
         ys.append(y)
     return torch.stack(ys, 1).to(x.dtype), h
 
@@ -192,29 +194,14 @@ def segsum(a):
 def ssd_quadratic(x, dt, A, B, C, D):
     """ssd_loop's y from a zero state as one matrix (sections 3 and 5, the duality):
     y = M (Delta x) + D x with M_ts = C_t . B_s exp(a_{s+1} + ... + a_t) for s <= t, 0 above:
-    masked, decay-weighted attention without a softmax, at O(T^2) cost. ssd_chunked runs it inside
-    each chunk."""
+    masked, decay-weighted attention without a softmax, at O(T^2) cost. ssd_chunked computes the
+    same product inside each chunk."""
     R = x.size(2) // B.size(2)
     B, C = B.float().repeat_interleave(R, 2), C.float().repeat_interleave(R, 2)  # (b, T, H, N)
     L = torch.exp(segsum((dt.float() * A).transpose(1, 2)))  # (b, H, T, T): L_ts
     M = L * torch.einsum("bthn,bshn->bhts", C, B)              # (b, H, T, T)
     y = torch.einsum("bhts,bshp->bthp", M, dt.float()[..., None] * x.float())
     return (y + D[:, None] * x.float()).to(x.dtype)
-
-
-class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * g: LayerNorm without the mean and the bias (Zhang and Sennrich
-    2019, eq. 4). Computed in float32 whatever the input, as the reference does, then cast back."""
-
-    def __init__(self, dim, eps):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        x32 = x.float()
-        inv_rms = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)  # 1 / RMS(x), eq. 4
-        return self.weight * (x32 * inv_rms).type_as(x)
 
 
 class GatedRMSNorm(nn.Module):
@@ -452,9 +439,10 @@ def ssd_chunked(x, dt, A, B, C, D, chunk_size, h0=None):
     """ssd_loop's map (the same arguments, the same y and last state) by the chunked algorithm of
     section 6 (Listing 1), for training and prompts. It cuts the T steps into chunks of Q =
     chunk_size (the last one padded with steps of a = 0 and Delta x = 0, which leave the state as it
-    is); inside a chunk, ssd_quadratic's masked matrix (the diagonal blocks); between chunks, only
-    the (P x N) state per head (the off-diagonal blocks, low rank). Matrix products everywhere, at
-    O(T Q) cost. In float32, but for the chunks' matrix products, which autocast may run in bf16."""
+    is); inside a chunk, the same masked matrix as ssd_quadratic (the diagonal blocks); between
+    chunks, only the (P x N) state per head (the off-diagonal blocks, low rank). Matrix products
+    everywhere, at O(T Q) cost. In float32, but for the chunks' matrix products, which autocast may
+    run in bf16."""
     dtype, (b, T, H, P), (G, N) = x.dtype, x.shape, B.shape[2:]
     R, Q = H // G, min(chunk_size, T)                            # heads per group, steps per chunk
     x, dt, B, C = x.float(), dt.float(), B.float(), C.float()
@@ -490,6 +478,24 @@ def ssd_chunked(x, dt, A, B, C, D, chunk_size, h0=None):
     y = y.flatten(1, 2)[:, :T].reshape(b, T, H, P)
     # the last state in its own storage, not a view keeping every chunk's state alive in decoding
     return (y + D[:, None] * x).to(dtype), states[:, -1].flatten(1, 2).clone()  # + D x: the skip
+
+
+# ------------------------------------------------------- borrowed: RMSNorm (llama2.py teaches it)
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * g: LayerNorm without the mean and the bias (Zhang and Sennrich
+    2019, eq. 4). Computed in float32 whatever the input, as the reference does, then cast back."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        inv_rms = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)  # 1 / RMS(x), eq. 4
+        return self.weight * (x32 * inv_rms).type_as(x)
+
 
 
 # -------------------------------------------------------------- files: checkpoints, token files, downloads

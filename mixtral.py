@@ -230,12 +230,14 @@ class Attention(nn.Module):
         k_pos = torch.arange(T, device=x.device)  # the keys' positions
         if cache is not None:
             k, v, k_pos = cache.update(k, v, pos)
-        q_pos = torch.arange(pos, pos + T, device=x.device)[:, None]
-        visible = k_pos <= q_pos                    # (T, keys): causal
-        if self.window is not None:
-            visible &= k_pos > q_pos - self.window  # and within the window (Mistral, figure 1)
         plain = pos == 0 and self.window is None    # then SDPA's own causal mask: flash attention
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if plain else visible,
+        visible = None
+        if not plain:
+            q_pos = torch.arange(pos, pos + T, device=x.device)[:, None]
+            visible = k_pos <= q_pos                    # (T, keys): causal
+            if self.window is not None:
+                visible &= k_pos > q_pos - self.window  # and within the window (Mistral, figure 1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible,
                                            is_causal=plain and T > 1, enable_gqa=True,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.resid_dropout(self.o_proj(y.transpose(1, 2).reshape(B, T, -1)))
@@ -259,7 +261,7 @@ class SparseMoE(nn.Module):
         # The experts' SwiGLU weights stacked on a leading expert axis (HF Mixtral: experts.N.w1 /
         # w3 / w2; Jamba: experts.N.gate_proj / up_proj / down_proj). --optimizer muon leaves them
         # on AdamW: torch's Muon takes 2-D parameters only, and one parameter per expert would undo
-        # the stacking the grouped matmul needs (the README measures what that costs Muon)
+        # the stacking the grouped matmul needs (RESULTS.md, "Muon against AdamW", measures it)
         self.w1 = nn.Parameter(torch.empty(E, f, d))  # gate projection, inside the SiLU
         self.w3 = nn.Parameter(torch.empty(E, f, d))  # up projection
         self.w2 = nn.Parameter(torch.empty(E, d, f))  # down projection

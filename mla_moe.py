@@ -153,8 +153,8 @@ class Config:
 
 # ------------------------------------------------------------------------------------------ model
 # DeepSeek-V2's attention (MLA) and DeepSeekMoE with V3's gate as the papers write them, the block,
-# the model. After it, "the same, fast": the routed experts dispatched in one pass; then RMSNorm,
-# RoPE and SwiGLU, borrowed from llama2.py.
+# the model. After it, "the same, fast": the routed experts dispatched in one pass by mixtral.py's
+# dispatch; then RMSNorm, RoPE and SwiGLU, borrowed from llama2.py.
 
 def yarn_rope_frequencies(cfg, device=None):
     """(theta_i for the qk_rope_head_dim rotary dimensions, the factor on cos and sin). Plain:
@@ -218,7 +218,8 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(r, 1e-6)
         self.kv_b_proj = nn.Linear(r, H * (dn + dv), bias=False)                   # W_UK; W_UV
         self.o_proj = nn.Linear(H * dv, cfg.n_embd, bias=False)                    # W_O
-        # eq. 46's 1/sqrt(d_h + d_R), times YaRN's temperature squared when the context is extended
+        # eq. 46's 1/sqrt(d_h + d_R); an extended context (YaRN) scales q and k each by
+        # yarn_mscale = sqrt(1/t), so the scores by its square, on every dimension as DeepSeek does
         yarn = cfg.rope_scaling or {}
         mscale = yarn_mscale(yarn.get("factor", 1.0), yarn.get("mscale_all_dim") or 0)
         self.scale = (dn + dr) ** -0.5 * mscale ** 2
@@ -585,11 +586,12 @@ class DeepSeek(nn.Module):
             self.update_bias(load, self.config.bias_update_speed)
 
     @torch.no_grad()
-    def update_bias(self, counts, speed):
+    def update_bias(self, load, speed):
         """Auxiliary-loss-free balancing (V3 section 2.1.2): after a step, b_i -= speed for the
-        experts above the mean load, += speed for those below. counts: (MoE layers, E) pairs of the
-        step."""
-        for moe, c in zip(self.moe_layers(), counts):
+        experts above the mean load, += speed for those below. load: (MoE layers, E), each expert's
+        share of the pairs summed over the step's micro-batches (and ranks): only its sign against
+        the mean counts."""
+        for moe, c in zip(self.moe_layers(), load):
             moe.gate.e_score_correction_bias += speed * torch.sign(c.mean() - c)
 
     @torch.no_grad()
@@ -634,7 +636,7 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, on_logits=None)
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
 
 
-# --------------------------------------------------------------------------------- the same, fast
+# ------------------------------------------ the same, fast: dispatch (mixtral.py teaches it)
 # DeepSeekMoE.forward gives forward_loop's sum (the tests hold them equal, gradients too) without a
 # loop over the experts: mixtral.py's dispatch, the same text (its capacity mode unused here).
 

@@ -119,6 +119,17 @@ class Config:
 # TransformerXL.hidden runs all the segments of a window at once, each layer once, with the relative
 # shift of appendix B (tests/test_transformer_xl.py holds the two equal).
 
+def sinusoid(distances, dim, dtype=torch.float32):
+    """R (section 3.3): the sinusoid of Vaswani et al. 2017 at each distance, (K,) -> (K, dim),
+    sines then cosines as the released code lays them out (no learned parameters: R generalises to
+    distances longer than training's); an odd dim keeps the first dim columns. Computed in
+    float32, or float64 for a float64 model, then cast to dtype."""
+    work = torch.promote_types(dtype, torch.float32)
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, dim, 2, device=distances.device, dtype=work) / dim)
+    angles = distances.to(work)[:, None] * inv_freq  # (K, ceil(dim/2))
+    return torch.cat((angles.sin(), angles.cos()), dim=-1)[:, :dim].to(dtype)
+
+
 def segment_loop(model, idx, targets=None, mems=None, segment_len=None, mem_len=None):
     """The recurrence of section 3.2, one segment tau+1 at a time; at each layer n:
         h~^{n-1}_{tau+1} = [SG(m^{n-1}_tau) o h^{n-1}_{tau+1}]   memory (no gradient), then segment
@@ -187,17 +198,6 @@ def relative_attention(attn, h, m, R):
 
 
 # ------------------------------------------------------------------------ the same, fast
-
-def sinusoid(distances, dim, dtype=torch.float32):
-    """R (section 3.3): the sinusoid of Vaswani et al. 2017 at each distance, (K,) -> (K, dim),
-    sines then cosines as the released code lays them out (no learned parameters: R generalises to
-    distances longer than training's); an odd dim keeps the first dim columns. Computed in
-    float32, or float64 for a float64 model, then cast to dtype."""
-    work = torch.promote_types(dtype, torch.float32)
-    inv_freq = 1.0 / 10000 ** (torch.arange(0, dim, 2, device=distances.device, dtype=work) / dim)
-    angles = distances.to(work)[:, None] * inv_freq  # (K, ceil(dim/2))
-    return torch.cat((angles.sin(), angles.cos()), dim=-1)[:, :dim].to(dtype)
-
 
 def rel_shift(x):
     """(..., L, K) scores in the (query, distance) layout -> the (query, key) layout, K = M + L.
