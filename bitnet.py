@@ -26,8 +26,8 @@ boundary, so small steps do little), and with `--two_stage` their two-stage sche
 the first half, with a weight decay that falls by a cosine from --weight_decay to 0, then at the midpoint the
 learning rate is cut in half and decays again by cosine to --min_lr, and weight decay stays off (the report's
 "cooldown"); without it, warmup and one cosine, as the other files. The CPU preset takes twice llama2.py's rate
-(6e-3), better than 3e-3 over its 200 steps. The CUDA preset keeps llama2.py's 1e-3: there 500
-steps are many passes over tiny-shakespeare, and higher rates lower the training loss faster but overfit sooner;
+(6e-3), better than 3e-3 over its 200 steps. The CUDA preset keeps llama2.py's 1e-3: on a GPU a run makes
+many passes over tiny-shakespeare, and higher rates lower the training loss faster but overfit sooner;
 the higher rate is for the data-rich regime the papers train in (benchmarks/RESULTS.md has the runs behind both
 choices). The quantizers' scales are recomputed at every step, from the current master weights and activations.
 
@@ -50,8 +50,10 @@ the text, raw UTF-8 bytes as the tokens. Every step's randomness (batches, dropo
 """
 import argparse
 import copy
+import functools
 import hashlib
 import heapq
+import inspect
 import json
 import math
 import os
@@ -189,8 +191,8 @@ class BitLinear(nn.Linear):
         x_q, s_x = quantize_activations(x)                   # (..., in) integers in [-128, 127]
         w_q, s_w = quantize_weights(self.weight, self.bits)  # (out, in) in {-1, 0, +1} or {-1, +1}
         # y = W~ x~ * beta gamma / Q_b (BitNet section 2.1), beta = 1 / s_w, gamma / Q_b = 1 / s_x.
-        # The products are integers up to 127 * in_features, exact in float32 (and the codes exact
-        # in bf16), so PackedBitLinear's int8 matmul gives the same numbers.
+        # The products are integers of magnitude at most 128 * in_features, exact in float32 (and
+        # the codes exact in bf16), so PackedBitLinear's int8 matmul gives the same numbers.
         return (F.linear(x_q, w_q) / (s_x * s_w)).type_as(x)
 
 
@@ -246,6 +248,21 @@ class KVCache:
         return self.k[:, :, :pos + T], self.v[:, :, :pos + T]
 
 
+def attention(q, k, v, pos=0, dropout=0.0):
+    """The same, fast: torch's fused scaled_dot_product_attention (flash attention on CUDA),
+    which keeps no (T, S) scores for backward. Where k and v have fewer heads than q
+    (grouped-query attention, llama2.py), each of theirs serves a consecutive group of q's
+    heads (enable_gqa), read in place."""
+    T = q.size(-2)
+    # From pos 0 the usual causal mask (is_causal); one new token sees the whole cache, no mask;
+    # a chunk after a cache needs the mask shifted by pos (is_causal aligns it top-left).
+    mask = None
+    if pos > 0 and T > 1:
+        mask = torch.ones(T, pos + T, dtype=torch.bool, device=q.device).tril(pos)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=pos == 0,
+                                          dropout_p=dropout, enable_gqa=k.size(1) != q.size(1))
+
+
 class Attention(nn.Module):
     """Grouped-query attention with BitLinear projections, and an RMSNorm (attn_sub_norm) on the
     heads' output before o_proj: the sub-norm the 2B4T report keeps from BitNet's SubLN, so that
@@ -272,16 +289,7 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, pos)
-        # Query i sits at position pos + i and sees keys 0..pos + i: the causal mask from pos 0, no
-        # mask for one new token, and for a chunk after a cache the mask shifted by pos (SDPA's
-        # is_causal aligns it top-left).
-        mask = None
-        if pos > 0 and T > 1:
-            mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(pos)
-        # softmax(q k^T / sqrt(hd)) v; enable_gqa: kv head h // (H / H_kv) serves query head h
-        dropout_p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=pos == 0,
-                                           dropout_p=dropout_p, enable_gqa=True)
+        y = attention(q, k, v, pos, self.dropout if self.training else 0.0)  # (B, H, T, hd)
         y = self.attn_sub_norm(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, n_head * hd)
         return self.resid_dropout(self.o_proj(y))
 
@@ -1158,14 +1166,16 @@ def load_optimizer(model, optimizer, saved, args):
 def config_json_errors(from_pretrained):
     """from_pretrained, with what a config.json value of the wrong type or shape makes fail while the model is built
     from it (a string or null where a number belongs, a list where an object does: TypeError, ValueError,
-    AttributeError, KeyError, ArithmeticError) raised as one line of bad input, as a flag of the wrong type is."""
+    AttributeError, KeyError, ArithmeticError) raised as one line of bad input, as a flag of the wrong type is. A
+    caller's wrong argument stays the caller's TypeError."""
+    @functools.wraps(from_pretrained)  # its name, docstring and signature
     def checked(name_or_path, *args, **kwargs):
+        inspect.signature(from_pretrained).bind(name_or_path, *args, **kwargs)
         try:
             return from_pretrained(name_or_path, *args, **kwargs)
         except (TypeError, ValueError, AttributeError, KeyError, ArithmeticError) as e:
             raise InputError(f"{name_or_path}: its config.json does not make a model ({type(e).__name__}: "
                              f"{' '.join(str(e).split())[:200]})") from None
-    checked.__name__, checked.__doc__ = from_pretrained.__name__, from_pretrained.__doc__
     return checked
 
 
@@ -1353,8 +1363,8 @@ def show_sample(model, tokenizer, args, env, title):
 
 
 # ------------------------------------------------------------------------------------------- data
-# From here on every file holds the same text (tests/test_harness.py): data, training, the command line. It calls
-# the model's own PRESETS, add_model_flags, build_model, flops_per_token, schedule, batches and show_sample (above).
+# From here on every file holds the same text (tests/test_harness.py): data, training, the command line. It calls the
+# model's own PRESETS, add_model_flags, build_model, flops_per_token, schedule, batches, show_sample, save_pretrained.
 
 def load_tokenizer(name=None):
     """The Tokenizer of "gpt2" (tiktoken's), "bytes", a tokenizer.json; None: gpt2, or bytes offline."""

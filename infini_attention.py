@@ -65,8 +65,10 @@ drawn from a seed made of (--seed, iteration, rank), so `--init_from resume` con
 uninterrupted run would.
 """
 import argparse
+import functools
 import hashlib
 import heapq
+import inspect
 import json
 import math
 import os
@@ -671,7 +673,7 @@ def apply_rotary(x, cos, sin):
 class FeedForward(nn.Module):
     """SwiGLU (Shazeer 2020, eq. 6 without biases): W_down (SiLU(x W_gate) * (x W_up)). Its width is
     8/3 n_embd rather than 4 n_embd in Llama, which keeps the parameter count of a two-matrix MLP
-    (LLaMA paper, section 2)."""
+    (LLaMA paper, section 2.2)."""
 
     def __init__(self, n_embd, width, dropout=0.0):
         super().__init__()
@@ -1515,14 +1517,16 @@ def load_optimizer(model, optimizer, saved, args):
 def config_json_errors(from_pretrained):
     """from_pretrained, with what a config.json value of the wrong type or shape makes fail while the model is built
     from it (a string or null where a number belongs, a list where an object does: TypeError, ValueError,
-    AttributeError, KeyError, ArithmeticError) raised as one line of bad input, as a flag of the wrong type is."""
+    AttributeError, KeyError, ArithmeticError) raised as one line of bad input, as a flag of the wrong type is. A
+    caller's wrong argument stays the caller's TypeError."""
+    @functools.wraps(from_pretrained)  # its name, docstring and signature
     def checked(name_or_path, *args, **kwargs):
+        inspect.signature(from_pretrained).bind(name_or_path, *args, **kwargs)
         try:
             return from_pretrained(name_or_path, *args, **kwargs)
         except (TypeError, ValueError, AttributeError, KeyError, ArithmeticError) as e:
             raise InputError(f"{name_or_path}: its config.json does not make a model ({type(e).__name__}: "
                              f"{' '.join(str(e).split())[:200]})") from None
-    checked.__name__, checked.__doc__ = from_pretrained.__name__, from_pretrained.__doc__
     return checked
 
 
@@ -1773,7 +1777,7 @@ def build_model(args, given, ckpt, env):
     model.find_unused_parameters = args.block_size <= cfg.segment_len  # one segment: the gates get no gradient
     if args.task == "passkey":  # before any training: the table's shortest context is one segment
         if tokenizer is None:
-            raise InputError(f"--task passkey needs a tokenizer, and {args.init_from} has none tiktoken can read")
+            raise InputError(f"--task passkey needs a tokenizer, and {args.init_from} has none this file runs")
         try:
             passkey_batch(tokenizer.encode, 1, cfg.segment_len, "cpu")
         except InputError:
@@ -1829,8 +1833,8 @@ def show_sample(model, tokenizer, args, env, title):
 
 
 # ------------------------------------------------------------------------------------------- data
-# From here on every file holds the same text (tests/test_harness.py): data, training, the command line. It calls
-# the model's own PRESETS, add_model_flags, build_model, flops_per_token, schedule, batches and show_sample (above).
+# From here on every file holds the same text (tests/test_harness.py): data, training, the command line. It calls the
+# model's own PRESETS, add_model_flags, build_model, flops_per_token, schedule, batches, show_sample, save_pretrained.
 
 def load_tokenizer(name=None):
     """The Tokenizer of "gpt2" (tiktoken's), "bytes", a tokenizer.json; None: gpt2, or bytes offline."""

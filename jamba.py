@@ -21,7 +21,8 @@ inputs and the SSM state for the Mamba layers, whose size does not grow with the
 The model section reads in that order: Jamba's own code first (attention without positions, JambaMixer with
 its norms, jamba_route, Block with the layer pattern, the model), then what it borrows under headings that
 name the files teaching it: mamba.py's selective scan, then mixtral.py's experts (JambaMoE right after SparseMoE,
-then the dispatch). RMSNorm, the KV cache and the SwiGLU are llama2.py's, among Jamba's own code.
+then the dispatch). RMSNorm, the KV cache, `attention` and the SwiGLU are llama2.py's, among Jamba's
+own code.
 
 What is here: the model; sampling with the hybrid cache; loading `JambaForCausalLM` checkpoints in the Hugging
 Face layout (ai21labs/Jamba-tiny-dev, ai21labs/AI21-Jamba-Mini-1.5, Jamba-v0.1, or anything `save_pretrained`
@@ -44,8 +45,10 @@ from a seed made of (--seed, iteration, rank), so `--init_from resume` continues
 would.
 """
 import argparse
+import functools
 import hashlib
 import heapq
+import inspect
 import json
 import math
 import os
@@ -208,6 +211,21 @@ class KVCache:
         return self.k[:, :, :pos + T], self.v[:, :, :pos + T]
 
 
+def attention(q, k, v, pos=0, dropout=0.0):
+    """The same, fast: torch's fused scaled_dot_product_attention (flash attention on CUDA),
+    which keeps no (T, S) scores for backward. Where k and v have fewer heads than q
+    (grouped-query attention, llama2.py), each of theirs serves a consecutive group of q's
+    heads (enable_gqa), read in place."""
+    T = q.size(-2)
+    # From pos 0 the usual causal mask (is_causal); one new token sees the whole cache, no mask;
+    # a chunk after a cache needs the mask shifted by pos (is_causal aligns it top-left).
+    mask = None
+    if pos > 0 and T > 1:
+        mask = torch.ones(T, pos + T, dtype=torch.bool, device=q.device).tril(pos)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=pos == 0,
+                                          dropout_p=dropout, enable_gqa=k.size(1) != q.size(1))
+
+
 class Attention(nn.Module):
     """Grouped-query attention (Ainslie et al. 2023) without any positional encoding: no rotary, no
     position table. Jamba's attention layers sit after Mamba layers, whose recurrence already
@@ -233,16 +251,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, K, hd).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(k, v, pos)
-        # Query i sits at position pos + i and sees keys 0..pos + i: the causal mask from pos 0, no
-        # mask for one new token, and for a chunk after a cache the mask shifted by pos (SDPA's
-        # is_causal aligns it top-left).
-        mask = None
-        if pos > 0 and T > 1:
-            mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(pos)
-        # softmax(q k^T / sqrt(head_dim)) v; enable_gqa: kv head h // (H / K) serves query head h
-        p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=pos == 0, dropout_p=p,
-                                           enable_gqa=True)
+        y = attention(q, k, v, pos, self.dropout if self.training else 0.0)  # (B, H, T, hd)
         return self.resid_dropout(self.o_proj(y.transpose(1, 2).reshape(B, T, -1)))
 
 
@@ -329,7 +338,7 @@ def jamba_route(logits, k):
 class FeedForward(nn.Module):
     """SwiGLU (Shazeer 2020, eq. 6 without biases): W_down (SiLU(x W_gate) * (x W_up)). Its width is
     8/3 n_embd rather than 4 n_embd in Llama, which keeps the parameter count of a two-matrix MLP
-    (LLaMA paper, section 2)."""
+    (LLaMA paper, section 2.2)."""
 
     def __init__(self, n_embd, width, dropout=0.0):
         super().__init__()
@@ -668,7 +677,7 @@ class ChunkedScan(torch.autograd.Function):
             K = parallel_scan(dA, dA * G, reverse=True)      # (B, L, d_inner, N)
             G[:, :-1] += K[:, 1:]                            # ... + K_{t+1}: G_t
             K[:, 1:] *= h[:, :-1]                            # K_t h_{t-1}: Delta_t A's gradient
-            K, s = K[:, 0].clone(), K                        # K_0: h0's gradient, to the chunk before
+            K, s = K[:, 0].clone(), K                        # K_0: h0's gradient (chunk before)
             s[:, 0] *= h0                                    # K_0 h_{-1}, h_{-1} = h0: Delta_0 A's
             GB = torch.einsum("blen,bln->ble", G, B[:, c])   # dL/d(Delta_t x_t)
             gdelta[:, c] = torch.einsum("blen,en->ble", s, A) + x[:, c] * GB
@@ -1547,14 +1556,16 @@ def load_optimizer(model, optimizer, saved, args):
 def config_json_errors(from_pretrained):
     """from_pretrained, with what a config.json value of the wrong type or shape makes fail while the model is built
     from it (a string or null where a number belongs, a list where an object does: TypeError, ValueError,
-    AttributeError, KeyError, ArithmeticError) raised as one line of bad input, as a flag of the wrong type is."""
+    AttributeError, KeyError, ArithmeticError) raised as one line of bad input, as a flag of the wrong type is. A
+    caller's wrong argument stays the caller's TypeError."""
+    @functools.wraps(from_pretrained)  # its name, docstring and signature
     def checked(name_or_path, *args, **kwargs):
+        inspect.signature(from_pretrained).bind(name_or_path, *args, **kwargs)
         try:
             return from_pretrained(name_or_path, *args, **kwargs)
         except (TypeError, ValueError, AttributeError, KeyError, ArithmeticError) as e:
             raise InputError(f"{name_or_path}: its config.json does not make a model ({type(e).__name__}: "
                              f"{' '.join(str(e).split())[:200]})") from None
-    checked.__name__, checked.__doc__ = from_pretrained.__name__, from_pretrained.__doc__
     return checked
 
 
@@ -1829,8 +1840,8 @@ def show_routing(ids, tokenizer, layers, routes, n_expert, extra=None):
 
 
 # ------------------------------------------------------------------------------------------- data
-# From here on every file holds the same text (tests/test_harness.py): data, training, the command line. It calls
-# the model's own PRESETS, add_model_flags, build_model, flops_per_token, schedule, batches and show_sample (above).
+# From here on every file holds the same text (tests/test_harness.py): data, training, the command line. It calls the
+# model's own PRESETS, add_model_flags, build_model, flops_per_token, schedule, batches, show_sample, save_pretrained.
 
 def load_tokenizer(name=None):
     """The Tokenizer of "gpt2" (tiktoken's), "bytes", a tokenizer.json; None: gpt2, or bytes offline."""

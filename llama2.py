@@ -32,8 +32,10 @@ as the tokens. Every step's randomness (batches, dropout) is drawn from a seed m
 iteration, rank), so `--init_from resume` continues exactly as an uninterrupted run would.
 """
 import argparse
+import functools
 import hashlib
 import heapq
+import inspect
 import json
 import math
 import os
@@ -192,6 +194,18 @@ def attention_reference(q, k, v, pos=0):
     return scores.softmax(dim=-1) @ v
 
 
+def gqa_reference(q, k, v, pos=0):
+    """Grouped-query attention as Ainslie et al. 2023 (section 2.2) describe it: the n_head query
+    heads fall into n_kv_head groups of n_head / n_kv_head consecutive heads, each group sharing one
+    key/value head. Copied once per query head of its group, the shared heads make it multi-head
+    attention, eq. 1. q (B, n_head, T, hd), k and v (B, n_kv_head, pos + T, hd). `attention` reads
+    them in place instead of copying (enable_gqa); the tests hold it to this."""
+    group = q.size(1) // k.size(1)           # query heads per key/value head
+    k = k.repeat_interleave(group, dim=1)    # (B, n_head, pos + T, hd): head h reads h // group
+    v = v.repeat_interleave(group, dim=1)
+    return attention_reference(q, k, v, pos)
+
+
 def attention(q, k, v, pos=0, dropout=0.0):
     """The same, fast: torch's fused scaled_dot_product_attention (flash attention on CUDA),
     which keeps no (T, S) scores for backward. Where k and v have fewer heads than q
@@ -205,18 +219,6 @@ def attention(q, k, v, pos=0, dropout=0.0):
         mask = torch.ones(T, pos + T, dtype=torch.bool, device=q.device).tril(pos)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=pos == 0,
                                           dropout_p=dropout, enable_gqa=k.size(1) != q.size(1))
-
-
-def gqa_reference(q, k, v, pos=0):
-    """Grouped-query attention as Ainslie et al. 2023 (section 2.2) describe it: the n_head query
-    heads fall into n_kv_head groups of n_head / n_kv_head consecutive heads, each group sharing one
-    key/value head. Copied once per query head of its group, the shared heads make it multi-head
-    attention, eq. 1. q (B, n_head, T, hd), k and v (B, n_kv_head, pos + T, hd). `attention` reads
-    them in place instead of copying (enable_gqa); the tests hold it to this."""
-    group = q.size(1) // k.size(1)           # query heads per key/value head
-    k = k.repeat_interleave(group, dim=1)    # (B, n_head, pos + T, hd): head h reads h // group
-    v = v.repeat_interleave(group, dim=1)
-    return attention_reference(q, k, v, pos)
 
 
 class KVCache:
@@ -269,7 +271,7 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """SwiGLU (Shazeer 2020, eq. 6 without biases): W_down (SiLU(x W_gate) * (x W_up)). Its width is
     8/3 n_embd rather than 4 n_embd in Llama, which keeps the parameter count of a two-matrix MLP
-    (LLaMA paper, section 2)."""
+    (LLaMA paper, section 2.2)."""
 
     def __init__(self, n_embd, width, dropout=0.0):
         super().__init__()
@@ -283,7 +285,7 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-normalisation (LLaMA paper, section 2): RMSNorm on the input of each sub-block, none on
+    """Pre-normalisation (LLaMA paper, section 2.2): RMSNorm on the input of each sub-block, none on
     the output."""
 
     def __init__(self, cfg):
@@ -1045,14 +1047,16 @@ def load_optimizer(model, optimizer, saved, args):
 def config_json_errors(from_pretrained):
     """from_pretrained, with what a config.json value of the wrong type or shape makes fail while the model is built
     from it (a string or null where a number belongs, a list where an object does: TypeError, ValueError,
-    AttributeError, KeyError, ArithmeticError) raised as one line of bad input, as a flag of the wrong type is."""
+    AttributeError, KeyError, ArithmeticError) raised as one line of bad input, as a flag of the wrong type is. A
+    caller's wrong argument stays the caller's TypeError."""
+    @functools.wraps(from_pretrained)  # its name, docstring and signature
     def checked(name_or_path, *args, **kwargs):
+        inspect.signature(from_pretrained).bind(name_or_path, *args, **kwargs)
         try:
             return from_pretrained(name_or_path, *args, **kwargs)
         except (TypeError, ValueError, AttributeError, KeyError, ArithmeticError) as e:
             raise InputError(f"{name_or_path}: its config.json does not make a model ({type(e).__name__}: "
                              f"{' '.join(str(e).split())[:200]})") from None
-    checked.__name__, checked.__doc__ = from_pretrained.__name__, from_pretrained.__doc__
     return checked
 
 
@@ -1234,8 +1238,8 @@ def show_sample(model, tokenizer, args, env, title):
 
 
 # ------------------------------------------------------------------------------------------- data
-# From here on every file holds the same text (tests/test_harness.py): data, training, the command line. It calls
-# the model's own PRESETS, add_model_flags, build_model, flops_per_token, schedule, batches and show_sample (above).
+# From here on every file holds the same text (tests/test_harness.py): data, training, the command line. It calls the
+# model's own PRESETS, add_model_flags, build_model, flops_per_token, schedule, batches, show_sample, save_pretrained.
 
 def load_tokenizer(name=None):
     """The Tokenizer of "gpt2" (tiktoken's), "bytes", a tokenizer.json; None: gpt2, or bytes offline."""

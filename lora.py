@@ -33,8 +33,10 @@ continues exactly as an uninterrupted run would.
 """
 import argparse
 import copy
+import functools
 import hashlib
 import heapq
+import inspect
 import json
 import math
 import os
@@ -105,10 +107,10 @@ class Config:
 
 class LoRALinear(nn.Module):
     """A frozen linear layer plus a trainable low-rank update (LoRA, Hu et al. 2021, section 4.1,
-    eq. 3): h = W0 x + (alpha / r) B A x. A (r, in) starts Kaiming-uniform, B (out, r) at zero, so
-    training starts from the base model's function exactly; dropout, if any, acts on the input of
-    A only. The names are peft's (lora_A.weight, lora_B.weight), so adapters move between the two
-    unchanged."""
+    eq. 3): h = W0 x + (alpha / r) B A x. A (r, in) starts random (the paper: Gaussian; here, as
+    peft, nn.Linear's Kaiming-uniform), B (out, r) at zero, so training starts from the base
+    model's function exactly; dropout, if any, acts on the input of A only. The names are peft's
+    (lora_A.weight, lora_B.weight), so adapters move between the two unchanged."""
 
     def __init__(self, base, rank, alpha, dropout=0.0):
         super().__init__()
@@ -181,9 +183,9 @@ def load_lora(model, adapters):
     return model
 
 
-# The 16 values of 4-bit NormalFloat (QLoRA, Dettmers et al. 2023, section 3): quantiles of N(0, 1),
-# 8 for the positive half and 7 for the negative one plus an exact 0, scaled to [-1, 1]; the values
-# bitsandbytes ships.
+# The 16 values of 4-bit NormalFloat (QLoRA, Dettmers et al. 2023, section 3, eq. 4): quantiles of
+# N(0, 1), 8 for the positive half and 7 for the negative one plus an exact 0, scaled to [-1, 1];
+# the values bitsandbytes ships.
 NF4 = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
                     -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
                     0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
@@ -192,8 +194,9 @@ NF4 = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.394917488
 
 
 def nf4_quantize(w, block_size=64):
-    """Block-wise quantization as QLoRA writes it (section 3, eq. 1, with NF4's levels): the
-    flattened w in blocks of block_size, each divided by its absmax c into [-1, 1] and rounded to
+    """Block-wise quantization as QLoRA writes it (section 2, eq. 1, with section 3's NF4 levels in
+    place of int8's; its constant c is 127 / absmax, here c = absmax): the flattened w in blocks of
+    block_size, each divided by its absmax c into [-1, 1] and rounded to
     the nearest NF4 value (halfway between two: the lower one, as bitsandbytes).
     Returns the codes (n_blocks, block_size), indices into NF4, and c (n_blocks,)."""
     blocks = w.detach().float().flatten().view(-1, block_size)
@@ -203,7 +206,7 @@ def nf4_quantize(w, block_size=64):
 
 
 def nf4_dequantize(codes, absmax):
-    """The way back (section 3, eq. 2, for NF4): each code's value times its block's absmax c;
+    """The way back (section 2, eq. 2, for NF4): each code's value times its block's absmax c;
     codes (n_blocks, block_size), absmax (n_blocks,) -> weights (n_blocks, block_size)."""
     return NF4[codes] * absmax[:, None]
 
@@ -1137,14 +1140,16 @@ def load_optimizer(model, optimizer, saved, args):
 def config_json_errors(from_pretrained):
     """from_pretrained, with what a config.json value of the wrong type or shape makes fail while the model is built
     from it (a string or null where a number belongs, a list where an object does: TypeError, ValueError,
-    AttributeError, KeyError, ArithmeticError) raised as one line of bad input, as a flag of the wrong type is."""
+    AttributeError, KeyError, ArithmeticError) raised as one line of bad input, as a flag of the wrong type is. A
+    caller's wrong argument stays the caller's TypeError."""
+    @functools.wraps(from_pretrained)  # its name, docstring and signature
     def checked(name_or_path, *args, **kwargs):
+        inspect.signature(from_pretrained).bind(name_or_path, *args, **kwargs)
         try:
             return from_pretrained(name_or_path, *args, **kwargs)
         except (TypeError, ValueError, AttributeError, KeyError, ArithmeticError) as e:
             raise InputError(f"{name_or_path}: its config.json does not make a model ({type(e).__name__}: "
                              f"{' '.join(str(e).split())[:200]})") from None
-    checked.__name__, checked.__doc__ = from_pretrained.__name__, from_pretrained.__doc__
     return checked
 
 
@@ -1327,8 +1332,8 @@ def show_sample(model, tokenizer, args, env, title):  # what a run shows at its 
 
 
 # ------------------------------------------------------------------------------------------- data
-# From here on every file holds the same text (tests/test_harness.py): data, training, the command line. It calls
-# the model's own PRESETS, add_model_flags, build_model, flops_per_token, schedule, batches and show_sample (above).
+# From here on every file holds the same text (tests/test_harness.py): data, training, the command line. It calls the
+# model's own PRESETS, add_model_flags, build_model, flops_per_token, schedule, batches, show_sample, save_pretrained.
 
 def load_tokenizer(name=None):
     """The Tokenizer of "gpt2" (tiktoken's), "bytes", a tokenizer.json; None: gpt2, or bytes offline."""

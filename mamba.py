@@ -19,7 +19,7 @@ cached state for decoding, so each new token costs the same at any context lengt
 
 What is here: the model; sampling from the recurrent state; loading `MambaForCausalLM` checkpoints in the
 Hugging Face layout (state-spaces/mamba-130m-hf ... mamba-2.8b-hf, or anything `save_pretrained` writes),
-with a safetensors reader of its own and the checkpoint's tokenizer when tiktoken can read it (the
+with a safetensors reader of its own and the checkpoint's tokenizer.json (the
 GPT-NeoX byte-level BPE those checkpoints use); training on tiny-shakespeare, FineWeb or any text file with AdamW or Muon,
 warmup + cosine, gradient accumulation, bf16 autocast, torch.compile and DistributedDataParallel; exact resume
 from atomic checkpoints. What is not: the fused CUDA kernels of the reference (the scan here is plain
@@ -36,8 +36,10 @@ as the text, raw UTF-8 bytes as the tokens. Every step's randomness (batches, dr
 made of (--seed, iteration, rank), so `--init_from resume` continues exactly as an uninterrupted run would.
 """
 import argparse
+import functools
 import hashlib
 import heapq
+import inspect
 import json
 import math
 import os
@@ -292,8 +294,8 @@ class Mamba(nn.Module):
         return groups
 
     def num_params(self, non_embedding=True):
-        """Parameters a token computes with: the tied embedding/head counted once (Mamba's embedding is
-        tied: it always counts, whatever non_embedding says)."""
+        """Parameters a token computes with: the tied embedding/head counted once (Mamba's
+        embedding is tied: it always counts, whatever non_embedding says)."""
         return sum(p.numel() for p in self.parameters())
 
     def state_bytes(self, itemsize=4):
@@ -458,7 +460,7 @@ class ChunkedScan(torch.autograd.Function):
             K = parallel_scan(dA, dA * G, reverse=True)      # (B, L, d_inner, N)
             G[:, :-1] += K[:, 1:]                            # ... + K_{t+1}: G_t
             K[:, 1:] *= h[:, :-1]                            # K_t h_{t-1}: Delta_t A's gradient
-            K, s = K[:, 0].clone(), K                        # K_0: h0's gradient, to the chunk before
+            K, s = K[:, 0].clone(), K                        # K_0: h0's gradient (chunk before)
             s[:, 0] *= h0                                    # K_0 h_{-1}, h_{-1} = h0: Delta_0 A's
             GB = torch.einsum("blen,bln->ble", G, B[:, c])   # dL/d(Delta_t x_t)
             gdelta[:, c] = torch.einsum("blen,en->ble", s, A) + x[:, c] * GB
@@ -1135,14 +1137,16 @@ def load_optimizer(model, optimizer, saved, args):
 def config_json_errors(from_pretrained):
     """from_pretrained, with what a config.json value of the wrong type or shape makes fail while the model is built
     from it (a string or null where a number belongs, a list where an object does: TypeError, ValueError,
-    AttributeError, KeyError, ArithmeticError) raised as one line of bad input, as a flag of the wrong type is."""
+    AttributeError, KeyError, ArithmeticError) raised as one line of bad input, as a flag of the wrong type is. A
+    caller's wrong argument stays the caller's TypeError."""
+    @functools.wraps(from_pretrained)  # its name, docstring and signature
     def checked(name_or_path, *args, **kwargs):
+        inspect.signature(from_pretrained).bind(name_or_path, *args, **kwargs)
         try:
             return from_pretrained(name_or_path, *args, **kwargs)
         except (TypeError, ValueError, AttributeError, KeyError, ArithmeticError) as e:
             raise InputError(f"{name_or_path}: its config.json does not make a model ({type(e).__name__}: "
                              f"{' '.join(str(e).split())[:200]})") from None
-    checked.__name__, checked.__doc__ = from_pretrained.__name__, from_pretrained.__doc__
     return checked
 
 
@@ -1279,8 +1283,8 @@ def show_sample(model, tokenizer, args, env, title):
 
 
 # ------------------------------------------------------------------------------------------- data
-# From here on every file holds the same text (tests/test_harness.py): data, training, the command line. It calls
-# the model's own PRESETS, add_model_flags, build_model, flops_per_token, schedule, batches and show_sample (above).
+# From here on every file holds the same text (tests/test_harness.py): data, training, the command line. It calls the
+# model's own PRESETS, add_model_flags, build_model, flops_per_token, schedule, batches, show_sample, save_pretrained.
 
 def load_tokenizer(name=None):
     """The Tokenizer of "gpt2" (tiktoken's), "bytes", a tokenizer.json; None: gpt2, or bytes offline."""

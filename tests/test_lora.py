@@ -380,7 +380,7 @@ def test_nf4_zero_blocks_and_bits():
 
 
 def test_nf4_layer_is_the_papers_quantization():
-    """NF4Linear holds nf4_quantize's codes (section 3 as written: block absmax, nearest NF4 value), and its
+    """NF4Linear holds nf4_quantize's codes (sections 2 and 3 as written: block absmax, nearest NF4 value), and its
     fast dequantization (weight_as: one gather on byte pairs) is nf4_dequantize's, bit for bit, with the
     stored (double-quantized) absmax; with the exact absmax the reference is within the rounding bound."""
     torch.manual_seed(0)

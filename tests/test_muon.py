@@ -32,7 +32,9 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(script, offline, monk
     (attributes on the old Parameters did not: Transformer-XL's u and v went to Muon, mamba's A_log decayed)."""
     monkeypatch.chdir(tmp_path)
     m, args, model = built(script, ["--optimizer", "muon"])
-    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    params, new = dict(model.named_parameters(remove_duplicate=False)), {}  # new Parameters, a tied pair kept tied
+    model.load_state_dict({k: new.setdefault(id(params[k]), nn.Parameter(v.clone(), params[k].requires_grad))
+                           if k in params else v.clone() for k, v in model.state_dict().items()}, assign=True)
     optimizers = m.configure_optimizer(model, args, torch.device("cpu"))
     kinds = [torch.optim.Muon] if script == "lora" else [torch.optim.AdamW, torch.optim.Muon]  # adapters: matrices
     assert [type(o) for o in optimizers] == kinds
@@ -63,7 +65,7 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(script, offline, monk
 
 
 # The optimizer code is one text in every file (test_harness.py); these differ in what it meets: a tied head, stacked
-# experts, an undecayed matrix (mamba's A_log), Muon alone (lora.py's adapters), an lr_scale (infini's gates).
+# experts, an undecayed matrix (mamba's A_log), Muon alone (lora.py's adapters), lr_scales (infini's gates).
 RESUMED = [s for s in ("gpt2", "mixtral", "mamba", "lora", "infini_attention") if s in SCRIPTS]
 
 

@@ -1,7 +1,6 @@
 """The paper first (CONVENTIONS.md section 2): model sections wrapped at 100 columns with no measured figures in their
 comments (those live in benchmarks/RESULTS.md), and a model whose forward sets no attribute: what the loss and the
 log need comes back from forward (torch.compile recompiles on an attribute set inside it)."""
-import importlib
 import re
 
 import pytest
@@ -10,14 +9,14 @@ import torch
 from conftest import ROOT, SCRIPTS, ids
 from test_muon import built
 
-MODEL_HEADING = re.compile(r"^# -+ (model|quantization|LoRA and QLoRA)$")
+MODEL_HEADING = re.compile(r"^# -+ model$")
 FILES_HEADING = " files: checkpoints, token files, downloads"
 # a measured figure: "14x slower", "1.7x faster", "123 ms", "45 s on", "2.3 GB/s"
 FIGURE = re.compile(r"\d(\.\d+)?x (faster|slower)|\b\d+(\.\d+)? ?(ms|µs|us)\b|\d+ s (on|per|at)\b|GB/s")
 
 
 def model_section(script):
-    """(first line number, the lines) from the script's first model heading to the files section's heading."""
+    """(first line number, the lines) from the script's model heading to the files section's heading."""
     lines = (ROOT / f"{script}.py").read_text().splitlines()
     start = next(i for i, line in enumerate(lines) if MODEL_HEADING.match(line))
     end = next(i for i, line in enumerate(lines) if line.startswith("# ---") and line.endswith(FILES_HEADING))
