@@ -105,6 +105,7 @@ class Config:
     dt_limit_min: float = 0.0            # time_step_limit: Delta is clamped to [dt_limit_min, dt_limit_max]
     dt_limit_max: float = math.inf
     dropout: float = 0.0                 # on the embedding and the residual branches (the paper uses none)
+    residual_in_fp32: bool = True        # residual_in_fp32: the residual stream kept in float32 (every released config)
     bos_token_id: int | None = None      # none: GPT-NeoX's tokenizer, which the released models use, puts nothing
                                          # before a text
 
@@ -301,15 +302,18 @@ class Mamba2Mixer(nn.Module):
 
 class Block(nn.Module):
     """A residual block: x + Mamba2Mixer(RMSNorm(x)) (section 7.1: the Mamba-2 block stands alone,
-    as Mamba's does)."""
+    as Mamba's does). residual_in_fp32: the sum, the residual stream, is float32 whatever the
+    weights' dtype (bf16 weights: the norm reads it cast to bf16), as the reference."""
 
     def __init__(self, cfg):
         super().__init__()
+        self.residual_in_fp32 = cfg.residual_in_fp32
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.mixer = Mamba2Mixer(cfg)
 
     def forward(self, x, state=None, parallel=True):
-        return x + self.mixer(self.norm(x), state, parallel)
+        h = self.mixer(self.norm(x.to(self.norm.weight.dtype)), state, parallel)
+        return (x.float() if self.residual_in_fp32 else x) + h
 
 
 class Mamba2(nn.Module):
@@ -380,7 +384,7 @@ class Mamba2(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, None, parallel, use_reentrant=False)
             else:
                 x = block(x, None if states is None else states[i], parallel)
-        return self.backbone.norm_f(x)
+        return self.backbone.norm_f(x.to(self.backbone.norm_f.weight.dtype))
 
     def forward(self, idx, targets=None, states=None, parallel=True):
         """idx (B, T) token ids -> logits (B, T, vocab_size), loss or None. states: continue from a
@@ -1171,7 +1175,8 @@ def from_pretrained(name_or_path, device="cpu", dtype=torch.float32, dropout=0.0
                  conv_bias=hf.get("use_conv_bias", True), bias=hf.get("use_bias", False),
                  norm_eps=hf.get("layer_norm_epsilon", 1e-5), dt_min=hf.get("time_step_min", 0.001),
                  dt_max=hf.get("time_step_max", 0.1), dt_init_floor=hf.get("time_step_floor", 1e-4),
-                 dt_limit_min=limit[0], dt_limit_max=limit[1], dropout=dropout)
+                 dt_limit_min=limit[0], dt_limit_max=limit[1], dropout=dropout,
+                 residual_in_fp32=hf.get("residual_in_fp32", True))
     state = {}
     for name, t in tensors.items():
         name = name.replace("backbone.embedding.", "backbone.embeddings.")  # the original repos' name
@@ -1196,8 +1201,8 @@ def save_pretrained(model, path):
         head_dim=cfg.headdim, n_groups=cfg.ngroups, conv_kernel=cfg.d_conv, chunk_size=cfg.chunk_size,
         use_conv_bias=cfg.conv_bias, use_bias=cfg.bias, layer_norm_epsilon=cfg.norm_eps, time_step_min=cfg.dt_min,
         time_step_max=cfg.dt_max, time_step_floor=cfg.dt_init_floor, time_step_limit=[cfg.dt_limit_min,
-        cfg.dt_limit_max], hidden_act="silu", residual_in_fp32=True, tie_word_embeddings=True, bos_token_id=None,
-        eos_token_id=None, pad_token_id=None), indent=2))
+        cfg.dt_limit_max], hidden_act="silu", residual_in_fp32=cfg.residual_in_fp32, tie_word_embeddings=True,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None), indent=2))
     state = {k: t[:cfg.vocab_size] if k == "backbone.embeddings.weight" else t
              for k, t in model.state_dict().items() if k != "lm_head.weight"}  # tied to the embedding
     write_safetensors(state, path / "model.safetensors")

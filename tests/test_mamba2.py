@@ -390,3 +390,31 @@ def test_n_head_with_a_loaded_model(tmp_path, monkeypatch, offline, capsys):
         mamba2.main([*argv, "--n_head", "2"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "--n_head 2 does not match" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_residual_in_fp32(tmp_path):
+    """residual_in_fp32 (every released config), as mamba.py: with bf16 weights the residual stream, each block's
+    output, is float32 (bf16 with residual_in_fp32 false, read from config.json), and the logits are nearer the
+    float32 model's; save_pretrained writes the field."""
+    hf = make_hf(seed=4, num_hidden_layers=6)
+    hf.save_pretrained(tmp_path)
+    idx = ids(320, 2, 40)
+    with torch.no_grad():
+        ref = hf_logits(hf, idx)
+    errors = {}
+    for fp32 in (True, False):
+        config = json.loads((tmp_path / "config.json").read_text())
+        (tmp_path / "config.json").write_text(json.dumps({**config, "residual_in_fp32": fp32}))
+        model = mamba2.from_pretrained(tmp_path, dtype=torch.bfloat16)
+        assert model.config.residual_in_fp32 == fp32
+        dtypes = []
+        for block in model.backbone.layers:
+            block.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+        with torch.no_grad():
+            logits = model(idx)[0]
+        assert logits.dtype == torch.bfloat16
+        assert set(dtypes) == {torch.float32 if fp32 else torch.bfloat16}
+        errors[fp32] = max_diff(logits.float(), ref)
+    assert errors[True] < errors[False], errors
+    mamba2.save_pretrained(model, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["residual_in_fp32"] is False
